@@ -1,0 +1,29 @@
+// Helpers shared by the subcommands: model resolution, registration hooks.
+#pragma once
+#include <stdexcept>
+#include <string>
+
+namespace CLI {
+class App;
+}
+
+namespace zi::cli {
+
+// Thrown when SIGINT asks a long run to stop; main() exits with 130.
+struct Interrupted : std::runtime_error {
+  Interrupted() : std::runtime_error("interrupted") {}
+};
+
+// --model, else $ZIMAGE_MODEL, else the bundled tiny random-weight model.
+// `bundled` is set when the bundled model was chosen.
+std::string resolve_model_dir(const std::string& flag, bool* bundled = nullptr);
+// One line on stderr telling the user the bundled model draws noise, unless quiet.
+void notice_bundled_model(bool quiet);
+
+void add_generate(CLI::App& app);
+void add_encode(CLI::App& app);
+void add_tokenize(CLI::App& app);
+void add_inspect(CLI::App& app);
+void add_make_random_model(CLI::App& app);
+
+}  // namespace zi::cli

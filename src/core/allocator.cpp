@@ -1,0 +1,174 @@
+#include "core/allocator.h"
+
+#include <malloc.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+
+#include "core/check.h"
+
+namespace zi {
+
+const char* device_name(Device d) { return d == Device::CPU ? "cpu" : "cuda"; }
+
+const char* tag_name(Tag t) {
+  switch (t) {
+    case Tag::TextWeights: return "weights/text_encoder";
+    case Tag::DitWeights: return "weights/transformer";
+    case Tag::VaeWeights: return "weights/vae";
+    case Tag::Activations: return "activations";
+    case Tag::Workspace: return "workspace";
+    case Tag::Count_: break;
+  }
+  return "?";
+}
+
+bool is_weights(Tag t) { return t == Tag::TextWeights || t == Tag::DitWeights || t == Tag::VaeWeights; }
+
+static double now_seconds() {
+  using namespace std::chrono;
+  return duration<double>(steady_clock::now().time_since_epoch()).count();
+}
+
+void MemoryStats::on_alloc(size_t bytes, Tag tag) {
+  std::lock_guard<std::mutex> lk(mu_);
+  total_.add(int64_t(bytes));
+  tags_[size_t(tag)].add(int64_t(bytes));
+  int64_t w = 0;
+  for (int i = 0; i < kTagCount; ++i)
+    if (is_weights(Tag(i))) w += tags_[i].current;
+  for (auto& o : open_) {
+    if (total_.current > o.rec.peak_bytes) o.rec.peak_bytes = total_.current;
+    if (w > o.rec.weights_bytes) o.rec.weights_bytes = w;
+  }
+}
+
+void MemoryStats::on_free(size_t bytes, Tag tag) {
+  std::lock_guard<std::mutex> lk(mu_);
+  total_.sub(int64_t(bytes));
+  tags_[size_t(tag)].sub(int64_t(bytes));
+}
+
+Stat MemoryStats::total() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return total_;
+}
+
+Stat MemoryStats::tag(Tag t) const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return tags_[size_t(t)];
+}
+
+int64_t MemoryStats::weights_current() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  int64_t w = 0;
+  for (int i = 0; i < kTagCount; ++i)
+    if (is_weights(Tag(i))) w += tags_[i].current;
+  return w;
+}
+
+void MemoryStats::reset_peaks() {
+  std::lock_guard<std::mutex> lk(mu_);
+  total_.peak = total_.current;
+  for (auto& s : tags_) s.peak = s.current;
+}
+
+void MemoryStats::begin_phase(const std::string& name) {
+  std::lock_guard<std::mutex> lk(mu_);
+  Open o;
+  o.rec.name = name;
+  o.rec.device = device_;
+  o.rec.start_bytes = total_.current;
+  o.rec.peak_bytes = total_.current;
+  int64_t w = 0;
+  for (int i = 0; i < kTagCount; ++i)
+    if (is_weights(Tag(i))) w += tags_[i].current;
+  o.rec.weights_bytes = w;
+  o.t0 = now_seconds();
+  open_.push_back(o);
+}
+
+PhaseRecord MemoryStats::end_phase() {
+  std::lock_guard<std::mutex> lk(mu_);
+  ZI_CHECK(!open_.empty(), "[memory] end_phase without begin_phase");
+  Open o = open_.back();
+  open_.pop_back();
+  o.rec.end_bytes = total_.current;
+  o.rec.seconds = now_seconds() - o.t0;
+  done_.push_back(o.rec);
+  return o.rec;
+}
+
+std::vector<PhaseRecord> MemoryStats::finished_phases() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return done_;
+}
+
+void MemoryStats::clear_phases() {
+  std::lock_guard<std::mutex> lk(mu_);
+  done_.clear();
+}
+
+MemoryStats& memory_stats(Device d) {
+  static MemoryStats cpu(Device::CPU);
+  static MemoryStats cuda(Device::CUDA);
+  return d == Device::CPU ? cpu : cuda;
+}
+
+PhaseScope::PhaseScope(const std::string& name, Device d) : d_(d) { memory_stats(d).begin_phase(name); }
+PhaseScope::~PhaseScope() {
+  if (open_) memory_stats(d_).end_phase();
+}
+PhaseRecord PhaseScope::end() {
+  ZI_CHECK(open_, "[memory] phase already ended");
+  open_ = false;
+  return memory_stats(d_).end_phase();
+}
+
+void* host_alloc(size_t bytes, Tag tag) {
+  size_t n = (bytes + 63) & ~size_t(63);
+  if (n == 0) n = 64;
+  void* p = std::aligned_alloc(64, n);
+  if (!p) fail(str_cat("out of host memory allocating ", bytes, " bytes for ", tag_name(tag)));
+  memory_stats(Device::CPU).on_alloc(bytes, tag);
+  return p;
+}
+
+void host_free(void* p, size_t bytes, Tag tag) {
+  if (!p) return;
+  std::free(p);
+  memory_stats(Device::CPU).on_free(bytes, tag);
+}
+
+void set_host_cache_limit(size_t bytes) {
+  // glibc keeps freed memory below the trim threshold; large blocks are mmap'ed and
+  // returned at once. Bound both by the limit.
+  int v = bytes > size_t(1) << 30 ? 1 << 30 : int(bytes);
+  mallopt(M_TRIM_THRESHOLD, v);
+  mallopt(M_MMAP_THRESHOLD, v < (1 << 20) ? v : (1 << 20));
+  malloc_trim(0);
+}
+
+static int64_t read_status_kb(const char* key) {
+  FILE* f = std::fopen("/proc/self/status", "r");
+  if (!f) return 0;
+  char line[256];
+  int64_t v = 0;
+  size_t kl = std::strlen(key);
+  while (std::fgets(line, sizeof line, f)) {
+    if (std::strncmp(line, key, kl) == 0) {
+      v = std::atoll(line + kl);
+      break;
+    }
+  }
+  std::fclose(f);
+  return v * 1024;
+}
+
+int64_t current_rss_bytes() { return read_status_kb("VmRSS:"); }
+int64_t peak_rss_bytes() { return read_status_kb("VmHWM:"); }
+
+}  // namespace zi

@@ -1,0 +1,29 @@
+// Threading: OpenMP for our kernels, OpenBLAS's own pool for GEMMs, both sized by --threads.
+#pragma once
+#include <cstdint>
+
+namespace zi {
+
+// Sets the number of threads for our kernels and for OpenBLAS. n <= 0: all cores.
+void set_num_threads(int n);
+int num_threads();
+
+// Runs fn(begin, end) over [0, n) split into chunks of at least `grain` items, in parallel.
+template <class F>
+void parallel_for(int64_t n, int64_t grain, F&& fn) {
+  if (n <= 0) return;
+  if (grain < 1) grain = 1;
+  int64_t chunks = (n + grain - 1) / grain;
+  if (chunks <= 1) {
+    fn(int64_t(0), n);
+    return;
+  }
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t c = 0; c < chunks; ++c) {
+    int64_t b = c * grain;
+    int64_t e = b + grain < n ? b + grain : n;
+    fn(b, e);
+  }
+}
+
+}  // namespace zi

@@ -1,0 +1,190 @@
+#include "core/tensor.h"
+
+#include <cstring>
+
+#include "core/check.h"
+
+namespace zi {
+
+std::string shape_str(const Shape& s) {
+  std::string r = "[";
+  for (size_t i = 0; i < s.size(); ++i) {
+    if (i) r += ", ";
+    r += std::to_string(s[i]);
+  }
+  return r + "]";
+}
+
+int64_t shape_numel(const Shape& s) {
+  int64_t n = 1;
+  for (int64_t d : s) n *= d;
+  return n;
+}
+
+Shape contiguous_strides(const Shape& shape) {
+  Shape st(shape.size());
+  int64_t acc = 1;
+  for (size_t i = shape.size(); i-- > 0;) {
+    st[i] = acc;
+    acc *= shape[i];
+  }
+  return st;
+}
+
+Storage::~Storage() {
+  if (owned && data) device_free(device, data, bytes, tag);
+}
+
+void* device_alloc(Device d, size_t bytes, Tag tag);  // CUDA part defined in the backend
+void* cuda_device_alloc(size_t bytes, Tag tag);
+void cuda_device_free(void* p, size_t bytes, Tag tag);
+
+void* device_alloc(Device d, size_t bytes, Tag tag) {
+  if (d == Device::CPU) return host_alloc(bytes, tag);
+  return cuda_device_alloc(bytes, tag);
+}
+
+void device_free(Device d, void* p, size_t bytes, Tag tag) {
+  if (d == Device::CPU) host_free(p, bytes, tag);
+  else cuda_device_free(p, bytes, tag);
+}
+
+Tensor Tensor::empty(const Shape& shape, DType dt, Tag tag, Device dev) {
+  for (int64_t d : shape) ZI_CHECK(d >= 0, "[tensor] negative dimension in ", shape_str(shape));
+  Tensor t;
+  t.storage_ = std::make_shared<Storage>();
+  t.storage_->bytes = size_t(shape_numel(shape)) * dtype_size(dt);
+  t.storage_->device = dev;
+  t.storage_->tag = tag;
+  t.storage_->owned = true;
+  t.storage_->data = device_alloc(dev, t.storage_->bytes, tag);
+  t.dtype_ = dt;
+  t.shape_ = shape;
+  t.strides_ = contiguous_strides(shape);
+  return t;
+}
+
+Tensor Tensor::zeros(const Shape& shape, DType dt, Tag tag, Device dev) {
+  ZI_CHECK(dev == Device::CPU, "[tensor] zeros on a device needs the backend's fill");
+  Tensor t = empty(shape, dt, tag, dev);
+  std::memset(t.raw(), 0, t.nbytes());
+  return t;
+}
+
+Tensor Tensor::from_vector(const std::vector<float>& values, const Shape& shape, Tag tag) {
+  ZI_CHECK(int64_t(values.size()) == shape_numel(shape), "[tensor] from_vector: ", values.size(),
+           " values for shape ", shape_str(shape));
+  Tensor t = empty(shape, DType::F32, tag);
+  std::memcpy(t.raw(), values.data(), values.size() * 4);
+  return t;
+}
+
+Tensor Tensor::view_of(const void* data, const Shape& shape, DType dt, std::shared_ptr<const void> keepalive) {
+  Tensor t;
+  t.storage_ = std::make_shared<Storage>();
+  t.storage_->data = const_cast<void*>(data);
+  t.storage_->bytes = size_t(shape_numel(shape)) * dtype_size(dt);
+  t.storage_->owned = false;
+  t.storage_->keepalive = std::move(keepalive);
+  t.dtype_ = dt;
+  t.shape_ = shape;
+  t.strides_ = contiguous_strides(shape);
+  return t;
+}
+
+bool Tensor::is_contiguous() const { return strides_ == contiguous_strides(shape_); }
+
+float* Tensor::f32() const {
+  ZI_CHECK(defined(), "[tensor] undefined tensor");
+  ZI_CHECK(dtype_ == DType::F32, "[tensor] expected f32, got ", desc());
+  ZI_CHECK(is_contiguous(), "[tensor] expected a contiguous tensor, got ", desc());
+  return data<float>();
+}
+
+Tensor Tensor::reshape(const Shape& s) const {
+  ZI_CHECK(is_contiguous(), "[reshape] needs a contiguous tensor, got ", desc());
+  Shape ns = s;
+  int neg = -1;
+  int64_t known = 1;
+  for (size_t i = 0; i < ns.size(); ++i) {
+    if (ns[i] == -1) {
+      ZI_CHECK(neg < 0, "[reshape] more than one -1 in ", shape_str(s));
+      neg = int(i);
+    } else {
+      known *= ns[i];
+    }
+  }
+  if (neg >= 0) ns[size_t(neg)] = known ? numel() / known : 0;
+  ZI_CHECK(shape_numel(ns) == numel(), "[reshape] cannot view ", desc(), " as ", shape_str(s));
+  Tensor t = *this;
+  t.shape_ = ns;
+  t.strides_ = contiguous_strides(ns);
+  return t;
+}
+
+Tensor Tensor::slice(int d, int64_t begin, int64_t end) const {
+  if (d < 0) d += ndim();
+  ZI_CHECK(d >= 0 && d < ndim(), "[slice] bad dimension ", d, " for ", desc());
+  ZI_CHECK(0 <= begin && begin <= end && end <= shape_[size_t(d)], "[slice] range ", begin, ":", end,
+           " outside dimension ", d, " of ", desc());
+  Tensor t = *this;
+  t.offset_ += size_t(begin * strides_[size_t(d)]) * dtype_size(dtype_);
+  t.shape_[size_t(d)] = end - begin;
+  return t;
+}
+
+Tensor Tensor::permute(const std::vector<int>& order) const {
+  ZI_CHECK(int(order.size()) == ndim(), "[permute] order has ", order.size(), " entries for ", desc());
+  Tensor t = *this;
+  for (size_t i = 0; i < order.size(); ++i) {
+    t.shape_[i] = shape_[size_t(order[i])];
+    t.strides_[i] = strides_[size_t(order[i])];
+  }
+  return t;
+}
+
+Tensor Tensor::contiguous(Tag tag) const {
+  if (is_contiguous()) return *this;
+  ZI_CHECK(device() == Device::CPU, "[contiguous] host tensors only here");
+  Tensor out = empty(shape_, dtype_, tag);
+  const size_t es = dtype_size(dtype_);
+  const int nd = ndim();
+  const int64_t n = numel();
+  std::vector<int64_t> idx(size_t(nd), 0);
+  const char* src = static_cast<const char*>(raw());
+  char* dst = static_cast<char*>(out.raw());
+  // Copy the innermost dimension row by row.
+  const int64_t inner = nd ? shape_[size_t(nd - 1)] : 1;
+  const int64_t istride = nd ? strides_[size_t(nd - 1)] : 1;
+  for (int64_t row = 0; row < (inner ? n / inner : 0); ++row) {
+    int64_t off = 0;
+    for (int i = 0; i < nd - 1; ++i) off += idx[size_t(i)] * strides_[size_t(i)];
+    for (int64_t j = 0; j < inner; ++j)
+      std::memcpy(dst + size_t(row * inner + j) * es, src + size_t(off + j * istride) * es, es);
+    for (int i = nd - 2; i >= 0; --i) {
+      if (++idx[size_t(i)] < shape_[size_t(i)]) break;
+      idx[size_t(i)] = 0;
+    }
+  }
+  return out;
+}
+
+Tensor Tensor::clone(Tag tag) const {
+  if (!is_contiguous()) return contiguous(tag);
+  Tensor out = empty(shape_, dtype_, tag, device());
+  ZI_CHECK(device() == Device::CPU, "[clone] host tensors only here");
+  std::memcpy(out.raw(), raw(), nbytes());
+  return out;
+}
+
+Tensor Tensor::to(DType dt, Tag tag) const {
+  Tensor src = contiguous(tag);
+  if (dt == dtype_) return src.storage_ == storage_ ? clone(tag) : src;
+  Tensor out = empty(shape_, dt, tag);
+  convert(src.raw(), dtype_, out.raw(), dt, size_t(numel()));
+  return out;
+}
+
+std::string Tensor::desc() const { return str_cat(dtype_name(dtype_), shape_str(shape_)); }
+
+}  // namespace zi

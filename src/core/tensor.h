@@ -1,0 +1,88 @@
+// Tensor: dtype, shape, strides, device, and a shared Storage. No graph, no autograd.
+// Storage is either owned (allocated through the accounted allocator of its device) or a
+// zero-copy view into a memory-mapped file kept alive by `keepalive`.
+#pragma once
+#include <cstdint>
+#include <initializer_list>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/allocator.h"
+#include "core/dtype.h"
+
+namespace zi {
+
+using Shape = std::vector<int64_t>;
+std::string shape_str(const Shape& s);  // "[2, 3]"
+int64_t shape_numel(const Shape& s);
+
+struct Storage {
+  void* data = nullptr;
+  size_t bytes = 0;
+  Device device = Device::CPU;
+  Tag tag = Tag::Activations;
+  bool owned = false;                    // false: a view (mapping), not accounted
+  std::shared_ptr<const void> keepalive;  // keeps a mapping alive for views
+  Storage() = default;
+  Storage(const Storage&) = delete;
+  Storage& operator=(const Storage&) = delete;
+  ~Storage();
+};
+
+// Device allocation hooks; the CPU one is host_alloc, the CUDA one lives in the backend.
+void* device_alloc(Device d, size_t bytes, Tag tag);
+void device_free(Device d, void* p, size_t bytes, Tag tag);
+
+class Tensor {
+ public:
+  Tensor() = default;
+
+  // Uninitialised tensor from the accounted allocator.
+  static Tensor empty(const Shape& shape, DType dt, Tag tag = Tag::Activations, Device dev = Device::CPU);
+  static Tensor zeros(const Shape& shape, DType dt, Tag tag = Tag::Activations, Device dev = Device::CPU);
+  // f32 tensor holding a copy of `values`.
+  static Tensor from_vector(const std::vector<float>& values, const Shape& shape, Tag tag = Tag::Activations);
+  // Zero-copy, read-only view of host memory owned by someone else (e.g. an mmap).
+  static Tensor view_of(const void* data, const Shape& shape, DType dt, std::shared_ptr<const void> keepalive);
+
+  bool defined() const { return storage_ != nullptr; }
+  DType dtype() const { return dtype_; }
+  Device device() const { return storage_ ? storage_->device : Device::CPU; }
+  Tag tag() const { return storage_ ? storage_->tag : Tag::Activations; }
+  const Shape& shape() const { return shape_; }
+  const Shape& strides() const { return strides_; }  // in elements
+  int ndim() const { return int(shape_.size()); }
+  int64_t dim(int i) const { return shape_[size_t(i < 0 ? i + ndim() : i)]; }
+  int64_t numel() const { return shape_numel(shape_); }
+  size_t nbytes() const { return size_t(numel()) * dtype_size(dtype_); }
+  bool is_contiguous() const;
+
+  void* raw() const { return static_cast<char*>(storage_->data) + offset_; }
+  template <class T>
+  T* data() const { return static_cast<T*>(raw()); }
+  float* f32() const;  // checks dtype F32 and contiguity
+
+  // Views sharing storage.
+  Tensor reshape(const Shape& s) const;              // contiguous only; one -1 allowed
+  Tensor slice(int d, int64_t begin, int64_t end) const;  // along dimension d
+  Tensor permute(const std::vector<int>& order) const;
+  // A contiguous copy (or this tensor if already contiguous).
+  Tensor contiguous(Tag tag = Tag::Activations) const;
+  Tensor clone(Tag tag = Tag::Activations) const;
+  // A copy converted to `dt` (f32/bf16/f16), contiguous.
+  Tensor to(DType dt, Tag tag = Tag::Activations) const;
+
+  std::string desc() const;  // "f32[2, 3]"
+
+ private:
+  std::shared_ptr<Storage> storage_;
+  size_t offset_ = 0;  // bytes
+  DType dtype_ = DType::F32;
+  Shape shape_;
+  Shape strides_;
+};
+
+Shape contiguous_strides(const Shape& shape);
+
+}  // namespace zi
