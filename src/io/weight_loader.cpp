@@ -1,0 +1,108 @@
+#include "io/weight_loader.h"
+
+#include <algorithm>
+#include <set>
+
+#include "core/check.h"
+
+namespace zi {
+
+WeightLoader::WeightLoader(const TensorStore& store, Tag tag, std::string component)
+    : store_(store), tag_(tag), component_(std::move(component)) {}
+
+bool WeightLoader::has(const std::string& name) const { return store_.contains(name); }
+
+void WeightLoader::add_override(const TensorStore* store, std::function<std::string(const std::string&)> rename) {
+  Override o{store, {}, {}};
+  for (const std::string& n : store->names()) o.by_target[rename ? rename(n) : n] = n;
+  overrides_.push_back(std::move(o));
+}
+
+Tensor WeightLoader::load(const std::string& name, const Shape& shape, DType dt) {
+  return load_impl(name, shape, dt, true);
+}
+
+Tensor WeightLoader::load_optional(const std::string& name, const Shape& shape, DType dt) {
+  return load_impl(name, shape, dt, false);
+}
+
+Tensor WeightLoader::load_impl(const std::string& name, const Shape& shape, DType dt, bool required) {
+  used_.push_back(name);
+  TensorStore::Entry e{nullptr, nullptr};
+  // An override's tensor replaces the base one.
+  for (auto& o : overrides_) {
+    auto it = o.by_target.find(name);
+    if (it == o.by_target.end()) continue;
+    e = o.store->find(it->second);
+    o.used.push_back(it->second);
+    o.store->note_read(it->second);
+  }
+  if (!e.file) e = store_.find(name);
+  if (!e.file) {
+    if (required) missing_.push_back(name);
+    return {};
+  }
+  if (e.info->shape != shape) {
+    wrong_.push_back(str_cat(name, " is ", shape_str(e.info->shape), ", expected ", shape_str(shape)));
+    return {};
+  }
+  store_.note_read(name);
+  bool patched = false;
+  for (const auto& p : patches_) patched = patched || p.wants(name);
+  Tensor out;
+  if (!patched) {
+    out = e.file->load(*e.info, dt, tag_);
+  } else {
+    // One tensor in f32 in flight, patched, then converted to its final dtype.
+    Tensor staging = e.file->load(*e.info, DType::F32, Tag::Workspace);
+    for (const auto& p : patches_)
+      if (p.wants(name)) p.apply(name, staging);
+    if (dt == DType::F32) {
+      out = Tensor::empty(shape, dt, tag_);
+      std::copy_n(staging.f32(), staging.numel(), out.f32());
+    } else {
+      out = staging.to(dt, tag_);
+    }
+  }
+  e.file->release(*e.info);
+  bytes_ += int64_t(out.nbytes());
+  return out;
+}
+
+void WeightLoader::finish(bool reject_unexpected) {
+  std::vector<std::string> problems;
+  auto list = [](const std::vector<std::string>& v, size_t most = 5) {
+    std::string s;
+    for (size_t i = 0; i < v.size() && i < most; ++i) s += (i ? ", " : "") + v[i];
+    if (v.size() > most) s += str_cat(", ... (", v.size(), " in all)");
+    return s;
+  };
+  if (!missing_.empty()) problems.push_back("missing tensors: " + list(missing_));
+  if (!wrong_.empty()) problems.push_back("wrong shapes: " + list(wrong_));
+  if (reject_unexpected) {
+    std::set<std::string> used(used_.begin(), used_.end());
+    std::vector<std::string> extra;
+    for (const std::string& n : store_.names()) {
+      if (used.count(n)) continue;
+      bool ign = false;
+      for (const auto& p : ignored_) ign = ign || n.starts_with(p);
+      if (!ign) extra.push_back(n);
+    }
+    if (!extra.empty()) problems.push_back("unexpected tensors: " + list(extra));
+  }
+  for (const auto& o : overrides_) {
+    std::set<std::string> used(o.used.begin(), o.used.end());
+    std::vector<std::string> extra;
+    for (const std::string& n : o.store->names())
+      if (!used.count(n)) extra.push_back(n);
+    if (!extra.empty())
+      problems.push_back(str_cat("override ", o.store->where(), " has tensors matching no ", component_,
+                                 " weight: ", list(extra)));
+  }
+  if (problems.empty()) return;
+  std::string msg = str_cat(component_, " (", store_.where(), "): ");
+  for (size_t i = 0; i < problems.size(); ++i) msg += (i ? "; " : "") + problems[i];
+  fail(msg);
+}
+
+}  // namespace zi

@@ -1,0 +1,66 @@
+// Streams a component's weights from its TensorStore into their final dtype, one tensor at
+// a time: mapping → (optional f32 staging for patches) → final buffer → pages released.
+// Shapes are checked; missing, wrong-shape and unexpected tensors are all reported at once.
+#pragma once
+#include <functional>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "core/tensor.h"
+#include "io/safetensors.h"
+
+namespace zi {
+
+class WeightLoader {
+ public:
+  // `component` names the component in messages ("transformer", "vae", ...).
+  WeightLoader(const TensorStore& store, Tag tag, std::string component);
+
+  // Loads `name`, checked against `shape`, converted to `dt`. A missing or wrong-shape
+  // tensor is recorded (see finish()) and an undefined Tensor returned.
+  Tensor load(const std::string& name, const Shape& shape, DType dt);
+  // Like load(), but a missing tensor is not an error.
+  Tensor load_optional(const std::string& name, const Shape& shape, DType dt);
+  bool has(const std::string& name) const;
+
+  // Tensors starting with `prefix` are known to be unused (e.g. "encoder.", "lm_head.").
+  void ignore_prefix(const std::string& prefix) { ignored_.push_back(prefix); }
+  // Throws one zi::Error naming the component and every missing, wrong-shape or (when
+  // `reject_unexpected`) unused tensor not covered by ignore_prefix().
+  void finish(bool reject_unexpected = true);
+
+  // A replacement source, consulted first (--transformer-override). Its tensors must all be
+  // used and match shapes; finish() reports those that matched nothing.
+  void add_override(const TensorStore* store, std::function<std::string(const std::string&)> rename = {});
+  // Patches see a weight in f32 before it is converted to its final dtype (LoRA merges).
+  // `wants(name)` says whether the patch applies, so untouched tensors skip the staging copy.
+  struct Patch {
+    std::function<bool(const std::string&)> wants;
+    std::function<void(const std::string&, Tensor& f32)> apply;
+  };
+  void add_patch(Patch p) { patches_.push_back(std::move(p)); }
+
+  int64_t bytes_loaded() const { return bytes_; }
+  const std::string& component() const { return component_; }
+  const TensorStore& store() const { return store_; }
+
+ private:
+  Tensor load_impl(const std::string& name, const Shape& shape, DType dt, bool required);
+  const TensorStore& store_;
+  Tag tag_;
+  std::string component_;
+  std::vector<std::string> ignored_;
+  std::vector<std::string> missing_, wrong_;
+  std::vector<std::string> used_;
+  struct Override {
+    const TensorStore* store;
+    std::unordered_map<std::string, std::string> by_target;  // weight name -> override tensor name
+    std::vector<std::string> used;
+  };
+  std::vector<Override> overrides_;
+  std::vector<Patch> patches_;
+  int64_t bytes_ = 0;
+};
+
+}  // namespace zi

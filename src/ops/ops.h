@@ -1,0 +1,61 @@
+// Every op the models use, one line each. Models call these and nothing else; the
+// dispatch to a backend (cpu now, cuda later) happens in ops.cpp only.
+//
+// Conventions: activations are contiguous f32 tensors; weight operands (`w`, norm weights,
+// conv kernels) may be f32, bf16 or f16 and are widened on the fly, so a bf16 weight gives
+// exactly the f32 result on the widened values. Shapes are written [rows, cols]; `_` at the
+// end of a name means in place. Results are new tensors tagged Tag::Activations.
+#pragma once
+#include <vector>
+
+#include "core/tensor.h"
+
+namespace zi::ops {
+
+// y[M, N] = x[M, K] · w[N, K]ᵀ (+ bias[N]).  A Linear layer; w is stored [out, in].
+Tensor linear(const Tensor& x, const Tensor& w, const Tensor* bias = nullptr);
+
+// x[R, D] ← x / sqrt(mean(x², last dim) + eps) · weight[D]   (RMSNorm over the last dim).
+void rms_norm_(Tensor& x, const Tensor& weight, float eps);
+// x[R, D] ← (x − mean) / sqrt(var + eps)   (LayerNorm over the last dim, no affine).
+void layer_norm_(Tensor& x, float eps);
+// x[C, H, W] ← GroupNorm(groups, eps) with affine weight[C], bias[C]. Biased variance.
+void group_norm_(Tensor& x, int groups, const Tensor& weight, const Tensor& bias, float eps);
+
+void silu_(Tensor& x);                          // x·sigmoid(x)
+void tanh_(Tensor& x);
+Tensor silu_mul(const Tensor& a, const Tensor& b);  // SiLU(a) ⊙ b, same shapes (SwiGLU)
+void add_(Tensor& x, const Tensor& y);          // x += y, same shapes
+void mul_(Tensor& x, const Tensor& y);          // x *= y, same shapes
+void scale_(Tensor& x, float s);                // x *= s
+void add_scalar_(Tensor& x, float s);           // x += s
+// x[R, D] ⊙= v[D] (broadcast over rows).
+void mul_rows_(Tensor& x, const Tensor& v);
+// x[R, D] += v[D] ⊙ y[R, D]  (gated residual: v broadcast over rows).
+void add_gated_(Tensor& x, const Tensor& v, const Tensor& y);
+
+// RoPE, rotate-half form (Qwen3): for each row s and head h, dims i and i+D/2 rotate by the
+// angle with cos[s, i], sin[s, i].  x [S, H, D], cos/sin [S, D/2] f32.
+void rope_halves_(Tensor& x, const Tensor& cos, const Tensor& sin);
+// RoPE, adjacent-pairs form (Z-Image DiT): (x[2m], x[2m+1]) rotate by cos[s, m], sin[s, m].
+void rope_pairs_(Tensor& x, const Tensor& cos, const Tensor& sin);
+
+// Scaled dot-product attention, computed blockwise (never a full S×S matrix per head).
+// q [Sq, Hq, D], k/v [Sk, Hkv, D] with Hq a multiple of Hkv (GQA: head h uses kv head
+// h / (Hq/Hkv)). `causal`: query i sees keys j ≤ i. `kv_len`: only the first kv_len keys
+// are visible (−1: all). Returns [Sq, Hq, D]. Softmax in f32.
+Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, float scale, bool causal = false,
+                 int64_t kv_len = -1);
+
+// 2-D convolution, stride 1, zero padding `pad` on each side.
+// x [Cin, H, W], w [Cout, Cin, kh, kw], bias [Cout] or null → [Cout, H+2p−kh+1, W+2p−kw+1].
+Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor* bias, int pad);
+// Nearest-neighbour 2× upsampling: x [C, H, W] → [C, 2H, 2W].
+Tensor upsample_nearest2x(const Tensor& x);
+
+// Concatenates along dimension 0 (all other dimensions equal).
+Tensor concat0(const std::vector<Tensor>& parts);
+// out[i, :] = table[ids[i], :] widened to f32. table [V, D] (f32/bf16/f16) → [n, D].
+Tensor embedding(const Tensor& table, const std::vector<int32_t>& ids);
+
+}  // namespace zi::ops

@@ -1,0 +1,44 @@
+#include "pipeline/memory_report.h"
+
+#include <cstdio>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+namespace zi {
+
+std::string memory_report_json(const GenerateResult& r) {
+  nlohmann::json j;
+  j["phases"] = nlohmann::json::array();
+  for (const auto& p : r.phases)
+    j["phases"].push_back({{"name", p.name},
+                           {"device", device_name(p.device)},
+                           {"weights_bytes", p.weights_bytes},
+                           {"peak_bytes", p.peak_bytes},
+                           {"end_bytes", p.end_bytes},
+                           {"seconds", p.seconds}});
+  j["peak_bytes"] = r.peak_bytes;
+  j["peak_rss_bytes"] = r.peak_rss_bytes;
+  return j.dump(1);
+}
+
+void print_memory_report(const GenerateResult& r, const std::string& json_path) {
+  auto mib = [](int64_t b) { return double(b) / (1 << 20); };
+  std::fprintf(stderr, "memory      device   weights MiB    peak MiB     end MiB   seconds\n");
+  for (const auto& p : r.phases)
+    std::fprintf(stderr, "  %-9s %-6s %12.1f %11.1f %11.1f %9.2f\n", p.name.c_str(), device_name(p.device),
+                 mib(p.weights_bytes), mib(p.peak_bytes), mib(p.end_bytes), p.seconds);
+  std::fprintf(stderr, "  peak (max over phases) %.1f MiB; process peak RSS %.1f MiB\n", mib(r.peak_bytes),
+               mib(r.peak_rss_bytes));
+  if (!json_path.empty()) {
+    std::string tmp = json_path + ".tmp";
+    std::ofstream os(tmp);
+    os << memory_report_json(r) << "\n";
+    os.close();
+    if (!os.good() || std::rename(tmp.c_str(), json_path.c_str()) != 0) {
+      std::remove(tmp.c_str());
+      throw Error(str_cat("cannot write memory report '", json_path, "'"));
+    }
+  }
+}
+
+}  // namespace zi

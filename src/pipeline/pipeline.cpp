@@ -1,0 +1,184 @@
+#include "pipeline/pipeline.h"
+
+#include <chrono>
+#include <cmath>
+#include <cstring>
+
+#include "core/torch_random.h"
+#include "io/checkpoint.h"
+#include "io/png.h"
+#include "io/safetensors.h"
+#include "io/weight_loader.h"
+#include "models/vae_decoder.h"
+#include "models/zimage_dit.h"
+#include "pipeline/text_phase.h"
+#include "scheduler/flow_match_euler.h"
+
+namespace zi {
+
+namespace {
+
+double now_s() {
+  using namespace std::chrono;
+  return duration<double>(steady_clock::now().time_since_epoch()).count();
+}
+
+void check_cancel(const GenerateHooks& h) {
+  if (h.cancel && h.cancel->load()) throw Cancelled();
+}
+
+struct Embeddings {
+  Tensor pos, neg;  // [L, hidden] f32; neg undefined without CFG
+  std::vector<int32_t> ids;
+};
+
+Embeddings run_encode(const ModelFolder& mf, const GenerateOptions& o, bool cfg) {
+  Embeddings e;
+  // Both prompts go through one loaded encoder, released when `enc` goes out of scope.
+  Qwen3Encoder enc = load_text_encoder(mf, o.text_encoder_dtype);
+  BpeTokenizer tok = BpeTokenizer::load_dir(mf.tokenizer_dir);
+  e.pos = encode_prompt(enc, tok, o.prompt, o.max_sequence_length, &e.ids);
+  if (cfg) e.neg = encode_prompt(enc, tok, o.negative_prompt, o.max_sequence_length);
+  return e;
+}
+
+ZImageDit load_transformer(const ModelFolder& mf, const GenerateOptions& o, TensorStore& store) {
+  WeightLoader loader(store, Tag::DitWeights, "transformer");
+  ZImageDit dit = load_zimage_dit(loader, mf.transformer, o.transformer_dtype);
+  loader.finish();
+  return dit;
+}
+
+// The denoising loop of spec §4.5–4.7 on latents [C, h, w] (f32, updated in place).
+void run_denoise(const ModelFolder& mf, const GenerateOptions& o, const Embeddings& emb, Tensor& latents,
+                 const GenerateHooks& hooks) {
+  SchedulerConfig sc = parse_scheduler_config(read_text_file(mf.scheduler_config_path), mf.scheduler_config_path);
+  const int64_t C = latents.dim(0), h = latents.dim(1), w = latents.dim(2);
+  const int64_t seq = (h / 2) * (w / 2);
+  Schedule sched = make_schedule(sc, o.steps, seq);
+  TensorStore store = TensorStore::open_dir(mf.transformer_dir);
+  ZImageDit dit = load_transformer(mf, o, store);
+  const size_t n = size_t(latents.numel());
+  const double t0 = now_s();
+  for (int i = 0; i < sched.steps(); ++i) {
+    check_cancel(hooks);
+    const float t = model_time(sched, i);
+    const bool cfg = emb.neg.defined() && cfg_active(o.guidance, o.cfg_truncation, t);
+    Tensor x = latents.reshape({C, 1, h, w});
+    Tensor pred = dit_forward(dit, x, t, emb.pos);  // [C, 1, h, w]
+    if (cfg) {
+      check_cancel(hooks);
+      Tensor neg = dit_forward(dit, x, t, emb.neg);
+      Tensor pos = pred.clone();
+      cfg_combine(pred.f32(), pos.f32(), neg.f32(), n, o.guidance);
+      if (o.cfg_normalization > 0) cfg_normalize(pred.f32(), pos.f32(), n, o.cfg_normalization);
+    }
+    euler_step(latents.f32(), pred.f32(), n, sched.sigmas[size_t(i)], sched.sigmas[size_t(i) + 1]);
+    if (hooks.on_latents) hooks.on_latents(i, latents);
+    if (hooks.on_step) hooks.on_step(i + 1, sched.steps(), now_s() - t0);
+  }
+}
+
+Tensor run_decode(const ModelFolder& mf, const GenerateOptions& o, const Tensor& latents) {
+  TensorStore store = TensorStore::open_dir(mf.vae_dir);
+  WeightLoader loader(store, Tag::VaeWeights, "vae");
+  VaeDecoder vae = load_vae_decoder(loader, mf.vae, o.vae_dtype);
+  loader.finish();
+  // z = latents / scaling_factor + shift_factor, in f32 like the reference.
+  Tensor z = latents.clone();
+  const float sf = float(mf.vae.scaling_factor), sh = float(mf.vae.shift_factor);
+  float* zp = z.f32();
+  for (int64_t i = 0; i < z.numel(); ++i) zp[i] = zp[i] / sf + sh;
+  int tile = o.vae_tile;
+  if (tile < 0) {
+    int64_t avail = int64_t(4) << 30;  // budget for decode activations; refined by the memory plan
+    tile = vae_pick_tile(mf.vae, avail);
+  }
+  if (tile > 0 && (tile < z.dim(1) || tile < z.dim(2))) return vae_decode_tiled(vae, z, tile, o.vae_tile_overlap);
+  return vae_decode(vae, z);
+}
+
+}  // namespace
+
+int64_t estimate_denoise_activation_bytes(int64_t dim, int64_t ffn_hidden, int64_t heads, int width, int height,
+                                          int caption_len) {
+  (void)heads;
+  const int64_t tokens = int64_t(width / 16) * int64_t(height / 16) + 32 + caption_len + 32;
+  // Residual stream, normed copy, q, k, v, attention output: ~6 × [S, dim]; FFN: 3 × [S, ffn].
+  return 4 * tokens * (8 * dim + 3 * ffn_hidden);
+}
+
+void validate_generate_options(const GenerateOptions& o) {
+  auto size_ok = [](int v, const char* flag) {
+    if (v <= 0) throw UsageError(str_cat(flag, " must be positive, got ", v));
+    if (v % 16) throw UsageError(str_cat(flag, " must be a multiple of 16, got ", v));
+  };
+  size_ok(o.width, "--width");
+  size_ok(o.height, "--height");
+  // 8192 px per side is the limit of the DiT's position tables (axes_lens 512 × patch 16).
+  if (o.width > 8192 || o.height > 8192) {
+    int64_t need = estimate_denoise_activation_bytes(3840, 10240, 30, o.width, o.height, 512);
+    throw UsageError(str_cat("--width/--height of ", o.width, "x", o.height,
+                             " is beyond the model's 8192-pixel limit (it would need about ", need >> 30,
+                             " GiB of activations for the real model)"));
+  }
+  if (o.steps <= 0) throw UsageError(str_cat("--steps must be at least 1, got ", o.steps));
+  if (o.steps > 1000) throw UsageError(str_cat("--steps must be at most 1000, got ", o.steps));
+  if (!std::isfinite(o.guidance) || o.guidance < 0)
+    throw UsageError(str_cat("--guidance must be a finite number >= 0, got ", o.guidance));
+  if (!std::isfinite(o.cfg_normalization) || o.cfg_normalization < 0)
+    throw UsageError(str_cat("--cfg-normalization must be a finite number >= 0, got ", o.cfg_normalization));
+  if (!std::isfinite(o.cfg_truncation))
+    throw UsageError(str_cat("--cfg-truncation must be finite, got ", o.cfg_truncation));
+  if (o.max_sequence_length <= 0)
+    throw UsageError(str_cat("--max-sequence-length must be positive, got ", o.max_sequence_length));
+  if (o.vae_tile != 0 && o.vae_tile != -1 && o.vae_tile < 16)
+    throw UsageError(str_cat("--vae-tile must be at least 128 pixels, got ", o.vae_tile * 8));
+}
+
+GenerateResult generate(const GenerateOptions& o, const GenerateHooks& hooks) {
+  validate_generate_options(o);
+  ModelFolder mf = open_model_folder(o.model_dir);
+  const int sf = mf.vae.scale_factor();
+  const int64_t C = mf.transformer.in_channels;
+  const int64_t h = 2 * (o.height / (sf * 2)), w = 2 * (o.width / (sf * 2));
+  const bool cfg = o.guidance > 0;
+  GenerateResult r;
+  r.width = int(w * sf);
+  r.height = int(h * sf);
+  MemoryStats& ms = memory_stats(Device::CPU);
+  ms.clear_phases();
+
+  Embeddings emb;
+  {
+    if (hooks.on_phase_start) hooks.on_phase_start("encode");
+    PhaseScope phase("encode");
+    emb = run_encode(mf, o, cfg);
+  }
+  r.prompt_ids = emb.ids;
+  check_cancel(hooks);
+
+  Tensor latents = Tensor::empty({C, h, w}, DType::F32);
+  torch_randn(o.seed, latents.f32(), latents.numel());
+  {
+    if (hooks.on_phase_start) hooks.on_phase_start("denoise");
+    PhaseScope phase("denoise");
+    run_denoise(mf, o, emb, latents, hooks);
+    emb = Embeddings{};  // the captions are not needed past this point
+  }
+  check_cancel(hooks);
+  {
+    if (hooks.on_phase_start) hooks.on_phase_start("decode");
+    PhaseScope phase("decode");
+    r.decoded = run_decode(mf, o, latents);
+    latents = Tensor();
+  }
+  r.rgb.resize(size_t(r.width) * size_t(r.height) * 3);
+  image_to_u8(r.decoded.f32(), 3, r.height, r.width, r.rgb.data());
+  r.phases = ms.finished_phases();
+  for (const auto& p : r.phases) r.peak_bytes = std::max(r.peak_bytes, p.peak_bytes);
+  r.peak_rss_bytes = peak_rss_bytes();
+  return r;
+}
+
+}  // namespace zi
