@@ -1,0 +1,122 @@
+// GEMM at the DiT's real shapes: y[M, N] = x[M, K] · w[N, K]ᵀ. M = 288 is a 256² image
+// (256 patches + text), M = 4128 a 1024² image (4096 + 32); K/N are the 3840-wide
+// projections and the 10240-wide feed-forward. Numbered variants, llm.c style:
+//   0 openblas_sgemm     cblas_sgemm on f32 weights: the ceiling for f32 activations
+//   1 widen_all_sgemm    bf16 weights widened whole, then one sgemm (memory: 4 B per weight)
+//   2 linear_f32/bf16/f16  ops::linear (f32: = 0; bf16/f16: per-thread widened panels + sgemm)
+//   2 linear_panels_f32  the panel path on f32 weights (OpenMP over panels, no widening)
+//   3 openblas_sbgemm    cblas_sbgemm (bf16 × bf16 → f32), if this OpenBLAS exports it
+// GFLOP/s = 2·M·N·K / wall time.
+#include <benchmark/benchmark.h>
+#include <cblas.h>
+#include <dlfcn.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "backends/cpu/cpu_ops.h"
+#include "core/dtype.h"
+#include "core/parallel.h"
+#include "core/tensor.h"
+#include "bench_util.h"
+#include "ops/ops.h"
+
+namespace {
+
+using zi::bench::CpuRate;
+using zi::bench::random_tensor;
+
+double gemm_flops(benchmark::State& st) { return 2.0 * double(st.range(0)) * double(st.range(1)) * double(st.range(2)); }
+
+void BM_0_openblas_sgemm(benchmark::State& st) {
+  const int64_t M = st.range(0), K = st.range(1), N = st.range(2);
+  zi::Tensor x = random_tensor({M, K}, 1), w = random_tensor({N, K}, 2), y = zi::Tensor::empty({M, N}, zi::DType::F32);
+  CpuRate rate;
+  for (auto _ : st)
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(M), int(N), int(K), 1.0f, x.f32(), int(K), w.f32(),
+                int(K), 0.0f, y.f32(), int(N));
+  rate.report(st, gemm_flops(st));
+}
+
+void BM_1_widen_all_sgemm_bf16(benchmark::State& st) {
+  const int64_t M = st.range(0), K = st.range(1), N = st.range(2);
+  zi::Tensor x = random_tensor({M, K}, 1), w = random_tensor({N, K}, 2).to(zi::DType::BF16);
+  zi::Tensor y = zi::Tensor::empty({M, N}, zi::DType::F32);
+  CpuRate rate;
+  for (auto _ : st) {
+    zi::Tensor wf = w.to(zi::DType::F32);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(M), int(N), int(K), 1.0f, x.f32(), int(K), wf.f32(),
+                int(K), 0.0f, y.f32(), int(N));
+  }
+  rate.report(st, gemm_flops(st));
+}
+
+template <zi::DType WT>
+void BM_2_linear(benchmark::State& st) {
+  const int64_t M = st.range(0), K = st.range(1), N = st.range(2);
+  zi::Tensor x = random_tensor({M, K}, 1), w = random_tensor({N, K}, 2).to(WT);
+  CpuRate rate;
+  for (auto _ : st) benchmark::DoNotOptimize(zi::ops::linear(x, w).raw());
+  rate.report(st, gemm_flops(st));
+}
+
+void BM_2_linear_panels_f32(benchmark::State& st) {
+  const int64_t M = st.range(0), K = st.range(1), N = st.range(2);
+  zi::Tensor x = random_tensor({M, K}, 1), w = random_tensor({N, K}, 2), y = zi::Tensor::empty({M, N}, zi::DType::F32);
+  CpuRate rate;
+  for (auto _ : st) zi::cpu::linear(x, w, nullptr, y, zi::cpu::GemmPath::Panels);
+  rate.report(st, gemm_flops(st));
+}
+
+// cblas_sbgemm is declared by every OpenBLAS cblas.h but only exported by builds with
+// BUILD_BFLOAT16=1, so it is looked up at run time.
+using SbgemmFn = void (*)(CBLAS_ORDER, CBLAS_TRANSPOSE, CBLAS_TRANSPOSE, blasint, blasint, blasint, float,
+                          const uint16_t*, blasint, const uint16_t*, blasint, float, float*, blasint);
+
+void BM_3_openblas_sbgemm(benchmark::State& st) {
+  auto fn = reinterpret_cast<SbgemmFn>(dlsym(RTLD_DEFAULT, "cblas_sbgemm"));
+  if (!fn) {
+    st.SkipWithError("cblas_sbgemm is not exported by this OpenBLAS (built without BUILD_BFLOAT16)");
+    return;
+  }
+  const int64_t M = st.range(0), K = st.range(1), N = st.range(2);
+  zi::Tensor x = random_tensor({M, K}, 1).to(zi::DType::BF16), w = random_tensor({N, K}, 2).to(zi::DType::BF16);
+  zi::Tensor y = zi::Tensor::empty({M, N}, zi::DType::F32);
+  CpuRate rate;
+  for (auto _ : st)
+    fn(CblasRowMajor, CblasNoTrans, CblasTrans, int(M), int(N), int(K), 1.0f, x.data<uint16_t>(), int(K),
+       w.data<uint16_t>(), int(K), 0.0f, y.f32(), int(N));
+  rate.report(st, gemm_flops(st));
+}
+
+// Small shapes run to the default time; the 1024² feed-forward (325 GFLOP) twice only.
+void shapes(benchmark::internal::Benchmark* b) {
+  b->Unit(benchmark::kMillisecond)->UseRealTime();
+  b->Args({32, 3840, 3840})->Args({288, 3840, 3840})->Args({288, 3840, 10240});
+}
+void big_shape(benchmark::internal::Benchmark* b) {
+  b->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(2)->Args({4128, 3840, 10240});
+}
+
+}  // namespace
+
+BENCHMARK(BM_0_openblas_sgemm)->Apply(shapes);
+BENCHMARK(BM_1_widen_all_sgemm_bf16)->Apply(shapes);
+BENCHMARK(BM_2_linear<zi::DType::F32>)->Apply(shapes);
+BENCHMARK(BM_2_linear_panels_f32)->Apply(shapes);
+BENCHMARK(BM_2_linear<zi::DType::BF16>)->Apply(shapes);
+BENCHMARK(BM_2_linear<zi::DType::F16>)->Apply(shapes);
+BENCHMARK(BM_3_openblas_sbgemm)->Apply(shapes);
+BENCHMARK(BM_0_openblas_sgemm)->Apply(big_shape);
+BENCHMARK(BM_2_linear<zi::DType::F32>)->Apply(big_shape);
+BENCHMARK(BM_2_linear_panels_f32)->Apply(big_shape);
+BENCHMARK(BM_2_linear<zi::DType::BF16>)->Apply(big_shape);
+
+int main(int argc, char** argv) {
+  zi::set_num_threads(0);  // all cores, for our OpenMP loops and OpenBLAS alike
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

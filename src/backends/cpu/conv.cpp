@@ -1,0 +1,113 @@
+// conv2d (stride 1, zero padding) as im2col + sgemm, and nearest 2× upsampling.
+// The output rows are cut into blocks; each OpenMP thread unfolds one block of rows into
+// its own column buffer [Cin·kh·kw, rows·Wo] (bounded by kColBudget over all threads, so
+// a [128, 1024, 1024] input never needs its 4.8 GB full unfolding) and multiplies it by
+// the widened kernel [Cout, Cin·kh·kw] with a single-threaded sgemm.
+#include <cblas.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "backends/cpu/cpu_ops.h"
+#include "core/parallel.h"
+
+namespace zi::cpu {
+namespace {
+
+constexpr int64_t kColBudget = int64_t(64) << 20;  // bytes of column buffers, all threads
+
+struct ConvShape {
+  int64_t Cin, H, W, Cout, kh, kw, pad, Ho, Wo;
+};
+
+// col[(c·kh + ky)·kw + kx, (oy − r0)·Wo + ox] = x[c, oy + ky − pad, ox + kx − pad] (0 outside).
+void im2col_rows(const ConvShape& s, const float* x, int64_t r0, int64_t r1, float* col) {
+  const int64_t n = (r1 - r0) * s.Wo;
+  for (int64_t c = 0; c < s.Cin; ++c)
+    for (int64_t ky = 0; ky < s.kh; ++ky)
+      for (int64_t kx = 0; kx < s.kw; ++kx) {
+        float* dst = col + ((c * s.kh + ky) * s.kw + kx) * n;
+        const int64_t lo = std::clamp<int64_t>(s.pad - kx, 0, s.Wo);          // first ox inside
+        const int64_t hi = std::clamp<int64_t>(s.W + s.pad - kx, lo, s.Wo);   // one past last
+        for (int64_t oy = r0; oy < r1; ++oy, dst += s.Wo) {
+          const int64_t iy = oy + ky - s.pad;
+          if (iy < 0 || iy >= s.H) {
+            std::memset(dst, 0, size_t(s.Wo) * 4);
+            continue;
+          }
+          std::memset(dst, 0, size_t(lo) * 4);
+          std::memcpy(dst + lo, x + (c * s.H + iy) * s.W + lo + kx - s.pad, size_t(hi - lo) * 4);
+          std::memset(dst + hi, 0, size_t(s.Wo - hi) * 4);
+        }
+      }
+}
+
+void add_bias_planes(float* out, const float* b, int64_t Cout, int64_t plane, int64_t off, int64_t n) {
+  for (int64_t co = 0; co < Cout; ++co) {
+    float* o = out + co * plane + off;
+    for (int64_t i = 0; i < n; ++i) o[i] += b[co];
+  }
+}
+
+void conv_im2col(const ConvShape& s, const float* x, const float* w, const float* b, float* out) {
+  const int T = std::max(1, num_threads());
+  const int64_t ckk = s.Cin * s.kh * s.kw, plane = s.Ho * s.Wo;
+  const int64_t row_bytes = ckk * s.Wo * 4;
+  const int64_t max_rows = std::max<int64_t>(1, kColBudget / T / row_bytes);
+  int64_t n_blocks = std::max<int64_t>((s.Ho + max_rows - 1) / max_rows, T);
+  n_blocks = std::min((n_blocks + T - 1) / T * T, s.Ho);
+  const int64_t rows = (s.Ho + n_blocks - 1) / n_blocks;
+  n_blocks = (s.Ho + rows - 1) / rows;
+  const int nthreads = int(std::min<int64_t>(T, n_blocks));
+  Tensor col = Tensor::empty({nthreads, ckk * rows * s.Wo}, DType::F32, Tag::Workspace);
+  BlasSingleThread single;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+  for (int64_t blk = 0; blk < n_blocks; ++blk) {
+    const int64_t r0 = blk * rows, r1 = std::min(s.Ho, r0 + rows), n = (r1 - r0) * s.Wo;
+    float* cb = col.data<float>() + int64_t(omp_get_thread_num()) * ckk * rows * s.Wo;  // [ckk, n]
+    im2col_rows(s, x, r0, r1, cb);
+    // out[:, r0·Wo : r1·Wo] = w[Cout, ckk] · col[ckk, n]
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(s.Cout), int(n), int(ckk), 1.0f, w, int(ckk), cb,
+                int(n), 0.0f, out + r0 * s.Wo, int(plane));
+    if (b) add_bias_planes(out, b, s.Cout, plane, r0 * s.Wo, n);
+  }
+}
+
+}  // namespace
+
+void conv2d(const Tensor& x, const Tensor& w, const Tensor* bias, int pad, Tensor& out) {
+  ConvShape s{x.dim(0), x.dim(1), x.dim(2), w.dim(0), w.dim(2), w.dim(3), pad, out.dim(1), out.dim(2)};
+  if (s.Cout == 0 || s.Ho == 0 || s.Wo == 0) return;
+  Tensor wt = widen_vector(w);  // [Cout, Cin, kh, kw] f32; conv kernels are small (≤ 9.4 MB)
+  Tensor bt = bias ? widen_vector(*bias) : Tensor();
+  const float* bp = bias ? bt.data<float>() : nullptr;
+  const int64_t plane = s.Ho * s.Wo;
+  if (s.kh == 1 && s.kw == 1 && pad == 0) {
+    // A 1×1 convolution is one GEMM on the input as it lies: [Cout, Cin] · [Cin, H·W].
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(s.Cout), int(plane), int(s.Cin), 1.0f,
+                wt.data<float>(), int(s.Cin), x.data<float>(), int(plane), 0.0f, out.data<float>(), int(plane));
+    if (bp) {
+      float* o = out.data<float>();
+      parallel_for(s.Cout, 1, [&](int64_t c0, int64_t c1) { add_bias_planes(o + c0 * plane, bp + c0, c1 - c0, plane, 0, plane); });
+    }
+    return;
+  }
+  conv_im2col(s, x.data<float>(), wt.data<float>(), bp, out.data<float>());
+}
+
+void upsample_nearest2x(const Tensor& x, Tensor& out) {
+  const int64_t C = x.dim(0), H = x.dim(1), W = x.dim(2);
+  const float* xp = x.data<float>();
+  float* op = out.data<float>();
+  parallel_for(C * H, std::max<int64_t>(1, 8192 / std::max<int64_t>(W, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* src = xp + r * W;
+      float* d0 = op + (2 * r) * (2 * W);  // row 2y of channel c: index (c·2H + 2y)·2W = 2r·2W
+      for (int64_t i = 0; i < W; ++i) d0[2 * i] = d0[2 * i + 1] = src[i];
+      std::memcpy(d0 + 2 * W, d0, size_t(2 * W) * 4);
+    }
+  });
+}
+
+}  // namespace zi::cpu

@@ -1,0 +1,72 @@
+// The CPU backend (OpenBLAS + OpenMP): one function per op of ops/ops.h. Arguments are
+// already checked by ops.cpp (shapes, dtypes, contiguity); these functions only compute.
+// Activations are contiguous f32; weight operands may be f32/bf16/f16 and are widened
+// to f32 (exactly) in bounded blocks, never as a whole matrix.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "core/tensor.h"
+
+// Hot loops are compiled three times (AVX-512, AVX2+FMA, baseline) and picked at load time,
+// so a portable build still runs vector code on the machine it finds.
+#define ZI_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+
+namespace zi::cpu {
+
+// dst[0..n) = src[0..n) widened to f32 (src dtype f32/bf16/f16; exact).
+void widen(const void* src, DType dt, float* dst, int64_t n);
+// A small operand (norm weight, bias, gate vector) widened into a Workspace tensor.
+Tensor widen_vector(const Tensor& v);
+
+// Threading: OpenBLAS runs its own pool. Inside our OpenMP regions each thread calls
+// single-threaded sgemm; this guard sets OpenBLAS to one thread for its lifetime.
+class BlasSingleThread {
+ public:
+  BlasSingleThread();
+  ~BlasSingleThread();
+  BlasSingleThread(const BlasSingleThread&) = delete;
+  BlasSingleThread& operator=(const BlasSingleThread&) = delete;
+
+ private:
+  int saved_;
+};
+
+// gemm_openblas.cpp. y[M, N] = x[M, K] · w[N, K]ᵀ (+ bias). Paths (the benchmark compares them):
+//   BlasThreads  f32 weights only: one sgemm on OpenBLAS's own threads
+//   Panels       OpenMP over column panels of y, single-threaded sgemm per panel; bf16/f16
+//                panels are widened into a per-thread f32 buffer first
+enum class GemmPath { Auto, BlasThreads, Panels };
+void linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y, GemmPath path = GemmPath::Auto);
+
+// norm.cpp
+void rms_norm_(Tensor& x, const Tensor& weight, float eps);
+void layer_norm_(Tensor& x, float eps);
+void group_norm_(Tensor& x, int groups, const Tensor& weight, const Tensor& bias, float eps);
+
+// elementwise.cpp
+void silu_(Tensor& x);
+void tanh_(Tensor& x);
+void silu_mul(const Tensor& a, const Tensor& b, Tensor& out);
+void add_(Tensor& x, const Tensor& y);
+void mul_(Tensor& x, const Tensor& y);
+void scale_(Tensor& x, float s);
+void add_scalar_(Tensor& x, float s);
+void mul_rows_(Tensor& x, const Tensor& v);
+void add_gated_(Tensor& x, const Tensor& v, const Tensor& y);
+void concat0(const std::vector<Tensor>& parts, Tensor& out);
+void embedding(const Tensor& table, const std::vector<int32_t>& ids, Tensor& out);
+
+// rope.cpp
+void rope_halves_(Tensor& x, const Tensor& cos, const Tensor& sin);
+void rope_pairs_(Tensor& x, const Tensor& cos, const Tensor& sin);
+
+// attention.cpp
+void attention(const Tensor& q, const Tensor& k, const Tensor& v, float scale, bool causal, int64_t kv_len,
+               Tensor& out);
+
+// conv.cpp
+void conv2d(const Tensor& x, const Tensor& w, const Tensor* bias, int pad, Tensor& out);
+void upsample_nearest2x(const Tensor& x, Tensor& out);
+
+}  // namespace zi::cpu

@@ -1,0 +1,100 @@
+// linear: y[M, N] = x[M, K] · w[N, K]ᵀ (+ bias) on OpenBLAS sgemm.
+// f32 weights: one threaded sgemm. bf16/f16 weights: the output is cut into column panels
+// (rows of w); each OpenMP thread widens its panel of w into its own f32 buffer
+// [P, K] and runs a single-threaded sgemm on it, so widening and GEMM share the cores
+// without two thread pools fighting, the widened panel is used while it is still in
+// cache, and the result equals an f32 GEMM on the widened weights.
+#include <cblas.h>
+#include <omp.h>
+
+#include <algorithm>
+
+#include "backends/cpu/cpu_ops.h"
+#include "core/parallel.h"
+
+namespace zi::cpu {
+namespace {
+
+constexpr int64_t kPanelRows = 256;  // rows of w widened at a time (256×10240 f32 = 10 MB)
+// f32 weights: which path GemmPath::Auto takes (bf16/f16 always use panels).
+constexpr GemmPath kDefaultPath = GemmPath::BlasThreads;
+
+ZI_CPU_CLONES void add_bias_rows(float* y, int64_t rows, int64_t ld, const float* b, int64_t n) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* yr = y + r * ld;
+    for (int64_t j = 0; j < n; ++j) yr[j] += b[j];
+  }
+}
+
+// Panel width: about kPanelRows, but with a panel count that divides evenly among the
+// threads so that the last round does not leave cores idle.
+int64_t panel_rows(int64_t N, int T) {
+  int64_t np = (N + kPanelRows - 1) / kPanelRows;
+  np = (np + T - 1) / T * T;
+  int64_t p = (N + np - 1) / np;
+  p = (p + 15) / 16 * 16;
+  return std::min(p, N);
+}
+
+void linear_panels(const float* x, const Tensor& w, const float* bias, float* y, int64_t M, int64_t N, int64_t K) {
+  const int T = std::max(1, num_threads());
+  const int64_t P = panel_rows(N, T);
+  const int64_t n_panels = (N + P - 1) / P;
+  // Few panels (small N): split the rows of x as well so every thread has work; the
+  // duplicated widening is small because the weight is small.
+  const int64_t m_chunks =
+      n_panels >= T ? 1 : std::min<int64_t>((T + n_panels - 1) / n_panels, std::max<int64_t>(1, M / 16));
+  const int64_t m_step = (M + m_chunks - 1) / m_chunks;
+  const int64_t tasks = n_panels * m_chunks;
+  const int nthreads = int(std::min<int64_t>(T, tasks));
+  const bool widened = w.dtype() != DType::F32;
+  Tensor buf = widened ? Tensor::empty({nthreads, P * K}, DType::F32, Tag::Workspace) : Tensor();  // [threads, P, K]
+  const size_t es = dtype_size(w.dtype());
+  const char* wb = static_cast<const char*>(w.raw());
+  BlasSingleThread single;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+  for (int64_t t = 0; t < tasks; ++t) {
+    const int64_t pi = t / m_chunks, mi = t % m_chunks;
+    const int64_t n0 = pi * P, np = std::min(P, N - n0);
+    const int64_t m0 = mi * m_step, mm = std::min(m_step, M - m0);
+    if (mm <= 0) continue;
+    const float* panel = reinterpret_cast<const float*>(wb + size_t(n0 * K) * es);  // [np, K]
+    if (widened) {
+      float* dst = buf.data<float>() + int64_t(omp_get_thread_num()) * P * K;
+      widen(wb + size_t(n0 * K) * es, w.dtype(), dst, np * K);
+      panel = dst;
+    }
+    float* yc = y + m0 * N + n0;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(mm), int(np), int(K), 1.0f, x + m0 * K, int(K), panel,
+                int(K), 0.0f, yc, int(N));
+    if (bias) add_bias_rows(yc, mm, N, bias + n0, np);
+  }
+}
+
+void linear_blas_threads(const float* x, const float* w, const float* bias, float* y, int64_t M, int64_t N,
+                         int64_t K) {
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(M), int(N), int(K), 1.0f, x, int(K), w, int(K), 0.0f, y,
+              int(N));
+  if (bias) {
+    parallel_for(M, std::max<int64_t>(1, 65536 / N), [&](int64_t r0, int64_t r1) {
+      add_bias_rows(y + r0 * N, r1 - r0, N, bias, N);
+    });
+  }
+}
+
+}  // namespace
+
+void linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y, GemmPath path) {
+  const int64_t N = w.dim(0), K = w.dim(1), M = x.numel() / K;
+  if (M == 0 || N == 0) return;
+  Tensor b = bias ? widen_vector(*bias) : Tensor();
+  const float* bp = bias ? b.data<float>() : nullptr;
+  if (path == GemmPath::Auto) path = kDefaultPath;
+  if (path == GemmPath::BlasThreads && w.dtype() == DType::F32) {
+    linear_blas_threads(x.data<float>(), w.data<float>(), bp, y.data<float>(), M, N, K);
+  } else {
+    linear_panels(x.data<float>(), w, bp, y.data<float>(), M, N, K);
+  }
+}
+
+}  // namespace zi::cpu

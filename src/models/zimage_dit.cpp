@@ -1,0 +1,413 @@
+// Z-Image DiT: weight binding (spec §3.2) and the forward pass (§3.4–§3.10), one function
+// per stage, in the order the forward pass runs them. Everything is computed in f32;
+// weight matrices may be bf16/f16 and are widened by the ops.
+//
+// Memory: at real size (1024², 10-token caption) the unified sequence is [4128, 3840] f32
+// (63 MB). Temporaries are released as soon as the next stage has consumed them, and the
+// FFN runs in row chunks so its [rows, 10240] hidden never exists for the whole sequence.
+#include "models/zimage_dit.h"
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+
+#include "core/check.h"
+#include "ops/ops.h"
+
+namespace zi {
+namespace {
+
+constexpr int64_t kSeqMultiple = 32;      // SEQ_MULTI_OF: both streams are padded to a multiple of this
+constexpr int kAdalnEmbedDim = 256;       // ADALN_EMBED_DIM
+constexpr int kTimeFreqDim = 256;         // size of the sinusoidal timestep features
+constexpr int kTimeMidDim = 1024;         // hidden size of the timestep MLP
+constexpr double kTimeMaxPeriod = 10000.0;
+constexpr float kQkNormEps = 1e-5f;       // fixed in the reference's attention, not norm_eps
+constexpr float kFinalNormEps = 1e-6f;    // the final LayerNorm
+// FFN row chunk: the hidden is [1024, 10240] f32 = 42 MB per tensor instead of 169 MB for
+// the whole 4128-row sequence, and 1024 rows still keep the GEMMs efficient.
+constexpr int64_t kFfnChunkRows = 1024;
+
+using Pos = std::array<int64_t, 3>;  // (caption/frame index, row h, column w)
+
+int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+int64_t patch_dim(const DitConfig& c) {
+  return int64_t(c.f_patch_size) * c.patch_size * c.patch_size * c.in_channels;
+}
+// "2-1": the key of the only patch size in all_x_embedder / all_final_layer.
+std::string patch_key(const DitConfig& c) { return str_cat(c.patch_size, "-", c.f_patch_size); }
+
+// The shape facts the forward pass relies on; a config that breaks them cannot be run.
+void check_config(const DitConfig& c) {
+  ZI_CHECK(c.n_heads > 0 && c.dim % c.n_heads == 0, "[zimage_dit] dim ", c.dim, " is not a multiple of n_heads ",
+           c.n_heads);
+  ZI_CHECK(c.axes_dims.size() == 3 && c.axes_lens.size() == 3, "[zimage_dit] axes_dims/axes_lens need 3 entries");
+  int sum = 0;
+  for (int d : c.axes_dims) {
+    ZI_CHECK(d > 0 && d % 2 == 0, "[zimage_dit] axes_dims entries must be positive and even, got ", d);
+    sum += d;
+  }
+  ZI_CHECK(sum == c.head_dim(), "[zimage_dit] axes_dims sum to ", sum, " but head_dim is ", c.head_dim());
+  ZI_CHECK(c.f_patch_size == 1, "[zimage_dit] only f_patch_size 1 (still images) is supported, got ",
+           c.f_patch_size);
+  ZI_CHECK(c.patch_size >= 1, "[zimage_dit] bad patch_size ", c.patch_size);
+}
+
+// ---------------------------------------------------------------------------------------
+// Loading (§3.2)
+
+DitBlock load_block(WeightLoader& ld, const std::string& p, const DitConfig& c, DType wdt, bool modulated) {
+  const int64_t D = c.dim, F = dit_ffn_hidden(c), hd = c.head_dim(), A = dit_adaln_dim(c);
+  const DType f32 = DType::F32;
+  DitBlock b;
+  b.to_q = ld.load(p + "attention.to_q.weight", {D, D}, wdt);
+  b.to_k = ld.load(p + "attention.to_k.weight", {D, D}, wdt);
+  b.to_v = ld.load(p + "attention.to_v.weight", {D, D}, wdt);
+  b.to_out = ld.load(p + "attention.to_out.0.weight", {D, D}, wdt);
+  if (c.qk_norm) {
+    b.norm_q = ld.load(p + "attention.norm_q.weight", {hd}, f32);
+    b.norm_k = ld.load(p + "attention.norm_k.weight", {hd}, f32);
+  }
+  b.attention_norm1 = ld.load(p + "attention_norm1.weight", {D}, f32);
+  b.attention_norm2 = ld.load(p + "attention_norm2.weight", {D}, f32);
+  b.ffn_norm1 = ld.load(p + "ffn_norm1.weight", {D}, f32);
+  b.ffn_norm2 = ld.load(p + "ffn_norm2.weight", {D}, f32);
+  b.w1 = ld.load(p + "feed_forward.w1.weight", {F, D}, wdt);
+  b.w2 = ld.load(p + "feed_forward.w2.weight", {D, F}, wdt);
+  b.w3 = ld.load(p + "feed_forward.w3.weight", {F, D}, wdt);
+  if (modulated) {
+    b.adaln_w = ld.load(p + "adaLN_modulation.0.weight", {4 * D, A}, wdt);
+    b.adaln_b = ld.load(p + "adaLN_modulation.0.bias", {4 * D}, f32);
+  }
+  return b;
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward stages
+
+// Token counts of one item (§3.6).
+struct Geometry {
+  int64_t ht = 0, wt = 0;  // token grid (latent size / patch size)
+  int64_t n = 0, nx = 0;   // image tokens, and padded to a multiple of 32
+  int64_t l = 0, lc = 0;   // caption tokens, and padded to a multiple of 32
+};
+
+Geometry geometry(const DitConfig& c, const Tensor& latent, const Tensor& cap) {
+  ZI_CHECK(latent.ndim() == 4 && latent.dim(0) == c.in_channels && latent.dim(1) == 1,
+           "[dit_forward] latent must be [", c.in_channels, ", 1, H, W], got ", latent.desc());
+  ZI_CHECK(latent.dim(2) % c.patch_size == 0 && latent.dim(3) % c.patch_size == 0 && latent.dim(2) > 0 &&
+               latent.dim(3) > 0,
+           "[dit_forward] latent size ", latent.desc(), " is not a multiple of the patch size ", c.patch_size);
+  ZI_CHECK(cap.ndim() == 2 && cap.dim(1) == c.cap_feat_dim && cap.dim(0) > 0,
+           "[dit_forward] cap_feats must be [L > 0, ", c.cap_feat_dim, "], got ", cap.desc());
+  Geometry g;
+  g.ht = latent.dim(2) / c.patch_size;
+  g.wt = latent.dim(3) / c.patch_size;
+  g.n = g.ht * g.wt;
+  g.nx = round_up(g.n, kSeqMultiple);
+  g.l = cap.dim(0);
+  g.lc = round_up(g.l, kSeqMultiple);
+  return g;
+}
+
+// [1, A]: c = mlp.2(SiLU(mlp.0(sinusoid(t · t_scale)))) (§3.4), in f32 like the reference's
+// autocast-free sinusoid. Shared by every modulated block and the final layer.
+Tensor embed_timestep(const ZImageDit& m, float t) {
+  const int half = kTimeFreqDim / 2;
+  const float tau = t * float(m.cfg.t_scale);
+  const float neg_log_period = float(-std::log(kTimeMaxPeriod));
+  std::vector<float> e(kTimeFreqDim);
+  for (int k = 0; k < half; ++k) {
+    const float freq = std::exp(float(k) * neg_log_period / float(half));  // divisor half, not half − 1
+    e[size_t(k)] = std::cos(tau * freq);                                     // cosine half first
+    e[size_t(half + k)] = std::sin(tau * freq);
+  }
+  Tensor h = ops::linear(Tensor::from_vector(e, {1, kTimeFreqDim}), m.t_mlp0_w, &m.t_mlp0_b);  // [1, 1024]
+  ops::silu_(h);
+  return ops::linear(h, m.t_mlp2_w, &m.t_mlp2_b);  // [1, A]
+}
+
+// [N, p·p·C]: token (h, w) holds latent[c, 0, p·h + ph, p·w + pw] at feature (ph·p + pw)·C + c,
+// tokens row-major over (h, w) (§3.5).
+Tensor patchify(const Tensor& latent, const Geometry& g, int p) {
+  Tensor src = latent.to(DType::F32);  // [C, 1, Hl, Wl], contiguous
+  const int64_t C = src.dim(0), Wl = src.dim(3), Hl = src.dim(2);
+  Tensor out = Tensor::empty({g.n, int64_t(p) * p * C}, DType::F32);  // [N, p·p·C]
+  const float* s = src.f32();
+  float* d = out.f32();
+  for (int64_t h = 0; h < g.ht; ++h)
+    for (int64_t w = 0; w < g.wt; ++w)
+      for (int64_t ph = 0; ph < p; ++ph)
+        for (int64_t pw = 0; pw < p; ++pw)
+          for (int64_t c = 0; c < C; ++c)
+            d[((h * g.wt + w) * p * p + ph * p + pw) * C + c] = s[(c * Hl + h * p + ph) * Wl + w * p + pw];
+  return out;
+}
+
+// [C, 1, Hl, Wl]: the exact inverse of patchify on tokens [N, p·p·C].
+Tensor unpatchify(const Tensor& tokens, const Geometry& g, int p, int64_t C) {
+  const int64_t Hl = g.ht * p, Wl = g.wt * p;
+  Tensor out = Tensor::empty({C, 1, Hl, Wl}, DType::F32);
+  const float* s = tokens.f32();
+  float* d = out.f32();
+  for (int64_t h = 0; h < g.ht; ++h)
+    for (int64_t w = 0; w < g.wt; ++w)
+      for (int64_t ph = 0; ph < p; ++ph)
+        for (int64_t pw = 0; pw < p; ++pw)
+          for (int64_t c = 0; c < C; ++c)
+            d[(c * Hl + h * p + ph) * Wl + w * p + pw] = s[((h * g.wt + w) * p * p + ph * p + pw) * C + c];
+  return out;
+}
+
+// [total, D]: the rows of x [n, D] followed by copies of pad_token [1, D]. The reference fills
+// pad slots with copies of the last input row and then overwrites their embeddings with the
+// pad token, so embedding only the real rows and appending the token is the same result.
+Tensor append_pad_rows(Tensor x, const Tensor& pad_token, int64_t total) {
+  if (x.dim(0) == total) return x;
+  std::vector<Tensor> parts{std::move(x)};
+  parts.insert(parts.end(), size_t(total - parts[0].dim(0)), pad_token);
+  return ops::concat0(parts);
+}
+
+// [Nx, D]: patch embedding, then x_pad_token in the Nx − N pad slots (§3.10 step 2).
+Tensor embed_image(const ZImageDit& m, const Tensor& latent, const Geometry& g) {
+  Tensor x = ops::linear(patchify(latent, g, m.cfg.patch_size), m.x_embed_w, &m.x_embed_b);  // [N, D]
+  return append_pad_rows(std::move(x), m.x_pad_token, g.nx);
+}
+
+// [Lc, D]: RMSNorm (norm_eps) → Linear on the L real rows, then cap_pad_token (step 4).
+Tensor embed_caption(const ZImageDit& m, const Tensor& cap_feats, const Geometry& g) {
+  Tensor y = cap_feats.to(DType::F32);  // [L, cap_feat_dim], a copy normalised in place
+  ops::rms_norm_(y, m.cap_norm, float(m.cfg.norm_eps));
+  Tensor x = ops::linear(y, m.cap_w, &m.cap_b);  // [L, D]
+  return append_pad_rows(std::move(x), m.cap_pad_token, g.lc);
+}
+
+// Position ids (§3.6). Image: real token (h, w) → (Lc + 1, h, w); pad slots → (0, 0, 0),
+// which is the identity rotation.
+std::vector<Pos> image_positions(const Geometry& g) {
+  std::vector<Pos> pos(size_t(g.nx), Pos{0, 0, 0});
+  for (int64_t h = 0; h < g.ht; ++h)
+    for (int64_t w = 0; w < g.wt; ++w) pos[size_t(h * g.wt + w)] = {g.lc + 1, h, w};
+  return pos;
+}
+
+// Caption slot j, pad slots included → (1 + j, 0, 0).
+std::vector<Pos> caption_positions(const Geometry& g) {
+  std::vector<Pos> pos(size_t(g.lc));
+  for (int64_t j = 0; j < g.lc; ++j) pos[size_t(j)] = {1 + j, 0, 0};
+  return pos;
+}
+
+// Rotation factors per (token, complex slot): cos, sin [S, head_dim/2] each. Slots are the
+// axes' frequencies concatenated in axis order.
+struct Rope {
+  Tensor cos, sin;
+};
+
+// §3.7, matching torch's table: ω = 1/θ^(2k/d) and the angle p·ω in float64, the angle rounded
+// to f32, then cos/sin evaluated in f32 on the rounded angle (torch.polar on complex64).
+Rope make_rope(const DitConfig& c, const std::vector<Pos>& pos) {
+  std::vector<double> omega;
+  std::vector<int> axis;
+  for (int a = 0; a < 3; ++a)
+    for (int k = 0; k < c.axes_dims[size_t(a)] / 2; ++k) {
+      omega.push_back(1.0 / std::pow(c.rope_theta, double(2 * k) / double(c.axes_dims[size_t(a)])));
+      axis.push_back(a);
+    }
+  const int64_t S = int64_t(pos.size()), half = int64_t(omega.size());
+  Rope r{Tensor::empty({S, half}, DType::F32), Tensor::empty({S, half}, DType::F32)};
+  float* cs = r.cos.f32();
+  float* sn = r.sin.f32();
+  for (int64_t s = 0; s < S; ++s) {
+    for (int a = 0; a < 3; ++a)
+      ZI_CHECK(pos[size_t(s)][size_t(a)] < c.axes_lens[size_t(a)], "[dit_forward] position ",
+               pos[size_t(s)][size_t(a)], " on RoPE axis ", a, " exceeds axes_lens ", c.axes_lens[size_t(a)],
+               " (image or caption too large)");
+    for (int64_t j = 0; j < half; ++j) {
+      const float angle = float(double(pos[size_t(s)][size_t(axis[size_t(j)])]) * omega[size_t(j)]);
+      cs[s * half + j] = std::cos(angle);
+      sn[s * half + j] = std::sin(angle);
+    }
+  }
+  return r;
+}
+
+// The four modulation vectors of a block, each [D]: scale = 1 + s, gate = tanh(g), split in
+// the order (scale_msa, gate_msa, scale_mlp, gate_mlp). No SiLU precedes the linear (§3.4).
+struct Modulation {
+  Tensor scale_msa, gate_msa, scale_mlp, gate_mlp;
+};
+
+Modulation modulation(const DitBlock& b, const Tensor& c) {
+  const int64_t D = b.adaln_b.dim(0) / 4;
+  Tensor mod = ops::linear(c, b.adaln_w, &b.adaln_b).reshape({4, D});  // [4, D]
+  auto part = [&](int i) { return mod.slice(0, i, i + 1).reshape({D}); };
+  Modulation md{part(0), part(1), part(2), part(3)};
+  ops::add_scalar_(md.scale_msa, 1.0f);
+  ops::add_scalar_(md.scale_mlp, 1.0f);
+  ops::tanh_(md.gate_msa);
+  ops::tanh_(md.gate_mlp);
+  return md;
+}
+
+// [S, D] → [S, D]: self-attention with per-head qk RMSNorm and RoPE (§3.8). `h` is taken by
+// value so its buffer is freed once q, k, v exist. No mask: at batch 1 the pad slots are
+// ordinary keys and queries, as in the reference.
+Tensor self_attention(const DitBlock& b, const DitConfig& c, Tensor h, const Rope& rope) {
+  const int64_t S = h.dim(0), H = c.n_heads, hd = c.head_dim();
+  auto project = [&](const Tensor& w, const Tensor& norm, bool rotate) {
+    Tensor y = ops::linear(h, w).reshape({S, H, hd});  // [S, H, hd]
+    if (norm.defined()) {
+      Tensor rows = y.reshape({S * H, hd});  // every head vector normalised on its own
+      ops::rms_norm_(rows, norm, kQkNormEps);
+    }
+    if (rotate) ops::rope_pairs_(y, rope.cos, rope.sin);
+    return y;
+  };
+  Tensor q = project(b.to_q, b.norm_q, true);
+  Tensor k = project(b.to_k, b.norm_k, true);
+  Tensor v = project(b.to_v, Tensor(), false);
+  h = Tensor();
+  Tensor o = ops::attention(q, k, v, 1.0f / std::sqrt(float(hd)));  // [S, H, hd]
+  q = k = v = Tensor();
+  return ops::linear(o.reshape({S, H * hd}), b.to_out);  // [S, D]
+}
+
+// [R, D] → [R, D]: ffn_norm2(w2(SiLU(w1·y) ⊙ w3·y)), y = ffn_norm1(x) (⊙ scale_mlp) (§3.9).
+Tensor feed_forward(const DitBlock& b, float eps, const Tensor& x_rows, const Tensor* scale) {
+  Tensor y = x_rows.clone();  // [R, D]
+  ops::rms_norm_(y, b.ffn_norm1, eps);
+  if (scale) ops::mul_rows_(y, *scale);
+  Tensor gate = ops::linear(y, b.w1);  // [R, F]
+  Tensor up = ops::linear(y, b.w3);    // [R, F]
+  y = Tensor();
+  Tensor act = ops::silu_mul(gate, up);  // [R, F]
+  gate = up = Tensor();
+  Tensor out = ops::linear(act, b.w2);  // [R, D]
+  act = Tensor();
+  ops::rms_norm_(out, b.ffn_norm2, eps);
+  return out;
+}
+
+// x [S, D] updated in place by one block (§3.9): sandwich-normalised attention and FFN, each
+// added through a tanh gate when the block is modulated by c [1, A], plainly otherwise.
+void block_forward(const DitBlock& b, const DitConfig& cfg, Tensor& x, const Tensor& c, const Rope& rope) {
+  const float eps = float(cfg.norm_eps);
+  const bool mod = b.modulated();
+  const Modulation md = mod ? modulation(b, c) : Modulation{};
+
+  Tensor h = x.clone();  // [S, D]
+  ops::rms_norm_(h, b.attention_norm1, eps);
+  if (mod) ops::mul_rows_(h, md.scale_msa);
+  Tensor a = self_attention(b, cfg, std::move(h), rope);  // [S, D]
+  ops::rms_norm_(a, b.attention_norm2, eps);
+  if (mod)
+    ops::add_gated_(x, md.gate_msa, a);
+  else
+    ops::add_(x, a);
+  a = Tensor();
+
+  // The FFN is row-wise, so row chunks bound its hidden without changing the result.
+  const int64_t S = x.dim(0);
+  for (int64_t r0 = 0; r0 < S; r0 += kFfnChunkRows) {
+    Tensor rows = x.slice(0, r0, std::min(S, r0 + kFfnChunkRows));  // a view into x
+    Tensor f = feed_forward(b, eps, rows, mod ? &md.scale_mlp : nullptr);
+    if (mod)
+      ops::add_gated_(rows, md.gate_mlp, f);
+    else
+      ops::add_(rows, f);
+  }
+}
+
+// [n, p·p·C]: LayerNorm(x) ⊙ (1 + W·SiLU(c) + b), then the output linear (§3.10 step 8). Only
+// the first n rows (the real image tokens) are computed: the layer is row-wise and the
+// reference discards the other rows.
+Tensor final_layer(const ZImageDit& m, const Tensor& x, const Tensor& c, int64_t n) {
+  Tensor sc = c.clone();  // [1, A]
+  ops::silu_(sc);         // unlike the blocks, the final layer applies SiLU to c
+  Tensor scale = ops::linear(sc, m.final_adaln_w, &m.final_adaln_b).reshape({m.cfg.dim});  // [D]
+  ops::add_scalar_(scale, 1.0f);
+  Tensor y = x.slice(0, 0, n).clone();  // [n, D]
+  ops::layer_norm_(y, kFinalNormEps);
+  ops::mul_rows_(y, scale);
+  return ops::linear(y, m.final_w, &m.final_b);  // [n, p·p·C]
+}
+
+}  // namespace
+
+int dit_ffn_hidden(const DitConfig& cfg) { return int(double(cfg.dim) / 3.0 * 8.0); }
+int dit_adaln_dim(const DitConfig& cfg) { return std::min(cfg.dim, kAdalnEmbedDim); }
+
+ZImageDit load_zimage_dit(WeightLoader& ld, const DitConfig& cfg, DType wdt) {
+  check_config(cfg);
+  ZI_CHECK(wdt == DType::F32 || wdt == DType::BF16 || wdt == DType::F16,
+           "[load_zimage_dit] weight dtype must be f32, bf16 or f16, got ", dtype_name(wdt));
+  const int64_t D = cfg.dim, A = dit_adaln_dim(cfg), P = patch_dim(cfg), Cf = cfg.cap_feat_dim;
+  const DType f32 = DType::F32;
+  const std::string xe = "all_x_embedder." + patch_key(cfg) + ".";
+  const std::string fl = "all_final_layer." + patch_key(cfg) + ".";
+  ZImageDit m;
+  m.cfg = cfg;
+  m.x_embed_w = ld.load(xe + "weight", {D, P}, wdt);
+  m.x_embed_b = ld.load(xe + "bias", {D}, f32);
+  m.t_mlp0_w = ld.load("t_embedder.mlp.0.weight", {kTimeMidDim, kTimeFreqDim}, wdt);
+  m.t_mlp0_b = ld.load("t_embedder.mlp.0.bias", {kTimeMidDim}, f32);
+  m.t_mlp2_w = ld.load("t_embedder.mlp.2.weight", {A, kTimeMidDim}, wdt);
+  m.t_mlp2_b = ld.load("t_embedder.mlp.2.bias", {A}, f32);
+  m.cap_norm = ld.load("cap_embedder.0.weight", {Cf}, f32);
+  m.cap_w = ld.load("cap_embedder.1.weight", {D, Cf}, wdt);
+  m.cap_b = ld.load("cap_embedder.1.bias", {D}, f32);
+  m.x_pad_token = ld.load("x_pad_token", {1, D}, f32);
+  m.cap_pad_token = ld.load("cap_pad_token", {1, D}, f32);
+  m.final_adaln_w = ld.load(fl + "adaLN_modulation.1.weight", {D, A}, wdt);
+  m.final_adaln_b = ld.load(fl + "adaLN_modulation.1.bias", {D}, f32);
+  m.final_w = ld.load(fl + "linear.weight", {P, D}, wdt);
+  m.final_b = ld.load(fl + "linear.bias", {P}, f32);
+  for (int i = 0; i < cfg.n_refiner_layers; ++i)
+    m.noise_refiner.push_back(load_block(ld, str_cat("noise_refiner.", i, "."), cfg, wdt, true));
+  for (int i = 0; i < cfg.n_refiner_layers; ++i)
+    m.context_refiner.push_back(load_block(ld, str_cat("context_refiner.", i, "."), cfg, wdt, false));
+  for (int i = 0; i < cfg.n_layers; ++i)
+    m.layers.push_back(load_block(ld, str_cat("layers.", i, "."), cfg, wdt, true));
+  return m;
+}
+
+Tensor dit_forward(const ZImageDit& m, const Tensor& latent, float t, const Tensor& cap_feats) {
+  const DitConfig& cfg = m.cfg;
+  const Geometry g = geometry(cfg, latent, cap_feats);
+  const Tensor c = embed_timestep(m, t);  // [1, A]
+
+  // Image stream, refined alone with modulation (§3.10 steps 2–3).
+  Tensor x = embed_image(m, latent, g);  // [Nx, D]
+  Rope x_rope = make_rope(cfg, image_positions(g));
+  for (const DitBlock& b : m.noise_refiner) block_forward(b, cfg, x, c, x_rope);
+
+  // Caption stream, refined alone without modulation (steps 4–5).
+  Tensor cap = embed_caption(m, cap_feats, g);  // [Lc, D]
+  Rope cap_rope = make_rope(cfg, caption_positions(g));
+  for (const DitBlock& b : m.context_refiner) block_forward(b, cfg, cap, c, cap_rope);
+
+  // Unified sequence, image tokens first, then caption tokens (step 6).
+  Tensor u = ops::concat0({x, cap});  // [Nx + Lc, D]
+  x = cap = Tensor();
+  const Rope u_rope{ops::concat0({x_rope.cos, cap_rope.cos}), ops::concat0({x_rope.sin, cap_rope.sin})};
+  x_rope = cap_rope = Rope{};
+  for (const DitBlock& b : m.layers) block_forward(b, cfg, u, c, u_rope);  // step 7
+
+  Tensor out = final_layer(m, u, c, g.n);  // [N, p·p·C]  (steps 8–9)
+  u = Tensor();
+  return unpatchify(out, g, cfg.patch_size, cfg.in_channels);  // [C, 1, Hl, Wl]
+}
+
+std::vector<Tensor> dit_forward_batch(const ZImageDit& m, const std::vector<Tensor>& latents,
+                                      const std::vector<float>& t, const std::vector<Tensor>& caps) {
+  ZI_CHECK(latents.size() == t.size() && latents.size() == caps.size(), "[dit_forward_batch] ", latents.size(),
+           " latents, ", t.size(), " timesteps and ", caps.size(), " captions: counts must match");
+  std::vector<Tensor> out;
+  out.reserve(latents.size());
+  for (size_t i = 0; i < latents.size(); ++i) out.push_back(dit_forward(m, latents[i], t[i], caps[i]));
+  return out;
+}
+
+}  // namespace zi

@@ -1,0 +1,67 @@
+// The Z-Image diffusion transformer (ZImageTransformer2DModel): weights bound from a
+// diffusers checkpoint and the forward pass, latent + timestep + caption → velocity.
+// Spec §3 (architecture, keys §3.2, forward order §3.10). Shapes are written for the
+// real model (D = 3840, 30 heads of 128, FFN 10240, adaLN input A = 256); the tiny test
+// model uses the same code with D = 64.
+//
+// Ref: diffusers src/diffusers/models/transformers/transformer_z_image.py
+#pragma once
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+#include "io/checkpoint.h"
+#include "io/weight_loader.h"
+
+namespace zi {
+
+// One transformer block. Prefix: noise_refiner.{i}. | context_refiner.{i}. | layers.{i}.
+// Matrices are stored [out, in] in the load dtype; norm weights and biases are f32.
+struct DitBlock {
+  Tensor to_q, to_k, to_v;     // attention.to_{q,k,v}.weight          [D, D]
+  Tensor to_out;               // attention.to_out.0.weight            [D, D]
+  Tensor norm_q, norm_k;       // attention.norm_{q,k}.weight          [head_dim]
+  Tensor attention_norm1;      // attention_norm1.weight               [D]
+  Tensor attention_norm2;      // attention_norm2.weight               [D]
+  Tensor ffn_norm1, ffn_norm2; // ffn_norm{1,2}.weight                 [D]
+  Tensor w1, w3;               // feed_forward.w{1,3}.weight           [F, D]   (F = 10240)
+  Tensor w2;                   // feed_forward.w2.weight               [D, F]
+  Tensor adaln_w;              // adaLN_modulation.0.weight            [4·D, A]; empty in context_refiner
+  Tensor adaln_b;              // adaLN_modulation.0.bias              [4·D];    empty in context_refiner
+  bool modulated() const { return adaln_w.defined(); }
+};
+
+struct ZImageDit {
+  DitConfig cfg;
+  Tensor x_embed_w, x_embed_b;          // all_x_embedder.2-1.{weight,bias}             [D, 64] / [D]
+  Tensor t_mlp0_w, t_mlp0_b;            // t_embedder.mlp.0.{weight,bias}               [1024, 256] / [1024]
+  Tensor t_mlp2_w, t_mlp2_b;            // t_embedder.mlp.2.{weight,bias}               [A, 1024] / [A]
+  Tensor cap_norm;                      // cap_embedder.0.weight (RMSNorm)              [cap_feat_dim]
+  Tensor cap_w, cap_b;                  // cap_embedder.1.{weight,bias}                 [D, cap_feat_dim] / [D]
+  Tensor x_pad_token, cap_pad_token;    // x_pad_token, cap_pad_token                   [1, D]
+  Tensor final_adaln_w, final_adaln_b;  // all_final_layer.2-1.adaLN_modulation.1.*     [D, A] / [D]
+  Tensor final_w, final_b;              // all_final_layer.2-1.linear.{weight,bias}     [64, D] / [64]
+  std::vector<DitBlock> noise_refiner;    // n_refiner_layers, modulated, image tokens only
+  std::vector<DitBlock> context_refiner;  // n_refiner_layers, unmodulated, caption tokens only
+  std::vector<DitBlock> layers;           // n_layers, modulated, unified [image; caption]
+};
+
+// Sizes derived from the config exactly as the reference derives them.
+int dit_ffn_hidden(const DitConfig& cfg);  // int(dim / 3 * 8) in floating point: 10240 (tiny: 170)
+int dit_adaln_dim(const DitConfig& cfg);   // min(dim, 256)
+
+// Binds every key of spec §3.2 through `loader`: matrices in `wdt` (bf16/f16/f32), norms,
+// biases and pad tokens in f32. The caller calls loader.finish(), which reports missing,
+// wrong-shape and unexpected tensors all at once.
+ZImageDit load_zimage_dit(WeightLoader& loader, const DitConfig& cfg, DType wdt);
+
+// One item: latent [C, 1, Hl, Wl] f32, t = 1 − σ (the model multiplies by t_scale),
+// cap_feats [L, cap_feat_dim] f32 → velocity [C, 1, Hl, Wl] f32 (≈ x₀ − ε, spec §3.11).
+Tensor dit_forward(const ZImageDit& m, const Tensor& latent, float t, const Tensor& cap_feats);
+
+// Several items with different caption lengths. Equal to calling dit_forward on each item
+// (the reference's batched call masks batch padding only, so items never interact).
+std::vector<Tensor> dit_forward_batch(const ZImageDit& m, const std::vector<Tensor>& latents,
+                                      const std::vector<float>& t, const std::vector<Tensor>& caps);
+
+}  // namespace zi

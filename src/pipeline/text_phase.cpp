@@ -1,0 +1,48 @@
+// Text phase: tokenizer → ids → Qwen3 encoder → prompt embeddings. Spec §1.1–1.2, §2.5.
+#include "pipeline/text_phase.h"
+
+#include "core/check.h"
+#include "io/safetensors.h"
+#include "io/weight_loader.h"
+
+namespace zi {
+
+Qwen3Encoder load_text_encoder(const ModelFolder& mf, DType wdt, DType rope_freq_dtype) {
+  const TensorStore store = TensorStore::open_dir(mf.text_encoder_dir);
+  WeightLoader loader(store, Tag::TextWeights, "text_encoder");
+  Qwen3Encoder enc = load_qwen3_encoder(loader, mf.text_encoder, wdt);
+  loader.finish();
+  enc.rope_freq_dtype = rope_freq_dtype;
+  return enc;  // the store (its mappings) closes here; the weights are owned copies
+}
+
+Tensor encode_prompt(const Qwen3Encoder& enc, const BpeTokenizer& tok, const std::string& prompt,
+                     int max_sequence_length, std::vector<int32_t>* ids_out) {
+  ZI_CHECK(max_sequence_length >= 1, "[encode_prompt] max_sequence_length must be >= 1, got ",
+           max_sequence_length);
+  std::vector<int32_t> ids = tokenize_zimage_prompt(tok, prompt, max_sequence_length);
+  Tensor out = qwen3_encode(enc, ids);
+  if (ids_out) *ids_out = std::move(ids);
+  return out;
+}
+
+Tensor encode_prompt(const ModelFolder& mf, const std::string& prompt, int max_sequence_length, DType wdt,
+                     std::vector<int32_t>* ids_out, DType rope_freq_dtype) {
+  // Tokenize first: a bad prompt fails before gigabytes of weights are read.
+  ZI_CHECK(max_sequence_length >= 1, "[encode_prompt] max_sequence_length must be >= 1, got ",
+           max_sequence_length);
+  std::vector<int32_t> ids;
+  {
+    const BpeTokenizer tok = BpeTokenizer::load_dir(mf.tokenizer_dir);
+    ids = tokenize_zimage_prompt(tok, prompt, max_sequence_length);
+  }
+  Tensor out;
+  {
+    const Qwen3Encoder enc = load_text_encoder(mf, wdt, rope_freq_dtype);
+    out = qwen3_encode(enc, ids);
+  }  // every encoder weight is freed here
+  if (ids_out) *ids_out = std::move(ids);
+  return out;
+}
+
+}  // namespace zi

@@ -1,0 +1,208 @@
+// The Z-Image DiT (src/models/zimage_dit.*) against the diffusers reference fixtures made with
+// the bundled tiny transformer (tests/data/expected, see shared/fixtures/README.md): unit
+// batch, every Turbo step, both CFG branches; plus batching, loader errors and weight dtypes.
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <string>
+#include <unistd.h>
+
+#include "core/check.h"
+#include "io/checkpoint.h"
+#include "io/safetensors.h"
+#include "io/weight_loader.h"
+#include "models/zimage_dit.h"
+#include "test_util.h"
+
+using namespace zi;
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr double kTol = 1e-4;  // rel L2 vs the f32 reference on bf16-exact weights
+
+std::string tiny_transformer() { return test::tiny_model() + "/transformer"; }
+
+DitConfig tiny_config() {
+  const std::string path = tiny_transformer() + "/config.json";
+  return parse_dit_config(read_text_file(path), path);
+}
+
+// Loads the transformer in `dir` with the tiny config; finish() throws on any problem.
+ZImageDit load_dit(const std::string& dir, DType wdt) {
+  TensorStore store = TensorStore::open_dir(dir);
+  WeightLoader loader(store, Tag::DitWeights, "transformer");
+  ZImageDit m = load_zimage_dit(loader, tiny_config(), wdt);
+  loader.finish();
+  return m;
+}
+
+// The tiny model in bf16, loaded once for all tests.
+const ZImageDit& tiny_bf16() {
+  static const ZImageDit m = load_dit(tiny_transformer(), DType::BF16);
+  return m;
+}
+
+float scalar_at(const Tensor& t, int64_t i) { return t.contiguous().f32()[i]; }
+
+// A copy of the tiny transformer in a fresh temp dir, with `edit` applied to its tensor list.
+template <class Edit>
+std::string modified_copy(const std::string& tag, Edit edit) {
+  const fs::path dir = fs::temp_directory_path() / str_cat("zi_test_dit_", tag, "_", getpid());
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  TensorStore store = TensorStore::open_dir(tiny_transformer());
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  for (const std::string& name : store.names()) {
+    TensorStore::Entry e = store.find(name);
+    tensors.emplace_back(name, e.file->load(name));
+  }
+  edit(tensors);
+  write_safetensors((dir / "diffusion_pytorch_model.safetensors").string(), tensors);
+  return dir.string();
+}
+
+std::string load_error(const std::string& dir) {
+  try {
+    load_dit(dir, DType::BF16);
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+}  // namespace
+
+TEST(Dit, DerivedSizesMatchTheReference) {
+  const DitConfig c = tiny_config();
+  EXPECT_EQ(dit_ffn_hidden(c), 170);  // int(64 / 3 * 8), in floating point
+  EXPECT_EQ(dit_adaln_dim(c), 64);    // min(dim, 256)
+  DitConfig real;
+  EXPECT_EQ(dit_ffn_hidden(real), 10240);
+  EXPECT_EQ(dit_adaln_dim(real), 256);
+}
+
+TEST(Dit, ComponentsBatchMatchesReference) {
+  const ZImageDit& m = tiny_bf16();
+  const SafetensorsFile f = SafetensorsFile::open(test::data_path("expected/components.safetensors"));
+  const Tensor t = f.load("dit.t", DType::F32);
+  const std::vector<Tensor> out = dit_forward_batch(m, {f.load("dit.x0", DType::F32), f.load("dit.x1", DType::F32)},
+                                                    {scalar_at(t, 0), scalar_at(t, 1)},
+                                                    {f.load("dit.cap0", DType::F32), f.load("dit.cap1", DType::F32)});
+  for (int i = 0; i < 2; ++i) {
+    const Tensor ref = f.load(str_cat("dit.out", i), DType::F32);
+    ASSERT_EQ(out[size_t(i)].shape(), ref.shape());
+    const double err = test::rel_l2(out[size_t(i)], ref);
+    std::printf("dit.out%d: rel L2 %.3g, max abs %.3g\n", i, err, test::max_abs_diff(out[size_t(i)], ref));
+    EXPECT_LE(err, kTol) << "dit.out" << i;
+  }
+}
+
+TEST(Dit, TurboStepsMatchReference) {
+  const ZImageDit& m = tiny_bf16();
+  const SafetensorsFile f = SafetensorsFile::open(test::data_path("expected/turbo.safetensors"));
+  const Tensor cap = f.load("prompt_embeds0", DType::F32);
+  for (int s = 0; s < 4; ++s) {
+    const std::string p = str_cat("step", s, ".");
+    const Tensor out = dit_forward(m, f.load(p + "x0", DType::F32), scalar_at(f.load(p + "timestep", DType::F32), 0), cap);
+    const Tensor ref = f.load(p + "out0", DType::F32);
+    const double err = test::rel_l2(out, ref);
+    std::printf("turbo %sout0: rel L2 %.3g\n", p.c_str(), err);
+    EXPECT_LE(err, kTol) << p;
+  }
+}
+
+TEST(Dit, CfgStepsMatchReferenceForBothBranches) {
+  const ZImageDit& m = tiny_bf16();
+  const SafetensorsFile f = SafetensorsFile::open(test::data_path("expected/cfg.safetensors"));
+  const Tensor caps[2] = {f.load("prompt_embeds0", DType::F32), f.load("negative_prompt_embeds0", DType::F32)};
+  int branches = 0;
+  for (int s = 0; f.find(str_cat("step", s, ".x0")); ++s) {
+    const std::string p = str_cat("step", s, ".");
+    const Tensor ts = f.load(p + "timestep", DType::F32);
+    for (int b = 0; b < 2; ++b) {
+      if (!f.find(str_cat(p, "x", b))) continue;  // the last steps run without guidance
+      const Tensor out = dit_forward(m, f.load(str_cat(p, "x", b), DType::F32), scalar_at(ts, b), caps[b]);
+      const double err = test::rel_l2(out, f.load(str_cat(p, "out", b), DType::F32));
+      std::printf("cfg %sout%d: rel L2 %.3g\n", p.c_str(), b, err);
+      EXPECT_LE(err, kTol) << p << "out" << b;
+      ++branches;
+    }
+  }
+  EXPECT_EQ(branches, 8);  // 5 positive + 3 negative
+}
+
+TEST(Dit, BatchEqualsIndividualCallsExactly) {
+  const ZImageDit& m = tiny_bf16();
+  const SafetensorsFile f = SafetensorsFile::open(test::data_path("expected/components.safetensors"));
+  const std::vector<Tensor> xs = {f.load("dit.x0", DType::F32), f.load("dit.x1", DType::F32)};
+  const std::vector<Tensor> caps = {f.load("dit.cap0", DType::F32), f.load("dit.cap1", DType::F32)};
+  const std::vector<float> ts = {0.3f, 0.85f};
+  const std::vector<Tensor> batch = dit_forward_batch(m, xs, ts, caps);
+  ASSERT_EQ(batch.size(), 2u);
+  for (size_t i = 0; i < 2; ++i) EXPECT_EQ(test::max_abs_diff(batch[i], dit_forward(m, xs[i], ts[i], caps[i])), 0.0);
+}
+
+TEST(Dit, F32WeightsGiveTheBf16Result) {
+  // The stored weights are bf16, so loading them as f32 holds the same values.
+  const ZImageDit m32 = load_dit(tiny_transformer(), DType::F32);
+  EXPECT_EQ(m32.layers[0].w1.dtype(), DType::F32);
+  EXPECT_EQ(tiny_bf16().layers[0].w1.dtype(), DType::BF16);
+  EXPECT_EQ(tiny_bf16().layers[0].ffn_norm1.dtype(), DType::F32);
+  const SafetensorsFile f = SafetensorsFile::open(test::data_path("expected/components.safetensors"));
+  const Tensor x = f.load("dit.x0", DType::F32), cap = f.load("dit.cap0", DType::F32);
+  const double err = test::rel_l2(dit_forward(m32, x, 0.3f, cap), dit_forward(tiny_bf16(), x, 0.3f, cap));
+  std::printf("f32 vs bf16 weights: rel L2 %.3g\n", err);
+  EXPECT_LE(err, 1e-6);
+}
+
+TEST(Dit, ContextRefinerHasNoModulation) {
+  const ZImageDit& m = tiny_bf16();
+  ASSERT_EQ(m.context_refiner.size(), 2u);
+  for (const DitBlock& b : m.context_refiner) EXPECT_FALSE(b.modulated());
+  for (const DitBlock& b : m.noise_refiner) EXPECT_TRUE(b.modulated());
+  ASSERT_EQ(m.layers.size(), 3u);
+  EXPECT_EQ(m.layers[2].adaln_w.shape(), (Shape{256, 64}));
+}
+
+TEST(Dit, LoaderNamesAMissingTensor) {
+  const std::string dir = modified_copy("missing", [](auto& ts) {
+    std::erase_if(ts, [](const auto& p) { return p.first == "layers.1.feed_forward.w2.weight"; });
+  });
+  const std::string msg = load_error(dir);
+  EXPECT_NE(msg.find("missing"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("layers.1.feed_forward.w2.weight"), std::string::npos) << msg;
+  fs::remove_all(dir);
+}
+
+TEST(Dit, LoaderNamesAWrongShape) {
+  const std::string dir = modified_copy("shape", [](auto& ts) {
+    for (auto& [name, t] : ts)
+      if (name == "noise_refiner.0.attention.norm_k.weight") t = Tensor::zeros({33}, DType::BF16);
+  });
+  const std::string msg = load_error(dir);
+  EXPECT_NE(msg.find("noise_refiner.0.attention.norm_k.weight"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("[33]"), std::string::npos) << msg;
+  fs::remove_all(dir);
+}
+
+TEST(Dit, LoaderNamesAnUnexpectedTensor) {
+  // A context-refiner block carries no adaLN in the checkpoint; one that does is reported.
+  const std::string dir = modified_copy("extra", [](auto& ts) {
+    ts.emplace_back("context_refiner.0.adaLN_modulation.0.bias", Tensor::zeros({256}, DType::BF16));
+  });
+  const std::string msg = load_error(dir);
+  EXPECT_NE(msg.find("context_refiner.0.adaLN_modulation.0.bias"), std::string::npos) << msg;
+  fs::remove_all(dir);
+}
+
+TEST(Dit, RejectsBadInputs) {
+  const ZImageDit& m = tiny_bf16();
+  const Tensor cap = Tensor::zeros({5, 32}, DType::F32);
+  EXPECT_THROW(dit_forward(m, Tensor::zeros({16, 1, 7, 8}, DType::F32), 0.5f, cap), Error);  // odd size
+  EXPECT_THROW(dit_forward(m, Tensor::zeros({8, 1, 8, 8}, DType::F32), 0.5f, cap), Error);   // channels
+  EXPECT_THROW(dit_forward(m, Tensor::zeros({16, 1, 8, 8}, DType::F32), 0.5f, Tensor::zeros({5, 31}, DType::F32)),
+               Error);
+  EXPECT_THROW(dit_forward_batch(m, {Tensor::zeros({16, 1, 8, 8}, DType::F32)}, {0.5f, 0.6f}, {cap}), Error);
+}
