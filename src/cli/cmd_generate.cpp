@@ -15,6 +15,7 @@
 #include "core/parallel.h"
 #include "core/torch_random.h"
 #include "io/png.h"
+#include "models/lora.h"
 #include "pipeline/memory_report.h"
 #include "pipeline/pipeline.h"
 
@@ -28,7 +29,11 @@ struct GenerateArgs {
   GenerateOptions o;
   std::string model, output = "zimage.png", seed_text, vae_dtype = "bf16", dit_dtype = "bf16", te_dtype = "bf16";
   std::string vae_tile, memory_report;
+  std::vector<std::string> loras;
   bool memory_report_flag = false;
+  bool keep_models = false;
+  int count = 1;
+  int64_t cache_limit_mib = -1;
   int threads = 0;
   bool quiet = false;
 };
@@ -52,6 +57,14 @@ void print_progress(int step, int steps, double elapsed) {
                          : str_cat(rate > 0 ? int(100 / rate) / 100.0 : 0.0, " s/it").c_str(),
                eta);
   if (step == steps) std::fprintf(stderr, "\n");
+}
+
+// out.png → out-0001.png for the k-th image of --count.
+std::string numbered_path(const std::string& path, int k) {
+  char num[16];
+  std::snprintf(num, sizeof num, "-%04d", k);
+  std::filesystem::path p(path);
+  return (p.parent_path() / (p.stem().string() + num + p.extension().string())).string();
 }
 
 std::string parameters_text(const GenerateArgs& a, const std::string& model_dir, int w, int h) {
@@ -94,6 +107,12 @@ void run(GenerateArgs& a) {
     if (px < 128 || px % 8) throw UsageError(str_cat("--vae-tile must be a multiple of 8 of at least 128, got ", px));
     a.o.vae_tile = px / 8;
   }
+  for (const std::string& l : a.loras) {
+    LoraSpec spec = parse_lora_arg(l);
+    a.o.loras.emplace_back(spec.path, spec.scale);
+  }
+  if (a.count < 1) throw UsageError(str_cat("--count must be at least 1, got ", a.count));
+  if (a.cache_limit_mib >= 0) a.o.cache_limit_bytes = a.cache_limit_mib << 20;
   bool bundled = false;
   a.o.model_dir = resolve_model_dir(a.model, &bundled);
   validate_generate_options(a.o);
@@ -119,20 +138,29 @@ void run(GenerateArgs& a) {
     hooks.on_step = [](int s, int n, double e) { std::fprintf(stderr, "  step %d/%d (%.2f s)\n", s, n, e); };
 
   std::signal(SIGINT, on_sigint);
-  GenerateResult r;
-  try {
-    r = generate(a.o, hooks);
-  } catch (const Cancelled&) {
-    throw Interrupted();
+  ModelCache cache;
+  const uint64_t first_seed = a.o.seed;
+  for (int k = 0; k < a.count; ++k) {
+    a.o.seed = first_seed + uint64_t(k);
+    if (a.count > 1 && !a.quiet) std::fprintf(stderr, "image %d/%d, seed %llu\n", k + 1, a.count,
+                                              static_cast<unsigned long long>(a.o.seed));
+    GenerateResult r;
+    try {
+      r = generate(a.o, hooks, a.keep_models ? &cache : nullptr);
+    } catch (const Cancelled&) {
+      throw Interrupted();
+    }
+    const std::string path = a.count > 1 ? numbered_path(a.output, k + 1) : a.output;
+    write_png_atomic(path, r.rgb.data(), r.width, r.height,
+                     {{"parameters", parameters_text(a, a.o.model_dir, r.width, r.height)},
+                      {"Software", "zimage " ZIMAGE_VERSION}});
+    if (!a.quiet) {
+      for (const auto& p : r.phases) std::fprintf(stderr, "  %-8s %7.2f s\n", p.name.c_str(), p.seconds);
+      std::fprintf(stderr, "wrote %s (%dx%d)\n", path.c_str(), r.width, r.height);
+    }
+    if (a.memory_report_flag) print_memory_report(r, a.memory_report);
   }
   std::signal(SIGINT, SIG_DFL);
-  write_png_atomic(a.output, r.rgb.data(), r.width, r.height,
-                   {{"parameters", parameters_text(a, a.o.model_dir, r.width, r.height)}, {"Software", "zimage " ZIMAGE_VERSION}});
-  if (!a.quiet) {
-    for (const auto& p : r.phases) std::fprintf(stderr, "  %-8s %7.2f s\n", p.name.c_str(), p.seconds);
-    std::fprintf(stderr, "wrote %s (%dx%d)\n", a.output.c_str(), r.width, r.height);
-  }
-  if (a.memory_report_flag) print_memory_report(r, a.memory_report);
 }
 
 }  // namespace
@@ -174,6 +202,17 @@ void add_generate(CLI::App& app) {
   auto* mr = c->add_option("--memory-report", a->memory_report,
                            "print a table of each phase's weights and peak memory; with FILE also write it as JSON");
   mr->expected(0, 1);
+  c->add_option("--lora", a->loras,
+                "apply a LoRA (diffusers/PEFT, kohya or ComfyUI keys) merged at load time: FILE or FILE:SCALE; "
+                "repeatable, deltas add up")
+      ->allow_extra_args(false);
+  c->add_option("--transformer-override", a->o.transformer_override,
+                "safetensors file whose tensors replace the transformer's of the same name (fine-tunes)");
+  c->add_option("-n,--count", a->count, "images to make, with seeds seed, seed+1, ... (out-0001.png, ...)")
+      ->capture_default_str();
+  c->add_flag("--keep-models", a->keep_models,
+              "with --count: keep every component loaded between images (faster, more memory)");
+  c->add_option("--cache-limit", a->cache_limit_mib, "MiB the allocator may keep cached after frees");
   c->add_flag("-q,--quiet", a->quiet, "print nothing but errors");
   c->callback([a, mr] {
     a->memory_report_flag = mr->count() > 0;

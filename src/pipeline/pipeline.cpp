@@ -2,19 +2,25 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
+#include <fstream>
 
 #include "core/torch_random.h"
 #include "io/checkpoint.h"
 #include "io/png.h"
 #include "io/safetensors.h"
 #include "io/weight_loader.h"
+#include "models/lora.h"
 #include "models/vae_decoder.h"
 #include "models/zimage_dit.h"
 #include "pipeline/text_phase.h"
 #include "scheduler/flow_match_euler.h"
 
 namespace zi {
+
+ModelCache::ModelCache() = default;
+ModelCache::~ModelCache() = default;
 
 namespace {
 
@@ -32,32 +38,53 @@ struct Embeddings {
   std::vector<int32_t> ids;
 };
 
-Embeddings run_encode(const ModelFolder& mf, const GenerateOptions& o, bool cfg) {
+Embeddings run_encode(const ModelFolder& mf, const GenerateOptions& o, bool cfg, ModelCache* cache) {
   Embeddings e;
-  // Both prompts go through one loaded encoder, released when `enc` goes out of scope.
-  Qwen3Encoder enc = load_text_encoder(mf, o.text_encoder_dtype);
-  BpeTokenizer tok = BpeTokenizer::load_dir(mf.tokenizer_dir);
-  e.pos = encode_prompt(enc, tok, o.prompt, o.max_sequence_length, &e.ids);
-  if (cfg) e.neg = encode_prompt(enc, tok, o.negative_prompt, o.max_sequence_length);
+  // Both prompts go through one loaded encoder, released at the end of this function
+  // unless the cache keeps it.
+  std::unique_ptr<BpeTokenizer> tok_local;
+  std::unique_ptr<Qwen3Encoder> enc_local;
+  std::unique_ptr<BpeTokenizer>& tok = cache ? cache->tokenizer : tok_local;
+  std::unique_ptr<Qwen3Encoder>& enc = cache ? cache->text_encoder : enc_local;
+  if (!tok) tok = std::make_unique<BpeTokenizer>(BpeTokenizer::load_dir(mf.tokenizer_dir));
+  // Tokenize before loading weights: a bad prompt fails fast.
+  (void)tokenize_zimage_prompt(*tok, o.prompt, o.max_sequence_length);
+  if (cfg) (void)tokenize_zimage_prompt(*tok, o.negative_prompt, o.max_sequence_length);
+  if (!enc) enc = std::make_unique<Qwen3Encoder>(load_text_encoder(mf, o.text_encoder_dtype, o.text_rope_dtype));
+  e.pos = encode_prompt(*enc, *tok, o.prompt, o.max_sequence_length, &e.ids);
+  if (cfg) e.neg = encode_prompt(*enc, *tok, o.negative_prompt, o.max_sequence_length);
   return e;
 }
 
-ZImageDit load_transformer(const ModelFolder& mf, const GenerateOptions& o, TensorStore& store) {
+// The transformer with LoRAs merged and override tensors applied while streaming in.
+ZImageDit load_transformer(const ModelFolder& mf, const GenerateOptions& o) {
+  TensorStore store = TensorStore::open_dir(mf.transformer_dir);
   WeightLoader loader(store, Tag::DitWeights, "transformer");
+  std::vector<LoraSpec> specs;
+  for (const auto& [path, scale] : o.loras) specs.push_back({path, scale});
+  LoraSet loras(load_loras(specs));
+  if (!loras.empty()) loras.attach(loader);
+  std::unique_ptr<TensorStore> override_store;
+  if (!o.transformer_override.empty()) {
+    override_store = std::make_unique<TensorStore>(TensorStore::open_file(o.transformer_override));
+    attach_transformer_override(loader, *override_store);
+  }
   ZImageDit dit = load_zimage_dit(loader, mf.transformer, o.transformer_dtype);
   loader.finish();
+  if (!loras.empty()) loras.check_applied();
   return dit;
 }
 
 // The denoising loop of spec §4.5–4.7 on latents [C, h, w] (f32, updated in place).
 void run_denoise(const ModelFolder& mf, const GenerateOptions& o, const Embeddings& emb, Tensor& latents,
-                 const GenerateHooks& hooks) {
+                 const GenerateHooks& hooks, ModelCache* cache) {
   SchedulerConfig sc = parse_scheduler_config(read_text_file(mf.scheduler_config_path), mf.scheduler_config_path);
   const int64_t C = latents.dim(0), h = latents.dim(1), w = latents.dim(2);
   const int64_t seq = (h / 2) * (w / 2);
   Schedule sched = make_schedule(sc, o.steps, seq);
-  TensorStore store = TensorStore::open_dir(mf.transformer_dir);
-  ZImageDit dit = load_transformer(mf, o, store);
+  std::unique_ptr<ZImageDit> local;
+  std::unique_ptr<ZImageDit>& dit = cache ? cache->transformer : local;
+  if (!dit) dit = std::make_unique<ZImageDit>(load_transformer(mf, o));
   const size_t n = size_t(latents.numel());
   const double t0 = now_s();
   for (int i = 0; i < sched.steps(); ++i) {
@@ -65,10 +92,10 @@ void run_denoise(const ModelFolder& mf, const GenerateOptions& o, const Embeddin
     const float t = model_time(sched, i);
     const bool cfg = emb.neg.defined() && cfg_active(o.guidance, o.cfg_truncation, t);
     Tensor x = latents.reshape({C, 1, h, w});
-    Tensor pred = dit_forward(dit, x, t, emb.pos);  // [C, 1, h, w]
+    Tensor pred = dit_forward(*dit, x, t, emb.pos);  // [C, 1, h, w]
     if (cfg) {
       check_cancel(hooks);
-      Tensor neg = dit_forward(dit, x, t, emb.neg);
+      Tensor neg = dit_forward(*dit, x, t, emb.neg);
       Tensor pos = pred.clone();
       cfg_combine(pred.f32(), pos.f32(), neg.f32(), n, o.guidance);
       if (o.cfg_normalization > 0) cfg_normalize(pred.f32(), pos.f32(), n, o.cfg_normalization);
@@ -79,26 +106,45 @@ void run_denoise(const ModelFolder& mf, const GenerateOptions& o, const Embeddin
   }
 }
 
-Tensor run_decode(const ModelFolder& mf, const GenerateOptions& o, const Tensor& latents) {
+VaeDecoder load_vae(const ModelFolder& mf, const GenerateOptions& o) {
   TensorStore store = TensorStore::open_dir(mf.vae_dir);
   WeightLoader loader(store, Tag::VaeWeights, "vae");
   VaeDecoder vae = load_vae_decoder(loader, mf.vae, o.vae_dtype);
   loader.finish();
+  return vae;
+}
+
+Tensor run_decode(const ModelFolder& mf, const GenerateOptions& o, const Tensor& latents, ModelCache* cache) {
+  std::unique_ptr<VaeDecoder> local;
+  std::unique_ptr<VaeDecoder>& vae = cache ? cache->vae : local;
+  if (!vae) vae = std::make_unique<VaeDecoder>(load_vae(mf, o));
   // z = latents / scaling_factor + shift_factor, in f32 like the reference.
   Tensor z = latents.clone();
   const float sf = float(mf.vae.scaling_factor), sh = float(mf.vae.shift_factor);
   float* zp = z.f32();
   for (int64_t i = 0; i < z.numel(); ++i) zp[i] = zp[i] / sf + sh;
+  const int h = int(z.dim(1)), w = int(z.dim(2));
   int tile = o.vae_tile;
   if (tile < 0) {
-    int64_t avail = int64_t(4) << 30;  // budget for decode activations; refined by the memory plan
-    tile = vae_pick_tile(mf.vae, avail);
+    // Auto: untiled when the whole decode fits in half of the available memory.
+    const int64_t budget = available_host_bytes() / 2;
+    tile = vae_decode_peak_bytes(mf.vae, h, w) <= budget ? 0 : vae_pick_tile(mf.vae, budget);
   }
-  if (tile > 0 && (tile < z.dim(1) || tile < z.dim(2))) return vae_decode_tiled(vae, z, tile, o.vae_tile_overlap);
-  return vae_decode(vae, z);
+  if (tile > 0 && (tile < h || tile < w)) return vae_decode_tiled(*vae, z, tile, o.vae_tile_overlap);
+  return vae_decode(*vae, z);
 }
 
 }  // namespace
+
+int64_t available_host_bytes() {
+  std::ifstream is("/proc/meminfo");
+  std::string key;
+  int64_t kb = 0;
+  std::string unit;
+  while (is >> key >> kb >> unit)
+    if (key == "MemAvailable:") return kb * 1024;
+  return int64_t(4) << 30;
+}
 
 int64_t estimate_denoise_activation_bytes(int64_t dim, int64_t ffn_hidden, int64_t heads, int width, int height,
                                           int caption_len) {
@@ -134,10 +180,13 @@ void validate_generate_options(const GenerateOptions& o) {
     throw UsageError(str_cat("--max-sequence-length must be positive, got ", o.max_sequence_length));
   if (o.vae_tile != 0 && o.vae_tile != -1 && o.vae_tile < 16)
     throw UsageError(str_cat("--vae-tile must be at least 128 pixels, got ", o.vae_tile * 8));
+  for (const auto& [path, scale] : o.loras)
+    if (!std::isfinite(scale)) throw UsageError(str_cat("--lora ", path, ": scale must be finite"));
 }
 
-GenerateResult generate(const GenerateOptions& o, const GenerateHooks& hooks) {
+GenerateResult generate(const GenerateOptions& o, const GenerateHooks& hooks, ModelCache* cache) {
   validate_generate_options(o);
+  if (o.cache_limit_bytes >= 0) set_host_cache_limit(size_t(o.cache_limit_bytes));
   ModelFolder mf = open_model_folder(o.model_dir);
   const int sf = mf.vae.scale_factor();
   const int64_t C = mf.transformer.in_channels;
@@ -153,7 +202,7 @@ GenerateResult generate(const GenerateOptions& o, const GenerateHooks& hooks) {
   {
     if (hooks.on_phase_start) hooks.on_phase_start("encode");
     PhaseScope phase("encode");
-    emb = run_encode(mf, o, cfg);
+    emb = run_encode(mf, o, cfg, cache);
   }
   r.prompt_ids = emb.ids;
   check_cancel(hooks);
@@ -163,14 +212,14 @@ GenerateResult generate(const GenerateOptions& o, const GenerateHooks& hooks) {
   {
     if (hooks.on_phase_start) hooks.on_phase_start("denoise");
     PhaseScope phase("denoise");
-    run_denoise(mf, o, emb, latents, hooks);
+    run_denoise(mf, o, emb, latents, hooks, cache);
     emb = Embeddings{};  // the captions are not needed past this point
   }
   check_cancel(hooks);
   {
     if (hooks.on_phase_start) hooks.on_phase_start("decode");
     PhaseScope phase("decode");
-    r.decoded = run_decode(mf, o, latents);
+    r.decoded = run_decode(mf, o, latents, cache);
     latents = Tensor();
   }
   r.rgb.resize(size_t(r.width) * size_t(r.height) * 3);

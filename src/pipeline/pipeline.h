@@ -5,6 +5,7 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -37,6 +38,30 @@ struct GenerateOptions {
   int vae_tile_overlap = 4;
   std::vector<std::pair<std::string, float>> loras;  // (file, scale)
   std::string transformer_override;
+  // How the text encoder's RoPE frequencies are held. F32 is what transformers does when a
+  // model is loaded in bf16; BF16 reproduces the bundled fixtures, whose maker cast the
+  // whole module (buffers included) to bf16 and back.
+  DType text_rope_dtype = DType::F32;
+  int64_t cache_limit_bytes = -1;  // bytes the allocator may keep cached after frees; -1: default
+};
+
+struct Qwen3Encoder;
+struct ZImageDit;
+struct VaeDecoder;
+class BpeTokenizer;
+
+// Components kept resident between generate() calls (--keep-models, library users). Each is
+// loaded on first use with the options of that call; pass the same cache only with the same
+// model, dtypes, LoRAs and override.
+struct ModelCache {
+  ModelCache();
+  ~ModelCache();
+  ModelCache(const ModelCache&) = delete;
+  ModelCache& operator=(const ModelCache&) = delete;
+  std::unique_ptr<BpeTokenizer> tokenizer;
+  std::unique_ptr<Qwen3Encoder> text_encoder;
+  std::unique_ptr<ZImageDit> transformer;
+  std::unique_ptr<VaeDecoder> vae;
 };
 
 struct GenerateHooks {
@@ -65,6 +90,11 @@ void validate_generate_options(const GenerateOptions& o);
 int64_t estimate_denoise_activation_bytes(int64_t dim, int64_t ffn_hidden, int64_t heads, int width, int height,
                                           int caption_len);
 
-GenerateResult generate(const GenerateOptions& o, const GenerateHooks& hooks = {});
+// One image. With `cache`, components are taken from it (and loaded into it when absent)
+// instead of being loaded and freed per phase.
+GenerateResult generate(const GenerateOptions& o, const GenerateHooks& hooks = {}, ModelCache* cache = nullptr);
+
+// The bytes of host memory the OS reports as available (MemAvailable).
+int64_t available_host_bytes();
 
 }  // namespace zi
