@@ -4,7 +4,7 @@
 //   0 openblas_sgemm     cblas_sgemm on f32 weights: the ceiling for f32 activations
 //   1 widen_all_sgemm    bf16 weights widened whole, then one sgemm (memory: 4 B per weight)
 //   2 linear_f32/bf16/f16  ops::linear (f32: = 0; bf16/f16: per-thread widened panels + sgemm)
-//   2 linear_panels_f32  the panel path on f32 weights (OpenMP over panels, no widening)
+//   2 linear_path<dt, Panels|BlasThreads>  both backend paths forced (see cpu_ops.h)
 //   3 openblas_sbgemm    cblas_sbgemm (bf16 × bf16 → f32), if this OpenBLAS exports it
 // GFLOP/s = 2·M·N·K / wall time.
 #include <benchmark/benchmark.h>
@@ -60,13 +60,16 @@ void BM_2_linear(benchmark::State& st) {
   rate.report(st, gemm_flops(st));
 }
 
-void BM_2_linear_panels_f32(benchmark::State& st) {
+template <zi::DType WT, zi::cpu::GemmPath PATH>
+void BM_2_linear_path(benchmark::State& st) {
   const int64_t M = st.range(0), K = st.range(1), N = st.range(2);
-  zi::Tensor x = random_tensor({M, K}, 1), w = random_tensor({N, K}, 2), y = zi::Tensor::empty({M, N}, zi::DType::F32);
+  zi::Tensor x = random_tensor({M, K}, 1), w = random_tensor({N, K}, 2).to(WT), y = zi::Tensor::empty({M, N}, zi::DType::F32);
   CpuRate rate;
-  for (auto _ : st) zi::cpu::linear(x, w, nullptr, y, zi::cpu::GemmPath::Panels);
+  for (auto _ : st) zi::cpu::linear(x, w, nullptr, y, PATH);
   rate.report(st, gemm_flops(st));
 }
+constexpr auto kPanels = zi::cpu::GemmPath::Panels;
+constexpr auto kBlas = zi::cpu::GemmPath::BlasThreads;
 
 // cblas_sbgemm is declared by every OpenBLAS cblas.h but only exported by builds with
 // BUILD_BFLOAT16=1, so it is looked up at run time.
@@ -103,13 +106,17 @@ void big_shape(benchmark::internal::Benchmark* b) {
 BENCHMARK(BM_0_openblas_sgemm)->Apply(shapes);
 BENCHMARK(BM_1_widen_all_sgemm_bf16)->Apply(shapes);
 BENCHMARK(BM_2_linear<zi::DType::F32>)->Apply(shapes);
-BENCHMARK(BM_2_linear_panels_f32)->Apply(shapes);
+BENCHMARK(BM_2_linear_path<zi::DType::F32, kPanels>)->Apply(shapes);
+BENCHMARK(BM_2_linear_path<zi::DType::BF16, kPanels>)->Apply(shapes);
+BENCHMARK(BM_2_linear_path<zi::DType::BF16, kBlas>)->Apply(shapes);
 BENCHMARK(BM_2_linear<zi::DType::BF16>)->Apply(shapes);
 BENCHMARK(BM_2_linear<zi::DType::F16>)->Apply(shapes);
 BENCHMARK(BM_3_openblas_sbgemm)->Apply(shapes);
 BENCHMARK(BM_0_openblas_sgemm)->Apply(big_shape);
 BENCHMARK(BM_2_linear<zi::DType::F32>)->Apply(big_shape);
-BENCHMARK(BM_2_linear_panels_f32)->Apply(big_shape);
+BENCHMARK(BM_2_linear_path<zi::DType::F32, kPanels>)->Apply(big_shape);
+BENCHMARK(BM_2_linear_path<zi::DType::BF16, kPanels>)->Apply(big_shape);
+BENCHMARK(BM_2_linear_path<zi::DType::BF16, kBlas>)->Apply(big_shape);
 BENCHMARK(BM_2_linear<zi::DType::BF16>)->Apply(big_shape);
 
 int main(int argc, char** argv) {

@@ -1,9 +1,11 @@
 // VAE decoder speed and accounted peak (spec §5): the bundled tiny model on a 40×24 latent,
 // and the real Z-Image VAE shape (block_out_channels [128, 256, 512, 512]) with random bf16
-// weights made in memory, whole and tiled. Counters: peak_MB is the accounting allocator's
-// peak above what was held before the decode; est_MB is vae_decode(_tiled)_peak_bytes.
+// weights made in memory, whole and tiled (vae_decode_tiled: exact, several times the compute).
+// Counters: peak_MB is the accounting allocator's peak above what was held before the decode;
+// est_MB is vae_decode(_tiled)_peak_bytes.
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <random>
@@ -78,24 +80,41 @@ void BM_VaeDecodeTiny(benchmark::State& state) {
   run(state, [&] { return vae_decode(tiny.m, z); }, vae_decode_peak_bytes(tiny.m.cfg, 40, 24));
 }
 
-// Arguments: latent side, tile (0: whole).
+// Arguments: latent side, tile (0: whole), plan (-1: the one vae_decode_tiled chooses, else an
+// index into vae_tile_plans: 0 = checkpoints {0}, 1 = {0, 1}, 2 = {0, 2}, 3 = {0, 1, 2}).
+// macs_x: the plan's convolution multiply-adds over the whole decode's.
 void BM_VaeDecodeReal(benchmark::State& state) {
   static const VaeDecoder m = random_decoder(VaeConfig{});
-  const int side = int(state.range(0)), tile = int(state.range(1));
+  const int side = int(state.range(0)), tile = int(state.range(1)), plan = int(state.range(2));
   std::mt19937 rng(2);
   const Tensor z = random_f32({m.cfg.latent_channels, side, side}, 1.0f, 0.0f, rng);
   if (tile == 0) {
     run(state, [&] { return vae_decode(m, z); }, vae_decode_peak_bytes(m.cfg, side, side));
-  } else {
-    run(state, [&] { return vae_decode_tiled(m, z, tile, tile / 4); },
-        vae_decode_tiled_peak_bytes(m.cfg, side, side, tile));
+    return;
   }
+  const std::vector<VaeTilePlan> plans = vae_tile_plans(m.cfg, side, side, tile);
+  const VaeTilePlan& p =
+      plan >= 0 ? plans.at(size_t(plan)) : *std::find_if(plans.begin(), plans.end(), [](const auto& q) { return q.chosen; });
+  run(state, [&] { return vae_decode_tiled_with(m, z, tile, p.checkpoints); }, p.peak_bytes);
+  state.counters["macs_x"] = p.macs / vae_decode_macs(m.cfg, side, side);
+  state.counters["checkpoints"] = double(p.checkpoints.size());
 }
 
 }  // namespace
 
 BENCHMARK(BM_VaeDecodeTiny)->Unit(benchmark::kMillisecond)->UseRealTime();
-// 32×32 latent → 256×256 image, whole and in 16-latent-pixel tiles (overlap 4).
-BENCHMARK(BM_VaeDecodeReal)->Args({32, 0})->Args({32, 16})->Unit(benchmark::kSecond)->UseRealTime()->Iterations(2);
+// 32×32 latent → 256×256 image, whole and in tiles of 16 latent pixels (2 × 2 tiles) with the
+// chosen plan ({0, 1, 2}) and with the plain one ({0}: every pass from the head's output);
+// 64×64 → 512×512, whole and in tiles of 32. One iteration each: a tiled decode takes minutes
+// on two cores.
+BENCHMARK(BM_VaeDecodeReal)
+    ->Args({32, 0, -1})
+    ->Args({32, 16, -1})
+    ->Args({32, 16, 0})
+    ->Args({64, 0, -1})
+    ->Args({64, 32, -1})
+    ->Unit(benchmark::kSecond)
+    ->UseRealTime()
+    ->Iterations(1);
 
 BENCHMARK_MAIN();

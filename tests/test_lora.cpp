@@ -28,15 +28,7 @@ using namespace zi;
 
 namespace {
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    char tmpl[] = "/tmp/zi_lora_XXXXXX";
-    path = mkdtemp(tmpl);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string operator/(const std::string& n) const { return (path / n).string(); }
-};
+using test::TempDir;
 
 using Tensors = std::vector<std::pair<std::string, Tensor>>;
 

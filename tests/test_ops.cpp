@@ -70,10 +70,10 @@ TEST(Ops, Linear) {
         const Tensor ref = ops_ref::linear(x, w, bp);
         const std::string what = str_cat("linear M=", c.M, " K=", c.K, " N=", c.N, " ", dtype_name(dt));
         expect_close(ops::linear(x, w, bp), ref, kTolGemm, what);
-        if (dt == DType::F32) {  // the f32 path Auto does not take
+        for (cpu::GemmPath path : {cpu::GemmPath::Panels, cpu::GemmPath::BlasThreads}) {  // both backend paths
           Tensor y = Tensor::empty(ref.shape(), DType::F32);
-          cpu::linear(x, w, bp, y, cpu::GemmPath::Panels);
-          expect_close(y, ref, kTolGemm, what + " panels");
+          cpu::linear(x, w, bp, y, path);
+          expect_close(y, ref, kTolGemm, what + (path == cpu::GemmPath::Panels ? " panels" : " blas threads"));
         }
       }
   });
@@ -155,7 +155,8 @@ TEST(Ops, Attention) {
   const Case cases[] = {{1, 1, 1, 1, 1, false, -1},   {5, 9, 2, 2, 8, false, -1},    {70, 70, 4, 2, 16, true, -1},
                         {70, 70, 4, 1, 16, false, 50}, {130, 200, 3, 3, 64, false, -1}, {130, 130, 2, 1, 128, true, 100},
                         {65, 65, 2, 2, 32, true, -1},  {7, 11, 2, 1, 8, false, 0},
-                        {300, 310, 2, 1, 32, false, 280}};  // two query blocks of 256 + 44
+                        {600, 40, 2, 1, 32, false, 33},   // two query blocks of 304 + 296
+                        {500, 5000, 1, 1, 8, false, -1}};  // block capped by the 8 MB score budget
   for_threads([&] {
     uint32_t seed = 31;
     for (const Case& c : cases) {
@@ -179,7 +180,8 @@ TEST(Ops, Conv2d) {
   struct Case { int64_t Cin, H, W, Cout, kh, kw; int pad; bool bias; };
   const Case cases[] = {{3, 9, 11, 5, 3, 3, 1, true}, {8, 6, 5, 4, 1, 1, 0, true},   {2, 7, 6, 3, 3, 2, 2, false},
                         {4, 5, 4, 6, 3, 3, 0, true},  {1, 1, 1, 1, 1, 1, 0, false},  {16, 40, 33, 8, 3, 3, 1, true},
-                        {5, 4, 4, 2, 1, 1, 1, true}};
+                        {5, 4, 4, 2, 1, 1, 1, true},
+                        {64, 40, 256, 4, 3, 3, 1, true}};  // rows blocked by the 8 MB column budget
   for_threads([&] {
     uint32_t seed = 51;
     for (const Case& c : cases)
@@ -192,6 +194,30 @@ TEST(Ops, Conv2d) {
                              dtype_name(dt)));
       }
   });
+}
+
+// The fused forms of ops.h are, on the CPU, exactly the composed ops.
+TEST(Ops, FusedEqualComposedOnCpu) {
+  Tensor x = rnd({7, 3, 16}, 111), y = rnd({7, 3, 16}, 112), w = rnd({16}, 113).to(DType::BF16), g = rnd({16}, 114);
+  Tensor a = ops::rms_norm(x, w, 1e-6f, &g), b = x.clone();
+  ops::rms_norm_(b, w, 1e-6f);
+  ops::mul_rows_(b, g);
+  EXPECT_EQ(max_abs_diff(a, b), 0.0) << "rms_norm";
+  Tensor x1 = x.clone(), y1 = y.clone(), x2 = x.clone(), y2 = y.clone();
+  ops::rms_norm_add_(x1, y1, w, 1e-6f, &g);
+  ops::rms_norm_(y2, w, 1e-6f);
+  ops::add_gated_(x2, g, y2);
+  EXPECT_EQ(max_abs_diff(x1, x2), 0.0) << "rms_norm_add_";
+  Tensor cos = rnd({7, 8}, 115), sin = rnd({7, 8}, 116), r1 = x.clone(), r2 = x.clone();
+  ops::rms_norm_rope_pairs_(r1, w, 1e-6f, cos, sin);
+  ops::rms_norm_(r2, w, 1e-6f);
+  ops::rope_pairs_(r2, cos, sin);
+  EXPECT_EQ(max_abs_diff(r1, r2), 0.0) << "rms_norm_rope_pairs_";
+  Tensor im = rnd({8, 5, 6}, 117), gw = rnd({8}, 118), gb = rnd({8}, 119), i1 = im.clone(), i2 = im.clone();
+  ops::group_norm_silu_(i1, 4, gw, gb, 1e-6f);
+  ops::group_norm_(i2, 4, gw, gb, 1e-6f);
+  ops::silu_(i2);
+  EXPECT_EQ(max_abs_diff(i1, i2), 0.0) << "group_norm_silu_";
 }
 
 TEST(Ops, CopiesAreExact) {

@@ -24,15 +24,7 @@ using namespace zi;
 
 namespace {
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    char tmpl[] = "/tmp/zi_rm_XXXXXX";
-    path = mkdtemp(tmpl);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string sub(const std::string& n) const { return (path / n).string(); }
-};
+using test::TempDir;
 
 std::string tokenizer_src() { return std::string(ZI_TINY_MODEL) + "/tokenizer"; }
 

@@ -2,6 +2,8 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <filesystem>
 #include <string>
 
 #include "core/tensor.h"
@@ -11,6 +13,20 @@ namespace zi::test {
 
 inline std::string data_path(const std::string& rel) { return std::string(ZI_TEST_DATA) + "/" + rel; }
 inline std::string tiny_model() { return ZI_TINY_MODEL; }
+
+// A fresh directory under /tmp, removed with everything in it when the object dies.
+struct TempDir {
+  std::filesystem::path path;
+  TempDir() {
+    char tmpl[] = "/tmp/zimage_test_XXXXXX";
+    path = mkdtemp(tmpl);
+  }
+  ~TempDir() { std::filesystem::remove_all(path); }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  std::string sub(const std::string& n) const { return (path / n).string(); }
+  std::string operator/(const std::string& n) const { return sub(n); }
+};
 
 // ‖a − b‖₂ / ‖b‖₂ over all elements (both f32, same numel).
 inline double rel_l2(const Tensor& a, const Tensor& b) {

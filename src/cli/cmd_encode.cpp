@@ -13,6 +13,7 @@
 #include "io/checkpoint.h"
 #include "io/safetensors.h"
 #include "pipeline/text_phase.h"
+#include "text/bpe_tokenizer.h"
 
 namespace zi::cli {
 namespace {
@@ -32,6 +33,8 @@ void run_encode(const EncodeOptions& o) {
     throw UsageError(str_cat("encode: --max-sequence-length must be at least 1, got ", o.max_sequence_length));
   if (o.threads < 0) throw UsageError(str_cat("encode: --threads must be 0 (all cores) or more, got ", o.threads));
   if (o.output.empty()) throw UsageError("encode: -o FILE.safetensors is required");
+  if (size_t at = first_invalid_utf8(o.prompt); at != std::string::npos)
+    throw UsageError(str_cat("encode: --prompt is not valid UTF-8 (byte ", at, ")"));
   DType rope_dt = DType::F32;
   if (!parse_dtype(o.rope_freq_dtype, &rope_dt) || rope_dt == DType::F16)
     throw UsageError(str_cat("encode: --rope-freq-dtype must be f32 or bf16, got '", o.rope_freq_dtype, "'"));

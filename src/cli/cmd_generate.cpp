@@ -11,6 +11,7 @@
 #include <memory>
 
 #include "cli/common.h"
+#include "backends/cuda/cuda_ops.h"
 #include "core/check.h"
 #include "core/parallel.h"
 #include "core/torch_random.h"
@@ -34,6 +35,7 @@ struct GenerateArgs {
   bool keep_models = false;
   int count = 1;
   int64_t cache_limit_mib = -1;
+  std::string device, te_device, vae_device, precision = "bf16";
   int threads = 0;
   bool quiet = false;
 };
@@ -112,6 +114,23 @@ void run(GenerateArgs& a) {
     a.o.loras.emplace_back(spec.path, spec.scale);
   }
   if (a.count < 1) throw UsageError(str_cat("--count must be at least 1, got ", a.count));
+  auto parse_device = [](const std::string& v, const char* flag, Device dflt) {
+    if (v.empty()) return dflt;
+    if (v == "cpu") return Device::CPU;
+    if (v == "cuda") {
+      if (!cuda::available())
+        throw UsageError(str_cat(flag, " cuda: no usable CUDA GPU (or this zimage was built without CUDA)"));
+      return Device::CUDA;
+    }
+    throw UsageError(str_cat(flag, " must be cpu or cuda, got '", v, "'"));
+  };
+  const Device dev = parse_device(a.device, "--device", cuda::available() ? Device::CUDA : Device::CPU);
+  a.o.transformer_device = dev;
+  a.o.text_encoder_device = parse_device(a.te_device, "--text-encoder-device", dev);
+  a.o.vae_device = parse_device(a.vae_device, "--vae-device", dev);
+  if (a.precision == "bf16") a.o.precision = DType::BF16;
+  else if (a.precision == "f32") a.o.precision = DType::F32;
+  else throw UsageError(str_cat("--precision must be bf16 or f32, got '", a.precision, "'"));
   if (a.cache_limit_mib >= 0) a.o.cache_limit_bytes = a.cache_limit_mib << 20;
   bool bundled = false;
   a.o.model_dir = resolve_model_dir(a.model, &bundled);
@@ -123,8 +142,10 @@ void run(GenerateArgs& a) {
   std::filesystem::path out(a.output);
   std::filesystem::path dir = out.has_parent_path() ? out.parent_path() : ".";
   if (!std::filesystem::is_directory(dir))
-    throw Error(str_cat("cannot write '", a.output, "': folder '", dir.string(), "' does not exist"));
+    throw Error(str_cat("cannot write '", a.output, "': folder '", dir.string(), "' ",
+                        std::filesystem::exists(dir) ? "is not a folder" : "does not exist"));
   if (access(dir.c_str(), W_OK) != 0) throw Error(str_cat("cannot write '", a.output, "': folder is not writable"));
+  if (std::filesystem::is_directory(out)) throw Error(str_cat("cannot write '", a.output, "': it is a folder"));
 
   const bool tty = isatty(STDERR_FILENO) && !a.quiet;
   if (!a.quiet) std::fprintf(stderr, "seed %llu\n", static_cast<unsigned long long>(a.o.seed));
@@ -150,12 +171,27 @@ void run(GenerateArgs& a) {
     } catch (const Cancelled&) {
       throw Interrupted();
     }
+    if (g_cancel.load()) throw Interrupted();  // Ctrl-C after the last check: write nothing
     const std::string path = a.count > 1 ? numbered_path(a.output, k + 1) : a.output;
     write_png_atomic(path, r.rgb.data(), r.width, r.height,
                      {{"parameters", parameters_text(a, a.o.model_dir, r.width, r.height)},
                       {"Software", "zimage " ZIMAGE_VERSION}});
     if (!a.quiet) {
-      for (const auto& p : r.phases) std::fprintf(stderr, "  %-8s %7.2f s\n", p.name.c_str(), p.seconds);
+      for (size_t i = 0; i < r.phases.size(); ++i) {
+        const double load = i < r.load_seconds.size() ? r.load_seconds[i] : 0.0;
+        std::fprintf(stderr, "  %-8s %7.3f s  (load %.3f s, compute %.3f s)\n", r.phases[i].name.c_str(),
+                     r.phases[i].seconds, load, r.phases[i].seconds - load);
+      }
+      if (!r.gpu_phases.empty()) {
+        const cuda::PoolStats ps = cuda::pool_stats();
+        const cuda::UploadStats us = cuda::upload_stats();
+        std::fprintf(stderr, "  gpu %s: accounted peak %.1f MiB, pool reserved high %.1f MiB; uploaded %.2f GB at %.2f GB/s\n",
+                     cuda::device_description().c_str(), double(r.gpu_peak_bytes) / (1 << 20),
+                     double(ps.reserved_high) / (1 << 20), double(us.bytes) / 1e9,
+                     us.seconds > 0 ? double(us.bytes) / 1e9 / us.seconds : 0.0);
+        const std::string prof = cuda::profile_report();  // empty unless ZI_CUDA_PROFILE=1
+        if (!prof.empty()) std::fprintf(stderr, "%s", prof.c_str());
+      }
       std::fprintf(stderr, "wrote %s (%dx%d)\n", path.c_str(), r.width, r.height);
     }
     if (a.memory_report_flag) print_memory_report(r, a.memory_report);
@@ -213,6 +249,12 @@ void add_generate(CLI::App& app) {
   c->add_flag("--keep-models", a->keep_models,
               "with --count: keep every component loaded between images (faster, more memory)");
   c->add_option("--cache-limit", a->cache_limit_mib, "MiB the allocator may keep cached after frees");
+  c->add_option("--device", a->device, "where to run: cpu or cuda (default: cuda when a GPU is present)");
+  c->add_option("--text-encoder-device", a->te_device, "run the text encoder on cpu or cuda (default: --device)");
+  c->add_option("--vae-device", a->vae_device, "run the VAE decoder on cpu or cuda (default: --device)");
+  c->add_option("--precision", a->precision,
+                "activations on the GPU: bf16 (f32 accumulation) or f32 (for checking against the CPU)")
+      ->capture_default_str();
   c->add_flag("-q,--quiet", a->quiet, "print nothing but errors");
   c->callback([a, mr] {
     a->memory_report_flag = mr->count() > 0;

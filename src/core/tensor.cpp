@@ -38,6 +38,20 @@ Storage::~Storage() {
 void* device_alloc(Device d, size_t bytes, Tag tag);  // CUDA part defined in the backend
 void* cuda_device_alloc(size_t bytes, Tag tag);
 void cuda_device_free(void* p, size_t bytes, Tag tag);
+// Device data movement, defined by the CUDA backend (stubs in no_cuda.cpp). Copies between
+// a host and a device pointer are complete when they return.
+void cuda_memcpy(void* dst, Device dd, const void* src, Device sd, size_t bytes);
+void cuda_memset0(void* p, size_t bytes);
+void cuda_copy_strided(const Tensor& src, const Tensor& dst);  // same dtype; dst contiguous
+void cuda_convert(const void* src, DType st, void* dst, DType dt, size_t n);
+
+namespace {
+Compute g_compute;
+}
+
+const Compute& current_compute() { return g_compute; }
+ComputeScope::ComputeScope(Compute c) : saved_(g_compute) { g_compute = c; }
+ComputeScope::~ComputeScope() { g_compute = saved_; }
 
 void* device_alloc(Device d, size_t bytes, Tag tag) {
   if (d == Device::CPU) return host_alloc(bytes, tag);
@@ -65,9 +79,9 @@ Tensor Tensor::empty(const Shape& shape, DType dt, Tag tag, Device dev) {
 }
 
 Tensor Tensor::zeros(const Shape& shape, DType dt, Tag tag, Device dev) {
-  ZI_CHECK(dev == Device::CPU, "[tensor] zeros on a device needs the backend's fill");
   Tensor t = empty(shape, dt, tag, dev);
-  std::memset(t.raw(), 0, t.nbytes());
+  if (dev == Device::CUDA) cuda_memset0(t.raw(), t.nbytes());
+  else std::memset(t.raw(), 0, t.nbytes());
   return t;
 }
 
@@ -145,7 +159,11 @@ Tensor Tensor::permute(const std::vector<int>& order) const {
 
 Tensor Tensor::contiguous(Tag tag) const {
   if (is_contiguous()) return *this;
-  ZI_CHECK(device() == Device::CPU, "[contiguous] host tensors only here");
+  if (device() == Device::CUDA) {
+    Tensor out = empty(shape_, dtype_, tag, Device::CUDA);
+    cuda_copy_strided(*this, out);
+    return out;
+  }
   Tensor out = empty(shape_, dtype_, tag);
   const size_t es = dtype_size(dtype_);
   const int nd = ndim();
@@ -172,16 +190,27 @@ Tensor Tensor::contiguous(Tag tag) const {
 Tensor Tensor::clone(Tag tag) const {
   if (!is_contiguous()) return contiguous(tag);
   Tensor out = empty(shape_, dtype_, tag, device());
-  ZI_CHECK(device() == Device::CPU, "[clone] host tensors only here");
-  std::memcpy(out.raw(), raw(), nbytes());
+  if (device() == Device::CUDA) cuda_memcpy(out.raw(), Device::CUDA, raw(), Device::CUDA, nbytes());
+  else std::memcpy(out.raw(), raw(), nbytes());
   return out;
 }
 
 Tensor Tensor::to(DType dt, Tag tag) const {
   Tensor src = contiguous(tag);
   if (dt == dtype_) return src.storage_ == storage_ ? clone(tag) : src;
-  Tensor out = empty(shape_, dt, tag);
-  convert(src.raw(), dtype_, out.raw(), dt, size_t(numel()));
+  Tensor out = empty(shape_, dt, tag, device());
+  if (device() == Device::CUDA) cuda_convert(src.raw(), dtype_, out.raw(), dt, size_t(numel()));
+  else convert(src.raw(), dtype_, out.raw(), dt, size_t(numel()));
+  return out;
+}
+
+Tensor Tensor::to_device(Device d, Tag tag) const {
+  ZI_CHECK(defined(), "[to_device] undefined tensor");
+  if (device() == d && is_contiguous()) return *this;
+  Tensor src = contiguous(tag);
+  if (d == device()) return src;
+  Tensor out = empty(shape_, dtype_, tag, d);
+  cuda_memcpy(out.raw(), d, src.raw(), src.device(), nbytes());
   return out;
 }
 

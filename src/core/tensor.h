@@ -34,6 +34,25 @@ struct Storage {
 void* device_alloc(Device d, size_t bytes, Tag tag);
 void device_free(Device d, void* p, size_t bytes, Tag tag);
 
+// Where a phase computes: the device of new activations and their dtype (always F32 on the
+// CPU; F32 or BF16 on CUDA). Set by the pipeline for each phase (ComputeScope); the models
+// read it where host data enters (ops::to_compute) and the weight loader loads onto its device.
+struct Compute {
+  Device device = Device::CPU;
+  DType act = DType::F32;
+};
+const Compute& current_compute();
+class ComputeScope {
+ public:
+  explicit ComputeScope(Compute c);
+  ~ComputeScope();
+  ComputeScope(const ComputeScope&) = delete;
+  ComputeScope& operator=(const ComputeScope&) = delete;
+
+ private:
+  Compute saved_;
+};
+
 class Tensor {
  public:
   Tensor() = default;
@@ -70,8 +89,10 @@ class Tensor {
   // A contiguous copy (or this tensor if already contiguous).
   Tensor contiguous(Tag tag = Tag::Activations) const;
   Tensor clone(Tag tag = Tag::Activations) const;
-  // A copy converted to `dt` (f32/bf16/f16), contiguous.
+  // A copy converted to `dt` (f32/bf16/f16), contiguous, on the same device.
   Tensor to(DType dt, Tag tag = Tag::Activations) const;
+  // A contiguous copy on device `d` (this tensor itself if it is already there and contiguous).
+  Tensor to_device(Device d, Tag tag = Tag::Activations) const;
 
   std::string desc() const;  // "f32[2, 3]"
 

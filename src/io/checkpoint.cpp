@@ -1,6 +1,8 @@
 #include "io/checkpoint.h"
 
 #include <cerrno>
+#include <climits>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -45,20 +47,69 @@ void get(const json& j, const char* key, T* out, const std::string& path) {
   }
 }
 
+// Integer fields: a JSON integer, or an integral float (some exporters write 64.0), that fits
+// in an int. get<int>() would silently truncate 3.7 or wrap 2^32, and a float beyond the int
+// range is undefined behaviour.
+bool json_to_int(const json& v, int* out) {
+  if (v.is_number_unsigned()) {
+    if (v.get<uint64_t>() > uint64_t(INT_MAX)) return false;
+    *out = int(v.get<uint64_t>());
+    return true;
+  }
+  if (v.is_number_integer()) {
+    const int64_t s = v.get<int64_t>();
+    if (s < INT_MIN || s > INT_MAX) return false;
+    *out = int(s);
+    return true;
+  }
+  if (v.is_number_float()) {
+    const double d = v.get<double>();
+    if (!(d >= double(INT_MIN) && d <= double(INT_MAX)) || d != std::floor(d)) return false;
+    *out = int(d);
+    return true;
+  }
+  return false;
+}
+
+void get(const json& j, const char* key, int* out, const std::string& path) {
+  if (!j.contains(key) || j[key].is_null()) return;
+  ZI_CHECK(json_to_int(j[key], out), path, ": field '", key, "' must be an integer, got ", j[key].dump());
+}
+
+void get(const json& j, const char* key, std::vector<int>* out, const std::string& path) {
+  if (!j.contains(key) || j[key].is_null()) return;
+  const json& v = j[key];
+  ZI_CHECK(v.is_array(), path, ": field '", key, "' must be a list of integers, got ", v.dump());
+  std::vector<int> r(v.size());
+  for (size_t i = 0; i < v.size(); ++i)
+    ZI_CHECK(json_to_int(v[i], &r[i]), path, ": field '", key, "' must be a list of integers, got ", v.dump());
+  *out = std::move(r);
+}
+
 void positive(int v, const char* name, const std::string& path) {
   ZI_CHECK(v > 0, path, ": ", name, " must be positive, got ", v);
+}
+
+// Sizes beyond any real model: also keeps every product of sizes far from overflowing.
+constexpr int kMaxSize = 1 << 20, kMaxLayers = 1024, kMaxVocab = 1 << 24;
+
+void in_range(int v, const char* name, int most, const std::string& path) {
+  positive(v, name, path);
+  ZI_CHECK(v <= most, path, ": ", name, " of ", v, " is beyond any real model (at most ", most, ")");
 }
 
 }  // namespace
 
 void Qwen3Config::validate(const std::string& path) const {
-  positive(hidden_size, "hidden_size", path);
-  positive(num_hidden_layers, "num_hidden_layers", path);
-  positive(num_attention_heads, "num_attention_heads", path);
-  positive(num_key_value_heads, "num_key_value_heads", path);
-  positive(head_dim, "head_dim", path);
-  positive(intermediate_size, "intermediate_size", path);
-  positive(vocab_size, "vocab_size", path);
+  in_range(hidden_size, "hidden_size", kMaxSize, path);
+  in_range(num_hidden_layers, "num_hidden_layers", kMaxLayers, path);
+  in_range(num_attention_heads, "num_attention_heads", kMaxSize, path);
+  in_range(num_key_value_heads, "num_key_value_heads", kMaxSize, path);
+  in_range(head_dim, "head_dim", kMaxSize, path);
+  in_range(intermediate_size, "intermediate_size", kMaxSize, path);
+  in_range(vocab_size, "vocab_size", kMaxVocab, path);
+  ZI_CHECK(int64_t(num_attention_heads) * head_dim <= kMaxSize, path, ": num_attention_heads x head_dim (",
+           int64_t(num_attention_heads) * head_dim, ") is beyond any real model");
   ZI_CHECK(num_hidden_layers >= 2, path, ": num_hidden_layers must be at least 2 (Z-Image uses hidden_states[-2])");
   ZI_CHECK(num_attention_heads % num_key_value_heads == 0, path, ": num_attention_heads (", num_attention_heads,
            ") must be a multiple of num_key_value_heads (", num_key_value_heads, ")");
@@ -69,19 +120,21 @@ void Qwen3Config::validate(const std::string& path) const {
 }
 
 void DitConfig::validate(const std::string& path) const {
-  positive(in_channels, "in_channels", path);
-  positive(dim, "dim", path);
-  positive(n_layers, "n_layers", path);
-  ZI_CHECK(n_refiner_layers >= 0, path, ": n_refiner_layers must not be negative");
-  positive(n_heads, "n_heads", path);
-  positive(cap_feat_dim, "cap_feat_dim", path);
+  in_range(in_channels, "in_channels", kMaxSize, path);
+  in_range(dim, "dim", kMaxSize, path);
+  in_range(n_layers, "n_layers", kMaxLayers, path);
+  ZI_CHECK(n_refiner_layers >= 0 && n_refiner_layers <= kMaxLayers, path, ": n_refiner_layers must be 0 to ",
+           kMaxLayers, ", got ", n_refiner_layers);
+  in_range(n_heads, "n_heads", kMaxSize, path);
+  in_range(cap_feat_dim, "cap_feat_dim", kMaxSize, path);
   ZI_CHECK(dim % n_heads == 0, path, ": n_heads (", n_heads, ") must divide dim (", dim, ")");
   ZI_CHECK(axes_dims.size() == 3 && axes_lens.size() == 3, path, ": axes_dims and axes_lens need 3 entries");
   int sum = 0;
   for (int a : axes_dims) {
-    ZI_CHECK(a > 0 && a % 2 == 0, path, ": axes_dims entries must be positive and even");
+    ZI_CHECK(a > 0 && a % 2 == 0 && a <= kMaxSize, path, ": axes_dims entries must be positive and even");
     sum += a;
   }
+  for (int a : axes_lens) in_range(a, "axes_lens entry", kMaxSize, path);
   ZI_CHECK(sum == head_dim(), path, ": axes_dims sum to ", sum, " but the head dimension is ", head_dim());
   ZI_CHECK(patch_size == 2 && f_patch_size == 1, path, ": only all_patch_size [2] and all_f_patch_size [1] exist");
   ZI_CHECK(qk_norm, path, ": qk_norm=false is not a Z-Image configuration");
@@ -89,15 +142,17 @@ void DitConfig::validate(const std::string& path) const {
 }
 
 void VaeConfig::validate(const std::string& path) const {
-  positive(latent_channels, "latent_channels", path);
-  positive(out_channels, "out_channels", path);
-  positive(layers_per_block, "layers_per_block", path);
-  positive(norm_num_groups, "norm_num_groups", path);
+  in_range(latent_channels, "latent_channels", kMaxSize, path);
+  in_range(out_channels, "out_channels", kMaxSize, path);
+  in_range(layers_per_block, "layers_per_block", kMaxLayers, path);
+  in_range(norm_num_groups, "norm_num_groups", kMaxSize, path);
   ZI_CHECK(!block_out_channels.empty() && block_out_channels.size() <= 8, path,
            ": block_out_channels must have 1 to 8 entries");
-  for (int c : block_out_channels)
+  for (int c : block_out_channels) {
     ZI_CHECK(c > 0 && c % norm_num_groups == 0, path, ": block_out_channels entry ", c,
              " is not a positive multiple of norm_num_groups (", norm_num_groups, ")");
+    in_range(c, "block_out_channels entry", kMaxSize, path);
+  }
   ZI_CHECK(act_fn == "silu", path, ": act_fn '", act_fn, "' is not supported (expected silu)");
   ZI_CHECK(!use_post_quant_conv, path, ": use_post_quant_conv=true is not supported");
   ZI_CHECK(scaling_factor != 0, path, ": scaling_factor must not be 0");

@@ -46,11 +46,16 @@ const char* st_name_of_dtype(DType d) {
 }
 
 // Byte size of `numel` elements of `t`, overflow-checked; false on overflow or a
-// sub-byte total that is not a whole number of bytes.
+// sub-byte total that is not a whole number of bytes. The product of the non-zero sizes must
+// fit in int64 too: a tensor's numel and strides are int64 products of any subset of them, so
+// a shape like [0, 2^40, 2^40] (zero bytes) would still overflow them.
 bool st_bytes(StDType t, const Shape& shape, uint64_t* out) {
-  uint64_t n = 1;
-  for (int64_t d : shape)
-    if (__builtin_mul_overflow(n, uint64_t(d), &n)) return false;
+  uint64_t n = 1, nonzero = 1;
+  for (int64_t d : shape) {
+    if (d != 0 && (__builtin_mul_overflow(nonzero, uint64_t(d), &nonzero) || nonzero > uint64_t(INT64_MAX)))
+      return false;
+    n *= uint64_t(d);  // nonzero, or 0 once a size is 0: cannot overflow
+  }
   uint64_t bits;
   if (__builtin_mul_overflow(n, uint64_t(st_dtype_bits(t)), &bits)) return false;
   if (bits % 8) return false;
@@ -202,6 +207,9 @@ Tensor SafetensorsFile::view(const TensorInfo& t) const {
   DType dt;
   ZI_CHECK(st_to_dtype(t.dtype, &dt), tensor_ctx(path(), t.name), "dtype ", st_dtype_name(t.dtype),
            " cannot be used here");
+  ZI_CHECK(reinterpret_cast<uintptr_t>(data(t)) % dtype_size(dt) == 0, tensor_ctx(path(), t.name),
+           "data is not aligned to ", dtype_size(dt), " bytes (header length ", data_start_ - 8,
+           "), so it cannot be viewed in place");
   return Tensor::view_of(data(t), t.shape, dt, file_);
 }
 
@@ -214,9 +222,17 @@ Tensor SafetensorsFile::load(const TensorInfo& t, DType dt, Tag tag) const {
   if (st_to_dtype(t.dtype, &sd)) {
     bool sf = sd == DType::F32 || sd == DType::BF16 || sd == DType::F16;
     bool df = dt == DType::F32 || dt == DType::BF16 || dt == DType::F16;
-    if (sd == dt) std::memcpy(out.raw(), src, out.nbytes());
-    else if (sf && df) convert(src, sd, out.raw(), dt, n);
-    else fail(str_cat(ctx, "cannot convert ", st_dtype_name(t.dtype), " to ", dtype_name(dt)));
+    if (sd == dt) {
+      std::memcpy(out.raw(), src, out.nbytes());
+    } else if (sf && df && reinterpret_cast<uintptr_t>(src) % dtype_size(sd) != 0) {
+      // Nothing makes the data area aligned (the header length may be odd): convert from an
+      // aligned copy rather than read misaligned elements.
+      Tensor aligned = Tensor::empty(t.shape, sd, Tag::Workspace);
+      std::memcpy(aligned.raw(), src, aligned.nbytes());
+      convert(aligned.raw(), sd, out.raw(), dt, n);
+    } else if (sf && df) {
+      convert(src, sd, out.raw(), dt, n);
+    } else fail(str_cat(ctx, "cannot convert ", st_dtype_name(t.dtype), " to ", dtype_name(dt)));
     return out;
   }
   if (t.dtype == StDType::I64 && dt == DType::I32) {
@@ -330,8 +346,9 @@ TensorStore TensorStore::open_index(const std::string& index_path) {
   for (auto it = j["weight_map"].begin(); it != j["weight_map"].end(); ++it) {
     ZI_CHECK(it.value().is_string(), index_path, ": weight_map entry '", it.key(), "' is not a file name");
     std::string shard = it.value().get<std::string>();
-    ZI_CHECK(!shard.empty() && shard.find('/') == std::string::npos && shard != "." && shard != "..", index_path,
-             ": weight_map entry '", it.key(), "' names an invalid shard '", shard, "'");
+    ZI_CHECK(!shard.empty() && shard.find('/') == std::string::npos && shard.find('\0') == std::string::npos &&
+                 shard != "." && shard != "..",
+             index_path, ": weight_map entry '", it.key(), "' names an invalid shard '", shard, "'");
     if (!shard_ix.count(shard)) {
       fs::path p = dir / shard;
       ZI_CHECK(fs::exists(p), index_path, ": shard '", shard, "' (for tensor '", it.key(), "') is missing");

@@ -3,12 +3,13 @@
 #include <algorithm>
 #include <set>
 
+#include "backends/cuda/cuda_ops.h"
 #include "core/check.h"
 
 namespace zi {
 
 WeightLoader::WeightLoader(const TensorStore& store, Tag tag, std::string component)
-    : store_(store), tag_(tag), component_(std::move(component)) {}
+    : store_(store), tag_(tag), device_(current_compute().device), component_(std::move(component)) {}
 
 bool WeightLoader::has(const std::string& name) const { return store_.contains(name); }
 
@@ -50,7 +51,14 @@ Tensor WeightLoader::load_impl(const std::string& name, const Shape& shape, DTyp
   bool patched = false;
   for (const auto& p : patches_) patched = patched || p.wants(name);
   Tensor out;
-  if (!patched) {
+  DType sdt;
+  const bool float_src = st_to_dtype(e.info->dtype, &sdt) &&
+                         (sdt == DType::F32 || sdt == DType::BF16 || sdt == DType::F16);
+  const bool float_dst = dt == DType::F32 || dt == DType::BF16 || dt == DType::F16;
+  if (!patched && device_ == Device::CUDA && float_src && float_dst) {
+    out = Tensor::empty(shape, dt, tag_, Device::CUDA);
+    cuda::upload_convert(e.file->data(*e.info), sdt, out.numel(), out);
+  } else if (!patched) {
     out = e.file->load(*e.info, dt, tag_);
   } else {
     // One tensor in f32 in flight, patched, then converted to its final dtype.
@@ -64,6 +72,7 @@ Tensor WeightLoader::load_impl(const std::string& name, const Shape& shape, DTyp
       out = staging.to(dt, tag_);
     }
   }
+  if (device_ != out.device()) out = out.to_device(device_, tag_);
   e.file->release(*e.info);
   bytes_ += int64_t(out.nbytes());
   return out;

@@ -153,6 +153,8 @@ Tensor qwen3_encode(const Qwen3Encoder& m, const std::vector<int32_t>& ids) {
   const int64_t S = int64_t(ids.size());
   Tensor cos, sin;
   qwen3_rope_tables(S, c.head_dim, c.rope_theta, m.rope_freq_dtype, &cos, &sin);  // [S, D/2]
+  cos = ops::to_device(cos);  // where the phase computes (the weights' device)
+  sin = ops::to_device(sin);
   Tensor h = ops::embedding(m.embed_tokens, ids);               // [S, hidden] f32
   for (const Qwen3Layer& layer : m.layers) decoder_layer(c, layer, h, cos, sin);
   return h;

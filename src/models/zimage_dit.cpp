@@ -12,6 +12,7 @@
 #include <cmath>
 
 #include "core/check.h"
+#include "core/parallel.h"
 #include "ops/ops.h"
 
 namespace zi {
@@ -122,7 +123,7 @@ Tensor embed_timestep(const ZImageDit& m, float t) {
     e[size_t(k)] = std::cos(tau * freq);                                     // cosine half first
     e[size_t(half + k)] = std::sin(tau * freq);
   }
-  Tensor h = ops::linear(Tensor::from_vector(e, {1, kTimeFreqDim}), m.t_mlp0_w, &m.t_mlp0_b);  // [1, 1024]
+  Tensor h = ops::linear(ops::to_compute(Tensor::from_vector(e, {1, kTimeFreqDim})), m.t_mlp0_w, &m.t_mlp0_b);  // [1, 1024]
   ops::silu_(h);
   return ops::linear(h, m.t_mlp2_w, &m.t_mlp2_b);  // [1, A]
 }
@@ -130,7 +131,7 @@ Tensor embed_timestep(const ZImageDit& m, float t) {
 // [N, p·p·C]: token (h, w) holds latent[c, 0, p·h + ph, p·w + pw] at feature (ph·p + pw)·C + c,
 // tokens row-major over (h, w) (§3.5).
 Tensor patchify(const Tensor& latent, const Geometry& g, int p) {
-  Tensor src = latent.to(DType::F32);  // [C, 1, Hl, Wl], contiguous
+  Tensor src = ops::to_host_f32(latent);  // [C, 1, Hl, Wl], contiguous
   const int64_t C = src.dim(0), Wl = src.dim(3), Hl = src.dim(2);
   Tensor out = Tensor::empty({g.n, int64_t(p) * p * C}, DType::F32);  // [N, p·p·C]
   const float* s = src.f32();
@@ -164,20 +165,21 @@ Tensor unpatchify(const Tensor& tokens, const Geometry& g, int p, int64_t C) {
 // pad token, so embedding only the real rows and appending the token is the same result.
 Tensor append_pad_rows(Tensor x, const Tensor& pad_token, int64_t total) {
   if (x.dim(0) == total) return x;
+  const Tensor pad = pad_token.dtype() == x.dtype() ? pad_token : pad_token.to(x.dtype());
   std::vector<Tensor> parts{std::move(x)};
-  parts.insert(parts.end(), size_t(total - parts[0].dim(0)), pad_token);
+  parts.insert(parts.end(), size_t(total - parts[0].dim(0)), pad);
   return ops::concat0(parts);
 }
 
 // [Nx, D]: patch embedding, then x_pad_token in the Nx − N pad slots (§3.10 step 2).
 Tensor embed_image(const ZImageDit& m, const Tensor& latent, const Geometry& g) {
-  Tensor x = ops::linear(patchify(latent, g, m.cfg.patch_size), m.x_embed_w, &m.x_embed_b);  // [N, D]
+  Tensor x = ops::linear(ops::to_compute(patchify(latent, g, m.cfg.patch_size)), m.x_embed_w, &m.x_embed_b);  // [N, D]
   return append_pad_rows(std::move(x), m.x_pad_token, g.nx);
 }
 
 // [Lc, D]: RMSNorm (norm_eps) → Linear on the L real rows, then cap_pad_token (step 4).
 Tensor embed_caption(const ZImageDit& m, const Tensor& cap_feats, const Geometry& g) {
-  Tensor y = cap_feats.to(DType::F32);  // [L, cap_feat_dim], a copy normalised in place
+  Tensor y = ops::to_compute(cap_feats, /*fresh=*/true);  // [L, cap_feat_dim], a copy normalised in place
   ops::rms_norm_(y, m.cap_norm, float(m.cfg.norm_eps));
   Tensor x = ops::linear(y, m.cap_w, &m.cap_b);  // [L, D]
   return append_pad_rows(std::move(x), m.cap_pad_token, g.lc);
@@ -219,18 +221,20 @@ Rope make_rope(const DitConfig& c, const std::vector<Pos>& pos) {
   Rope r{Tensor::empty({S, half}, DType::F32), Tensor::empty({S, half}, DType::F32)};
   float* cs = r.cos.f32();
   float* sn = r.sin.f32();
-  for (int64_t s = 0; s < S; ++s) {
+  for (int64_t s = 0; s < S; ++s)
     for (int a = 0; a < 3; ++a)
       ZI_CHECK(pos[size_t(s)][size_t(a)] < c.axes_lens[size_t(a)], "[dit_forward] position ",
                pos[size_t(s)][size_t(a)], " on RoPE axis ", a, " exceeds axes_lens ", c.axes_lens[size_t(a)],
                " (image or caption too large)");
-    for (int64_t j = 0; j < half; ++j) {
-      const float angle = float(double(pos[size_t(s)][size_t(axis[size_t(j)])]) * omega[size_t(j)]);
-      cs[s * half + j] = std::cos(angle);
-      sn[s * half + j] = std::sin(angle);
-    }
-  }
-  return r;
+  parallel_for(S, 64, [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s)
+      for (int64_t j = 0; j < half; ++j) {
+        const float angle = float(double(pos[size_t(s)][size_t(axis[size_t(j)])]) * omega[size_t(j)]);
+        cs[s * half + j] = std::cos(angle);
+        sn[s * half + j] = std::sin(angle);
+      }
+  });
+  return Rope{ops::to_device(r.cos), ops::to_device(r.sin)};  // where the phase computes
 }
 
 // The four modulation vectors of a block, each [D]: scale = 1 + s, gate = tanh(g), split in
@@ -258,6 +262,10 @@ Tensor self_attention(const DitBlock& b, const DitConfig& c, Tensor h, const Rop
   const int64_t S = h.dim(0), H = c.n_heads, hd = c.head_dim();
   auto project = [&](const Tensor& w, const Tensor& norm, bool rotate) {
     Tensor y = ops::linear(h, w).reshape({S, H, hd});  // [S, H, hd]
+    if (norm.defined() && rotate) {  // every head vector normalised on its own, then rotated
+      ops::rms_norm_rope_pairs_(y, norm, kQkNormEps, rope.cos, rope.sin);
+      return y;
+    }
     if (norm.defined()) {
       Tensor rows = y.reshape({S * H, hd});  // every head vector normalised on its own
       ops::rms_norm_(rows, norm, kQkNormEps);
@@ -274,11 +282,10 @@ Tensor self_attention(const DitBlock& b, const DitConfig& c, Tensor h, const Rop
   return ops::linear(o.reshape({S, H * hd}), b.to_out);  // [S, D]
 }
 
-// [R, D] → [R, D]: ffn_norm2(w2(SiLU(w1·y) ⊙ w3·y)), y = ffn_norm1(x) (⊙ scale_mlp) (§3.9).
+// [R, D] → [R, D]: w2(SiLU(w1·y) ⊙ w3·y), y = ffn_norm1(x) (⊙ scale_mlp) (§3.9); the caller
+// applies ffn_norm2 fused with the residual add.
 Tensor feed_forward(const DitBlock& b, float eps, const Tensor& x_rows, const Tensor* scale) {
-  Tensor y = x_rows.clone();  // [R, D]
-  ops::rms_norm_(y, b.ffn_norm1, eps);
-  if (scale) ops::mul_rows_(y, *scale);
+  Tensor y = ops::rms_norm(x_rows, b.ffn_norm1, eps, scale);  // [R, D]
   Tensor gate = ops::linear(y, b.w1);  // [R, F]
   Tensor up = ops::linear(y, b.w3);    // [R, F]
   y = Tensor();
@@ -286,7 +293,6 @@ Tensor feed_forward(const DitBlock& b, float eps, const Tensor& x_rows, const Te
   gate = up = Tensor();
   Tensor out = ops::linear(act, b.w2);  // [R, D]
   act = Tensor();
-  ops::rms_norm_(out, b.ffn_norm2, eps);
   return out;
 }
 
@@ -297,26 +303,19 @@ void block_forward(const DitBlock& b, const DitConfig& cfg, Tensor& x, const Ten
   const bool mod = b.modulated();
   const Modulation md = mod ? modulation(b, c) : Modulation{};
 
-  Tensor h = x.clone();  // [S, D]
-  ops::rms_norm_(h, b.attention_norm1, eps);
-  if (mod) ops::mul_rows_(h, md.scale_msa);
-  Tensor a = self_attention(b, cfg, std::move(h), rope);  // [S, D]
-  ops::rms_norm_(a, b.attention_norm2, eps);
-  if (mod)
-    ops::add_gated_(x, md.gate_msa, a);
-  else
-    ops::add_(x, a);
+  Tensor h = ops::rms_norm(x, b.attention_norm1, eps, mod ? &md.scale_msa : nullptr);  // [S, D]
+  Tensor a = self_attention(b, cfg, std::move(h), rope);                               // [S, D]
+  ops::rms_norm_add_(x, a, b.attention_norm2, eps, mod ? &md.gate_msa : nullptr);    // x += gate ⊙ norm2(a)
   a = Tensor();
 
   // The FFN is row-wise, so row chunks bound its hidden without changing the result.
-  const int64_t S = x.dim(0);
-  for (int64_t r0 = 0; r0 < S; r0 += kFfnChunkRows) {
-    Tensor rows = x.slice(0, r0, std::min(S, r0 + kFfnChunkRows));  // a view into x
+  // On the GPU the whole sequence is one chunk: the hidden is small next to device memory and
+  // larger GEMMs run faster.
+  const int64_t S = x.dim(0), chunk = x.device() == Device::CUDA ? std::max<int64_t>(S, 1) : kFfnChunkRows;
+  for (int64_t r0 = 0; r0 < S; r0 += chunk) {
+    Tensor rows = x.slice(0, r0, std::min(S, r0 + chunk));  // a view into x
     Tensor f = feed_forward(b, eps, rows, mod ? &md.scale_mlp : nullptr);
-    if (mod)
-      ops::add_gated_(rows, md.gate_mlp, f);
-    else
-      ops::add_(rows, f);
+    ops::rms_norm_add_(rows, f, b.ffn_norm2, eps, mod ? &md.gate_mlp : nullptr);  // rows += gate ⊙ norm2(f)
   }
 }
 
@@ -373,31 +372,54 @@ ZImageDit load_zimage_dit(WeightLoader& ld, const DitConfig& cfg, DType wdt) {
   return m;
 }
 
+// The three RoPE tables of one geometry: image tokens, caption tokens, and both (unified).
+struct ZImageDit::RopeCache {
+  int64_t ht = -1, wt = -1, nx = -1, lc = -1;
+  Device device = Device::CPU;
+  Rope x, cap, u;
+};
+
+namespace {
+
+const ZImageDit::RopeCache& rope_tables(const ZImageDit& m, const Geometry& g) {
+  const Device dev = current_compute().device;
+  auto& rc = m.rope_cache;
+  if (!rc || rc->ht != g.ht || rc->wt != g.wt || rc->nx != g.nx || rc->lc != g.lc || rc->device != dev) {
+    rc.reset();  // the old tables go before the new ones are made
+    auto n = std::make_shared<ZImageDit::RopeCache>();
+    n->ht = g.ht, n->wt = g.wt, n->nx = g.nx, n->lc = g.lc, n->device = dev;
+    n->x = make_rope(m.cfg, image_positions(g));
+    n->cap = make_rope(m.cfg, caption_positions(g));
+    n->u = Rope{ops::concat0({n->x.cos, n->cap.cos}), ops::concat0({n->x.sin, n->cap.sin})};
+    rc = std::move(n);
+  }
+  return *rc;
+}
+
+}  // namespace
+
 Tensor dit_forward(const ZImageDit& m, const Tensor& latent, float t, const Tensor& cap_feats) {
   const DitConfig& cfg = m.cfg;
   const Geometry g = geometry(cfg, latent, cap_feats);
   const Tensor c = embed_timestep(m, t);  // [1, A]
+  const ZImageDit::RopeCache& rope = rope_tables(m, g);
 
   // Image stream, refined alone with modulation (§3.10 steps 2–3).
   Tensor x = embed_image(m, latent, g);  // [Nx, D]
-  Rope x_rope = make_rope(cfg, image_positions(g));
-  for (const DitBlock& b : m.noise_refiner) block_forward(b, cfg, x, c, x_rope);
+  for (const DitBlock& b : m.noise_refiner) block_forward(b, cfg, x, c, rope.x);
 
   // Caption stream, refined alone without modulation (steps 4–5).
   Tensor cap = embed_caption(m, cap_feats, g);  // [Lc, D]
-  Rope cap_rope = make_rope(cfg, caption_positions(g));
-  for (const DitBlock& b : m.context_refiner) block_forward(b, cfg, cap, c, cap_rope);
+  for (const DitBlock& b : m.context_refiner) block_forward(b, cfg, cap, c, rope.cap);
 
   // Unified sequence, image tokens first, then caption tokens (step 6).
   Tensor u = ops::concat0({x, cap});  // [Nx + Lc, D]
   x = cap = Tensor();
-  const Rope u_rope{ops::concat0({x_rope.cos, cap_rope.cos}), ops::concat0({x_rope.sin, cap_rope.sin})};
-  x_rope = cap_rope = Rope{};
-  for (const DitBlock& b : m.layers) block_forward(b, cfg, u, c, u_rope);  // step 7
+  for (const DitBlock& b : m.layers) block_forward(b, cfg, u, c, rope.u);  // step 7
 
   Tensor out = final_layer(m, u, c, g.n);  // [N, p·p·C]  (steps 8–9)
   u = Tensor();
-  return unpatchify(out, g, cfg.patch_size, cfg.in_channels);  // [C, 1, Hl, Wl]
+  return unpatchify(ops::to_host_f32(out), g, cfg.patch_size, cfg.in_channels);  // [C, 1, Hl, Wl] on the host
 }
 
 std::vector<Tensor> dit_forward_batch(const ZImageDit& m, const std::vector<Tensor>& latents,

@@ -1,11 +1,13 @@
 // The one dispatch point of ops.h: every op checks its arguments here (shapes, dtypes,
-// contiguity, with a "[op] ..." message), allocates its result, and calls the backend of
-// the tensors' device. Only the CPU backend exists yet; CUDA is reserved (issue 6).
+// devices, contiguity, with a "[op] ..." message), allocates its result, and calls the
+// backend of the tensors' device: cpu:: (f32 activations) or cuda:: (f32 or bf16; the
+// result has the activation's dtype).
 #include "ops/ops.h"
 
 #include <algorithm>
 
 #include "backends/cpu/cpu_ops.h"
+#include "backends/cuda/cuda_ops.h"
 #include "core/check.h"
 
 namespace zi::ops {
@@ -13,29 +15,42 @@ namespace {
 
 bool is_float(DType t) { return t == DType::F32 || t == DType::BF16 || t == DType::F16; }
 
-// Every op runs on the CPU backend for now; a CUDA tensor is a clear error, not a crash.
-void require_cpu(const char* op, const Tensor& t) {
+// The device an op runs on: that of its first (activation) operand. Every other operand must
+// be on the same device; the CPU takes f32 activations, CUDA f32 or bf16.
+Device device_of(const char* op, const Tensor& t) {
   ZI_CHECK(t.defined(), "[", op, "] undefined tensor");
-  if (t.device() == Device::CUDA) fail(str_cat("[", op, "] the CUDA backend is not built yet (", t.desc(), ")"));
+  return t.device();
 }
 
-// An f32 activation that the op writes in place: must be contiguous already.
-void require_f32_inplace(const char* op, const Tensor& t) {
-  require_cpu(op, t);
-  ZI_CHECK(t.dtype() == DType::F32 && t.is_contiguous(), "[", op, "] needs a contiguous f32 tensor, got ",
+void require_device(const char* op, const Tensor& t, Device d) {
+  ZI_CHECK(t.defined(), "[", op, "] undefined tensor");
+  if (t.device() != d)
+    fail(str_cat("[", op, "] ", t.desc(), " is on the ", device_name(t.device()), " but the op runs on the ",
+                 device_name(d), " (mixed devices)"));
+}
+
+bool act_dtype_ok(const Tensor& t) {
+  return t.dtype() == DType::F32 || (t.device() == Device::CUDA && t.dtype() == DType::BF16);
+}
+
+// An activation that the op writes in place: must be contiguous already.
+void require_act_inplace(const char* op, const Tensor& t) {
+  ZI_CHECK(t.defined(), "[", op, "] undefined tensor");
+  ZI_CHECK(act_dtype_ok(t) && t.is_contiguous(), "[", op, "] needs a contiguous ",
+           t.device() == Device::CUDA ? "f32/bf16" : "f32", " tensor, got ", t.desc());
+}
+
+// An activation that is only read, on device d: a contiguous copy is made if needed.
+Tensor act_input(const char* op, const Tensor& t, Device d) {
+  require_device(op, t, d);
+  ZI_CHECK(act_dtype_ok(t), "[", op, "] expects an ", d == Device::CUDA ? "f32/bf16" : "f32", " activation, got ",
            t.desc());
-}
-
-// An f32 input that is only read: a contiguous copy is made if needed.
-Tensor f32_input(const char* op, const Tensor& t) {
-  require_cpu(op, t);
-  ZI_CHECK(t.dtype() == DType::F32, "[", op, "] expects an f32 activation, got ", t.desc());
   return t.contiguous(Tag::Workspace);
 }
 
-// A weight-like operand (any float dtype), contiguous.
-Tensor weight_input(const char* op, const char* what, const Tensor& t) {
-  require_cpu(op, t);
+// A weight-like operand (any float dtype) on device d, contiguous.
+Tensor weight_input(const char* op, const char* what, const Tensor& t, Device d) {
+  require_device(op, t, d);
   ZI_CHECK(is_float(t.dtype()), "[", op, "] ", what, " must be f32/bf16/f16, got ", t.desc());
   return t.contiguous(Tag::Workspace);
 }
@@ -48,150 +63,313 @@ void require_same_shape(const char* op, const Tensor& a, const Tensor& b) {
   ZI_CHECK(a.shape() == b.shape(), "[", op, "] shape mismatch: ", a.desc(), " vs ", b.desc());
 }
 
+bool cuda(Device d) { return d == Device::CUDA; }
+
 }  // namespace
 
+Tensor to_compute(const Tensor& t, bool fresh) {
+  ZI_CHECK(t.defined() && is_float(t.dtype()), "[to_compute] needs a float tensor, got ",
+           t.defined() ? t.desc() : std::string("undefined"));
+  const Compute& c = current_compute();
+  const DType act = c.device == Device::CUDA ? c.act : DType::F32;
+  Tensor out = t.to_device(c.device);
+  if (out.dtype() != act) return out.to(act);
+  if (fresh && out.raw() == t.raw()) return out.clone();
+  return out;
+}
+
+Tensor to_device(const Tensor& t) {
+  ZI_CHECK(t.defined(), "[to_device] undefined tensor");
+  return t.to_device(current_compute().device);
+}
+
+Tensor to_host_f32(const Tensor& t) {
+  ZI_CHECK(t.defined() && is_float(t.dtype()), "[to_host_f32] needs a float tensor");
+  Tensor h = t.to_device(Device::CPU);
+  return h.dtype() == DType::F32 ? h : h.to(DType::F32);
+}
+
 Tensor linear(const Tensor& x_in, const Tensor& w_in, const Tensor* bias) {
-  Tensor x = f32_input("linear", x_in), w = weight_input("linear", "weight", w_in);
+  const Device d = device_of("linear", x_in);
+  Tensor x = act_input("linear", x_in, d), w = weight_input("linear", "weight", w_in, d);
   ZI_CHECK(w.ndim() == 2, "[linear] weight must be [N, K], got ", w.desc());
   ZI_CHECK(x.ndim() >= 1 && x.dim(-1) == w.dim(1) && w.dim(1) > 0, "[linear] x ", x.desc(),
            " does not match weight ", w.desc(), " (x's last dim must equal K = w.dim(1) > 0)");
   Tensor b;
   if (bias) {
-    b = weight_input("linear", "bias", *bias);
+    b = weight_input("linear", "bias", *bias, d);
     require_vector("linear", "bias", b, w.dim(0));
   }
   Shape os = x.shape();
   os.back() = w.dim(0);
-  Tensor y = Tensor::empty(os, DType::F32);
-  cpu::linear(x, w, bias ? &b : nullptr, y);
+  Tensor y = Tensor::empty(os, x.dtype(), Tag::Activations, d);
+  if (cuda(d)) {
+    cuda::OpTimer prof("linear");
+    cuda::linear(x, w, bias ? &b : nullptr, y);
+  } else cpu::linear(x, w, bias ? &b : nullptr, y);
   return y;
 }
 
 void rms_norm_(Tensor& x, const Tensor& weight, float eps) {
-  require_f32_inplace("rms_norm_", x);
-  Tensor w = weight_input("rms_norm_", "weight", weight);
+  const Device d = device_of("rms_norm_", x);
+  require_act_inplace("rms_norm_", x);
+  Tensor w = weight_input("rms_norm_", "weight", weight, d);
   ZI_CHECK(x.ndim() >= 1 && x.dim(-1) > 0, "[rms_norm_] bad input ", x.desc());
   require_vector("rms_norm_", "weight", w, x.dim(-1));
-  cpu::rms_norm_(x, w, eps);
+  if (cuda(d)) {
+    cuda::OpTimer prof("rms_norm_");
+    cuda::rms_norm_(x, w, eps);
+  } else cpu::rms_norm_(x, w, eps);
+}
+
+Tensor rms_norm(const Tensor& x_in, const Tensor& weight, float eps, const Tensor* scale) {
+  const Device d = device_of("rms_norm", x_in);
+  Tensor x = act_input("rms_norm", x_in, d);
+  Tensor w = weight_input("rms_norm", "weight", weight, d);
+  ZI_CHECK(x.ndim() >= 1 && x.dim(-1) > 0, "[rms_norm] bad input ", x.desc());
+  require_vector("rms_norm", "weight", w, x.dim(-1));
+  Tensor s;
+  if (scale) {
+    s = weight_input("rms_norm", "scale", *scale, d);
+    require_vector("rms_norm", "scale", s, x.dim(-1));
+  }
+  if (cuda(d)) {
+    Tensor y = Tensor::empty(x.shape(), x.dtype(), Tag::Activations, d);
+    cuda::OpTimer prof("rms_norm");
+    cuda::rms_norm(x, w, eps, scale ? &s : nullptr, y);
+    return y;
+  }
+  Tensor y = x.clone();
+  cpu::rms_norm_(y, w, eps);
+  if (scale) cpu::mul_rows_(y, s);
+  return y;
+}
+
+void rms_norm_add_(Tensor& x, Tensor& y, const Tensor& weight, float eps, const Tensor* gate) {
+  const Device d = device_of("rms_norm_add_", x);
+  require_act_inplace("rms_norm_add_", x);
+  require_device("rms_norm_add_", y, d);
+  require_act_inplace("rms_norm_add_", y);
+  require_same_shape("rms_norm_add_", x, y);
+  ZI_CHECK(x.ndim() >= 1 && x.dim(-1) > 0, "[rms_norm_add_] bad input ", x.desc());
+  Tensor w = weight_input("rms_norm_add_", "weight", weight, d);
+  require_vector("rms_norm_add_", "weight", w, x.dim(-1));
+  Tensor g;
+  if (gate) {
+    g = weight_input("rms_norm_add_", "gate", *gate, d);
+    require_vector("rms_norm_add_", "gate", g, x.dim(-1));
+  }
+  if (cuda(d)) {
+    cuda::OpTimer prof("rms_norm_add_");
+    cuda::rms_norm_add_(x, y, w, eps, gate ? &g : nullptr);
+    return;
+  }
+  cpu::rms_norm_(y, w, eps);
+  if (gate) cpu::add_gated_(x, g, y);
+  else cpu::add_(x, y);
 }
 
 void layer_norm_(Tensor& x, float eps) {
-  require_f32_inplace("layer_norm_", x);
+  const Device d = device_of("layer_norm_", x);
+  require_act_inplace("layer_norm_", x);
   ZI_CHECK(x.ndim() >= 1 && x.dim(-1) > 0, "[layer_norm_] bad input ", x.desc());
-  cpu::layer_norm_(x, eps);
+  if (cuda(d)) {
+    cuda::OpTimer prof("layer_norm_");
+    cuda::layer_norm_(x, eps);
+  } else cpu::layer_norm_(x, eps);
+}
+
+static void group_norm_impl(const char* op, Tensor& x, int groups, const Tensor& weight, const Tensor& bias, float eps,
+                            bool silu) {
+  const Device d = device_of(op, x);
+  require_act_inplace(op, x);
+  ZI_CHECK(x.ndim() == 3, "[", op, "] x must be [C, H, W], got ", x.desc());
+  ZI_CHECK(groups > 0 && x.dim(0) % groups == 0, "[", op, "] ", groups, " groups do not divide C of ", x.desc());
+  ZI_CHECK(x.dim(1) * x.dim(2) > 0, "[", op, "] empty plane in ", x.desc());
+  Tensor w = weight_input(op, "weight", weight, d), b = weight_input(op, "bias", bias, d);
+  require_vector(op, "weight", w, x.dim(0));
+  require_vector(op, "bias", b, x.dim(0));
+  if (cuda(d)) {
+    cuda::OpTimer prof(silu ? "group_norm_silu_" : "group_norm_");
+    cuda::group_norm_(x, groups, w, b, eps, silu);
+  } else {
+    cpu::group_norm_(x, groups, w, b, eps);
+    if (silu) cpu::silu_(x);
+  }
 }
 
 void group_norm_(Tensor& x, int groups, const Tensor& weight, const Tensor& bias, float eps) {
-  require_f32_inplace("group_norm_", x);
-  ZI_CHECK(x.ndim() == 3, "[group_norm_] x must be [C, H, W], got ", x.desc());
-  ZI_CHECK(groups > 0 && x.dim(0) % groups == 0, "[group_norm_] ", groups, " groups do not divide C of ",
-           x.desc());
-  ZI_CHECK(x.dim(1) * x.dim(2) > 0, "[group_norm_] empty plane in ", x.desc());
-  Tensor w = weight_input("group_norm_", "weight", weight), b = weight_input("group_norm_", "bias", bias);
-  require_vector("group_norm_", "weight", w, x.dim(0));
-  require_vector("group_norm_", "bias", b, x.dim(0));
-  cpu::group_norm_(x, groups, w, b, eps);
+  group_norm_impl("group_norm_", x, groups, weight, bias, eps, false);
+}
+
+void group_norm_silu_(Tensor& x, int groups, const Tensor& weight, const Tensor& bias, float eps) {
+  group_norm_impl("group_norm_silu_", x, groups, weight, bias, eps, true);
 }
 
 void silu_(Tensor& x) {
-  require_f32_inplace("silu_", x);
-  cpu::silu_(x);
+  const Device d = device_of("silu_", x);
+  require_act_inplace("silu_", x);
+  if (cuda(d)) {
+    cuda::OpTimer prof("silu_");
+    cuda::silu_(x);
+  } else cpu::silu_(x);
 }
 
 void tanh_(Tensor& x) {
-  require_f32_inplace("tanh_", x);
-  cpu::tanh_(x);
+  const Device d = device_of("tanh_", x);
+  require_act_inplace("tanh_", x);
+  if (cuda(d)) {
+    cuda::OpTimer prof("tanh_");
+    cuda::tanh_(x);
+  } else cpu::tanh_(x);
 }
 
 Tensor silu_mul(const Tensor& a_in, const Tensor& b_in) {
-  Tensor a = f32_input("silu_mul", a_in), b = f32_input("silu_mul", b_in);
+  const Device d = device_of("silu_mul", a_in);
+  Tensor a = act_input("silu_mul", a_in, d), b = act_input("silu_mul", b_in, d);
   require_same_shape("silu_mul", a, b);
-  Tensor out = Tensor::empty(a.shape(), DType::F32);
-  cpu::silu_mul(a, b, out);
+  ZI_CHECK(a.dtype() == b.dtype(), "[silu_mul] dtypes differ: ", a.desc(), " vs ", b.desc());
+  Tensor out = Tensor::empty(a.shape(), a.dtype(), Tag::Activations, d);
+  if (cuda(d)) {
+    cuda::OpTimer prof("silu_mul");
+    cuda::silu_mul(a, b, out);
+  } else cpu::silu_mul(a, b, out);
   return out;
 }
 
 void add_(Tensor& x, const Tensor& y_in) {
-  require_f32_inplace("add_", x);
-  Tensor y = f32_input("add_", y_in);
+  const Device d = device_of("add_", x);
+  require_act_inplace("add_", x);
+  Tensor y = act_input("add_", y_in, d);
   require_same_shape("add_", x, y);
-  cpu::add_(x, y);
+  if (cuda(d)) {
+    cuda::OpTimer prof("add_");
+    cuda::add_(x, y);
+  } else cpu::add_(x, y);
 }
 
 void mul_(Tensor& x, const Tensor& y_in) {
-  require_f32_inplace("mul_", x);
-  Tensor y = f32_input("mul_", y_in);
+  const Device d = device_of("mul_", x);
+  require_act_inplace("mul_", x);
+  Tensor y = act_input("mul_", y_in, d);
   require_same_shape("mul_", x, y);
-  cpu::mul_(x, y);
+  if (cuda(d)) {
+    cuda::OpTimer prof("mul_");
+    cuda::mul_(x, y);
+  } else cpu::mul_(x, y);
 }
 
 void scale_(Tensor& x, float s) {
-  require_f32_inplace("scale_", x);
-  cpu::scale_(x, s);
+  const Device d = device_of("scale_", x);
+  require_act_inplace("scale_", x);
+  if (cuda(d)) {
+    cuda::OpTimer prof("scale_");
+    cuda::scale_(x, s);
+  } else cpu::scale_(x, s);
 }
 
 void add_scalar_(Tensor& x, float s) {
-  require_f32_inplace("add_scalar_", x);
-  cpu::add_scalar_(x, s);
+  const Device d = device_of("add_scalar_", x);
+  require_act_inplace("add_scalar_", x);
+  if (cuda(d)) {
+    cuda::OpTimer prof("add_scalar_");
+    cuda::add_scalar_(x, s);
+  } else cpu::add_scalar_(x, s);
 }
 
 void mul_rows_(Tensor& x, const Tensor& v_in) {
-  require_f32_inplace("mul_rows_", x);
-  Tensor v = weight_input("mul_rows_", "v", v_in);
+  const Device d = device_of("mul_rows_", x);
+  require_act_inplace("mul_rows_", x);
+  Tensor v = weight_input("mul_rows_", "v", v_in, d);
   ZI_CHECK(x.ndim() >= 1 && x.dim(-1) > 0, "[mul_rows_] bad input ", x.desc());
   require_vector("mul_rows_", "v", v, x.dim(-1));
-  cpu::mul_rows_(x, v);
+  if (cuda(d)) {
+    cuda::OpTimer prof("mul_rows_");
+    cuda::mul_rows_(x, v);
+  } else cpu::mul_rows_(x, v);
 }
 
 void add_gated_(Tensor& x, const Tensor& v_in, const Tensor& y_in) {
-  require_f32_inplace("add_gated_", x);
-  Tensor v = weight_input("add_gated_", "gate", v_in), y = f32_input("add_gated_", y_in);
+  const Device d = device_of("add_gated_", x);
+  require_act_inplace("add_gated_", x);
+  Tensor v = weight_input("add_gated_", "gate", v_in, d), y = act_input("add_gated_", y_in, d);
   ZI_CHECK(x.ndim() >= 1 && x.dim(-1) > 0, "[add_gated_] bad input ", x.desc());
   require_same_shape("add_gated_", x, y);
   require_vector("add_gated_", "gate", v, x.dim(-1));
-  cpu::add_gated_(x, v, y);
+  if (cuda(d)) {
+    cuda::OpTimer prof("add_gated_");
+    cuda::add_gated_(x, v, y);
+  } else cpu::add_gated_(x, v, y);
 }
 
 // Shared checks of both RoPE forms: x [S, H, D] with D even, cos/sin [S, D/2] f32.
-static void check_rope(const char* op, const Tensor& x, const Tensor& cos, const Tensor& sin) {
-  require_f32_inplace(op, x);
+static Device check_rope(const char* op, const Tensor& x, const Tensor& cos, const Tensor& sin) {
+  const Device d = device_of(op, x);
+  require_act_inplace(op, x);
   ZI_CHECK(x.ndim() == 3 && x.dim(2) % 2 == 0, "[", op, "] x must be [S, H, D] with D even, got ", x.desc());
   const Shape cs{x.dim(0), x.dim(2) / 2};
   for (const Tensor* t : {&cos, &sin}) {
-    require_cpu(op, *t);
+    require_device(op, *t, d);
     ZI_CHECK(t->dtype() == DType::F32 && t->is_contiguous() && t->shape() == cs, "[", op,
              "] cos/sin must be contiguous f32 ", shape_str(cs), " for x ", x.desc(), ", got ", t->desc());
   }
+  return d;
+}
+
+void rms_norm_rope_pairs_(Tensor& x, const Tensor& weight, float eps, const Tensor& cos, const Tensor& sin) {
+  const Device d = check_rope("rms_norm_rope_pairs_", x, cos, sin);
+  Tensor w = weight_input("rms_norm_rope_pairs_", "weight", weight, d);
+  require_vector("rms_norm_rope_pairs_", "weight", w, x.dim(2));
+  if (cuda(d)) {
+    cuda::OpTimer prof("rms_norm_rope_pairs_");
+    cuda::rms_norm_rope_pairs_(x, w, eps, cos, sin);
+    return;
+  }
+  Tensor rows = x.reshape({x.dim(0) * x.dim(1), x.dim(2)});
+  cpu::rms_norm_(rows, w, eps);
+  cpu::rope_pairs_(x, cos, sin);
 }
 
 void rope_halves_(Tensor& x, const Tensor& cos, const Tensor& sin) {
-  check_rope("rope_halves_", x, cos, sin);
-  cpu::rope_halves_(x, cos, sin);
+  if (cuda(check_rope("rope_halves_", x, cos, sin))) {
+    cuda::OpTimer prof("rope_halves_");
+    cuda::rope_halves_(x, cos, sin);
+  } else cpu::rope_halves_(x, cos, sin);
 }
 
 void rope_pairs_(Tensor& x, const Tensor& cos, const Tensor& sin) {
-  check_rope("rope_pairs_", x, cos, sin);
-  cpu::rope_pairs_(x, cos, sin);
+  if (cuda(check_rope("rope_pairs_", x, cos, sin))) {
+    cuda::OpTimer prof("rope_pairs_");
+    cuda::rope_pairs_(x, cos, sin);
+  } else cpu::rope_pairs_(x, cos, sin);
 }
 
 Tensor attention(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, float scale, bool causal,
                  int64_t kv_len) {
-  Tensor q = f32_input("attention", q_in), k = f32_input("attention", k_in), v = f32_input("attention", v_in);
+  const Device d = device_of("attention", q_in);
+  Tensor q = act_input("attention", q_in, d), k = act_input("attention", k_in, d),
+         v = act_input("attention", v_in, d);
   ZI_CHECK(q.ndim() == 3 && k.ndim() == 3, "[attention] q and k must be [S, H, D], got q ", q.desc(), " k ",
            k.desc());
   require_same_shape("attention", k, v);
+  ZI_CHECK(q.dtype() == k.dtype() && k.dtype() == v.dtype(), "[attention] q, k, v dtypes differ: ", q.desc(), " ",
+           k.desc(), " ", v.desc());
   ZI_CHECK(q.dim(2) == k.dim(2) && q.dim(2) > 0, "[attention] head dim differs: q ", q.desc(), " k ", k.desc());
   ZI_CHECK(k.dim(1) > 0 && q.dim(1) % k.dim(1) == 0, "[attention] q heads must be a multiple of kv heads: q ",
            q.desc(), " k ", k.desc());
   ZI_CHECK(kv_len >= -1 && kv_len <= k.dim(0), "[attention] kv_len ", kv_len, " outside [-1, ", k.dim(0),
            "] for k ", k.desc());
-  Tensor out = Tensor::empty(q.shape(), DType::F32);
-  cpu::attention(q, k, v, scale, causal, kv_len, out);
+  Tensor out = Tensor::empty(q.shape(), q.dtype(), Tag::Activations, d);
+  if (cuda(d)) {
+    cuda::OpTimer prof("attention");
+    cuda::attention(q, k, v, scale, causal, kv_len, out);
+  } else cpu::attention(q, k, v, scale, causal, kv_len, out);
   return out;
 }
 
 Tensor conv2d(const Tensor& x_in, const Tensor& w_in, const Tensor* bias, int pad) {
-  Tensor x = f32_input("conv2d", x_in), w = weight_input("conv2d", "weight", w_in);
+  const Device d = device_of("conv2d", x_in);
+  Tensor x = act_input("conv2d", x_in, d), w = weight_input("conv2d", "weight", w_in, d);
   ZI_CHECK(x.ndim() == 3 && w.ndim() == 4 && w.dim(1) == x.dim(0), "[conv2d] x ", x.desc(),
            " does not match weight ", w.desc(), " (x [Cin, H, W], w [Cout, Cin, kh, kw])");
   ZI_CHECK(pad >= 0, "[conv2d] negative padding ", pad);
@@ -200,30 +378,38 @@ Tensor conv2d(const Tensor& x_in, const Tensor& w_in, const Tensor* bias, int pa
            ")");
   Tensor b;
   if (bias) {
-    b = weight_input("conv2d", "bias", *bias);
+    b = weight_input("conv2d", "bias", *bias, d);
     require_vector("conv2d", "bias", b, w.dim(0));
   }
-  Tensor out = Tensor::empty({w.dim(0), ho, wo}, DType::F32);
-  cpu::conv2d(x, w, bias ? &b : nullptr, pad, out);
+  Tensor out = Tensor::empty({w.dim(0), ho, wo}, x.dtype(), Tag::Activations, d);
+  if (cuda(d)) {
+    cuda::OpTimer prof("conv2d");
+    cuda::conv2d(x, w, bias ? &b : nullptr, pad, out);
+  } else cpu::conv2d(x, w, bias ? &b : nullptr, pad, out);
   return out;
 }
 
 Tensor upsample_nearest2x(const Tensor& x_in) {
-  Tensor x = f32_input("upsample_nearest2x", x_in);
+  const Device d = device_of("upsample_nearest2x", x_in);
+  Tensor x = act_input("upsample_nearest2x", x_in, d);
   ZI_CHECK(x.ndim() == 3, "[upsample_nearest2x] x must be [C, H, W], got ", x.desc());
-  Tensor out = Tensor::empty({x.dim(0), 2 * x.dim(1), 2 * x.dim(2)}, DType::F32);
-  cpu::upsample_nearest2x(x, out);
+  Tensor out = Tensor::empty({x.dim(0), 2 * x.dim(1), 2 * x.dim(2)}, x.dtype(), Tag::Activations, d);
+  if (cuda(d)) {
+    cuda::OpTimer prof("upsample_nearest2x");
+    cuda::upsample_nearest2x(x, out);
+  } else cpu::upsample_nearest2x(x, out);
   return out;
 }
 
 Tensor concat0(const std::vector<Tensor>& parts_in) {
   ZI_CHECK(!parts_in.empty(), "[concat0] no tensors");
+  const Device d = device_of("concat0", parts_in[0]);
   std::vector<Tensor> parts;
   Shape os = parts_in[0].shape();
   ZI_CHECK(!os.empty(), "[concat0] scalars cannot be concatenated");
   os[0] = 0;
   for (const Tensor& p : parts_in) {
-    require_cpu("concat0", p);
+    require_device("concat0", p, d);
     Shape a = p.shape(), b = parts_in[0].shape();
     ZI_CHECK(p.dtype() == parts_in[0].dtype() && a.size() == b.size() &&
                  std::equal(a.begin() + 1, a.end(), b.begin() + 1),
@@ -231,18 +417,27 @@ Tensor concat0(const std::vector<Tensor>& parts_in) {
     os[0] += p.dim(0);
     parts.push_back(p.contiguous(Tag::Workspace));
   }
-  Tensor out = Tensor::empty(os, parts_in[0].dtype());
-  cpu::concat0(parts, out);
+  Tensor out = Tensor::empty(os, parts_in[0].dtype(), Tag::Activations, d);
+  if (cuda(d)) {
+    cuda::OpTimer prof("concat0");
+    cuda::concat0(parts, out);
+  } else cpu::concat0(parts, out);
   return out;
 }
 
 Tensor embedding(const Tensor& table_in, const std::vector<int32_t>& ids) {
-  Tensor table = weight_input("embedding", "table", table_in);
+  const Device d = device_of("embedding", table_in);
+  Tensor table = weight_input("embedding", "table", table_in, d);
   ZI_CHECK(table.ndim() == 2, "[embedding] table must be [V, D], got ", table.desc());
   for (int32_t id : ids)
     ZI_CHECK(id >= 0 && id < table.dim(0), "[embedding] id ", id, " outside the table ", table.desc());
-  Tensor out = Tensor::empty({int64_t(ids.size()), table.dim(1)}, DType::F32);
-  cpu::embedding(table, ids, out);
+  // On the GPU the rows come out in the phase's activation dtype; on the CPU in f32.
+  const DType act = cuda(d) && current_compute().device == Device::CUDA ? current_compute().act : DType::F32;
+  Tensor out = Tensor::empty({int64_t(ids.size()), table.dim(1)}, act, Tag::Activations, d);
+  if (cuda(d)) {
+    cuda::OpTimer prof("embedding");
+    cuda::embedding(table, ids, out);
+  } else cpu::embedding(table, ids, out);
   return out;
 }
 

@@ -1,10 +1,12 @@
 // Every op the models use, one line each. Models call these and nothing else; the
-// dispatch to a backend (cpu now, cuda later) happens in ops.cpp only.
+// dispatch to a backend (cpu or cuda, by the device of the operands) happens in ops.cpp only.
 //
-// Conventions: activations are contiguous f32 tensors; weight operands (`w`, norm weights,
-// conv kernels) may be f32, bf16 or f16 and are widened on the fly, so a bf16 weight gives
-// exactly the f32 result on the widened values. Shapes are written [rows, cols]; `_` at the
-// end of a name means in place. Results are new tensors tagged Tag::Activations.
+// Conventions: activations are contiguous f32 tensors on the CPU, f32 or bf16 on CUDA (the
+// result has the activation's dtype; bf16 ops compute in f32 and round once). Weight operands
+// (`w`, norm weights, conv kernels) may be f32, bf16 or f16 and are widened on the fly, so a
+// bf16 weight gives exactly the f32 result on the widened values. All operands of one op live
+// on one device. Shapes are written [rows, cols]; `_` at the end of a name means in place.
+// Results are new tensors tagged Tag::Activations.
 #pragma once
 #include <vector>
 
@@ -12,15 +14,33 @@
 
 namespace zi::ops {
 
+// Host data entering a model: a copy on current_compute()'s device in its activation dtype
+// (f32 on the CPU). May return `t` itself when nothing changes, unless `fresh`.
+Tensor to_compute(const Tensor& t, bool fresh = false);
+// The same, keeping the dtype (RoPE tables stay f32).
+Tensor to_device(const Tensor& t);
+// A host f32 copy (or `t` itself when it already is one): results leaving a model.
+Tensor to_host_f32(const Tensor& t);
+
 // y[M, N] = x[M, K] · w[N, K]ᵀ (+ bias[N]).  A Linear layer; w is stored [out, in].
 Tensor linear(const Tensor& x, const Tensor& w, const Tensor* bias = nullptr);
 
 // x[R, D] ← x / sqrt(mean(x², last dim) + eps) · weight[D]   (RMSNorm over the last dim).
 void rms_norm_(Tensor& x, const Tensor& weight, float eps);
+// Fused forms of the DiT's sequences, one pass each on the GPU; on the CPU exactly the
+// composed ops (same order, same results):
+//   y = RMSNorm(x)·weight (⊙ scale[D])        a new tensor, x unchanged   (= clone, rms_norm_, mul_rows_)
+Tensor rms_norm(const Tensor& x, const Tensor& weight, float eps, const Tensor* scale = nullptr);
+//   x += gate[D] ⊙ RMSNorm(y)·weight          y is overwritten            (= rms_norm_(y), add_gated_/add_)
+void rms_norm_add_(Tensor& x, Tensor& y, const Tensor& weight, float eps, const Tensor* gate = nullptr);
+//   x [S, H, D]: per-head RMSNorm (weight [D]) then rope_pairs_
+void rms_norm_rope_pairs_(Tensor& x, const Tensor& weight, float eps, const Tensor& cos, const Tensor& sin);
 // x[R, D] ← (x − mean) / sqrt(var + eps)   (LayerNorm over the last dim, no affine).
 void layer_norm_(Tensor& x, float eps);
 // x[C, H, W] ← GroupNorm(groups, eps) with affine weight[C], bias[C]. Biased variance.
 void group_norm_(Tensor& x, int groups, const Tensor& weight, const Tensor& bias, float eps);
+// group_norm_ then SiLU, in one pass over x on the GPU.
+void group_norm_silu_(Tensor& x, int groups, const Tensor& weight, const Tensor& bias, float eps);
 
 void silu_(Tensor& x);                          // x·sigmoid(x)
 void tanh_(Tensor& x);

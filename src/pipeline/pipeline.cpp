@@ -6,6 +6,7 @@
 #include <cstring>
 #include <fstream>
 
+#include "backends/cuda/cuda_ops.h"
 #include "core/torch_random.h"
 #include "io/checkpoint.h"
 #include "io/png.h"
@@ -16,6 +17,7 @@
 #include "models/zimage_dit.h"
 #include "pipeline/text_phase.h"
 #include "scheduler/flow_match_euler.h"
+#include "text/bpe_tokenizer.h"
 
 namespace zi {
 
@@ -36,6 +38,33 @@ void check_cancel(const GenerateHooks& h) {
 struct Embeddings {
   Tensor pos, neg;  // [L, hidden] f32; neg undefined without CFG
   std::vector<int32_t> ids;
+  double load_seconds = 0;
+};
+
+// A phase on a device: where its weights load and its activations live (ComputeScope), and,
+// on CUDA, a phase scope of the GPU's accounting. Its end waits for the GPU, so the phase's
+// time is the work's, not the queue's.
+class DevicePhase {
+ public:
+  DevicePhase(Device d, DType precision, const std::string& name)
+      : d_(d), scope_(Compute{d, d == Device::CUDA ? precision : DType::F32}) {
+    if (d == Device::CUDA) memory_stats(Device::CUDA).begin_phase(name);
+  }
+  ~DevicePhase() {
+    if (d_ != Device::CUDA) return;
+    try {
+      cuda::synchronize();
+      cuda::trim_cache();  // the phase's weights are gone: give their blocks back to the driver
+    } catch (...) {  // a failing GPU was already reported by the op that saw it
+    }
+    memory_stats(Device::CUDA).end_phase();
+  }
+  DevicePhase(const DevicePhase&) = delete;
+  DevicePhase& operator=(const DevicePhase&) = delete;
+
+ private:
+  Device d_;
+  ComputeScope scope_;
 };
 
 Embeddings run_encode(const ModelFolder& mf, const GenerateOptions& o, bool cfg, ModelCache* cache) {
@@ -46,11 +75,19 @@ Embeddings run_encode(const ModelFolder& mf, const GenerateOptions& o, bool cfg,
   std::unique_ptr<Qwen3Encoder> enc_local;
   std::unique_ptr<BpeTokenizer>& tok = cache ? cache->tokenizer : tok_local;
   std::unique_ptr<Qwen3Encoder>& enc = cache ? cache->text_encoder : enc_local;
-  if (!tok) tok = std::make_unique<BpeTokenizer>(BpeTokenizer::load_dir(mf.tokenizer_dir));
+  if (!tok) {  // parsing tokenizer.json is loading too
+    const double t0 = now_s();
+    tok = std::make_unique<BpeTokenizer>(BpeTokenizer::load_dir(mf.tokenizer_dir));
+    e.load_seconds += now_s() - t0;
+  }
   // Tokenize before loading weights: a bad prompt fails fast.
   (void)tokenize_zimage_prompt(*tok, o.prompt, o.max_sequence_length);
   if (cfg) (void)tokenize_zimage_prompt(*tok, o.negative_prompt, o.max_sequence_length);
-  if (!enc) enc = std::make_unique<Qwen3Encoder>(load_text_encoder(mf, o.text_encoder_dtype, o.text_rope_dtype));
+  if (!enc) {
+    const double t0 = now_s();
+    enc = std::make_unique<Qwen3Encoder>(load_text_encoder(mf, o.text_encoder_dtype, o.text_rope_dtype));
+    e.load_seconds += now_s() - t0;
+  }
   e.pos = encode_prompt(*enc, *tok, o.prompt, o.max_sequence_length, &e.ids);
   if (cfg) e.neg = encode_prompt(*enc, *tok, o.negative_prompt, o.max_sequence_length);
   return e;
@@ -77,14 +114,18 @@ ZImageDit load_transformer(const ModelFolder& mf, const GenerateOptions& o) {
 
 // The denoising loop of spec §4.5–4.7 on latents [C, h, w] (f32, updated in place).
 void run_denoise(const ModelFolder& mf, const GenerateOptions& o, const Embeddings& emb, Tensor& latents,
-                 const GenerateHooks& hooks, ModelCache* cache) {
+                 const GenerateHooks& hooks, ModelCache* cache, double* load_seconds) {
   SchedulerConfig sc = parse_scheduler_config(read_text_file(mf.scheduler_config_path), mf.scheduler_config_path);
   const int64_t C = latents.dim(0), h = latents.dim(1), w = latents.dim(2);
   const int64_t seq = (h / 2) * (w / 2);
   Schedule sched = make_schedule(sc, o.steps, seq);
   std::unique_ptr<ZImageDit> local;
   std::unique_ptr<ZImageDit>& dit = cache ? cache->transformer : local;
-  if (!dit) dit = std::make_unique<ZImageDit>(load_transformer(mf, o));
+  if (!dit) {
+    const double t0 = now_s();
+    dit = std::make_unique<ZImageDit>(load_transformer(mf, o));
+    *load_seconds = now_s() - t0;
+  }
   const size_t n = size_t(latents.numel());
   const double t0 = now_s();
   for (int i = 0; i < sched.steps(); ++i) {
@@ -114,21 +155,26 @@ VaeDecoder load_vae(const ModelFolder& mf, const GenerateOptions& o) {
   return vae;
 }
 
-Tensor run_decode(const ModelFolder& mf, const GenerateOptions& o, const Tensor& latents, ModelCache* cache) {
+Tensor run_decode(const ModelFolder& mf, const GenerateOptions& o, const Tensor& latents, ModelCache* cache,
+                  double* load_seconds) {
   std::unique_ptr<VaeDecoder> local;
   std::unique_ptr<VaeDecoder>& vae = cache ? cache->vae : local;
-  if (!vae) vae = std::make_unique<VaeDecoder>(load_vae(mf, o));
+  if (!vae) {
+    const double t0 = now_s();
+    vae = std::make_unique<VaeDecoder>(load_vae(mf, o));
+    *load_seconds = now_s() - t0;
+  }
   // z = latents / scaling_factor + shift_factor, in f32 like the reference.
   Tensor z = latents.clone();
   const float sf = float(mf.vae.scaling_factor), sh = float(mf.vae.shift_factor);
   float* zp = z.f32();
   for (int64_t i = 0; i < z.numel(); ++i) zp[i] = zp[i] / sf + sh;
   const int h = int(z.dim(1)), w = int(z.dim(2));
-  int tile = o.vae_tile;
+  int tile = o.vae_device == Device::CUDA ? 0 : o.vae_tile;  // the GPU decodes whole
   if (tile < 0) {
     // Auto: untiled when the whole decode fits in half of the available memory.
     const int64_t budget = available_host_bytes() / 2;
-    tile = vae_decode_peak_bytes(mf.vae, h, w) <= budget ? 0 : vae_pick_tile(mf.vae, budget);
+    tile = vae_decode_peak_bytes(mf.vae, h, w) <= budget ? 0 : vae_pick_tile(mf.vae, h, w, budget);
   }
   if (tile > 0 && (tile < h || tile < w)) return vae_decode_tiled(*vae, z, tile, o.vae_tile_overlap);
   return vae_decode(*vae, z);
@@ -178,6 +224,10 @@ void validate_generate_options(const GenerateOptions& o) {
     throw UsageError(str_cat("--cfg-truncation must be finite, got ", o.cfg_truncation));
   if (o.max_sequence_length <= 0)
     throw UsageError(str_cat("--max-sequence-length must be positive, got ", o.max_sequence_length));
+  if (size_t at = first_invalid_utf8(o.prompt); at != std::string::npos)
+    throw UsageError(str_cat("--prompt is not valid UTF-8 (byte ", at, ")"));
+  if (size_t at = first_invalid_utf8(o.negative_prompt); at != std::string::npos)
+    throw UsageError(str_cat("--negative-prompt is not valid UTF-8 (byte ", at, ")"));
   if (o.vae_tile != 0 && o.vae_tile != -1 && o.vae_tile < 16)
     throw UsageError(str_cat("--vae-tile must be at least 128 pixels, got ", o.vae_tile * 8));
   for (const auto& [path, scale] : o.loras)
@@ -197,12 +247,21 @@ GenerateResult generate(const GenerateOptions& o, const GenerateHooks& hooks, Mo
   r.height = int(h * sf);
   MemoryStats& ms = memory_stats(Device::CPU);
   ms.clear_phases();
+  const bool any_gpu = o.text_encoder_device == Device::CUDA || o.transformer_device == Device::CUDA ||
+                       o.vae_device == Device::CUDA;
+  if (any_gpu) {
+    memory_stats(Device::CUDA).clear_phases();
+    if (o.cache_limit_bytes >= 0) cuda::set_cache_limit(size_t(o.cache_limit_bytes));
+  }
+  r.load_seconds.assign(3, 0.0);
 
   Embeddings emb;
   {
     if (hooks.on_phase_start) hooks.on_phase_start("encode");
     PhaseScope phase("encode");
+    DevicePhase on(o.text_encoder_device, o.precision, "encode");
     emb = run_encode(mf, o, cfg, cache);
+    r.load_seconds[0] = emb.load_seconds;
   }
   r.prompt_ids = emb.ids;
   check_cancel(hooks);
@@ -212,14 +271,16 @@ GenerateResult generate(const GenerateOptions& o, const GenerateHooks& hooks, Mo
   {
     if (hooks.on_phase_start) hooks.on_phase_start("denoise");
     PhaseScope phase("denoise");
-    run_denoise(mf, o, emb, latents, hooks, cache);
+    DevicePhase on(o.transformer_device, o.precision, "denoise");
+    run_denoise(mf, o, emb, latents, hooks, cache, &r.load_seconds[1]);
     emb = Embeddings{};  // the captions are not needed past this point
   }
   check_cancel(hooks);
   {
     if (hooks.on_phase_start) hooks.on_phase_start("decode");
     PhaseScope phase("decode");
-    r.decoded = run_decode(mf, o, latents, cache);
+    DevicePhase on(o.vae_device, o.precision, "decode");
+    r.decoded = run_decode(mf, o, latents, cache, &r.load_seconds[2]);
     latents = Tensor();
   }
   r.rgb.resize(size_t(r.width) * size_t(r.height) * 3);
@@ -227,6 +288,10 @@ GenerateResult generate(const GenerateOptions& o, const GenerateHooks& hooks, Mo
   r.phases = ms.finished_phases();
   for (const auto& p : r.phases) r.peak_bytes = std::max(r.peak_bytes, p.peak_bytes);
   r.peak_rss_bytes = peak_rss_bytes();
+  if (any_gpu) {
+    r.gpu_phases = memory_stats(Device::CUDA).finished_phases();
+    for (const auto& p : r.gpu_phases) r.gpu_peak_bytes = std::max(r.gpu_peak_bytes, p.peak_bytes);
+  }
   return r;
 }
 

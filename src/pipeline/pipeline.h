@@ -43,6 +43,12 @@ struct GenerateOptions {
   // whole module (buffers included) to bf16 and back.
   DType text_rope_dtype = DType::F32;
   int64_t cache_limit_bytes = -1;  // bytes the allocator may keep cached after frees; -1: default
+  // Where each phase runs (--device, --text-encoder-device, --vae-device), and the activation
+  // dtype of the phases that run on CUDA (--precision; f32 is for checking against the CPU).
+  Device text_encoder_device = Device::CPU;
+  Device transformer_device = Device::CPU;
+  Device vae_device = Device::CPU;
+  DType precision = DType::BF16;
 };
 
 struct Qwen3Encoder;
@@ -78,6 +84,9 @@ struct GenerateResult {
   std::vector<int32_t> prompt_ids;   // the tokenized, templated prompt
   std::vector<PhaseRecord> phases;   // encode, denoise, decode
   int64_t peak_bytes = 0;            // max over the phases (accounted, CPU)
+  std::vector<PhaseRecord> gpu_phases;  // the phases that ran on CUDA, from the GPU's accounting
+  int64_t gpu_peak_bytes = 0;           // max over gpu_phases
+  std::vector<double> load_seconds;     // per phase (encode, denoise, decode): weight loading
   int64_t peak_rss_bytes = 0;
 };
 

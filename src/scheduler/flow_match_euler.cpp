@@ -29,6 +29,10 @@ void SchedulerConfig::validate() const {
     if (!std::isfinite(max_shift)) bad("max_shift", "must be a finite number");
     if (max_image_seq_len == base_image_seq_len)
       bad("max_image_seq_len", str_cat("must differ from base_image_seq_len (both ", base_image_seq_len, ")"));
+    [[maybe_unused]] int64_t span;  // calculate_shift divides by it, exactly like Python's integers
+    if (__builtin_sub_overflow(max_image_seq_len, base_image_seq_len, &span))
+      bad("max_image_seq_len", str_cat("minus base_image_seq_len overflows (", max_image_seq_len, " - ",
+                                       base_image_seq_len, ")"));
   }
   if (use_karras_sigmas) bad("use_karras_sigmas", "= true is not supported");
   if (use_exponential_sigmas) bad("use_exponential_sigmas", "= true is not supported");

@@ -62,7 +62,7 @@ int utf8_char(const unsigned char* p, size_t n) {
   return len;
 }
 
-void check_utf8(std::string_view s) {
+size_t invalid_utf8_at(std::string_view s) {
   const auto* p = reinterpret_cast<const unsigned char*>(s.data());
   for (size_t i = 0; i < s.size();) {
     if (p[i] < 0x80) {
@@ -70,9 +70,15 @@ void check_utf8(std::string_view s) {
       continue;
     }
     int n = utf8_char(p + i, s.size() - i);
-    ZI_CHECK(n > 0, "[tokenizer] invalid UTF-8 in the text at byte ", i);
+    if (n <= 0) return i;
     i += size_t(n);
   }
+  return std::string_view::npos;
+}
+
+void check_utf8(std::string_view s) {
+  const size_t i = invalid_utf8_at(s);
+  ZI_CHECK(i == std::string_view::npos, "[tokenizer] invalid UTF-8 in the text at byte ", i);
 }
 
 bool is_ascii(std::string_view s) {
@@ -776,6 +782,8 @@ std::string BpeTokenizer::decode(const std::vector<int32_t>& ids) const {
 }
 
 size_t BpeTokenizer::vocab_size() const { return impl_->id_bytes.size(); }
+
+size_t first_invalid_utf8(std::string_view s) { return invalid_utf8_at(s); }
 
 std::string zimage_chat_prompt(std::string_view prompt) {
   return str_cat("<|im_start|>user\n", prompt, "<|im_end|>\n<|im_start|>assistant\n");

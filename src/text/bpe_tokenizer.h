@@ -40,6 +40,9 @@ class BpeTokenizer {
   std::shared_ptr<const Impl> impl_;
 };
 
+// The offset of the first byte of `s` that is not valid UTF-8, or std::string_view::npos.
+size_t first_invalid_utf8(std::string_view s);
+
 // "<|im_start|>user\n" + prompt + "<|im_end|>\n<|im_start|>assistant\n" (Qwen3 template with
 // add_generation_prompt=True, enable_thinking=True, no system message; spec §1.1).
 std::string zimage_chat_prompt(std::string_view prompt);

@@ -21,13 +21,16 @@ namespace {
 // ~77% to ~93% of the plain-sgemm ceiling. The score block is capped at kScoreBytes per
 // thread. Causal attention uses small blocks: a block computes its whole diagonal square,
 // half of it masked.
-constexpr int64_t kMaxBlockQ = 256, kMinBlockQ = 32, kCausalBlockQ = 64;
+constexpr int64_t kMaxBlockQ = 512, kMinBlockQ = 32, kCausalBlockQ = 64;
 constexpr int64_t kScoreBytes = int64_t(8) << 20;
 
-int64_t block_q(int64_t kv, bool causal) {
-  if (causal) return kCausalBlockQ;
-  const int64_t fit = kScoreBytes / (4 * std::max<int64_t>(kv, 1)) / 16 * 16;
-  return std::clamp(fit, kMinBlockQ, kMaxBlockQ);
+// Rows per query block: at most the cap above, and blocks of equal size (S = 288 gives
+// 2 × 144, not 256 + 32).
+int64_t block_q(int64_t Sq, int64_t kv, bool causal) {
+  int64_t cap = kCausalBlockQ;
+  if (!causal) cap = std::clamp(kScoreBytes / (4 * std::max<int64_t>(kv, 1)) / 16 * 16, kMinBlockQ, kMaxBlockQ);
+  const int64_t n = (Sq + cap - 1) / cap;
+  return std::max<int64_t>(1, std::min(cap, ((Sq + n - 1) / n + 15) / 16 * 16));
 }
 
 ZI_CPU_CLONES float row_max(const float* s, int64_t n) {
@@ -92,7 +95,7 @@ void attention(const Tensor& q, const Tensor& k, const Tensor& v, float scale, b
                Tensor& out) {
   AttnShape a{q.dim(0), k.dim(0), q.dim(1), k.dim(1), q.dim(2), kv_len < 0 ? k.dim(0) : kv_len, causal};
   if (a.Sq == 0 || a.Hq == 0) return;
-  const int64_t bq = block_q(a.kv, causal), n_qb = (a.Sq + bq - 1) / bq, tasks = a.Hq * n_qb;
+  const int64_t bq = block_q(a.Sq, a.kv, causal), n_qb = (a.Sq + bq - 1) / bq, tasks = a.Hq * n_qb;
   const int T = int(std::min<int64_t>(std::max(1, num_threads()), tasks));
   const int64_t scratch_per_thread = bq * std::max<int64_t>(a.kv, 1);  // [bq, kv] scores
   Tensor scratch = Tensor::empty({T, scratch_per_thread}, DType::F32, Tag::Workspace);

@@ -20,7 +20,9 @@ void widen(const void* src, DType dt, float* dst, int64_t n);
 Tensor widen_vector(const Tensor& v);
 
 // Threading: OpenBLAS runs its own pool. Inside our OpenMP regions each thread calls
-// single-threaded sgemm; this guard sets OpenBLAS to one thread for its lifetime.
+// single-threaded sgemm; this guard sets OpenBLAS to one thread for its lifetime. The
+// setting is process-wide, so ops must be called from one thread at a time (each op is
+// parallel inside).
 class BlasSingleThread {
  public:
   BlasSingleThread();
@@ -33,7 +35,8 @@ class BlasSingleThread {
 };
 
 // gemm_openblas.cpp. y[M, N] = x[M, K] · w[N, K]ᵀ (+ bias). Paths (the benchmark compares them):
-//   BlasThreads  f32 weights only: one sgemm on OpenBLAS's own threads
+//   BlasThreads  sgemm on OpenBLAS's own threads: f32 one call; bf16/f16 per 16 MB panel
+//                of w, widened by all threads (OpenMP) first
 //   Panels       OpenMP over column panels of y, single-threaded sgemm per panel; bf16/f16
 //                panels are widened into a per-thread f32 buffer first
 enum class GemmPath { Auto, BlasThreads, Panels };

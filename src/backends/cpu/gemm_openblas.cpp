@@ -1,9 +1,10 @@
-// linear: y[M, N] = x[M, K] · w[N, K]ᵀ (+ bias) on OpenBLAS sgemm.
-// f32 weights: one threaded sgemm. bf16/f16 weights: the output is cut into column panels
-// (rows of w); each OpenMP thread widens its panel of w into its own f32 buffer
-// [P, K] and runs a single-threaded sgemm on it, so widening and GEMM share the cores
-// without two thread pools fighting, the widened panel is used while it is still in
-// cache, and the result equals an f32 GEMM on the widened weights.
+// linear: y[M, N] = x[M, K] · w[N, K]ᵀ (+ bias) on OpenBLAS sgemm. Two paths:
+//   BlasThreads: f32 weights: one threaded sgemm. bf16/f16: w in 16 MB panels, each widened
+//     by all threads (OpenMP), then one threaded sgemm per panel. Best for large M.
+//   Panels: the output is cut into column panels (rows of w); each OpenMP thread widens its
+//     panel into its own f32 buffer [P, K] and runs a single-threaded sgemm on it, so the
+//     two thread pools never alternate and the widened panel is used while in cache.
+// Either way the result equals an f32 GEMM on the widened weights; w is never widened whole.
 #include <cblas.h>
 #include <omp.h>
 
@@ -16,8 +17,13 @@ namespace zi::cpu {
 namespace {
 
 constexpr int64_t kPanelRows = 256;  // rows of w widened at a time (256×10240 f32 = 10 MB)
-// f32 weights: which path GemmPath::Auto takes (bf16/f16 always use panels).
-constexpr GemmPath kDefaultPath = GemmPath::BlasThreads;
+constexpr int64_t kBlasPanelBytes = int64_t(16) << 20;  // widened panel of the BlasThreads path
+// GemmPath::Auto: f32 weights, or bf16/f16 with at least kBlasMinRows rows of x, take
+// BlasThreads; smaller bf16/f16 GEMMs take Panels. Measured on 2 cores (bench_gemm): at
+// M = 4128 the widened BlasThreads path runs as fast as f32 sgemm and ~15% faster than
+// Panels; at M = 288 a panel's sgemm is short, the switches between our OpenMP widening
+// and OpenBLAS's spinning pool dominate, and Panels is ~25% faster.
+constexpr int64_t kBlasMinRows = 1024;
 
 ZI_CPU_CLONES void add_bias_rows(float* y, int64_t rows, int64_t ld, const float* b, int64_t n) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -71,10 +77,28 @@ void linear_panels(const float* x, const Tensor& w, const float* bias, float* y,
   }
 }
 
-void linear_blas_threads(const float* x, const float* w, const float* bias, float* y, int64_t M, int64_t N,
+// One threaded sgemm over all of w (f32), or for bf16/f16 over large panels of w that all
+// threads widen together first (OpenMP), so OpenBLAS's own threading does the GEMM.
+void linear_blas_threads(const float* x, const Tensor& w, const float* bias, float* y, int64_t M, int64_t N,
                          int64_t K) {
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(M), int(N), int(K), 1.0f, x, int(K), w, int(K), 0.0f, y,
-              int(N));
+  if (w.dtype() == DType::F32) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(M), int(N), int(K), 1.0f, x, int(K), w.data<float>(),
+                int(K), 0.0f, y, int(N));
+  } else {
+    const int64_t P = std::min(N, std::max<int64_t>(64, kBlasPanelBytes / (4 * K) / 16 * 16));
+    Tensor buf = Tensor::empty({P, K}, DType::F32, Tag::Workspace);  // [P, K]
+    const size_t es = dtype_size(w.dtype());
+    const char* wb = static_cast<const char*>(w.raw());
+    for (int64_t n0 = 0; n0 < N; n0 += P) {
+      const int64_t np = std::min(P, N - n0);
+      const char* src = wb + size_t(n0 * K) * es;
+      parallel_for(np * K, 1 << 16, [&](int64_t b, int64_t e) {
+        widen(src + size_t(b) * es, w.dtype(), buf.data<float>() + b, e - b);
+      });
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(M), int(np), int(K), 1.0f, x, int(K),
+                  buf.data<float>(), int(K), 0.0f, y + n0, int(N));
+    }
+  }
   if (bias) {
     parallel_for(M, std::max<int64_t>(1, 65536 / N), [&](int64_t r0, int64_t r1) {
       add_bias_rows(y + r0 * N, r1 - r0, N, bias, N);
@@ -89,9 +113,10 @@ void linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y, Gem
   if (M == 0 || N == 0) return;
   Tensor b = bias ? widen_vector(*bias) : Tensor();
   const float* bp = bias ? b.data<float>() : nullptr;
-  if (path == GemmPath::Auto) path = kDefaultPath;
-  if (path == GemmPath::BlasThreads && w.dtype() == DType::F32) {
-    linear_blas_threads(x.data<float>(), w.data<float>(), bp, y.data<float>(), M, N, K);
+  if (path == GemmPath::Auto)
+    path = w.dtype() == DType::F32 || M >= kBlasMinRows ? GemmPath::BlasThreads : GemmPath::Panels;
+  if (path == GemmPath::BlasThreads) {
+    linear_blas_threads(x.data<float>(), w, bp, y.data<float>(), M, N, K);
   } else {
     linear_panels(x.data<float>(), w, bp, y.data<float>(), M, N, K);
   }

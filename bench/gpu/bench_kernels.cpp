@@ -1,0 +1,130 @@
+// GPU ceilings and kernel rates, for bench/gpu/NOTES.md: device-to-device copy bandwidth,
+// pinned host-to-device bandwidth, bf16 GEMM rate through our cuBLASLt path (8192³ and the
+// DiT's shapes at 1024²), and the attention kernels at the DiT's size (S = 4128, 30 heads of
+// 128). Times are CUDA-event medians over repeated runs after a warm-up, on random data.
+// Prints one `KERNEL name ms rate unit` line per measurement.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "backends/cuda/common.cuh"
+#include "backends/cuda/cuda_ops.h"
+#include "ops/ops.h"
+
+using namespace zi;
+
+namespace {
+
+double median_ms(const std::function<void()>& f, int reps = 10) {
+  cudaStream_t s = cuda::stream();
+  f();  // warm-up (plans, handles, module load)
+  ZI_CUDA(cudaStreamSynchronize(s));
+  cudaEvent_t a, b;
+  ZI_CUDA(cudaEventCreate(&a));
+  ZI_CUDA(cudaEventCreate(&b));
+  std::vector<float> t;
+  for (int i = 0; i < reps; ++i) {
+    ZI_CUDA(cudaEventRecord(a, s));
+    f();
+    ZI_CUDA(cudaEventRecord(b, s));
+    ZI_CUDA(cudaEventSynchronize(b));
+    float ms = 0;
+    ZI_CUDA(cudaEventElapsedTime(&ms, a, b));
+    t.push_back(ms);
+  }
+  std::sort(t.begin(), t.end());
+  return double(t[t.size() / 2]);
+}
+
+Tensor rand_dev(const Shape& shape, DType dt, uint32_t seed) {
+  std::mt19937 g(seed);
+  std::normal_distribution<float> n(0.0f, 1.0f);
+  Tensor h = Tensor::empty(shape, DType::F32);
+  for (int64_t i = 0; i < h.numel(); ++i) h.f32()[i] = n(g);
+  return h.to(dt).to_device(Device::CUDA);
+}
+
+void report(const char* name, double ms, double rate, const char* unit) {
+  std::printf("KERNEL %-34s %9.3f ms %9.1f %s\n", name, ms, rate, unit);
+  std::fflush(stdout);
+}
+
+}  // namespace
+
+int main() {
+  if (!cuda::available()) {
+    std::printf("no GPU\n");
+    return 1;
+  }
+  std::printf("device: %s\n", cuda::device_description().c_str());
+  {  // device-to-device copy: bytes read + written
+    const size_t n = size_t(2) << 30;
+    Tensor a = Tensor::empty({int64_t(n)}, DType::U8, Tag::Workspace, Device::CUDA);
+    Tensor b = Tensor::empty({int64_t(n)}, DType::U8, Tag::Workspace, Device::CUDA);
+    ZI_CUDA(cudaMemsetAsync(a.raw(), 1, n, cuda::stream()));
+    const double ms = median_ms([&] { ZI_CUDA(cudaMemcpyAsync(b.raw(), a.raw(), n, cudaMemcpyDeviceToDevice, cuda::stream())); });
+    report("d2d_copy_2GiB", ms, 2.0 * double(n) / ms / 1e6, "GB/s");
+    void* pinned = nullptr;
+    ZI_CUDA(cudaHostAlloc(&pinned, size_t(1) << 30, cudaHostAllocDefault));
+    std::memset(pinned, 1, size_t(1) << 30);
+    const double hms = median_ms([&] { ZI_CUDA(cudaMemcpyAsync(a.raw(), pinned, size_t(1) << 30, cudaMemcpyHostToDevice, cuda::stream())); }, 5);
+    report("h2d_pinned_1GiB", hms, double(size_t(1) << 30) / hms / 1e6, "GB/s");
+    ZI_CUDA(cudaFreeHost(pinned));
+  }
+  {  // GEMMs: y[M, N] = x[M, K] · w[N, K]ᵀ, bf16, f32 accumulation
+    struct G { const char* name; int64_t M, N, K; };
+    const G gs[] = {{"gemm_bf16_8192^3", 8192, 8192, 8192},
+                    {"gemm_dit_qkvo_4128x3840x3840", 4128, 3840, 3840},
+                    {"gemm_dit_w13_4128x10240x3840", 4128, 10240, 3840},
+                    {"gemm_dit_w2_4128x3840x10240", 4128, 3840, 10240}};
+    uint32_t seed = 1;
+    for (const G& g : gs) {
+      Tensor x = rand_dev({g.M, g.K}, DType::BF16, seed++), w = rand_dev({g.N, g.K}, DType::BF16, seed++);
+      Tensor y = Tensor::empty({g.M, g.N}, DType::BF16, Tag::Activations, Device::CUDA);
+      const double ms = median_ms([&] { cuda::linear(x, w, nullptr, y); });
+      report(g.name, ms, 2.0 * double(g.M) * double(g.N) * double(g.K) / ms / 1e9, "TFLOP/s");
+    }
+  }
+  {  // attention at the DiT's size: 4·S²·D·H FLOPs (QKᵀ and PV)
+    const int64_t S = 4128, H = 30, D = 128;
+    Tensor q = rand_dev({S, H, D}, DType::BF16, 11), k = rand_dev({S, H, D}, DType::BF16, 12),
+           v = rand_dev({S, H, D}, DType::BF16, 13);
+    Tensor o = Tensor::empty({S, H, D}, DType::BF16, Tag::Activations, Device::CUDA);
+    const double flops = 4.0 * double(S) * double(S) * double(D) * double(H);
+    const float scale = 1.0f / std::sqrt(float(D));
+    for (int variant : {1, 2}) {
+      cuda::set_flash_variant(variant);
+      const double ms = median_ms([&] { cuda::attention(q, k, v, scale, false, -1, o); });
+      report(variant == 1 ? "attn_flash_A_S4128_H30_D128" : "attn_flash_B_S4128_H30_D128", ms, flops / ms / 1e9,
+             "TFLOP/s");
+    }
+    cuda::set_flash_variant(0);
+    cuda::set_force_blocked_attention(true);
+    const double bms = median_ms([&] { cuda::attention(q, k, v, scale, false, -1, o); }, 3);
+    cuda::set_force_blocked_attention(false);
+    report("attn_blocked_S4128_H30_D128", bms, flops / bms / 1e9, "TFLOP/s");
+  }
+  {  // the VAE's largest convolutions, bf16 (cuDNN when present)
+    struct C { const char* name; int64_t Cin, H, W, Cout; };
+    const C cs[] = {{"conv3x3_128ch_1024^2", 128, 1024, 1024, 128}, {"conv3x3_256ch_1024^2", 256, 1024, 1024, 256},
+                    {"conv3x3_256ch_512^2", 256, 512, 512, 256}, {"conv3x3_512ch_256^2", 512, 256, 256, 512}};
+    for (const C& c : cs) {
+      Tensor x = rand_dev({c.Cin, c.H, c.W}, DType::BF16, 21), w = rand_dev({c.Cout, c.Cin, 3, 3}, DType::BF16, 22);
+      Tensor o = Tensor::empty({c.Cout, c.H, c.W}, DType::BF16, Tag::Activations, Device::CUDA);
+      const double flops = 2.0 * double(c.Cin * 9) * double(c.Cout) * double(c.H * c.W);
+      for (cuda::ConvPath p : {cuda::ConvPath::Cudnn, cuda::ConvPath::Im2col}) {
+        cuda::set_conv_path(p);
+        const double ms = median_ms([&] { cuda::conv2d(x, w, nullptr, 1, o); }, 5);
+        report((std::string(c.name) + (p == cuda::ConvPath::Cudnn ? "_cudnn" : "_im2col")).c_str(), ms,
+               flops / ms / 1e9, "TFLOP/s");
+      }
+      cuda::set_conv_path(cuda::ConvPath::Auto);
+    }
+  }
+  return 0;
+}

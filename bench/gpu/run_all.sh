@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# One GPU-machine call: binaries (carried from pack_carry.sh, else built here with -j16), the
+# GPU tests, kernel ceilings and rates, a real-size random checkpoint (turbo preset, bf16 to
+# keep it ~20 GB and quick to write; deleted at the end), zimage at 1024² (8 steps) and 512²,
+# then diffusers eager and torch.compile on the same card, and one table last.
+# Use: bench/gpu/run_all.sh [tests|bench|diffusers|all]...  (default: all). Logs go to $OUT.
+set -uo pipefail
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$ROOT"
+OUT=${OUT:-/tmp/zi-out}
+mkdir -p "$OUT"
+WHAT=" ${*:-all} "
+want() { [[ "$WHAT" == *" $1 "* || "$WHAT" == *" all "* ]]; }
+T0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
+
+# ---- libraries: cuBLAS/cuDNN from the toolkit or PyTorch's wheels ----
+NVDIRS=$(python3 - <<'PY' 2>/dev/null
+import os, glob
+dirs = set()
+try:
+    import nvidia
+    for root in list(nvidia.__path__):
+        for pat in ("**/libcublasLt.so*", "**/libcudnn.so*", "**/libcublas.so*"):
+            for f in glob.glob(os.path.join(root, pat), recursive=True):
+                dirs.add(os.path.dirname(f))
+except Exception:
+    pass
+print(":".join(sorted(dirs)))
+PY
+)
+export LD_LIBRARY_PATH="${NVDIRS}:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+
+# ---- binaries ----
+ZLIB=""
+z() { LD_LIBRARY_PATH="${ZLIB:+$ZLIB:}$LD_LIBRARY_PATH" "$@"; }
+if [ -f .carry/zimage-bin.tar.xz ]; then
+  mkdir -p /tmp/zi && tar -C /tmp/zi -xJf .carry/zimage-bin.tar.xz
+  BIN=/tmp/zi/bin
+  ZLIB=/tmp/zi/lib  # only for our binaries: python must keep the image's own libraries
+else
+  cmake -S . -B build-gpu -G Ninja -DZIMAGE_CUDA=ON -DZIMAGE_BENCH=OFF -DCMAKE_BUILD_TYPE=Release > "$OUT/build.log" 2>&1 &&
+    ninja -C build-gpu -j16 zimage zimage_gpu_tests bench_kernels >> "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+  BIN=$ROOT/build-gpu; cp build-gpu/bench/bench_kernels "$BIN/" 2>/dev/null
+fi
+stamp "binaries ready ($BIN)"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/gpu.txt"
+(dpkg -l 2>/dev/null | grep -E "libopenblas|libpng-dev|libpcre2-dev|libutf8proc|libgtest|nlohmann|libcli11" | awk '{print $2}' | tr '\n' ' '; echo) > "$OUT/build_deps.txt"
+z ldd "$BIN/zimage" | grep -E "not found|cublas|cudnn" | tee "$OUT/ldd.txt"
+
+if want tests; then
+  ZI_TEST_DATA_DIR=$ROOT/tests/data ZI_TINY_MODEL_DIR=$ROOT/models/tiny-zimage \
+    z "$BIN/zimage_gpu_tests" --gtest_color=no > "$OUT/gpu_tests.log" 2>&1
+  echo "gpu tests rc=$?" | tee -a "$OUT/gpu_tests.log"
+  grep -E "^\[  (PASSED|FAILED)|FAILED|rel_l2|device:|turbo|cfg |truncated" "$OUT/gpu_tests.log" | head -60
+  stamp "tests done"
+fi
+
+PROMPT="A cinematic photo of a red fox standing in fresh snow at dawn, soft light, highly detailed fur, 85mm lens"
+if want bench; then
+  z "$BIN/bench_kernels" 2>&1 | tee "$OUT/kernels.log"
+  stamp "kernels done"
+  M=/tmp/zrm
+  rm -rf "$M"
+  z "$BIN/zimage" make-random-model --preset turbo --dtype bf16 -q "$M" > "$OUT/make_model.log" 2>&1 || { cat "$OUT/make_model.log"; }
+  du -sh "$M" | tee -a "$OUT/make_model.log"
+  stamp "random model written"
+  for sz in 1024 512; do
+    z "$BIN/zimage" generate --model "$M" -p "$PROMPT" -W $sz -H $sz --steps 8 --seed 1 --count 2 --device cuda \
+      -o "$OUT/zimage_$sz.png" > "$OUT/zimage_$sz.log" 2>&1
+    echo "rc=$?" >> "$OUT/zimage_$sz.log"
+    tail -12 "$OUT/zimage_$sz.log"
+    stamp "zimage $sz done"
+  done
+  rm -f "$OUT"/zimage_*-0001.png
+  rm -rf "$M"
+fi
+
+if want diffusers; then
+  if [ -f .carry/diffusers_src.tar.xz ]; then
+    mkdir -p /tmp/diffusers && tar -C /tmp/diffusers -xJf .carry/diffusers_src.tar.xz
+    export DIFFUSERS_SRC=/tmp/diffusers/src
+  fi
+  PYTHONUNBUFFERED=1 timeout 300 python3 bench/gpu/bench_diffusers.py models/tiny-zimage/tokenizer resident compile \
+    > "$OUT/diffusers.log" 2>&1
+  echo "rc=$?" >> "$OUT/diffusers.log"
+  grep -E "CEILINGS|RESULT|compile wall|Error|error" "$OUT/diffusers.log" | tail -12
+  stamp "diffusers done"
+fi
+
+python3 bench/gpu/summarize.py "$OUT" | tee "$OUT/summary.md"

@@ -1,0 +1,270 @@
+// Elementwise ops, row broadcasts, RoPE, upsampling, concatenation and embedding lookup on
+// the GPU. All are memory bound: grid-stride loops over contiguous data, math in f32, the
+// result rounded once to the activation dtype.
+#include "backends/cuda/common.cuh"
+#include "backends/cuda/cuda_ops.h"
+
+namespace zi::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+#define ZI_GRID_LOOP(i, n) \
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (n); i += int64_t(gridDim.x) * blockDim.x)
+
+unsigned grid(int64_t n) { return grid_for(n, kThreads, int64_t(sm_count()) * 16); }
+
+__device__ __forceinline__ float silu_f(float a) { return a / (1.0f + __expf(-a)); }
+
+template <class T>
+__global__ void silu_kernel(T* x, int64_t n) {
+  ZI_GRID_LOOP(i, n) st<T>(x, i, silu_f(ld<T>(x, i)));
+}
+template <class T>
+__global__ void tanh_kernel(T* x, int64_t n) {
+  ZI_GRID_LOOP(i, n) st<T>(x, i, tanhf(ld<T>(x, i)));
+}
+template <class T>
+__global__ void silu_mul_kernel(const T* a, const T* b, T* o, int64_t n) {
+  ZI_GRID_LOOP(i, n) st<T>(o, i, silu_f(ld<T>(a, i)) * ld<T>(b, i));
+}
+// 16-byte vector forms (n a multiple of the vector width, 16-byte aligned pointers).
+template <class T>
+__global__ void silu_mul_vec(const T* a, const T* b, T* o, int64_t nv) {
+  constexpr int N = Vec<T>::N;
+  ZI_GRID_LOOP(v, nv) {
+    float fa[N], fb[N];
+    load_vec(a + v * N, fa);
+    load_vec(b + v * N, fb);
+#pragma unroll
+    for (int e = 0; e < N; ++e) fa[e] = silu_f(fa[e]) * fb[e];
+    store_vec(o + v * N, fa);
+  }
+}
+template <class T>
+__global__ void add_vec(T* x, const T* y, int64_t nv) {
+  constexpr int N = Vec<T>::N;
+  ZI_GRID_LOOP(v, nv) {
+    float fx[N], fy[N];
+    load_vec(x + v * N, fx);
+    load_vec(y + v * N, fy);
+#pragma unroll
+    for (int e = 0; e < N; ++e) fx[e] += fy[e];
+    store_vec(x + v * N, fx);
+  }
+}
+
+bool vec_ok(int64_t n, DType dt, std::initializer_list<const void*> ptrs) {
+  if (n % (16 / int64_t(dtype_size(dt)))) return false;
+  for (const void* p : ptrs)
+    if (reinterpret_cast<uintptr_t>(p) % 16) return false;
+  return true;
+}
+
+template <class T, class U>
+__global__ void add_kernel(T* x, const U* y, int64_t n) {
+  ZI_GRID_LOOP(i, n) st<T>(x, i, ld<T>(x, i) + ld<U>(y, i));
+}
+template <class T, class U>
+__global__ void mul_kernel(T* x, const U* y, int64_t n) {
+  ZI_GRID_LOOP(i, n) st<T>(x, i, ld<T>(x, i) * ld<U>(y, i));
+}
+template <class T>
+__global__ void affine_kernel(T* x, int64_t n, float s, float a) {
+  ZI_GRID_LOOP(i, n) st<T>(x, i, ld<T>(x, i) * s + a);
+}
+template <class T>
+__global__ void mul_rows_kernel(T* x, const float* v, int64_t n, int64_t D) {
+  ZI_GRID_LOOP(i, n) st<T>(x, i, ld<T>(x, i) * v[i % D]);
+}
+template <class T, class U>
+__global__ void add_gated_kernel(T* x, const float* v, const U* y, int64_t n, int64_t D) {
+  ZI_GRID_LOOP(i, n) st<T>(x, i, ld<T>(x, i) + v[i % D] * ld<U>(y, i));
+}
+
+// One thread per rotated pair. x [S, H, D]; cos/sin [S, D/2].
+template <class T, bool kPairs>
+__global__ void rope_kernel(T* x, const float* cs, const float* sn, int64_t S, int64_t H, int64_t D) {
+  const int64_t half = D / 2, n = S * H * half;
+  ZI_GRID_LOOP(i, n) {
+    const int64_t m = i % half, sh = i / half, s = sh / H;
+    T* row = x + sh * D;
+    const float c = cs[s * half + m], si = sn[s * half + m];
+    const int64_t i0 = kPairs ? 2 * m : m, i1 = kPairs ? 2 * m + 1 : m + half;
+    const float a = ld<T>(row, i0), b = ld<T>(row, i1);
+    if (kPairs) {
+      st<T>(row, i0, a * c - b * si);
+      st<T>(row, i1, a * si + b * c);
+    } else {
+      st<T>(row, i0, a * c - b * si);
+      st<T>(row, i1, b * c + a * si);
+    }
+  }
+}
+
+template <class T>
+__global__ void upsample_kernel(const T* x, T* o, int64_t C, int64_t H, int64_t W) {
+  const int64_t n = C * 4 * H * W;
+  ZI_GRID_LOOP(i, n) {
+    const int64_t ox = i % (2 * W), r = i / (2 * W), oy = r % (2 * H), c = r / (2 * H);
+    o[i] = x[(c * H + oy / 2) * W + ox / 2];
+  }
+}
+
+template <class S, class T>
+__global__ void embedding_kernel(const S* table, const int32_t* ids, T* out, int64_t n, int64_t D) {
+  ZI_GRID_LOOP(i, n * D) {
+    const int64_t r = i / D, j = i % D;
+    st<T>(out, i, ld<S>(table, int64_t(ids[r]) * D + j));
+  }
+}
+
+// Runs body with U bound to the element type of an f32/bf16 operand y.
+#define ZI_DISPATCH_SECOND(dt, ...)                         \
+  do {                                                      \
+    if ((dt) == DType::F32) {                               \
+      using U = float;                                      \
+      __VA_ARGS__;                                          \
+    } else {                                                \
+      using U = bf16;                                       \
+      __VA_ARGS__;                                          \
+    }                                                       \
+  } while (0)
+
+}  // namespace
+
+void silu_(Tensor& x) {
+  const int64_t n = x.numel();
+  if (!n) return;
+  ZI_DISPATCH_ACT(x.dtype(), silu_kernel<T><<<grid(n), kThreads, 0, stream()>>>(x.data<T>(), n));
+  ZI_CUDA_LAUNCHED();
+}
+
+void tanh_(Tensor& x) {
+  const int64_t n = x.numel();
+  if (!n) return;
+  ZI_DISPATCH_ACT(x.dtype(), tanh_kernel<T><<<grid(n), kThreads, 0, stream()>>>(x.data<T>(), n));
+  ZI_CUDA_LAUNCHED();
+}
+
+void silu_mul(const Tensor& a, const Tensor& b, Tensor& out) {
+  const int64_t n = a.numel();
+  if (!n) return;
+  if (vec_ok(n, a.dtype(), {a.raw(), b.raw(), out.raw()})) {
+    const int64_t nv = n / (16 / int64_t(dtype_size(a.dtype())));
+    ZI_DISPATCH_ACT(a.dtype(), silu_mul_vec<T><<<grid(nv), kThreads, 0, stream()>>>(a.data<T>(), b.data<T>(),
+                                                                                    out.data<T>(), nv));
+  } else {
+    ZI_DISPATCH_ACT(a.dtype(), silu_mul_kernel<T><<<grid(n), kThreads, 0, stream()>>>(a.data<T>(), b.data<T>(),
+                                                                                      out.data<T>(), n));
+  }
+  ZI_CUDA_LAUNCHED();
+}
+
+void add_(Tensor& x, const Tensor& y) {
+  const int64_t n = x.numel();
+  if (!n) return;
+  if (x.dtype() == y.dtype() && vec_ok(n, x.dtype(), {x.raw(), y.raw()})) {
+    const int64_t nv = n / (16 / int64_t(dtype_size(x.dtype())));
+    ZI_DISPATCH_ACT(x.dtype(), add_vec<T><<<grid(nv), kThreads, 0, stream()>>>(x.data<T>(), y.data<T>(), nv));
+    ZI_CUDA_LAUNCHED();
+    return;
+  }
+  ZI_DISPATCH_ACT(x.dtype(), ZI_DISPATCH_SECOND(y.dtype(), add_kernel<T, U><<<grid(n), kThreads, 0, stream()>>>(
+                                                               x.data<T>(), y.data<U>(), n)));
+  ZI_CUDA_LAUNCHED();
+}
+
+void mul_(Tensor& x, const Tensor& y) {
+  const int64_t n = x.numel();
+  if (!n) return;
+  ZI_DISPATCH_ACT(x.dtype(), ZI_DISPATCH_SECOND(y.dtype(), mul_kernel<T, U><<<grid(n), kThreads, 0, stream()>>>(
+                                                               x.data<T>(), y.data<U>(), n)));
+  ZI_CUDA_LAUNCHED();
+}
+
+void scale_(Tensor& x, float s) {
+  const int64_t n = x.numel();
+  if (!n) return;
+  ZI_DISPATCH_ACT(x.dtype(), affine_kernel<T><<<grid(n), kThreads, 0, stream()>>>(x.data<T>(), n, s, 0.0f));
+  ZI_CUDA_LAUNCHED();
+}
+
+void add_scalar_(Tensor& x, float s) {
+  const int64_t n = x.numel();
+  if (!n) return;
+  ZI_DISPATCH_ACT(x.dtype(), affine_kernel<T><<<grid(n), kThreads, 0, stream()>>>(x.data<T>(), n, 1.0f, s));
+  ZI_CUDA_LAUNCHED();
+}
+
+void mul_rows_(Tensor& x, const Tensor& v) {
+  const int64_t n = x.numel(), D = x.dim(-1);
+  if (!n) return;
+  Tensor vf = f32_vector(v);
+  ZI_DISPATCH_ACT(x.dtype(), mul_rows_kernel<T><<<grid(n), kThreads, 0, stream()>>>(x.data<T>(), vf.data<float>(), n, D));
+  ZI_CUDA_LAUNCHED();
+}
+
+void add_gated_(Tensor& x, const Tensor& v, const Tensor& y) {
+  const int64_t n = x.numel(), D = x.dim(-1);
+  if (!n) return;
+  Tensor vf = f32_vector(v);
+  ZI_DISPATCH_ACT(x.dtype(), ZI_DISPATCH_SECOND(y.dtype(), add_gated_kernel<T, U><<<grid(n), kThreads, 0, stream()>>>(
+                                                               x.data<T>(), vf.data<float>(), y.data<U>(), n, D)));
+  ZI_CUDA_LAUNCHED();
+}
+
+void rope_halves_(Tensor& x, const Tensor& cos, const Tensor& sin) {
+  const int64_t S = x.dim(0), H = x.dim(1), D = x.dim(2);
+  if (!S || !H) return;
+  ZI_DISPATCH_ACT(x.dtype(), rope_kernel<T, false><<<grid(S * H * D / 2), kThreads, 0, stream()>>>(
+                                 x.data<T>(), cos.data<float>(), sin.data<float>(), S, H, D));
+  ZI_CUDA_LAUNCHED();
+}
+
+void rope_pairs_(Tensor& x, const Tensor& cos, const Tensor& sin) {
+  const int64_t S = x.dim(0), H = x.dim(1), D = x.dim(2);
+  if (!S || !H) return;
+  ZI_DISPATCH_ACT(x.dtype(), rope_kernel<T, true><<<grid(S * H * D / 2), kThreads, 0, stream()>>>(
+                                 x.data<T>(), cos.data<float>(), sin.data<float>(), S, H, D));
+  ZI_CUDA_LAUNCHED();
+}
+
+void upsample_nearest2x(const Tensor& x, Tensor& out) {
+  const int64_t C = x.dim(0), H = x.dim(1), W = x.dim(2);
+  if (!out.numel()) return;
+  ZI_DISPATCH_ACT(x.dtype(), upsample_kernel<T><<<grid(out.numel()), kThreads, 0, stream()>>>(x.data<T>(),
+                                                                                            out.data<T>(), C, H, W));
+  ZI_CUDA_LAUNCHED();
+}
+
+void concat0(const std::vector<Tensor>& parts, Tensor& out) {
+  char* o = static_cast<char*>(out.raw());
+  for (const Tensor& t : parts) {
+    const size_t n = t.nbytes();
+    if (n) ZI_CUDA(cudaMemcpyAsync(o, t.raw(), n, cudaMemcpyDeviceToDevice, stream()));
+    o += n;
+  }
+}
+
+void embedding(const Tensor& table, const std::vector<int32_t>& ids, Tensor& out) {
+  const int64_t n = int64_t(ids.size()), D = table.dim(1);
+  if (!n) return;
+  Tensor idt = Tensor::empty({n}, DType::I32, Tag::Workspace, Device::CUDA);
+  ZI_CUDA(cudaMemcpyAsync(idt.raw(), ids.data(), size_t(n) * 4, cudaMemcpyHostToDevice, stream()));
+  ZI_CUDA(cudaStreamSynchronize(stream()));  // ids is pageable host memory the caller owns
+  auto run = [&](auto* tp) {
+    using S = std::remove_const_t<std::remove_pointer_t<decltype(tp)>>;
+    ZI_DISPATCH_ACT(out.dtype(), embedding_kernel<S, T><<<grid(n * D), kThreads, 0, stream()>>>(
+                                     tp, idt.data<int32_t>(), out.data<T>(), n, D));
+  };
+  switch (table.dtype()) {
+    case DType::F32: run(table.data<const float>()); break;
+    case DType::BF16: run(table.data<const bf16>()); break;
+    case DType::F16: run(table.data<const __half>()); break;
+    default: fail("[embedding] table must be f32/bf16/f16");
+  }
+  ZI_CUDA_LAUNCHED();
+}
+
+}  // namespace zi::cuda

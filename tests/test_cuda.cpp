@@ -1,0 +1,411 @@
+// The CUDA backend against the CPU backend (the oracle): every op of ops.h on random non-zero
+// data in f32 and bf16 activations, the tensor plumbing (copies, permutes, conversions, the
+// streamed upload), and the fixture cases end to end on the GPU. Every test skips when no GPU
+// is present, so this file passes on CI machines; ctest -L gpu runs it on a GPU machine.
+// Tolerances (relative L2 over the whole output unless stated): f32 1e-5 (different summation
+// order only), bf16 1e-2 (inputs and output rounded to 8 bits of mantissa). Pipeline: with
+// --precision f32 the 8-bit image within max |diff| <= 1 of the reference; in bf16 every
+// step's latents within relative L2 3e-2 and the image within mean |diff| <= 2/255.
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <random>
+
+#include "backends/cuda/cuda_ops.h"
+#include "io/png.h"
+#include "io/safetensors.h"
+#include "ops/ops.h"
+#include "pipeline/pipeline.h"
+#include "test_util.h"
+
+using namespace zi;
+using zi::test::max_abs_diff;
+using zi::test::rel_l2;
+
+namespace {
+
+#define ZI_REQUIRE_GPU() \
+  if (!cuda::available()) GTEST_SKIP() << "no CUDA GPU"
+
+// Fixture paths; a carried test binary is pointed at the tree it runs in by these variables.
+std::string data_dir() {
+  const char* e = std::getenv("ZI_TEST_DATA_DIR");
+  return e ? e : ZI_TEST_DATA;
+}
+std::string tiny_model_dir() {
+  const char* e = std::getenv("ZI_TINY_MODEL_DIR");
+  return e ? e : ZI_TINY_MODEL;
+}
+
+// Uniform in ±[lo, hi] (never zero, random sign).
+Tensor rnd(const Shape& shape, uint32_t seed, float lo = 0.05f, float hi = 1.0f) {
+  std::mt19937 g(seed);
+  std::uniform_real_distribution<float> u(lo, hi);
+  Tensor t = Tensor::empty(shape, DType::F32);
+  for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = (g() & 1 ? 1.0f : -1.0f) * u(g);
+  return t;
+}
+
+// A host f32 tensor rounded through `dt` (what the GPU sees in bf16), so both sides start equal.
+Tensor rounded(const Tensor& t, DType dt) { return dt == DType::F32 ? t.clone() : t.to(dt).to(DType::F32); }
+Tensor gpu(const Tensor& t, DType dt) { return t.to(dt).to_device(Device::CUDA); }
+Tensor host(const Tensor& t) { return ops::to_host_f32(t); }
+
+double tol(DType dt) { return dt == DType::F32 ? 1e-5 : 1e-2; }
+
+void expect_close(const Tensor& got_dev, const Tensor& ref, DType dt, const std::string& what, double scale = 1.0) {
+  Tensor got = host(got_dev);
+  ASSERT_EQ(got.shape(), ref.shape()) << what;
+  const double r = rel_l2(got, ref);
+  EXPECT_LE(r, tol(dt) * scale) << what << " " << dtype_name(dt) << " rel_l2=" << r
+                                << " max_abs=" << max_abs_diff(got, ref);
+}
+
+const DType kActs[] = {DType::F32, DType::BF16};
+
+}  // namespace
+
+// Runs everywhere (no GPU needed): on the CPU the fused ops are exactly their composed forms.
+TEST(CpuFused, EqualComposedOps) {
+  const Tensor x = rnd({7, 96}, 90), y = rnd({7, 96}, 91), w = rnd({96}, 92).to(DType::BF16), g = rnd({96}, 93);
+  Tensor a = x.clone();
+  ops::rms_norm_(a, w, 1e-6f);
+  ops::mul_rows_(a, g);
+  EXPECT_EQ(max_abs_diff(ops::rms_norm(x, w, 1e-6f, &g), a), 0.0);
+  Tensor xa = x.clone(), ya = y.clone(), xb = x.clone(), yb = y.clone();
+  ops::rms_norm_add_(xa, ya, w, 1e-6f, &g);
+  ops::rms_norm_(yb, w, 1e-6f);
+  ops::add_gated_(xb, g, yb);
+  EXPECT_EQ(max_abs_diff(xa, xb), 0.0);
+  const Tensor q = rnd({5, 2, 16}, 94), cs = rnd({5, 8}, 95), sn = rnd({5, 8}, 96), qw = rnd({16}, 97);
+  Tensor qa = q.clone(), qb = q.clone();
+  ops::rms_norm_rope_pairs_(qa, qw, 1e-5f, cs, sn);
+  Tensor rows = qb.reshape({10, 16});
+  ops::rms_norm_(rows, qw, 1e-5f);
+  ops::rope_pairs_(qb, cs, sn);
+  EXPECT_EQ(max_abs_diff(qa, qb), 0.0);
+  Tensor ga = rnd({4, 3, 5}, 98), gb = ga.clone(), gw = rnd({4}, 99), gbias = rnd({4}, 100);
+  ops::group_norm_silu_(ga, 2, gw, gbias, 1e-6f);
+  ops::group_norm_(gb, 2, gw, gbias, 1e-6f);
+  ops::silu_(gb);
+  EXPECT_EQ(max_abs_diff(ga, gb), 0.0);
+}
+
+TEST(Cuda, TensorPlumbing) {
+  ZI_REQUIRE_GPU();
+  std::printf("device: %s, cuDNN %s\n", cuda::device_description().c_str(), cuda::cudnn_available() ? "yes" : "no");
+  Tensor a = rnd({3, 5, 7}, 1);
+  Tensor d = a.to_device(Device::CUDA);
+  EXPECT_EQ(d.device(), Device::CUDA);
+  EXPECT_EQ(max_abs_diff(d.to_device(Device::CPU), a), 0.0);
+  // Permute + contiguous on the device equals the host's.
+  Tensor p = d.permute({2, 0, 1}).contiguous();
+  EXPECT_EQ(max_abs_diff(p.to_device(Device::CPU), a.permute({2, 0, 1}).contiguous()), 0.0);
+  // dtype conversion on the device rounds like the host's.
+  EXPECT_EQ(max_abs_diff(d.to(DType::BF16).to(DType::F32).to_device(Device::CPU), a.to(DType::BF16).to(DType::F32)),
+            0.0);
+  EXPECT_EQ(max_abs_diff(Tensor::zeros({4, 4}, DType::F32, Tag::Activations, Device::CUDA).to_device(Device::CPU),
+                         Tensor::zeros({4, 4}, DType::F32)),
+            0.0);
+  // A slice view, then clone.
+  Tensor s = d.slice(1, 1, 4).contiguous().to_device(Device::CPU);
+  EXPECT_EQ(max_abs_diff(s, a.slice(1, 1, 4).contiguous()), 0.0);
+}
+
+TEST(Cuda, AccountingAndPool) {
+  ZI_REQUIRE_GPU();
+  MemoryStats& ms = memory_stats(Device::CUDA);
+  const int64_t before = ms.total().current;
+  {
+    PhaseScope ph("test", Device::CUDA);
+    Tensor t = Tensor::empty({1 << 20}, DType::F32, Tag::Activations, Device::CUDA);
+    EXPECT_EQ(ms.total().current, before + (4 << 20));
+    PhaseRecord r = ph.end();
+    EXPECT_GE(r.peak_bytes, before + (4 << 20));
+  }
+  EXPECT_EQ(ms.total().current, before);
+  cuda::synchronize();
+  EXPECT_GT(cuda::pool_stats().reserved_high, 0);
+}
+
+TEST(Cuda, StreamedUpload) {
+  ZI_REQUIRE_GPU();
+  // Larger than one staging slot, and an odd count, in every source/target dtype pair.
+  const int64_t n = (int64_t(9) << 20) + 3;
+  Tensor a = rnd({n}, 2);
+  for (DType sdt : {DType::F32, DType::BF16, DType::F16})
+    for (DType ddt : {DType::F32, DType::BF16, DType::F16}) {
+      Tensor src = a.to(sdt);
+      Tensor dst = Tensor::empty({n}, ddt, Tag::Activations, Device::CUDA);
+      cuda::upload_convert(src.raw(), sdt, n, dst);
+      EXPECT_EQ(max_abs_diff(dst.to_device(Device::CPU).to(DType::F32), src.to(ddt).to(DType::F32)), 0.0)
+          << dtype_name(sdt) << " -> " << dtype_name(ddt);
+    }
+}
+
+TEST(Cuda, Linear) {
+  ZI_REQUIRE_GPU();
+  struct Case { int64_t M, K, N; bool bias; };
+  const Case cases[] = {{1, 16, 8, true}, {5, 40, 24, false}, {33, 64, 48, true}, {130, 320, 136, true},
+                        {257, 96, 520, false}};
+  uint32_t seed = 10;
+  for (const Case& c : cases)
+    for (DType act : kActs)
+      for (DType wdt : {DType::F32, DType::BF16, DType::F16}) {
+        Tensor x = rnd({c.M, c.K}, seed++), w = rnd({c.N, c.K}, seed++).to(wdt), b = rnd({c.N}, seed++);
+        const Tensor xr = rounded(x, act);
+        Tensor ref = ops::linear(xr, w, c.bias ? &b : nullptr);
+        Tensor wd = w.to_device(Device::CUDA), bd = b.to_device(Device::CUDA);
+        Tensor y = ops::linear(gpu(x, act), wd, c.bias ? &bd : nullptr);
+        EXPECT_EQ(y.dtype(), act);
+        expect_close(y, ref, act, str_cat("linear M=", c.M, " K=", c.K, " N=", c.N, " w ", dtype_name(wdt)));
+      }
+}
+
+TEST(Cuda, Norms) {
+  ZI_REQUIRE_GPU();
+  for (DType act : kActs)
+    for (int64_t D : {int64_t(128), int64_t(3000)}) {
+      Tensor x = rnd({37, D}, 20), w = rnd({D}, 21);
+      Tensor ref = rounded(x, act);
+      ops::rms_norm_(ref, w, 1e-6f);
+      Tensor xd = gpu(x, act);
+      ops::rms_norm_(xd, w.to_device(Device::CUDA), 1e-6f);
+      expect_close(xd, ref, act, str_cat("rms_norm D=", D));
+      Tensor ln = rounded(x, act);
+      ops::layer_norm_(ln, 1e-6f);
+      Tensor lnd = gpu(x, act);
+      ops::layer_norm_(lnd, 1e-6f);
+      expect_close(lnd, ln, act, str_cat("layer_norm D=", D));
+    }
+  for (DType act : kActs)
+    for (bool silu : {false, true}) {
+      Tensor x = rnd({64, 33, 17}, 22, 0.05f, 2.0f), w = rnd({64}, 23), b = rnd({64}, 24);
+      for (int64_t i = 0; i < x.numel(); ++i) x.f32()[i] += 0.5f;  // a non-zero mean
+      Tensor ref = rounded(x, act);
+      if (silu) ops::group_norm_silu_(ref, 32, w, b, 1e-6f);
+      else ops::group_norm_(ref, 32, w, b, 1e-6f);
+      Tensor xd = gpu(x, act);
+      Tensor wd = w.to_device(Device::CUDA), bd = b.to_device(Device::CUDA);
+      if (silu) ops::group_norm_silu_(xd, 32, wd, bd, 1e-6f);
+      else ops::group_norm_(xd, 32, wd, bd, 1e-6f);
+      expect_close(xd, ref, act, str_cat("group_norm silu=", silu));
+    }
+}
+
+TEST(Cuda, FusedNorms) {
+  ZI_REQUIRE_GPU();
+  for (DType act : kActs)
+    for (int64_t D : {int64_t(64), int64_t(3840), int64_t(100)}) {
+      const Tensor x = rnd({19, D}, 80), y = rnd({19, D}, 81), w = rnd({D}, 82), g = rnd({D}, 83);
+      const Tensor xr = rounded(x, act), yr = rounded(y, act);
+      Tensor wd = w.to_device(Device::CUDA), gd = g.to_device(Device::CUDA);
+      for (bool with : {false, true}) {
+        expect_close(ops::rms_norm(gpu(x, act), wd, 1e-5f, with ? &gd : nullptr),
+                     ops::rms_norm(xr, w, 1e-5f, with ? &g : nullptr), act, str_cat("rms_norm D=", D, " scale=", with));
+        Tensor ref = xr.clone(), yc = yr.clone();
+        ops::rms_norm_add_(ref, yc, w, 1e-5f, with ? &g : nullptr);
+        Tensor xd = gpu(x, act), yd = gpu(y, act);
+        ops::rms_norm_add_(xd, yd, wd, 1e-5f, with ? &gd : nullptr);
+        expect_close(xd, ref, act, str_cat("rms_norm_add_ D=", D, " gate=", with));
+      }
+    }
+  for (DType act : kActs) {
+    const Tensor x = rnd({21, 3, 128}, 84), w = rnd({128}, 85), cs = rnd({21, 64}, 86), sn = rnd({21, 64}, 87);
+    Tensor ref = rounded(x, act);
+    ops::rms_norm_rope_pairs_(ref, w, 1e-5f, cs, sn);
+    Tensor xd = gpu(x, act);
+    ops::rms_norm_rope_pairs_(xd, w.to_device(Device::CUDA), 1e-5f, cs.to_device(Device::CUDA), sn.to_device(Device::CUDA));
+    expect_close(xd, ref, act, "rms_norm_rope_pairs_");
+  }
+}
+
+TEST(Cuda, Elementwise) {
+  ZI_REQUIRE_GPU();
+  for (DType act : kActs) {
+    const Tensor a = rnd({17, 96}, 30, 0.05f, 3.0f), b = rnd({17, 96}, 31), v = rnd({96}, 32);
+    const Tensor ar = rounded(a, act), br = rounded(b, act);
+    auto check_inplace = [&](const char* name, auto&& op) {
+      Tensor ref = ar.clone();
+      op(ref, br, v);
+      Tensor d = gpu(a, act);
+      op(d, gpu(b, act), v.to_device(Device::CUDA));
+      expect_close(d, ref, act, name);
+    };
+    check_inplace("silu_", [](Tensor& x, const Tensor&, const Tensor&) { ops::silu_(x); });
+    check_inplace("tanh_", [](Tensor& x, const Tensor&, const Tensor&) { ops::tanh_(x); });
+    check_inplace("add_", [](Tensor& x, const Tensor& y, const Tensor&) { ops::add_(x, y); });
+    check_inplace("mul_", [](Tensor& x, const Tensor& y, const Tensor&) { ops::mul_(x, y); });
+    check_inplace("scale_", [](Tensor& x, const Tensor&, const Tensor&) { ops::scale_(x, -1.7f); });
+    check_inplace("add_scalar_", [](Tensor& x, const Tensor&, const Tensor&) { ops::add_scalar_(x, 0.3f); });
+    check_inplace("mul_rows_", [](Tensor& x, const Tensor&, const Tensor& w) { ops::mul_rows_(x, w); });
+    check_inplace("add_gated_", [](Tensor& x, const Tensor& y, const Tensor& w) { ops::add_gated_(x, w, y); });
+    expect_close(ops::silu_mul(gpu(a, act), gpu(b, act)), ops::silu_mul(ar, br), act, "silu_mul");
+    // RoPE: x [S, H, D], tables [S, D/2].
+    const Tensor x = rnd({9, 3, 32}, 33), cs = rnd({9, 16}, 34), sn = rnd({9, 16}, 35);
+    for (int form = 0; form < 2; ++form) {
+      Tensor ref = rounded(x, act), d = gpu(x, act);
+      Tensor cd = cs.to_device(Device::CUDA), sd = sn.to_device(Device::CUDA);
+      if (form == 0) {
+        ops::rope_halves_(ref, cs, sn);
+        ops::rope_halves_(d, cd, sd);
+      } else {
+        ops::rope_pairs_(ref, cs, sn);
+        ops::rope_pairs_(d, cd, sd);
+      }
+      expect_close(d, ref, act, form == 0 ? "rope_halves_" : "rope_pairs_");
+    }
+    const Tensor img = rnd({3, 5, 7}, 36);
+    expect_close(ops::upsample_nearest2x(gpu(img, act)), ops::upsample_nearest2x(rounded(img, act)), act, "upsample");
+    expect_close(ops::concat0({gpu(a, act), gpu(b, act)}), ops::concat0({ar, br}), act, "concat0");
+  }
+  const Tensor table = rnd({50, 24}, 37).to(DType::BF16);
+  const std::vector<int32_t> ids{3, 0, 49, 3, 17};
+  expect_close(ops::embedding(table.to_device(Device::CUDA), ids), ops::embedding(table, ids), DType::F32, "embedding");
+}
+
+TEST(Cuda, Attention) {
+  ZI_REQUIRE_GPU();
+  struct Case { int64_t Sq, Sk, Hq, Hkv, D; bool causal; int64_t kv_len; };
+  const Case cases[] = {{1, 1, 1, 1, 64, false, -1},     {70, 70, 2, 2, 128, false, -1}, {130, 130, 4, 2, 128, true, -1},
+                        {200, 200, 3, 3, 64, false, 150}, {65, 300, 2, 1, 128, false, -1}, {257, 257, 2, 2, 128, true, 100},
+                        {40, 40, 2, 2, 32, true, -1},     {33, 33, 1, 1, 96, false, -1}};
+  uint32_t seed = 40;
+  for (const Case& c : cases)
+    for (DType act : kActs)
+      for (int mode : {0, 1, 2}) {  // flash A, flash B, blocked (flash needs bf16 and D 64/128)
+        const bool force_blocked = mode == 2;
+        cuda::set_flash_variant(mode == 1 ? 2 : 1);
+        Tensor q = rnd({c.Sq, c.Hq, c.D}, seed++), k = rnd({c.Sk, c.Hkv, c.D}, seed++),
+               v = rnd({c.Sk, c.Hkv, c.D}, seed++);
+        const float scale = 1.0f / std::sqrt(float(c.D));
+        Tensor ref = ops::attention(rounded(q, act), rounded(k, act), rounded(v, act), scale, c.causal, c.kv_len);
+        cuda::set_force_blocked_attention(force_blocked);
+        Tensor qd = gpu(q, act), kd = gpu(k, act);
+        const std::string path = cuda::attention_path(qd, kd);
+        Tensor o = ops::attention(qd, kd, gpu(v, act), scale, c.causal, c.kv_len);
+        cuda::set_force_blocked_attention(false);
+        cuda::set_flash_variant(0);
+        expect_close(o, ref, act,
+                     str_cat("attention Sq=", c.Sq, " Sk=", c.Sk, " Hq=", c.Hq, " Hkv=", c.Hkv, " D=", c.D,
+                             " causal=", c.causal, " kv_len=", c.kv_len, " path=", path, " mode=", mode));
+      }
+}
+
+TEST(Cuda, Conv2d) {
+  ZI_REQUIRE_GPU();
+  struct Case { int64_t Cin, H, W, Cout, k; int pad; };
+  const Case cases[] = {{3, 9, 11, 5, 3, 1}, {16, 20, 24, 32, 3, 1}, {8, 7, 5, 12, 1, 0}, {32, 16, 16, 32, 3, 1}};
+  uint32_t seed = 60;
+  for (const Case& c : cases)
+    for (DType act : kActs)
+      for (cuda::ConvPath path : {cuda::ConvPath::Cudnn, cuda::ConvPath::Im2col, cuda::ConvPath::Direct}) {
+        Tensor x = rnd({c.Cin, c.H, c.W}, seed++), w = rnd({c.Cout, c.Cin, c.k, c.k}, seed++).to(DType::BF16),
+               b = rnd({c.Cout}, seed++);
+        Tensor ref = ops::conv2d(rounded(x, act), w, &b, c.pad);
+        cuda::set_conv_path(path);
+        Tensor bd = b.to_device(Device::CUDA);
+        Tensor o = ops::conv2d(gpu(x, act), w.to_device(Device::CUDA), &bd, c.pad);
+        cuda::set_conv_path(cuda::ConvPath::Auto);
+        expect_close(o, ref, act, str_cat("conv2d ", c.Cin, "x", c.H, "x", c.W, " -> ", c.Cout, " k", c.k,
+                                          " path ", int(path)));
+      }
+}
+
+TEST(Cuda, MixedDevicesAreAnError) {
+  ZI_REQUIRE_GPU();
+  Tensor x = rnd({4, 8}, 70), w = rnd({3, 8}, 71);
+  EXPECT_THROW(ops::linear(x.to_device(Device::CUDA), w), Error);
+  EXPECT_THROW(ops::linear(x, w.to_device(Device::CUDA)), Error);
+}
+
+// ---- the fixture cases on the GPU -------------------------------------------------------------
+
+namespace {
+
+GenerateOptions options_for_case(const std::string& name) {
+  std::ifstream is(data_dir() + "/expected/" + name + ".json");
+  nlohmann::json j = nlohmann::json::parse(is);
+  GenerateOptions o;
+  o.model_dir = tiny_model_dir();
+  o.text_rope_dtype = DType::BF16;  // how the fixtures were made (see GenerateOptions)
+  o.prompt = j["prompt"].get<std::string>();
+  if (j["negative_prompt"].is_string()) o.negative_prompt = j["negative_prompt"].get<std::string>();
+  o.guidance = j["guidance_scale"].get<float>();
+  o.steps = j["num_inference_steps"].get<int>();
+  o.height = j["height"].get<int>();
+  o.width = j["width"].get<int>();
+  o.seed = j["seed"].get<uint64_t>();
+  if (j["cfg_normalization"].is_number()) o.cfg_normalization = j["cfg_normalization"].get<float>();
+  else if (j["cfg_normalization"].is_boolean() && j["cfg_normalization"].get<bool>()) o.cfg_normalization = 1.0f;
+  o.cfg_truncation = j["cfg_truncation"].get<float>();
+  o.max_sequence_length = j["max_sequence_length"].get<int>();
+  o.text_encoder_device = o.transformer_device = o.vae_device = Device::CUDA;
+  return o;
+}
+
+void run_gpu_case(const std::string& name, DType precision) {
+  GenerateOptions o = options_for_case(name);
+  o.precision = precision;
+  SafetensorsFile ref = SafetensorsFile::open(data_dir() + "/expected/" + name + ".safetensors");
+  GenerateHooks hooks;
+  double worst_step = 0;
+  hooks.on_latents = [&](int i, const Tensor& lat) {
+    Tensor want = ref.load(str_cat("step", i, ".latents_after"), DType::F32);
+    worst_step = std::max(worst_step, rel_l2(lat, want.reshape(lat.shape())));
+  };
+  const int64_t gpu_before = memory_stats(Device::CUDA).total().current;
+  GenerateResult r = generate(o, hooks);
+  int w = 0, h = 0;
+  std::vector<uint8_t> png = read_png_rgb(data_dir() + "/expected/" + name + ".png", &w, &h);
+  ASSERT_EQ(w, r.width);
+  ASSERT_EQ(h, r.height);
+  int maxd = 0;
+  double sumd = 0;
+  for (size_t i = 0; i < png.size(); ++i) {
+    const int d = std::abs(int(png[i]) - int(r.rgb[i]));
+    maxd = std::max(maxd, d);
+    sumd += d;
+  }
+  const double meand = sumd / double(png.size());
+  std::printf("%s %s: worst step rel_l2 %.3g, image max |diff| %d, mean |diff| %.3f (of 255); gpu peak %.2f MiB\n",
+              name.c_str(), dtype_name(precision), worst_step, maxd, meand, double(r.gpu_peak_bytes) / (1 << 20));
+  if (precision == DType::F32) {
+    EXPECT_LE(maxd, 1) << name;
+    EXPECT_LT(worst_step, 1e-3) << name;
+  } else {
+    EXPECT_LT(worst_step, 3e-2) << name;
+    EXPECT_LE(meand, 2.0) << name;
+  }
+  // Three GPU phases were measured, and every GPU byte of the run was given back.
+  ASSERT_EQ(r.gpu_phases.size(), 3u);
+  EXPECT_GT(r.gpu_peak_bytes, 0);
+  for (const auto& p : r.gpu_phases) EXPECT_GT(p.weights_bytes, 0) << p.name;
+  EXPECT_EQ(memory_stats(Device::CUDA).total().current, gpu_before);
+}
+
+}  // namespace
+
+TEST(CudaPipeline, TurboF32) { ZI_REQUIRE_GPU(); run_gpu_case("turbo", DType::F32); }
+TEST(CudaPipeline, CfgF32) { ZI_REQUIRE_GPU(); run_gpu_case("cfg", DType::F32); }
+TEST(CudaPipeline, TruncatedF32) { ZI_REQUIRE_GPU(); run_gpu_case("truncated", DType::F32); }
+TEST(CudaPipeline, TurboBf16) { ZI_REQUIRE_GPU(); run_gpu_case("turbo", DType::BF16); }
+TEST(CudaPipeline, CfgBf16) { ZI_REQUIRE_GPU(); run_gpu_case("cfg", DType::BF16); }
+TEST(CudaPipeline, TruncatedBf16) { ZI_REQUIRE_GPU(); run_gpu_case("truncated", DType::BF16); }
+
+// The text encoder and the VAE can stay on the CPU while the DiT runs on the GPU.
+TEST(CudaPipeline, MixedDevices) {
+  ZI_REQUIRE_GPU();
+  GenerateOptions o = options_for_case("turbo");
+  o.precision = DType::F32;
+  o.text_encoder_device = o.vae_device = Device::CPU;
+  GenerateResult r = generate(o);
+  int w = 0, h = 0;
+  std::vector<uint8_t> png = read_png_rgb(data_dir() + "/expected/turbo.png", &w, &h);
+  int maxd = 0;
+  for (size_t i = 0; i < png.size(); ++i) maxd = std::max(maxd, std::abs(int(png[i]) - int(r.rgb[i])));
+  EXPECT_LE(maxd, 1);
+  EXPECT_EQ(r.gpu_phases.size(), 1u);
+}
