@@ -27,13 +27,16 @@ std::string human_bytes(double b) {
   return buf;
 }
 
+// "4,899,136 (4.899 M)": exact, and readable at a glance.
 std::string human_count(double n) {
+  std::string digits = std::to_string(static_cast<unsigned long long>(n));
+  for (int i = int(digits.size()) - 3; i > 0; i -= 3) digits.insert(size_t(i), ",");
+  if (n < 1e3) return digits;
   char buf[32];
   if (n >= 1e9) std::snprintf(buf, sizeof buf, "%.3f B", n / 1e9);
   else if (n >= 1e6) std::snprintf(buf, sizeof buf, "%.3f M", n / 1e6);
-  else if (n >= 1e3) std::snprintf(buf, sizeof buf, "%.3f K", n / 1e3);
-  else std::snprintf(buf, sizeof buf, "%.0f", n);
-  return buf;
+  else std::snprintf(buf, sizeof buf, "%.3f K", n / 1e3);
+  return digits + " (" + buf + ")";
 }
 
 void print_file(const std::string& path) {
