@@ -8,7 +8,10 @@
 // step's latents within relative L2 3e-2 and the image within mean |diff| <= 2/255.
 #include <gtest/gtest.h>
 
+#include <sys/wait.h>
+
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <random>
@@ -91,6 +94,23 @@ TEST(CpuFused, EqualComposedOps) {
   ops::group_norm_(gb, 2, gw, gbias, 1e-6f);
   ops::silu_(gb);
   EXPECT_EQ(max_abs_diff(ga, gb), 0.0);
+}
+
+// The device flags are checked before any work (exit 2 names the flag); no GPU needed.
+TEST(CudaCli, DeviceFlagsAreChecked) {
+  if (!std::filesystem::exists(ZI_BINARY)) GTEST_SKIP() << "no zimage binary at " << ZI_BINARY;
+  auto status = [](const std::string& args) {
+    const std::string cmd = std::string(ZI_BINARY) + " generate -q -p x -W 64 -H 64 -o /tmp/zi_cli_flag.png " + args +
+                            " > /dev/null 2>&1";
+    const int r = std::system(cmd.c_str());
+    return WIFEXITED(r) ? WEXITSTATUS(r) : -1;
+  };
+  EXPECT_EQ(status("--device tpu"), 2);
+  EXPECT_EQ(status("--vae-device gpu"), 2);
+  EXPECT_EQ(status("--precision f16"), 2);
+  if (!cuda::available()) {
+    EXPECT_EQ(status("--device cuda"), 2);
+  }
 }
 
 TEST(Cuda, TensorPlumbing) {

@@ -2,7 +2,9 @@
 # One GPU-machine call: binaries (carried from pack_carry.sh, else built here with -j16), the
 # GPU tests, kernel ceilings and rates, a real-size random checkpoint (turbo preset, bf16 to
 # keep it ~20 GB and quick to write; deleted at the end), zimage at 1024² (8 steps) and 512²,
-# then diffusers eager and torch.compile on the same card, and one table last.
+# one profiled 1024² image (ZI_CUDA_PROFILE=1: GPU time per op), then diffusers eager and
+# torch.compile on the same card, and one table last (summarize.py). About 2.5 minutes on an H200.
+# Here first: bench/gpu/pack_carry.sh, and .carry/diffusers_src.tar.xz (diffusers' src/ tree).
 # Use: bench/gpu/run_all.sh [tests|bench|diffusers|all]...  (default: all). Logs go to $OUT.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -72,6 +74,11 @@ if want bench; then
     tail -12 "$OUT/zimage_$sz.log"
     stamp "zimage $sz done"
   done
+  # One more 1024² image with per-op GPU timing (events around every op: a little slower).
+  ZI_CUDA_PROFILE=1 z "$BIN/zimage" generate --model "$M" -p "$PROMPT" -W 1024 -H 1024 --steps 8 --seed 1 \
+    --device cuda -o "$OUT/zimage_prof.png" > "$OUT/zimage_prof.log" 2>&1
+  grep -E "PROF|profile|encode|denoise|decode" "$OUT/zimage_prof.log" | tail -30
+  stamp "profile done"
   rm -f "$OUT"/zimage_*-0001.png
   rm -rf "$M"
 fi

@@ -69,3 +69,10 @@ z = zimage(1024)
 if z and "load_gbps" in z:
     print(f"\nzimage weight upload: {z['load_gbps']:.2f} GB/s (host→device pinned ceiling: "
           f"{kern.get('h2d_pinned_1GiB', (0, 0, ''))[1]:.1f} GB/s)")
+
+prof = read("zimage_prof.log")
+if "PROF" in prof:
+    print("\nper-op GPU time, one 1024² image (all phases), from ZI_CUDA_PROFILE=1:")
+    for line in prof.splitlines():
+        if "PROF" in line or "op profile" in line or re.match(r"\s+(encode|denoise|decode)\s", line):
+            print("    " + line.strip())
