@@ -218,7 +218,9 @@ TEST(Cuda, Norms) {
 TEST(Cuda, FusedNorms) {
   ZI_REQUIRE_GPU();
   for (DType act : kActs)
-    for (int64_t D : {int64_t(64), int64_t(3840), int64_t(100)}) {
+    // 64/1000/2048/3840: the row-in-registers kernels (1, 2 and 4 vectors a thread, per dtype);
+    // 5000 (bf16: 625 vectors) and f32 3840: the two-pass vector kernels; 100: bf16 unaligned rows.
+    for (int64_t D : {int64_t(64), int64_t(3840), int64_t(100), int64_t(1000), int64_t(2048), int64_t(5000)}) {
       const Tensor x = rnd({19, D}, 80), y = rnd({19, D}, 81), w = rnd({D}, 82), g = rnd({D}, 83);
       const Tensor xr = rounded(x, act), yr = rounded(y, act);
       Tensor wd = w.to_device(Device::CUDA), gd = g.to_device(Device::CUDA);
@@ -232,14 +234,16 @@ TEST(Cuda, FusedNorms) {
         expect_close(xd, ref, act, str_cat("rms_norm_add_ D=", D, " gate=", with));
       }
     }
-  for (DType act : kActs) {
-    const Tensor x = rnd({21, 3, 128}, 84), w = rnd({128}, 85), cs = rnd({21, 64}, 86), sn = rnd({21, 64}, 87);
-    Tensor ref = rounded(x, act);
-    ops::rms_norm_rope_pairs_(ref, w, 1e-5f, cs, sn);
-    Tensor xd = gpu(x, act);
-    ops::rms_norm_rope_pairs_(xd, w.to_device(Device::CUDA), 1e-5f, cs.to_device(Device::CUDA), sn.to_device(Device::CUDA));
-    expect_close(xd, ref, act, "rms_norm_rope_pairs_");
-  }
+  for (DType act : kActs)
+    for (int64_t D : {int64_t(128), int64_t(64)}) {  // 128: the vectorised kernel; 64: the generic one
+      const Tensor x = rnd({21, 3, D}, 84), w = rnd({D}, 85), cs = rnd({21, D / 2}, 86), sn = rnd({21, D / 2}, 87);
+      Tensor ref = rounded(x, act);
+      ops::rms_norm_rope_pairs_(ref, w, 1e-5f, cs, sn);
+      Tensor xd = gpu(x, act);
+      ops::rms_norm_rope_pairs_(xd, w.to_device(Device::CUDA), 1e-5f, cs.to_device(Device::CUDA),
+                                sn.to_device(Device::CUDA));
+      expect_close(xd, ref, act, str_cat("rms_norm_rope_pairs_ D=", D));
+    }
 }
 
 TEST(Cuda, Elementwise) {
@@ -295,9 +299,9 @@ TEST(Cuda, Attention) {
   uint32_t seed = 40;
   for (const Case& c : cases)
     for (DType act : kActs)
-      for (int mode : {0, 1, 2}) {  // flash A, flash B, blocked (flash needs bf16 and D 64/128)
-        const bool force_blocked = mode == 2;
-        cuda::set_flash_variant(mode == 1 ? 2 : 1);
+      for (int mode : {1, 2, 3, 4, 0}) {  // flash A, B, C, D, then blocked (flash needs bf16 and D 64/128)
+        const bool force_blocked = mode == 0;
+        cuda::set_flash_variant(force_blocked ? 1 : mode);
         Tensor q = rnd({c.Sq, c.Hq, c.D}, seed++), k = rnd({c.Sk, c.Hkv, c.D}, seed++),
                v = rnd({c.Sk, c.Hkv, c.D}, seed++);
         const float scale = 1.0f / std::sqrt(float(c.D));
@@ -312,6 +316,26 @@ TEST(Cuda, Attention) {
                      str_cat("attention Sq=", c.Sq, " Sk=", c.Sk, " Hq=", c.Hq, " Hkv=", c.Hkv, " D=", c.D,
                              " causal=", c.causal, " kv_len=", c.kv_len, " path=", path, " mode=", mode));
       }
+}
+
+// The first flash call with >= 64K query rows times every variant and keeps the fastest; its
+// output (and every later call's) must equal a forced variant's. Non-causal and causal.
+TEST(Cuda, AttentionVariantPick) {
+  ZI_REQUIRE_GPU();
+  const int64_t S = 2100, H = 32, D = 128;  // 67 200 rows: triggers the measurement
+  Tensor q = gpu(rnd({S, H, D}, 70), DType::BF16), k = gpu(rnd({S, H, D}, 71), DType::BF16),
+         v = gpu(rnd({S, H, D}, 72), DType::BF16);
+  const float scale = 1.0f / std::sqrt(float(D));
+  for (bool causal : {false, true}) {
+    cuda::set_flash_variant(1);
+    const Tensor ref = host(ops::attention(q, k, v, scale, causal, -1));
+    for (int variant : {0, 0, 2, 3, 4}) {  // 0 twice: the measuring call, then the picked kernel
+      cuda::set_flash_variant(variant);
+      const Tensor o = host(ops::attention(q, k, v, scale, causal, -1));
+      EXPECT_LE(rel_l2(o, ref), 1e-2) << "variant " << variant << " causal " << causal;
+    }
+  }
+  cuda::set_flash_variant(0);
 }
 
 TEST(Cuda, Conv2d) {

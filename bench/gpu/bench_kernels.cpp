@@ -1,7 +1,8 @@
 // GPU ceilings and kernel rates, for bench/gpu/NOTES.md: device-to-device copy bandwidth,
 // pinned host-to-device bandwidth, bf16 GEMM rate through our cuBLASLt path (8192³ and the
-// DiT's shapes at 1024²), and the attention kernels at the DiT's size (S = 4128, 30 heads of
-// 128). Times are CUDA-event medians over repeated runs after a warm-up, on random data.
+// DiT's shapes at 1024²), the attention kernels at the DiT's size (S = 4128, 30 heads of
+// 128), the DiT's norm kernels, and the VAE's largest convolutions. Times are CUDA-event
+// medians over repeated runs after a warm-up, on random data.
 // Prints one `KERNEL name ms rate unit` line per measurement.
 #include <cuda_runtime.h>
 
@@ -97,17 +98,33 @@ int main() {
     Tensor o = Tensor::empty({S, H, D}, DType::BF16, Tag::Activations, Device::CUDA);
     const double flops = 4.0 * double(S) * double(S) * double(D) * double(H);
     const float scale = 1.0f / std::sqrt(float(D));
-    for (int variant : {1, 2}) {
+    for (int variant : {1, 2, 3, 4}) {
       cuda::set_flash_variant(variant);
       const double ms = median_ms([&] { cuda::attention(q, k, v, scale, false, -1, o); });
-      report(variant == 1 ? "attn_flash_A_S4128_H30_D128" : "attn_flash_B_S4128_H30_D128", ms, flops / ms / 1e9,
-             "TFLOP/s");
+      const std::string name = std::string("attn_flash_") + char('A' + variant - 1) + "_S4128_H30_D128";
+      report(name.c_str(), ms, flops / ms / 1e9, "TFLOP/s");
     }
     cuda::set_flash_variant(0);
     cuda::set_force_blocked_attention(true);
     const double bms = median_ms([&] { cuda::attention(q, k, v, scale, false, -1, o); }, 3);
     cuda::set_force_blocked_attention(false);
     report("attn_blocked_S4128_H30_D128", bms, flops / bms / 1e9, "TFLOP/s");
+  }
+  {  // the DiT's norm kernels at 1024² (S = 4128, dim 3840, 30 heads of 128), bf16: bytes moved
+    // = rows read once + written once (weights, gates and RoPE tables are cache-resident)
+    const int64_t S = 4128, C = 3840, H = 30, D = 128;
+    Tensor x = rand_dev({S, C}, DType::BF16, 31), y = rand_dev({S, C}, DType::BF16, 32);
+    Tensor w = rand_dev({C}, DType::F32, 33), g = rand_dev({C}, DType::F32, 34);
+    Tensor out = Tensor::empty({S, C}, DType::BF16, Tag::Activations, Device::CUDA);
+    const double row = double(S * C) * 2;
+    double ms = median_ms([&] { cuda::rms_norm(x, w, 1e-5f, &g, out); });
+    report("rms_norm_scale_4128x3840", ms, 2 * row / ms / 1e6, "GB/s");
+    ms = median_ms([&] { cuda::rms_norm_add_(x, y, w, 1e-5f, &g); });
+    report("rms_norm_add_gate_4128x3840", ms, 3 * row / ms / 1e6, "GB/s");
+    Tensor qk = rand_dev({S, H, D}, DType::BF16, 35), qw = rand_dev({D}, DType::F32, 36);
+    Tensor cs = rand_dev({S, D / 2}, DType::F32, 37), sn = rand_dev({S, D / 2}, DType::F32, 38);
+    ms = median_ms([&] { cuda::rms_norm_rope_pairs_(qk, qw, 1e-5f, cs, sn); });
+    report("rms_norm_rope_4128x30x128", ms, 2 * double(S * H * D) * 2 / ms / 1e6, "GB/s");
   }
   {  // the VAE's largest convolutions, bf16 (cuDNN when present)
     struct C { const char* name; int64_t Cin, H, W, Cout; };

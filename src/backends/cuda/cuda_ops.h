@@ -98,8 +98,10 @@ void attention(const Tensor& q, const Tensor& k, const Tensor& v, float scale, b
 const char* attention_path(const Tensor& q, const Tensor& k);
 // Forces the blocked path (tests compare the two).
 void set_force_blocked_attention(bool on);
-// Which flash kernel runs: 0 picks the faster of the two by timing both once at the first call
-// with at least 64K query rows; 1 (64 queries a block) or 2 (128 queries, two tiles a warp) forces one.
+// Which flash kernel runs: 0 picks the fastest by timing each once at the first call with at
+// least 64K query rows (ZI_CUDA_PROFILE=1 prints the times); 1 (A: 64 queries a block), 2 (B: 128
+// queries, two tiles a warp), 3 (C: B, rescaling the accumulators only when a row max moved) or
+// 4 (D: 8 warps, 128 queries, S of the next key block computed during this block's softmax) forces one.
 void set_flash_variant(int v);
 
 // ---- convolution (conv.cu) ----

@@ -112,6 +112,145 @@ __global__ void rms_norm_rope_pairs_warp(T* x, const float* w, const float* cs, 
   }
 }
 
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  __nv_bfloat162 b = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&b);
+}
+
+// Row-in-registers forms for rows of at most VPT·128 vectors (D = 3840 bf16: 480 vectors, VPT 4):
+// one block of 128 threads per row, every vector of the row loaded once up front (all loads in
+// flight before the first use), squared sum reduced, then scaled from the registers; the f32
+// weights/gates are read as 16-byte vectors. One read of each input row instead of two.
+constexpr int kRegThreads = 128;
+
+template <int N>
+__device__ __forceinline__ void load_f32n(const float* p, float (&f)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; i += 4) {
+    const float4 u = *reinterpret_cast<const float4*>(p + i);
+    f[i] = u.x, f[i + 1] = u.y, f[i + 2] = u.z, f[i + 3] = u.w;
+  }
+}
+
+// y = x·inv·w (⊙ scale), y may be x.
+template <class T, int VPT>
+__global__ void __launch_bounds__(kRegThreads) rms_norm_reg(const T* x, T* y, const float* w, const float* scale,
+                                                            int D, float eps) {
+  constexpr int N = Vec<T>::N;
+  const T* row = x + int64_t(blockIdx.x) * D;
+  T* out = y + int64_t(blockIdx.x) * D;
+  float f[VPT][N];
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    const int j = (threadIdx.x + i * kRegThreads) * N;
+    if (j < D) load_vec(row + j, f[i]);
+    else
+#pragma unroll
+      for (int e = 0; e < N; ++e) f[i][e] = 0.0f;
+  }
+  float s = 0;
+#pragma unroll
+  for (int i = 0; i < VPT; ++i)
+#pragma unroll
+    for (int e = 0; e < N; ++e) s += f[i][e] * f[i][e];
+  const float inv = rsqrtf(block_sum(s) / float(D) + eps);
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    const int j = (threadIdx.x + i * kRegThreads) * N;
+    if (j >= D) continue;
+    float wv[N];
+    load_f32n<N>(w + j, wv);
+    if (scale) {
+      float sv[N];
+      load_f32n<N>(scale + j, sv);
+#pragma unroll
+      for (int e = 0; e < N; ++e) wv[e] *= sv[e];
+    }
+#pragma unroll
+    for (int e = 0; e < N; ++e) f[i][e] = f[i][e] * inv * wv[e];
+    store_vec(out + j, f[i]);
+  }
+}
+
+// x += gate ⊙ (y·inv(y)·w) (gate null: 1).
+template <class T, int VPT>
+__global__ void __launch_bounds__(kRegThreads) rms_norm_add_reg(T* x, const T* y, const float* w, const float* gate,
+                                                                int D, float eps) {
+  constexpr int N = Vec<T>::N;
+  const T* yr = y + int64_t(blockIdx.x) * D;
+  T* xr = x + int64_t(blockIdx.x) * D;
+  float f[VPT][N], o[VPT][N];
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    const int j = (threadIdx.x + i * kRegThreads) * N;
+    if (j < D) {
+      load_vec(yr + j, f[i]);
+      load_vec(xr + j, o[i]);
+    } else {
+#pragma unroll
+      for (int e = 0; e < N; ++e) f[i][e] = o[i][e] = 0.0f;
+    }
+  }
+  float s = 0;
+#pragma unroll
+  for (int i = 0; i < VPT; ++i)
+#pragma unroll
+    for (int e = 0; e < N; ++e) s += f[i][e] * f[i][e];
+  const float inv = rsqrtf(block_sum(s) / float(D) + eps);
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    const int j = (threadIdx.x + i * kRegThreads) * N;
+    if (j >= D) continue;
+    float wv[N];
+    load_f32n<N>(w + j, wv);
+    if (gate) {
+      float gv[N];
+      load_f32n<N>(gate + j, gv);
+#pragma unroll
+      for (int e = 0; e < N; ++e) wv[e] *= gv[e];
+    }
+#pragma unroll
+    for (int e = 0; e < N; ++e) o[i][e] += wv[e] * (f[i][e] * inv);
+    store_vec(xr + j, o[i]);
+  }
+}
+
+// Per-head RMSNorm + adjacent-pairs RoPE for D = 128: one warp per head vector, lane l holds
+// elements 4l..4l+3 (two RoPE pairs) from one 8-byte (bf16) or 16-byte (f32) load.
+template <class T>
+__global__ void rms_norm_rope128_warp(T* x, const float* w, const float* cs, const float* sn, int64_t S, int64_t H,
+                                      float eps) {
+  const int64_t r = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32;
+  if (r >= S * H) return;
+  const int l = threadIdx.x & 31;
+  const int64_t s = r / H;
+  T* p = x + r * 128 + 4 * l;
+  float v[4];
+  if constexpr (sizeof(T) == 4) {
+    const float4 u = *reinterpret_cast<const float4*>(p);
+    v[0] = u.x, v[1] = u.y, v[2] = u.z, v[3] = u.w;
+  } else {
+    const uint2 u = *reinterpret_cast<const uint2*>(p);
+    v[0] = __uint_as_float(u.x << 16), v[1] = __uint_as_float(u.x & 0xffff0000u);
+    v[2] = __uint_as_float(u.y << 16), v[3] = __uint_as_float(u.y & 0xffff0000u);
+  }
+  const float4 wv = *reinterpret_cast<const float4*>(w + 4 * l);
+  const float2 c = *reinterpret_cast<const float2*>(cs + s * 64 + 2 * l);
+  const float2 si = *reinterpret_cast<const float2*>(sn + s * 64 + 2 * l);
+  const float inv = rsqrtf(warp_sum(v[0] * v[0] + v[1] * v[1] + v[2] * v[2] + v[3] * v[3]) / 128.0f + eps);
+  const float a0 = v[0] * inv * wv.x, b0 = v[1] * inv * wv.y, a1 = v[2] * inv * wv.z, b1 = v[3] * inv * wv.w;
+  const float o0 = a0 * c.x - b0 * si.x, o1 = a0 * si.x + b0 * c.x;
+  const float o2 = a1 * c.y - b1 * si.y, o3 = a1 * si.y + b1 * c.y;
+  if constexpr (sizeof(T) == 4) {
+    *reinterpret_cast<float4*>(p) = make_float4(o0, o1, o2, o3);
+  } else {
+    uint2 u;
+    u.x = pack2(o0, o1);
+    u.y = pack2(o2, o3);
+    *reinterpret_cast<uint2*>(p) = u;
+  }
+}
+
 template <class T>
 __global__ void layer_norm_block(T* x, int64_t D, float eps) {
   T* row = x + blockIdx.x * D;
@@ -183,11 +322,30 @@ bool vec_ok(const Tensor& t, int64_t D) {
 }
 }  // namespace
 
+
+namespace {
+// Vectors per thread for the row-in-registers kernels (0: the row is too long for them).
+int reg_vpt(int64_t D, DType dt) {
+  const int64_t nv = D / (16 / int64_t(dtype_size(dt)));
+  return nv <= kRegThreads ? 1 : nv <= 2 * kRegThreads ? 2 : nv <= 4 * kRegThreads ? 4 : 0;
+}
+}  // namespace
+
 void rms_norm(const Tensor& x, const Tensor& weight, float eps, const Tensor* scale, Tensor& y) {
   const int64_t D = x.dim(-1), R = x.numel() / D;
   if (!R) return;
   Tensor w = f32_vector(weight), sc = scale ? f32_vector(*scale) : Tensor();
   const float* sp = scale ? sc.data<float>() : nullptr;
+  const int vpt = reg_vpt(D, x.dtype());
+  if (vec_ok(x, D) && vec_ok(y, D) && vpt) {
+    ZI_DISPATCH_ACT(x.dtype(), {
+      if (vpt == 1) rms_norm_reg<T, 1><<<unsigned(R), kRegThreads, 0, stream()>>>(x.data<T>(), y.data<T>(), w.data<float>(), sp, int(D), eps);
+      else if (vpt == 2) rms_norm_reg<T, 2><<<unsigned(R), kRegThreads, 0, stream()>>>(x.data<T>(), y.data<T>(), w.data<float>(), sp, int(D), eps);
+      else rms_norm_reg<T, 4><<<unsigned(R), kRegThreads, 0, stream()>>>(x.data<T>(), y.data<T>(), w.data<float>(), sp, int(D), eps);
+    });
+    ZI_CUDA_LAUNCHED();
+    return;
+  }
   if (vec_ok(x, D) && vec_ok(y, D)) {
     ZI_DISPATCH_ACT(x.dtype(), rms_norm_vec<T><<<unsigned(R), 256, 0, stream()>>>(x.data<T>(), y.data<T>(),
                                                                                   w.data<float>(), sp, D, eps));
@@ -202,6 +360,18 @@ void rms_norm(const Tensor& x, const Tensor& weight, float eps, const Tensor* sc
 void rms_norm_add_(Tensor& x, Tensor& y, const Tensor& weight, float eps, const Tensor* gate) {
   const int64_t D = x.dim(-1), R = x.numel() / D;
   if (!R) return;
+  if (vec_ok(x, D) && vec_ok(y, D) && x.dtype() == y.dtype() && reg_vpt(D, x.dtype())) {
+    Tensor w = f32_vector(weight), g = gate ? f32_vector(*gate) : Tensor();
+    const float* gp = gate ? g.data<float>() : nullptr;
+    const int vpt = reg_vpt(D, x.dtype());
+    ZI_DISPATCH_ACT(x.dtype(), {
+      if (vpt == 1) rms_norm_add_reg<T, 1><<<unsigned(R), kRegThreads, 0, stream()>>>(x.data<T>(), y.data<T>(), w.data<float>(), gp, int(D), eps);
+      else if (vpt == 2) rms_norm_add_reg<T, 2><<<unsigned(R), kRegThreads, 0, stream()>>>(x.data<T>(), y.data<T>(), w.data<float>(), gp, int(D), eps);
+      else rms_norm_add_reg<T, 4><<<unsigned(R), kRegThreads, 0, stream()>>>(x.data<T>(), y.data<T>(), w.data<float>(), gp, int(D), eps);
+    });
+    ZI_CUDA_LAUNCHED();
+    return;
+  }
   if (vec_ok(x, D) && vec_ok(y, D) && x.dtype() == y.dtype()) {
     Tensor w = f32_vector(weight), g = gate ? f32_vector(*gate) : Tensor();
     ZI_DISPATCH_ACT(x.dtype(), rms_norm_add_vec<T><<<unsigned(R), 256, 0, stream()>>>(
@@ -218,6 +388,14 @@ void rms_norm_rope_pairs_(Tensor& x, const Tensor& weight, float eps, const Tens
   const int64_t S = x.dim(0), H = x.dim(1), D = x.dim(2);
   if (!S || !H) return;
   Tensor w = f32_vector(weight);
+  if (D == 128 && reinterpret_cast<uintptr_t>(x.raw()) % 16 == 0 && cos.dtype() == DType::F32 &&
+      sin.dtype() == DType::F32 && reinterpret_cast<uintptr_t>(cos.raw()) % 8 == 0 &&
+      reinterpret_cast<uintptr_t>(sin.raw()) % 8 == 0) {
+    ZI_DISPATCH_ACT(x.dtype(), rms_norm_rope128_warp<T><<<unsigned(cdiv(S * H, 8)), 256, 0, stream()>>>(
+                                   x.data<T>(), w.data<float>(), cos.data<float>(), sin.data<float>(), S, H, eps));
+    ZI_CUDA_LAUNCHED();
+    return;
+  }
   ZI_DISPATCH_ACT(x.dtype(), rms_norm_rope_pairs_warp<T><<<unsigned(cdiv(S * H, 8)), 256, 0, stream()>>>(
                                  x.data<T>(), w.data<float>(), cos.data<float>(), sin.data<float>(), S, H, D, eps));
   ZI_CUDA_LAUNCHED();
