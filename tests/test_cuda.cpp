@@ -20,6 +20,7 @@
 #include "io/png.h"
 #include "io/safetensors.h"
 #include "ops/ops.h"
+#include "pipeline/memory_report.h"
 #include "pipeline/pipeline.h"
 #include "test_util.h"
 
@@ -428,6 +429,12 @@ void run_gpu_case(const std::string& name, DType precision) {
   EXPECT_GT(r.gpu_peak_bytes, 0);
   for (const auto& p : r.gpu_phases) EXPECT_GT(p.weights_bytes, 0) << p.name;
   EXPECT_EQ(memory_stats(Device::CUDA).total().current, gpu_before);
+  // The JSON report lists the GPU phases with their device.
+  nlohmann::json j = nlohmann::json::parse(memory_report_json(r));
+  int cuda_phases = 0;
+  for (const auto& p : j["phases"]) cuda_phases += p["device"] == "cuda";
+  EXPECT_EQ(cuda_phases, 3);
+  EXPECT_EQ(j["gpu_peak_bytes"].get<int64_t>(), r.gpu_peak_bytes);
 }
 
 }  // namespace

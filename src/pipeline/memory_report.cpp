@@ -9,7 +9,10 @@ namespace zi {
 std::string memory_report_json(const GenerateResult& r) {
   nlohmann::json j;
   j["phases"] = nlohmann::json::array();
-  for (const auto& p : r.phases)
+  // CPU phases first, then those of the GPU (when a phase ran there), each with its device.
+  std::vector<PhaseRecord> all = r.phases;
+  all.insert(all.end(), r.gpu_phases.begin(), r.gpu_phases.end());
+  for (const auto& p : all)
     j["phases"].push_back({{"name", p.name},
                            {"device", device_name(p.device)},
                            {"weights_bytes", p.weights_bytes},
@@ -17,6 +20,7 @@ std::string memory_report_json(const GenerateResult& r) {
                            {"end_bytes", p.end_bytes},
                            {"seconds", p.seconds}});
   j["peak_bytes"] = r.peak_bytes;
+  if (!r.gpu_phases.empty()) j["gpu_peak_bytes"] = r.gpu_peak_bytes;
   j["peak_rss_bytes"] = r.peak_rss_bytes;
   return j.dump(1);
 }
@@ -24,11 +28,14 @@ std::string memory_report_json(const GenerateResult& r) {
 void print_memory_report(const GenerateResult& r, const std::string& json_path) {
   auto mib = [](int64_t b) { return double(b) / (1 << 20); };
   std::fprintf(stderr, "memory      device   weights MiB    peak MiB     end MiB   seconds\n");
-  for (const auto& p : r.phases)
+  std::vector<PhaseRecord> all = r.phases;
+  all.insert(all.end(), r.gpu_phases.begin(), r.gpu_phases.end());
+  for (const auto& p : all)
     std::fprintf(stderr, "  %-9s %-6s %12.1f %11.1f %11.1f %9.2f\n", p.name.c_str(), device_name(p.device),
                  mib(p.weights_bytes), mib(p.peak_bytes), mib(p.end_bytes), p.seconds);
   std::fprintf(stderr, "  peak (max over phases) %.1f MiB; process peak RSS %.1f MiB\n", mib(r.peak_bytes),
                mib(r.peak_rss_bytes));
+  if (!r.gpu_phases.empty()) std::fprintf(stderr, "  GPU peak (max over phases) %.1f MiB\n", mib(r.gpu_peak_bytes));
   if (!json_path.empty()) {
     std::string tmp = json_path + ".tmp";
     std::ofstream os(tmp);
