@@ -97,8 +97,9 @@ TEST(Safetensors, MalformedFilesGiveOneLineErrorsNamingFileAndTensor) {
     EXPECT_NE(msg.find(p), std::string::npos) << c.name << " does not name the file: " << msg;
     EXPECT_EQ(msg.find('\n'), std::string::npos) << c.name;
     if (std::string(c.name) != "header_past_eof" && std::string(c.name) != "bad_json" &&
-        std::string(c.name) != "not_object")
+        std::string(c.name) != "not_object") {
       EXPECT_NE(msg.find("tensor '"), std::string::npos) << c.name << " does not name the tensor: " << msg;
+    }
   }
   // Truncated: a valid file cut short.
   Tensor a = Tensor::from_vector(std::vector<float>(64, 1.0f), {8, 8});
