@@ -22,6 +22,7 @@
 #include "ops/ops.h"
 #include "pipeline/memory_report.h"
 #include "pipeline/pipeline.h"
+#include "fixture_cases.h"
 #include "test_util.h"
 
 using namespace zi;
@@ -371,22 +372,7 @@ TEST(Cuda, MixedDevicesAreAnError) {
 namespace {
 
 GenerateOptions options_for_case(const std::string& name) {
-  std::ifstream is(data_dir() + "/expected/" + name + ".json");
-  nlohmann::json j = nlohmann::json::parse(is);
-  GenerateOptions o;
-  o.model_dir = tiny_model_dir();
-  o.text_rope_dtype = DType::BF16;  // how the fixtures were made (see GenerateOptions)
-  o.prompt = j["prompt"].get<std::string>();
-  if (j["negative_prompt"].is_string()) o.negative_prompt = j["negative_prompt"].get<std::string>();
-  o.guidance = j["guidance_scale"].get<float>();
-  o.steps = j["num_inference_steps"].get<int>();
-  o.height = j["height"].get<int>();
-  o.width = j["width"].get<int>();
-  o.seed = j["seed"].get<uint64_t>();
-  if (j["cfg_normalization"].is_number()) o.cfg_normalization = j["cfg_normalization"].get<float>();
-  else if (j["cfg_normalization"].is_boolean() && j["cfg_normalization"].get<bool>()) o.cfg_normalization = 1.0f;
-  o.cfg_truncation = j["cfg_truncation"].get<float>();
-  o.max_sequence_length = j["max_sequence_length"].get<int>();
+  GenerateOptions o = test::fixture_case_options(data_dir(), tiny_model_dir(), name);
   o.text_encoder_device = o.transformer_device = o.vae_device = Device::CUDA;
   return o;
 }
