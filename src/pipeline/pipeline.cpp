@@ -176,7 +176,7 @@ Tensor run_decode(const ModelFolder& mf, const GenerateOptions& o, const Tensor&
     const int64_t budget = available_host_bytes() / 2;
     tile = vae_decode_peak_bytes(mf.vae, h, w) <= budget ? 0 : vae_pick_tile(mf.vae, h, w, budget);
   }
-  if (tile > 0 && (tile < h || tile < w)) return vae_decode_tiled(*vae, z, tile, o.vae_tile_overlap);
+  if (tile > 0 && (tile < h || tile < w)) return vae_decode_tiled(*vae, z, tile, /*overlap: unused, seams are exact*/ 0);
   return vae_decode(*vae, z);
 }
 
@@ -192,9 +192,8 @@ int64_t available_host_bytes() {
   return int64_t(4) << 30;
 }
 
-int64_t estimate_denoise_activation_bytes(int64_t dim, int64_t ffn_hidden, int64_t heads, int width, int height,
+int64_t estimate_denoise_activation_bytes(int64_t dim, int64_t ffn_hidden, int width, int height,
                                           int caption_len) {
-  (void)heads;
   const int64_t tokens = int64_t(width / 16) * int64_t(height / 16) + 32 + caption_len + 32;
   // Residual stream, normed copy, q, k, v, attention output: ~6 × [S, dim]; FFN: 3 × [S, ffn].
   return 4 * tokens * (8 * dim + 3 * ffn_hidden);
@@ -209,7 +208,7 @@ void validate_generate_options(const GenerateOptions& o) {
   size_ok(o.height, "--height");
   // 8192 px per side is the limit of the DiT's position tables (axes_lens 512 × patch 16).
   if (o.width > 8192 || o.height > 8192) {
-    int64_t need = estimate_denoise_activation_bytes(3840, 10240, 30, o.width, o.height, 512);
+    int64_t need = estimate_denoise_activation_bytes(3840, 10240, o.width, o.height, 512);
     throw UsageError(str_cat("--width/--height of ", o.width, "x", o.height,
                              " is beyond the model's 8192-pixel limit (it would need about ", need >> 30,
                              " GiB of activations for the real model)"));

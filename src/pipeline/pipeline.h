@@ -35,7 +35,6 @@ struct GenerateOptions {
   DType transformer_dtype = DType::BF16;
   DType vae_dtype = DType::BF16;
   int vae_tile = 0;  // latent pixels per tile; 0: untiled; -1: pick from available memory
-  int vae_tile_overlap = 4;
   std::vector<std::pair<std::string, float>> loras;  // (file, scale)
   std::string transformer_override;
   // How the text encoder's RoPE frequencies are held. F32 is what transformers does when a
@@ -96,7 +95,7 @@ void validate_generate_options(const GenerateOptions& o);
 
 // Activation bytes the denoise phase needs at its peak for a size (the DiT's largest
 // temporaries), used for the absurd-size check and the memory plan.
-int64_t estimate_denoise_activation_bytes(int64_t dim, int64_t ffn_hidden, int64_t heads, int width, int height,
+int64_t estimate_denoise_activation_bytes(int64_t dim, int64_t ffn_hidden, int width, int height,
                                           int caption_len);
 
 // One image. With `cache`, components are taken from it (and loaded into it when absent)
