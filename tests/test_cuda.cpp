@@ -297,11 +297,14 @@ TEST(Cuda, Attention) {
   struct Case { int64_t Sq, Sk, Hq, Hkv, D; bool causal; int64_t kv_len; };
   const Case cases[] = {{1, 1, 1, 1, 64, false, -1},     {70, 70, 2, 2, 128, false, -1}, {130, 130, 4, 2, 128, true, -1},
                         {200, 200, 3, 3, 64, false, 150}, {65, 300, 2, 1, 128, false, -1}, {257, 257, 2, 2, 128, true, 100},
-                        {40, 40, 2, 2, 32, true, -1},     {33, 33, 1, 1, 96, false, -1}};
+                        {40, 40, 2, 2, 32, true, -1},     {33, 33, 1, 1, 96, false, -1},
+                        // several 128-key tiles (H streams them through two stages), a partial last
+                        // tile, GQA, query rows past a 128-row block
+                        {300, 700, 4, 2, 128, false, 650}, {129, 1000, 2, 2, 128, false, -1}};
   uint32_t seed = 40;
   for (const Case& c : cases)
     for (DType act : kActs)
-      for (int mode : {1, 2, 3, 4, 0}) {  // flash A, B, C, D, then blocked (flash needs bf16 and D 64/128)
+      for (int mode : {1, 2, 3, 4, 0}) {  // flash A, B, C, H, then blocked (flash needs bf16 and D 64/128)
         const bool force_blocked = mode == 0;
         cuda::set_flash_variant(force_blocked ? 1 : mode);
         Tensor q = rnd({c.Sq, c.Hq, c.D}, seed++), k = rnd({c.Sk, c.Hkv, c.D}, seed++),
@@ -347,7 +350,8 @@ TEST(Cuda, Conv2d) {
   uint32_t seed = 60;
   for (const Case& c : cases)
     for (DType act : kActs)
-      for (cuda::ConvPath path : {cuda::ConvPath::Cudnn, cuda::ConvPath::Im2col, cuda::ConvPath::Direct}) {
+      for (cuda::ConvPath path : {cuda::ConvPath::Auto, cuda::ConvPath::Cudnn, cuda::ConvPath::CudnnNhwc,
+                                    cuda::ConvPath::Im2col, cuda::ConvPath::Direct}) {  // Auto: timed pick
         Tensor x = rnd({c.Cin, c.H, c.W}, seed++), w = rnd({c.Cout, c.Cin, c.k, c.k}, seed++).to(DType::BF16),
                b = rnd({c.Cout}, seed++);
         Tensor ref = ops::conv2d(rounded(x, act), w, &b, c.pad);

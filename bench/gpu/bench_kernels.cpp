@@ -101,7 +101,7 @@ int main() {
     for (int variant : {1, 2, 3, 4}) {
       cuda::set_flash_variant(variant);
       const double ms = median_ms([&] { cuda::attention(q, k, v, scale, false, -1, o); });
-      const std::string name = std::string("attn_flash_") + char('A' + variant - 1) + "_S4128_H30_D128";
+      const std::string name = std::string("attn_flash_") + "ABCH"[variant - 1] + "_S4128_H30_D128";
       report(name.c_str(), ms, flops / ms / 1e9, "TFLOP/s");
     }
     cuda::set_flash_variant(0);
@@ -134,11 +134,11 @@ int main() {
       Tensor x = rand_dev({c.Cin, c.H, c.W}, DType::BF16, 21), w = rand_dev({c.Cout, c.Cin, 3, 3}, DType::BF16, 22);
       Tensor o = Tensor::empty({c.Cout, c.H, c.W}, DType::BF16, Tag::Activations, Device::CUDA);
       const double flops = 2.0 * double(c.Cin * 9) * double(c.Cout) * double(c.H * c.W);
-      for (cuda::ConvPath p : {cuda::ConvPath::Cudnn, cuda::ConvPath::Im2col}) {
+      for (cuda::ConvPath p : {cuda::ConvPath::Cudnn, cuda::ConvPath::CudnnNhwc, cuda::ConvPath::Im2col}) {
         cuda::set_conv_path(p);
         const double ms = median_ms([&] { cuda::conv2d(x, w, nullptr, 1, o); }, 5);
-        report((std::string(c.name) + (p == cuda::ConvPath::Cudnn ? "_cudnn" : "_im2col")).c_str(), ms,
-               flops / ms / 1e9, "TFLOP/s");
+        const char* tag = p == cuda::ConvPath::Cudnn ? "_cudnn" : p == cuda::ConvPath::CudnnNhwc ? "_cudnn_nhwc" : "_im2col";
+        report((std::string(c.name) + tag).c_str(), ms, flops / ms / 1e9, "TFLOP/s");
       }
       cuda::set_conv_path(cuda::ConvPath::Auto);
     }

@@ -5,7 +5,8 @@
 # one profiled 1024² image (ZI_CUDA_PROFILE=1: GPU time per op), then diffusers eager and
 # torch.compile on the same card, and one table last (summarize.py). About 2.5 minutes on an H200.
 # Here first: bench/gpu/pack_carry.sh, and .carry/diffusers_src.tar.xz (diffusers' src/ tree).
-# Use: bench/gpu/run_all.sh [tests|bench|diffusers|all]...  (default: all). Logs go to $OUT.
+# Use: bench/gpu/run_all.sh [tests|kernels|bench|diffusers|all]...  (default: all; bench includes
+# kernels; ZI_GTEST_FILTER narrows the tests). Logs go to $OUT.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$ROOT"
@@ -52,16 +53,18 @@ z ldd "$BIN/zimage" | grep -E "not found|cublas|cudnn" | tee "$OUT/ldd.txt"
 
 if want tests; then
   ZI_TEST_DATA_DIR=$ROOT/tests/data ZI_TINY_MODEL_DIR=$ROOT/models/tiny-zimage \
-    z "$BIN/zimage_gpu_tests" --gtest_color=no > "$OUT/gpu_tests.log" 2>&1
+    z "$BIN/zimage_gpu_tests" --gtest_color=no --gtest_filter="${ZI_GTEST_FILTER:-*}" > "$OUT/gpu_tests.log" 2>&1
   echo "gpu tests rc=$?" | tee -a "$OUT/gpu_tests.log"
   grep -E "^\[  (PASSED|FAILED)|FAILED|rel_l2|device:|turbo|cfg |truncated" "$OUT/gpu_tests.log" | head -60
   stamp "tests done"
 fi
 
 PROMPT="A cinematic photo of a red fox standing in fresh snow at dawn, soft light, highly detailed fur, 85mm lens"
-if want bench; then
+if want bench || want kernels; then
   z "$BIN/bench_kernels" 2>&1 | tee "$OUT/kernels.log"
   stamp "kernels done"
+fi
+if want bench; then
   M=/tmp/zrm
   rm -rf "$M"
   z "$BIN/zimage" make-random-model --preset turbo --dtype bf16 -q "$M" > "$OUT/make_model.log" 2>&1 || { cat "$OUT/make_model.log"; }

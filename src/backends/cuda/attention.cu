@@ -1,6 +1,7 @@
 // Scaled dot-product attention on the GPU, two paths:
-//  flash    bf16, head_dim 64 or 128, four kernels (A–D below; the fastest is picked by timing
-//           at the first large call). Variant A: one block of 4 warps owns 64 queries of one head and
+//  flash    bf16, head_dim 64 or 128, four kernels (A–C below, and H: the Hopper kernel of
+//           attention_sm90a.cu for head_dim 128 without a causal mask on compute capability 9.0);
+//           the fastest is picked by timing at the first large call. Variant A: one block of 4 warps owns 64 queries of one head and
 //           streams 64-key tiles of K and V through shared memory (cp.async, two stages,
 //           XOR-swizzled rows so ldmatrix is conflict-free). S = QKᵀ and O += PV run on
 //           mma.sync m16n8k16 with f32 accumulators; the softmax is online (running max and
@@ -16,6 +17,7 @@
 #include <cstdio>
 #include <cstdlib>
 
+#include "backends/cuda/attention_sm90.h"
 #include "backends/cuda/common.cuh"
 #include "backends/cuda/cuda_ops.h"
 
@@ -401,186 +403,7 @@ __global__ void __launch_bounds__(kThreads, 2) flash_fwd2(const bf16* __restrict
     }
 }
 
-// Variant D: 8 warps, 128 queries per block, 16 rows per warp with Q in registers (as A), and
-// the key loop software-pipelined inside each warp: while the softmax and P·V of key block j
-// run on the ALUs/MUFU, the tensor cores already compute S = Q·K_{j+1}ᵀ (two S buffers, the
-// roles swap every block, the loop unrolled by two so no copies are needed). Stages: K_{j+1}
-// and V_j are resident during block j while K_{j+2} and V_{j+1} stream in. Q (128 rows) first
-// lands on both V stages, which are free until Q is in registers. 64 KB of shared memory.
-constexpr int kThreads8 = 256;
-
-template <int D, int ROWS>
-__device__ __forceinline__ void load_rows8(bf16* tile, const bf16* src, int64_t stride, int row0, int valid) {
-  constexpr int CH = D / 8;
-  for (int i = threadIdx.x; i < ROWS * CH; i += kThreads8) {
-    const int r = i / CH, c = i % CH;
-    const bool ok = row0 + r < valid;
-    const bf16* g = ok ? src + int64_t(row0 + r) * stride + c * 8 : src;
-    cp_async16(tile + swz<D>(r, c), g, ok ? 16 : 0);
-  }
-}
-
-template <int D>
-__global__ void __launch_bounds__(kThreads8, 1) flash_fwd3(const bf16* __restrict__ q, const bf16* __restrict__ k,
-                                                           const bf16* __restrict__ v, bf16* __restrict__ o, int Sq,
-                                                           int Hq, int Hkv, int kv, int causal, float scale_log2) {
-  constexpr int BM = 128;
-  extern __shared__ __align__(128) uint8_t smem[];
-  bf16* sK = reinterpret_cast<bf16*>(smem);  // [2][64, D]
-  bf16* sV = sK + 2 * kBN * D;               // [2][64, D]
-  bf16* sQ = sV;                             // [128, D] on both V stages until Q is in registers
-  const int h = blockIdx.y, hk = h / (Hq / Hkv);
-  const int q0 = blockIdx.x * BM;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t qs = int64_t(Hq) * D, ks = int64_t(Hkv) * D;
-  const bf16* qh = q + int64_t(h) * D;
-  const bf16* kh = k + int64_t(hk) * D;
-  const bf16* vh = v + int64_t(hk) * D;
-  const int kend = causal ? min(kv, q0 + BM) : kv;
-  const int nblk = (kend + kBN - 1) / kBN;
-
-  load_rows8<D, BM>(sQ, qh, qs, q0, Sq);
-  if (nblk > 0) load_rows8<D, kBN>(sK, kh, ks, 0, kend);
-  cp_async_commit();
-  cp_async_wait_all();
-  __syncthreads();
-  uint32_t qf[D / 16][4];
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk)
-    ldmatrix_x4(qf[kk], sQ + swz<D>(warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, kk * 2 + (lane >> 4)));
-  __syncthreads();  // Q is in registers everywhere before V_0 overwrites it
-
-  auto qk = [&](float (&s)[kBN / 8][4], const bf16* tK) {
-#pragma unroll
-    for (int nt = 0; nt < kBN / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
-#pragma unroll
-    for (int kk2 = 0; kk2 < D / 32; ++kk2)
-#pragma unroll
-      for (int nt = 0; nt < kBN / 8; ++nt) {
-        uint32_t b[4];
-        ldmatrix_x4(b, tK + swz<D>(nt * 8 + (lane & 7), kk2 * 4 + (lane >> 3)));
-        mma_bf16(s[nt], qf[2 * kk2], b[0], b[1]);
-        mma_bf16(s[nt], qf[2 * kk2 + 1], b[2], b[3]);
-      }
-  };
-
-  float sa[kBN / 8][4], sb[kBN / 8][4];
-  if (nblk > 0) load_rows8<D, kBN>(sV, vh, ks, 0, kend);
-  if (nblk > 1) load_rows8<D, kBN>(sK + kBN * D, kh, ks, kBN, kend);
-  cp_async_commit();
-  if (nblk > 0) qk(sa, sK);
-  cp_async_wait_all();
-  __syncthreads();
-
-  float acc[D / 8][4];
-#pragma unroll
-  for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-  const int row[2] = {q0 + warp * 16 + (lane >> 2), q0 + warp * 16 + (lane >> 2) + 8};
-
-  // One key block: S_j is in `cur`; computes S_{j+1} into `nxt` alongside.
-  auto step = [&](int j, float (&cur)[kBN / 8][4], float (&nxt)[kBN / 8][4]) {
-    const int k0 = j * kBN;
-    if (j + 1 < nblk) load_rows8<D, kBN>(sV + ((j + 1) & 1) * kBN * D, vh, ks, k0 + kBN, kend);
-    if (j + 2 < nblk) load_rows8<D, kBN>(sK + (j & 1) * kBN * D, kh, ks, k0 + 2 * kBN, kend);
-    cp_async_commit();
-    if (causal || k0 + kBN > kend) {
-#pragma unroll
-      for (int nt = 0; nt < kBN / 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int key = k0 + nt * 8 + (lane & 3) * 2 + (e & 1);
-          if (key >= kend || (causal && key > row[e >> 1])) cur[nt][e] = -INFINITY;
-        }
-    }
-    if (j + 1 < nblk) qk(nxt, sK + ((j + 1) & 1) * kBN * D);
-    const bf16* tV = sV + (j & 1) * kBN * D;
-    float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int nt = 0; nt < kBN / 8; ++nt) {
-      mx[0] = fmaxf(mx[0], fmaxf(cur[nt][0], cur[nt][1]));
-      mx[1] = fmaxf(mx[1], fmaxf(cur[nt][2], cur[nt][3]));
-    }
-    float alpha[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-      const float mnew = fmaxf(m[r], mx[r] * scale_log2);
-      const float base = mnew == -INFINITY ? 0.0f : mnew;
-      alpha[r] = ex2(m[r] - base);
-      m[r] = mnew;
-      l[r] *= alpha[r];
-#pragma unroll
-      for (int nt = 0; nt < kBN / 8; ++nt) {
-        const float p0 = ex2(fmaf(cur[nt][2 * r], scale_log2, -base));
-        const float p1 = ex2(fmaf(cur[nt][2 * r + 1], scale_log2, -base));
-        cur[nt][2 * r] = p0;
-        cur[nt][2 * r + 1] = p1;
-        l[r] += p0 + p1;
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-      acc[i][0] *= alpha[0];
-      acc[i][1] *= alpha[0];
-      acc[i][2] *= alpha[1];
-      acc[i][3] *= alpha[1];
-    }
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) {
-      const uint32_t a[4] = {pack_bf16(cur[2 * kk][0], cur[2 * kk][1]), pack_bf16(cur[2 * kk][2], cur[2 * kk][3]),
-                             pack_bf16(cur[2 * kk + 1][0], cur[2 * kk + 1][1]),
-                             pack_bf16(cur[2 * kk + 1][2], cur[2 * kk + 1][3])};
-#pragma unroll
-      for (int nt2 = 0; nt2 < D / 16; ++nt2) {
-        uint32_t b[4];
-        ldmatrix_x4_trans(b, tV + swz<D>(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, nt2 * 2 + (lane >> 4)));
-        mma_bf16(acc[2 * nt2], a, b[0], b[1]);
-        mma_bf16(acc[2 * nt2 + 1], a, b[2], b[3]);
-      }
-    }
-    cp_async_wait_all();
-    __syncthreads();
-  };
-
-  for (int j = 0; j < nblk; j += 2) {
-    step(j, sa, sb);
-    if (j + 1 < nblk) step(j + 1, sb, sa);
-  }
-
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-  }
-  const float inv[2] = {l[0] > 0 ? 1.0f / l[0] : 0.0f, l[1] > 0 ? 1.0f / l[1] : 0.0f};
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    if (row[r] >= Sq) continue;
-    bf16* orow = o + int64_t(row[r]) * qs + int64_t(h) * D + (lane & 3) * 2;
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i)
-      *reinterpret_cast<uint32_t*>(orow + i * 8) = pack_bf16(acc[i][2 * r] * inv[r], acc[i][2 * r + 1] * inv[r]);
-  }
-}
-
-template <int D>
-void launch_flash3(const Tensor& q, const Tensor& k, const Tensor& v, float scale, bool causal, int kv, Tensor& out) {
-  const int Sq = int(q.dim(0)), Hq = int(q.dim(1)), Hkv = int(k.dim(1));
-  const size_t smem = size_t(4 * kBN) * D * 2;  // K and V, two stages each (Q borrows V's)
-  static bool configured = false;
-  if (!configured) {
-    ZI_CUDA(cudaFuncSetAttribute(flash_fwd3<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    configured = true;
-  }
-  const dim3 grid(unsigned(cdiv(Sq, 128)), unsigned(Hq));
-  flash_fwd3<D><<<grid, kThreads8, smem, stream()>>>(q.data<bf16>(), k.data<bf16>(), v.data<bf16>(), out.data<bf16>(),
-                                                     Sq, Hq, Hkv, kv, causal ? 1 : 0, scale * 1.4426950408889634f);
-  ZI_CUDA_LAUNCHED();
-}
-
-int g_flash_variant = 0;  // 0: pick by measurement at the first large call; 1 A, 2 B, 3 C, 4 D
+int g_flash_variant = 0;  // 0: pick by measurement at the first large call; 1 A, 2 B, 3 C, 4 H
 int g_flash_chosen = 0;   // the variant the measurement picked (0: not measured yet)
 float g_flash_ms[kFlashVariants + 1] = {};
 
@@ -731,6 +554,7 @@ void attention(const Tensor& q, const Tensor& k, const Tensor& v, float scale, b
   if (q.dim(0) == 0 || q.dim(1) == 0) return;
   if (flash_ok(q, k)) {
     const bool d128 = q.dim(2) == 128;
+    const bool sm90 = d128 && !causal && kv > 0 && flash_sm90_available();  // variant H
     auto run = [&](int variant) {
       switch (variant) {
         case 2:
@@ -742,8 +566,9 @@ void attention(const Tensor& q, const Tensor& k, const Tensor& v, float scale, b
           else launch_flash2<64, true>(q, k, v, scale, causal, int(kv), out);
           break;
         case 4:
-          if (d128) launch_flash3<128>(q, k, v, scale, causal, int(kv), out);
-          else launch_flash3<64>(q, k, v, scale, causal, int(kv), out);
+          if (sm90) flash_sm90(q, k, v, scale, int(kv), out);
+          else if (d128) launch_flash2<128, true>(q, k, v, scale, causal, int(kv), out);
+          else launch_flash<64>(q, k, v, scale, causal, int(kv), out);
           break;
         default:
           if (d128) launch_flash<128>(q, k, v, scale, causal, int(kv), out);
@@ -771,9 +596,9 @@ void attention(const Tensor& q, const Tensor& k, const Tensor& v, float scale, b
       for (auto& x : e) ZI_CUDA(cudaEventDestroy(x));
       g_flash_chosen = best;
       if (std::getenv("ZI_CUDA_PROFILE"))
-        std::fprintf(stderr, "[cuda] profile: flash variants A %.3f B %.3f C %.3f D %.3f ms (Sq %lld, %lld heads) -> %c\n",
+        std::fprintf(stderr, "[cuda] profile: flash variants A %.3f B %.3f C %.3f H %.3f ms (Sq %lld, %lld heads) -> %c\n",
                      g_flash_ms[1], g_flash_ms[2], g_flash_ms[3], g_flash_ms[4], (long long)q.dim(0),
-                     (long long)q.dim(1), char('A' + best - 1));
+                     (long long)q.dim(1), "ABCH"[best - 1]);
       if (best != kFlashVariants) run(best);  // the output of the last run is the result
       return;
     }

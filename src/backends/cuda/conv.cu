@@ -10,6 +10,8 @@
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -26,7 +28,6 @@ namespace zi::cuda {
 namespace {
 
 ConvPath g_path = ConvPath::Auto;
-constexpr int64_t kIm2colMinPixels = int64_t(1) << 19;
 constexpr int64_t kColBudget = int64_t(256) << 20;  // bytes of one im2col chunk
 
 // col[k, r·Wo + ox] (k = (ci·kh + ky)·kw + kx; output row oy0 + r) = x at the tap, 0 outside.
@@ -73,6 +74,34 @@ __global__ void add_channel_bias(T* y, const float* b, int64_t C, int64_t HW) {
   const int64_t n = C * HW;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     st<T>(y, i, ld<T>(y, i) + b[i / HW]);
+}
+
+// out[b][c][r] = in[b][r][c] (+ bias[c] when given), through 32×32 tiles of shared memory so
+// reads and writes are both coalesced. Layout changes of the NHWC cuDNN path.
+template <class T>
+__global__ void transpose_tiles(const T* __restrict__ in, T* __restrict__ out, int R, int C,
+                                const float* __restrict__ bias) {
+  __shared__ float tile[32][33];
+  const int64_t b = blockIdx.z;
+  const T* src = in + b * int64_t(R) * C;
+  T* dst = out + b * int64_t(R) * C;
+  const int r0 = blockIdx.y * 32, c0 = blockIdx.x * 32;
+  for (int i = threadIdx.y; i < 32; i += blockDim.y) {
+    const int r = r0 + i, c = c0 + threadIdx.x;
+    if (r < R && c < C) tile[i][threadIdx.x] = ld<T>(src, int64_t(r) * C + c);
+  }
+  __syncthreads();
+  for (int i = threadIdx.y; i < 32; i += blockDim.y) {
+    const int c = c0 + i, r = r0 + threadIdx.x;
+    if (r < R && c < C) st<T>(dst, int64_t(c) * R + r, tile[threadIdx.x][i] + (bias ? bias[c] : 0.0f));
+  }
+}
+
+template <class T>
+void transpose(const T* in, T* out, int64_t batch, int64_t R, int64_t C, const float* bias = nullptr) {
+  const dim3 grid(unsigned(cdiv(C, 32)), unsigned(cdiv(R, 32)), unsigned(batch));
+  transpose_tiles<T><<<grid, dim3(32, 8), 0, stream()>>>(in, out, int(R), int(C), bias);
+  ZI_CUDA_LAUNCHED();
 }
 
 // out[co, oy, ox] = Σ w[co, ci, ky, kx] · x[ci, oy + ky − pad, ox + kx − pad].
@@ -166,14 +195,16 @@ struct ConvPlan {
   size_t workspace;
 };
 
-using ConvKey = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, int>;
+using ConvKey = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, int, bool>;
 
+// nhwc: x, w and y in channels-last layouts (NHWC, KRSC), where cuDNN's implicit-GEMM tensor-core
+// kernels run; NCHW otherwise.
 const ConvPlan& conv_plan(int64_t Cin, int64_t H, int64_t W, int64_t Cout, int64_t kh, int64_t kw, int pad,
-                          DType dt) {
+                          DType dt, bool nhwc) {
   static std::map<ConvKey, ConvPlan> plans;
   static std::mutex mu;
   std::lock_guard<std::mutex> lk(mu);
-  const ConvKey key{Cin, H, W, Cout, kh, kw, pad, int(dt)};
+  const ConvKey key{Cin, H, W, Cout, kh, kw, pad, int(dt), nhwc};
   auto it = plans.find(key);
   if (it != plans.end()) return it->second;
   Cudnn& d = cudnn();
@@ -184,9 +215,10 @@ const ConvPlan& conv_plan(int64_t Cin, int64_t H, int64_t W, int64_t Cout, int64
   dnn_check(d.cudnnCreateFilterDescriptor(&p.w), "w descriptor");
   dnn_check(d.cudnnCreateConvolutionDescriptor(&p.conv), "conv descriptor");
   const int64_t Ho = H + 2 * pad - kh + 1, Wo = W + 2 * pad - kw + 1;
-  dnn_check(d.cudnnSetTensor4dDescriptor(p.x, CUDNN_TENSOR_NCHW, t, 1, int(Cin), int(H), int(W)), "x shape");
-  dnn_check(d.cudnnSetTensor4dDescriptor(p.y, CUDNN_TENSOR_NCHW, t, 1, int(Cout), int(Ho), int(Wo)), "y shape");
-  dnn_check(d.cudnnSetFilter4dDescriptor(p.w, t, CUDNN_TENSOR_NCHW, int(Cout), int(Cin), int(kh), int(kw)), "w shape");
+  const cudnnTensorFormat_t f = nhwc ? CUDNN_TENSOR_NHWC : CUDNN_TENSOR_NCHW;
+  dnn_check(d.cudnnSetTensor4dDescriptor(p.x, f, t, 1, int(Cin), int(H), int(W)), "x shape");
+  dnn_check(d.cudnnSetTensor4dDescriptor(p.y, f, t, 1, int(Cout), int(Ho), int(Wo)), "y shape");
+  dnn_check(d.cudnnSetFilter4dDescriptor(p.w, t, f, int(Cout), int(Cin), int(kh), int(kw)), "w shape");
   dnn_check(d.cudnnSetConvolution2dDescriptor(p.conv, pad, pad, 1, 1, 1, 1, CUDNN_CROSS_CORRELATION, CUDNN_DATA_FLOAT),
             "conv params");
   dnn_check(d.cudnnSetConvolutionMathType(p.conv, dt == DType::BF16 ? CUDNN_TENSOR_OP_MATH : CUDNN_FMA_MATH),
@@ -211,20 +243,41 @@ const ConvPlan& conv_plan(int64_t Cin, int64_t H, int64_t W, int64_t Cout, int64
   return plans.emplace(key, p).first->second;
 }
 
-bool conv_cudnn(const Tensor& x, const Tensor& w, int pad, Tensor& out) {
+// NCHW, or (nhwc) with x and w changed to channels-last first and y changed back with the bias
+// added on the way (bias_done tells the caller).
+bool conv_cudnn(const Tensor& x, const Tensor& w, const Tensor* bias, int pad, bool nhwc, Tensor& out,
+                bool& bias_done) {
   if (!cudnn().ok) return false;
   Cudnn& d = cudnn();
-  const ConvPlan& p = conv_plan(x.dim(0), x.dim(1), x.dim(2), w.dim(0), w.dim(2), w.dim(3), pad, x.dtype());
+  const int64_t Cin = x.dim(0), H = x.dim(1), W = x.dim(2), Cout = w.dim(0), kh = w.dim(2), kw = w.dim(3);
+  const int64_t HWo = out.dim(1) * out.dim(2);
+  const ConvPlan& p = conv_plan(Cin, H, W, Cout, kh, kw, pad, x.dtype(), nhwc);
   Tensor wt = w.dtype() == x.dtype() ? w.contiguous(Tag::Workspace) : w.to(x.dtype(), Tag::Workspace);
   Tensor ws = p.workspace ? scratch(int64_t(p.workspace)) : Tensor();
   const float one = 1.0f, zero = 0.0f;
-  dnn_check(d.cudnnConvolutionForward(d.handle, &one, p.x, x.raw(), p.w, wt.raw(), p.conv, p.algo,
-                                      p.workspace ? ws.raw() : nullptr, p.workspace, &zero, p.y, out.raw()),
+  if (!nhwc) {
+    dnn_check(d.cudnnConvolutionForward(d.handle, &one, p.x, x.raw(), p.w, wt.raw(), p.conv, p.algo,
+                                        p.workspace ? ws.raw() : nullptr, p.workspace, &zero, p.y, out.raw()),
+              "forward");
+    return true;
+  }
+  const int64_t es = int64_t(dtype_size(x.dtype()));
+  Tensor xt = scratch(Cin * H * W * es), wk = scratch(wt.numel() * es), yt = scratch(Cout * HWo * es);
+  Tensor b = bias ? f32_vector(*bias) : Tensor();
+  ZI_DISPATCH_ACT(x.dtype(), {
+    transpose<T>(x.data<T>(), static_cast<T*>(xt.raw()), 1, Cin, H * W);
+    transpose<T>(wt.data<T>(), static_cast<T*>(wk.raw()), Cout, Cin, kh * kw);
+  });
+  dnn_check(d.cudnnConvolutionForward(d.handle, &one, p.x, xt.raw(), p.w, wk.raw(), p.conv, p.algo,
+                                      p.workspace ? ws.raw() : nullptr, p.workspace, &zero, p.y, yt.raw()),
             "forward");
+  ZI_DISPATCH_ACT(x.dtype(), transpose<T>(static_cast<const T*>(yt.raw()), out.data<T>(), 1, HWo, Cout,
+                                          bias ? b.data<float>() : nullptr));
+  bias_done = bias != nullptr;
   return true;
 }
 #else
-bool conv_cudnn(const Tensor&, const Tensor&, int, Tensor&) { return false; }
+bool conv_cudnn(const Tensor&, const Tensor&, const Tensor*, int, bool, Tensor&, bool&) { return false; }
 #endif
 
 }  // namespace
@@ -239,19 +292,82 @@ bool cudnn_available() {
 
 void set_conv_path(ConvPath p) { g_path = p; }
 
+namespace {
+
+bool run_path(ConvPath path, const Tensor& x, const Tensor& w, const Tensor* bias, int pad, Tensor& out,
+              bool& bias_done) {
+  bias_done = false;
+  switch (path) {
+    case ConvPath::Im2col:
+      conv_im2col(x, w, pad, out);
+      return true;
+    case ConvPath::Cudnn:
+      return conv_cudnn(x, w, bias, pad, false, out, bias_done);
+    case ConvPath::CudnnNhwc:
+      return conv_cudnn(x, w, bias, pad, true, out, bias_done);
+    default:
+      return false;
+  }
+}
+
+// Auto: for k×k kernels in bf16 each shape is timed once on its first call over the candidate
+// paths (im2col + cuBLASLt, cuDNN NCHW, cuDNN NHWC) and the fastest is kept; the last run
+// is the fastest's, so `out` holds its result. 1×1 kernels and f32 go to cuDNN NCHW.
+using ShapeKey = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int>;
+std::map<ShapeKey, ConvPath> g_picked;
+
+ConvPath pick_and_run(const Tensor& x, const Tensor& w, const Tensor* bias, int pad, Tensor& out, bool& bias_done) {
+  const ShapeKey key{x.dim(0), x.dim(1), x.dim(2), w.dim(0), w.dim(2), pad};
+  const ConvPath cands[] = {ConvPath::Im2col, ConvPath::Cudnn, ConvPath::CudnnNhwc};
+  float ms[3] = {0, 0, 0};
+  cudaEvent_t e0, e1;
+  ZI_CUDA(cudaEventCreate(&e0));
+  ZI_CUDA(cudaEventCreate(&e1));
+  int best = 0;
+  for (int i = 0; i < 3; ++i) {
+    if (!run_path(cands[i], x, w, bias, pad, out, bias_done)) {  // also the warm-up (plans, Find)
+      ms[i] = -1;
+      continue;
+    }
+    ZI_CUDA(cudaEventRecord(e0, stream()));
+    run_path(cands[i], x, w, bias, pad, out, bias_done);
+    ZI_CUDA(cudaEventRecord(e1, stream()));
+    ZI_CUDA(cudaEventSynchronize(e1));
+    ZI_CUDA(cudaEventElapsedTime(&ms[i], e0, e1));
+    if (ms[best] < 0 || ms[i] < ms[best]) best = i;
+  }
+  ZI_CUDA(cudaEventDestroy(e0));
+  ZI_CUDA(cudaEventDestroy(e1));
+  if (std::getenv("ZI_CUDA_PROFILE"))
+    std::fprintf(stderr, "[cuda] profile: conv %lldx%lldx%lld -> %lld k%lld: im2col %.3f cudnn %.3f nhwc %.3f ms\n",
+                 (long long)x.dim(0), (long long)x.dim(1), (long long)x.dim(2), (long long)w.dim(0),
+                 (long long)w.dim(2), ms[0], ms[1], ms[2]);
+  g_picked[key] = cands[best];
+  if (best != 2) run_path(cands[best], x, w, bias, pad, out, bias_done);
+  return cands[best];
+}
+
+}  // namespace
+
 void conv2d(const Tensor& x, const Tensor& w, const Tensor* bias, int pad, Tensor& out) {
   const int64_t Cin = x.dim(0), H = x.dim(1), W = x.dim(2), Cout = w.dim(0), Ho = out.dim(1), Wo = out.dim(2);
   if (!out.numel()) return;
   ConvPath path = g_path;
-  if (path == ConvPath::Auto)
-    path = w.dim(2) * w.dim(3) > 1 && Ho * Wo >= kIm2colMinPixels ? ConvPath::Im2col : ConvPath::Cudnn;
-  bool done = false;
-  if (path == ConvPath::Im2col) {
-    conv_im2col(x, w, pad, out);
-    done = true;
-  } else if (path == ConvPath::Cudnn) {
-    done = conv_cudnn(x, w, pad, out);
+  bool done = false, bias_done = false;
+  if (path == ConvPath::Auto) {
+    if (w.dim(2) * w.dim(3) == 1 || x.dtype() != DType::BF16) {
+      path = ConvPath::Cudnn;
+    } else {
+      auto it = g_picked.find({x.dim(0), x.dim(1), x.dim(2), w.dim(0), w.dim(2), pad});
+      if (it != g_picked.end()) {
+        path = it->second;
+      } else {
+        pick_and_run(x, w, bias, pad, out, bias_done);
+        done = true;
+      }
+    }
   }
+  if (!done) done = run_path(path, x, w, bias, pad, out, bias_done);
   if (!done) {
     Tensor wf = f32_vector(w);
     ZI_DISPATCH_ACT(x.dtype(), conv_direct<T><<<grid_for(out.numel(), 256, 65536), 256, 0, stream()>>>(
@@ -259,7 +375,7 @@ void conv2d(const Tensor& x, const Tensor& w, const Tensor* bias, int pad, Tenso
                                    int(w.dim(3)), pad, Ho, Wo));
     ZI_CUDA_LAUNCHED();
   }
-  if (bias) {
+  if (bias && !bias_done) {
     Tensor b = f32_vector(*bias);
     ZI_DISPATCH_ACT(x.dtype(), add_channel_bias<T><<<grid_for(out.numel(), 256, 65536), 256, 0, stream()>>>(
                                    out.data<T>(), b.data<float>(), Cout, Ho * Wo));

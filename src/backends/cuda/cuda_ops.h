@@ -101,16 +101,16 @@ void set_force_blocked_attention(bool on);
 // Which flash kernel runs: 0 picks the fastest by timing each once at the first call with at
 // least 64K query rows (ZI_CUDA_PROFILE=1 prints the times); 1 (A: 64 queries a block), 2 (B: 128
 // queries, two tiles a warp), 3 (C: B, rescaling the accumulators only when a row max moved) or
-// 4 (D: 8 warps, 128 queries, S of the next key block computed during this block's softmax) forces one.
+// 4 (H: wgmma on Hopper, head_dim 128, no causal mask; elsewhere C for head_dim 128, else A) forces one.
 void set_flash_variant(int v);
 
 // ---- convolution (conv.cu) ----
 void conv2d(const Tensor& x, const Tensor& w, const Tensor* bias, int pad, Tensor& out);
 bool cudnn_available();
-// Which conv2d path runs: Auto (im2col + cuBLASLt for k×k kernels over >= 2^19 pixels, where
-// cuDNN's NCHW kernels were measured slow; cuDNN otherwise; the direct kernel without cuDNN),
-// or one forced (tests).
-enum class ConvPath { Auto, Cudnn, Im2col, Direct };
+// Which conv2d path runs: Auto (k×k kernels in bf16: the fastest of im2col + cuBLASLt, cuDNN
+// NCHW and cuDNN NHWC, timed once per shape at its first call; cuDNN NCHW otherwise; the direct
+// kernel without cuDNN), or one forced (tests).
+enum class ConvPath { Auto, Cudnn, CudnnNhwc, Im2col, Direct };
 void set_conv_path(ConvPath p);
 
 }  // namespace zi::cuda
