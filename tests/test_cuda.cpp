@@ -202,9 +202,12 @@ TEST(Cuda, Norms) {
       ops::layer_norm_(lnd, 1e-6f);
       expect_close(lnd, ln, act, str_cat("layer_norm D=", D));
     }
+  // HW = 561: the scalar kernels; 1280 and 16384: 16-byte vectors (the second over many blocks)
+  const std::vector<Shape> gn_shapes = {{64, 33, 17}, {64, 32, 40}, {128, 128, 128}};
+  for (const auto& shape : gn_shapes)
   for (DType act : kActs)
     for (bool silu : {false, true}) {
-      Tensor x = rnd({64, 33, 17}, 22, 0.05f, 2.0f), w = rnd({64}, 23), b = rnd({64}, 24);
+      Tensor x = rnd(shape, 22, 0.05f, 2.0f), w = rnd({shape[0]}, 23), b = rnd({shape[0]}, 24);
       for (int64_t i = 0; i < x.numel(); ++i) x.f32()[i] += 0.5f;  // a non-zero mean
       Tensor ref = rounded(x, act);
       if (silu) ops::group_norm_silu_(ref, 32, w, b, 1e-6f);
@@ -213,7 +216,7 @@ TEST(Cuda, Norms) {
       Tensor wd = w.to_device(Device::CUDA), bd = b.to_device(Device::CUDA);
       if (silu) ops::group_norm_silu_(xd, 32, wd, bd, 1e-6f);
       else ops::group_norm_(xd, 32, wd, bd, 1e-6f);
-      expect_close(xd, ref, act, str_cat("group_norm silu=", silu));
+      expect_close(xd, ref, act, str_cat("group_norm silu=", silu, " HW=", shape[1] * shape[2]));
     }
 }
 
@@ -304,7 +307,7 @@ TEST(Cuda, Attention) {
   uint32_t seed = 40;
   for (const Case& c : cases)
     for (DType act : kActs)
-      for (int mode : {1, 2, 3, 4, 0}) {  // flash A, B, C, H, then blocked (flash needs bf16 and D 64/128)
+      for (int mode : {1, 2, 3, 4, 5, 0}) {  // flash A, B, C, H, W, then blocked (flash needs bf16 and D 64/128)
         const bool force_blocked = mode == 0;
         cuda::set_flash_variant(force_blocked ? 1 : mode);
         Tensor q = rnd({c.Sq, c.Hq, c.D}, seed++), k = rnd({c.Sk, c.Hkv, c.D}, seed++),
@@ -334,7 +337,7 @@ TEST(Cuda, AttentionVariantPick) {
   for (bool causal : {false, true}) {
     cuda::set_flash_variant(1);
     const Tensor ref = host(ops::attention(q, k, v, scale, causal, -1));
-    for (int variant : {0, 0, 2, 3, 4}) {  // 0 twice: the measuring call, then the picked kernel
+    for (int variant : {0, 0, 2, 3, 4, 5}) {  // 0 twice: the measuring call, then the picked kernel
       cuda::set_flash_variant(variant);
       const Tensor o = host(ops::attention(q, k, v, scale, causal, -1));
       EXPECT_LE(rel_l2(o, ref), 1e-2) << "variant " << variant << " causal " << causal;
@@ -449,4 +452,32 @@ TEST(CudaPipeline, MixedDevices) {
   for (size_t i = 0; i < png.size(); ++i) maxd = std::max(maxd, std::abs(int(png[i]) - int(r.rgb[i])));
   EXPECT_LE(maxd, 1);
   EXPECT_EQ(r.gpu_phases.size(), 1u);
+}
+
+// --keep-models on the GPU: two images through one ModelCache equal two without it, the second
+// loads nothing, and the cached weights stay on the device until the cache goes.
+TEST(CudaPipeline, KeepModels) {
+  ZI_REQUIRE_GPU();
+  GenerateOptions o = options_for_case("turbo");
+  o.precision = DType::BF16;
+  const GenerateResult plain = generate(o);
+  const int64_t gpu_before = memory_stats(Device::CUDA).total().current;
+  {
+    ModelCache cache;
+    const GenerateResult first = generate(o, {}, &cache);
+    const GenerateResult second = generate(o, {}, &cache);
+    // (GroupNorm's statistics are summed with atomics: the order, and so the last bit, may vary)
+    auto maxdiff = [&](const GenerateResult& r) {
+      int m = 0;
+      for (size_t i = 0; i < r.rgb.size(); ++i) m = std::max(m, std::abs(int(r.rgb[i]) - int(plain.rgb[i])));
+      return r.rgb.size() == plain.rgb.size() ? m : 256;
+    };
+    EXPECT_LE(maxdiff(first), 1);
+    EXPECT_LE(maxdiff(second), 1);
+    ASSERT_EQ(second.load_seconds.size(), 3u);
+    for (double s : second.load_seconds) EXPECT_LT(s, 1e-3);
+    ASSERT_TRUE(cache.transformer);
+    EXPECT_GT(memory_stats(Device::CUDA).total().current, gpu_before);  // weights stay resident
+  }
+  EXPECT_EQ(memory_stats(Device::CUDA).total().current, gpu_before);
 }

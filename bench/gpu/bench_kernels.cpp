@@ -98,10 +98,10 @@ int main() {
     Tensor o = Tensor::empty({S, H, D}, DType::BF16, Tag::Activations, Device::CUDA);
     const double flops = 4.0 * double(S) * double(S) * double(D) * double(H);
     const float scale = 1.0f / std::sqrt(float(D));
-    for (int variant : {1, 2, 3, 4}) {
+    for (int variant : {1, 2, 3, 4, 5}) {
       cuda::set_flash_variant(variant);
       const double ms = median_ms([&] { cuda::attention(q, k, v, scale, false, -1, o); });
-      const std::string name = std::string("attn_flash_") + "ABCH"[variant - 1] + "_S4128_H30_D128";
+      const std::string name = std::string("attn_flash_") + "ABCHW"[variant - 1] + "_S4128_H30_D128";
       report(name.c_str(), ms, flops / ms / 1e9, "TFLOP/s");
     }
     cuda::set_flash_variant(0);

@@ -189,8 +189,6 @@ void run(GenerateArgs& a) {
                      cuda::device_description().c_str(), double(r.gpu_peak_bytes) / (1 << 20),
                      double(ps.reserved_high) / (1 << 20), double(us.bytes) / 1e9,
                      us.seconds > 0 ? double(us.bytes) / 1e9 / us.seconds : 0.0);
-        const std::string prof = cuda::profile_report();  // empty unless ZI_CUDA_PROFILE=1
-        if (!prof.empty()) std::fprintf(stderr, "%s", prof.c_str());
       }
       std::fprintf(stderr, "wrote %s (%dx%d)\n", path.c_str(), r.width, r.height);
     }
@@ -234,7 +232,7 @@ void add_generate(CLI::App& app) {
       ->capture_default_str();
   c->add_option("--vae-dtype", a->vae_dtype, "VAE weights in memory: bf16, f16 or f32")->capture_default_str();
   c->add_option("--vae-tile", a->vae_tile,
-                "decode in tiles of this many pixels (multiple of 8, >= 128) to bound memory, or 'auto'");
+                "decode in tiles of this many pixels (multiple of 8, >= 128) to bound memory, or 'auto' (CPU decoding; the GPU decodes whole)");
   auto* mr = c->add_option("--memory-report", a->memory_report,
                            "print a table of each phase's weights and peak memory; with FILE also write it as JSON");
   mr->expected(0, 1);

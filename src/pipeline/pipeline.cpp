@@ -47,7 +47,7 @@ struct Embeddings {
 class DevicePhase {
  public:
   DevicePhase(Device d, DType precision, const std::string& name)
-      : d_(d), scope_(Compute{d, d == Device::CUDA ? precision : DType::F32}) {
+      : d_(d), name_(name), scope_(Compute{d, d == Device::CUDA ? precision : DType::F32}) {
     if (d == Device::CUDA) memory_stats(Device::CUDA).begin_phase(name);
   }
   ~DevicePhase() {
@@ -55,6 +55,8 @@ class DevicePhase {
     try {
       cuda::synchronize();
       cuda::trim_cache();  // the phase's weights are gone: give their blocks back to the driver
+      const std::string prof = cuda::profile_report();  // empty unless ZI_CUDA_PROFILE=1
+      if (!prof.empty()) std::fprintf(stderr, "[%s] %s", name_.c_str(), prof.c_str());
     } catch (...) {  // a failing GPU was already reported by the op that saw it
     }
     memory_stats(Device::CUDA).end_phase();
@@ -64,6 +66,7 @@ class DevicePhase {
 
  private:
   Device d_;
+  std::string name_;
   ComputeScope scope_;
 };
 
@@ -170,7 +173,14 @@ Tensor run_decode(const ModelFolder& mf, const GenerateOptions& o, const Tensor&
   float* zp = z.f32();
   for (int64_t i = 0; i < z.numel(); ++i) zp[i] = zp[i] / sf + sh;
   const int h = int(z.dim(1)), w = int(z.dim(2));
-  int tile = o.vae_device == Device::CUDA ? 0 : o.vae_tile;  // the GPU decodes whole
+  int tile = o.vae_tile;
+  if (o.vae_device == Device::CUDA && tile != 0) {
+    // The tiled decode's statistics passes are host code: the GPU decodes whole.
+    if (tile > 0)
+      std::fprintf(stderr, "warning: --vae-tile applies to CPU decoding; the GPU decodes the whole image "
+                           "(add --vae-device cpu to decode in tiles)\n");
+    tile = 0;
+  }
   if (tile < 0) {
     // Auto: untiled when the whole decode fits in half of the available memory.
     const int64_t budget = available_host_bytes() / 2;

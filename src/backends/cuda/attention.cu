@@ -1,6 +1,6 @@
 // Scaled dot-product attention on the GPU, two paths:
-//  flash    bf16, head_dim 64 or 128, four kernels (A–C below, and H: the Hopper kernel of
-//           attention_sm90a.cu for head_dim 128 without a causal mask on compute capability 9.0);
+//  flash    bf16, head_dim 64 or 128, five kernels (A–C below, and H and W: the Hopper kernels
+//           of attention_sm90a.cu for head_dim 128 without a causal mask on compute capability 9.0);
 //           the fastest is picked by timing at the first large call. Variant A: one block of 4 warps owns 64 queries of one head and
 //           streams 64-key tiles of K and V through shared memory (cp.async, two stages,
 //           XOR-swizzled rows so ldmatrix is conflict-free). S = QKᵀ and O += PV run on
@@ -29,7 +29,7 @@ bool g_force_blocked = false;
 // ---- flash path -------------------------------------------------------------------------------
 
 constexpr int kBM = 64, kBN = 64, kThreads = 128;
-constexpr int kFlashVariants = 4;
+constexpr int kFlashVariants = 5;
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return uint32_t(__cvta_generic_to_shared(p));
@@ -403,7 +403,7 @@ __global__ void __launch_bounds__(kThreads, 2) flash_fwd2(const bf16* __restrict
     }
 }
 
-int g_flash_variant = 0;  // 0: pick by measurement at the first large call; 1 A, 2 B, 3 C, 4 H
+int g_flash_variant = 0;  // 0: pick by measurement at the first large call; 1 A, 2 B, 3 C, 4 H, 5 W
 int g_flash_chosen = 0;   // the variant the measurement picked (0: not measured yet)
 float g_flash_ms[kFlashVariants + 1] = {};
 
@@ -565,6 +565,12 @@ void attention(const Tensor& q, const Tensor& k, const Tensor& v, float scale, b
           if (d128) launch_flash2<128, true>(q, k, v, scale, causal, int(kv), out);
           else launch_flash2<64, true>(q, k, v, scale, causal, int(kv), out);
           break;
+        case 5:
+          if (sm90 && flash_sm90w_available()) {
+            flash_sm90w(q, k, v, scale, int(kv), out);
+            break;
+          }
+          [[fallthrough]];
         case 4:
           if (sm90) flash_sm90(q, k, v, scale, int(kv), out);
           else if (d128) launch_flash2<128, true>(q, k, v, scale, causal, int(kv), out);
@@ -596,9 +602,9 @@ void attention(const Tensor& q, const Tensor& k, const Tensor& v, float scale, b
       for (auto& x : e) ZI_CUDA(cudaEventDestroy(x));
       g_flash_chosen = best;
       if (std::getenv("ZI_CUDA_PROFILE"))
-        std::fprintf(stderr, "[cuda] profile: flash variants A %.3f B %.3f C %.3f H %.3f ms (Sq %lld, %lld heads) -> %c\n",
-                     g_flash_ms[1], g_flash_ms[2], g_flash_ms[3], g_flash_ms[4], (long long)q.dim(0),
-                     (long long)q.dim(1), "ABCH"[best - 1]);
+        std::fprintf(stderr, "[cuda] profile: flash variants A %.3f B %.3f C %.3f H %.3f W %.3f ms (Sq %lld, %lld heads) -> %c\n",
+                     g_flash_ms[1], g_flash_ms[2], g_flash_ms[3], g_flash_ms[4], g_flash_ms[5], (long long)q.dim(0),
+                     (long long)q.dim(1), "ABCHW"[best - 1]);
       if (best != kFlashVariants) run(best);  // the output of the last run is the result
       return;
     }

@@ -16,8 +16,10 @@
 // Shared memory: Q 32 KB + K 2×32 KB + V 2×32 KB = 160 KB, one block per SM.
 #include "backends/cuda/attention_sm90.h"
 
+#include <cuda.h>
+#include <cudaTypedefs.h>
+
 #include <cmath>
-#include <cstdlib>
 
 #include "backends/cuda/common.cuh"
 
@@ -116,13 +118,137 @@ __device__ __forceinline__ void load_tile(uint32_t dst, const bf16* src, int64_t
     cp16(dst + tile_off(r, c), ok ? src + int64_t(row0 + r) * stride + c * 8 : src, ok ? 16 : 0);
   }
 }
+
+// mbarriers (shared-memory transaction barriers), the tensor-memory-access (TMA) tile load, and
+// named barriers between the two consumer warpgroups.
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred P1;\nWAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+      "@P1 bra DONE;\nbra WAIT;\nDONE:\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+// Box {64 dims, 128 rows} at (col, row) of a 2-D tensor map into shared memory (128-byte swizzle:
+// the tile layout above), completing `bytes` on mbarrier `bar`. Rows past the end are zeros.
+__device__ __forceinline__ void tma_load(uint32_t dst, const void* map, int col, int row, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+      "l"(map), "r"(col), "r"(row), "r"(bar)
+      : "memory");
+}
+__device__ __forceinline__ void named_sync(int id) { asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory"); }
+__device__ __forceinline__ void named_arrive(int id) { asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory"); }
+
+// ---- the pieces both kernels share (one consumer warpgroup's view: 64 query rows) -------------
+
+// s = Q_rows · K_tileᵀ in 8 steps of 16 dims; Q and K are K-major, so a step is 32 bytes into
+// a 128-byte swizzled row (the hardware applies the XOR on the address), halves 16 KB apart.
+__device__ __forceinline__ void mma_qk(float (&s)[64], uint32_t qrows, uint32_t kt) {
+  wg_fence();
+#pragma unroll
+  for (int kk = 0; kk < kD / 16; ++kk) {
+    const uint32_t off = uint32_t(kk >> 2) * kHalf + uint32_t(kk & 3) * 32;
+    wgmma_ss(s, desc(qrows + off, 16, 1024), desc(kt + off, 16, 1024), kk);
+  }
+  wg_commit();
+}
+
+// acc += P · V_tile in 8 steps of 16 keys. V is N-contiguous (MN-major): the leading byte
+// offset steps between the 64-dim halves, the stride byte offset between groups of 8 keys.
+__device__ __forceinline__ void mma_pv(float (&acc)[64], const uint32_t (&p)[8][4], uint32_t vt) {
+  wg_fence();
+#pragma unroll
+  for (int kk = 0; kk < kBN / 16; ++kk) wgmma_rs(acc, p[kk], desc(vt + uint32_t(kk) * 2048, kHalf, 1024));
+  wg_commit();
+}
+
+// The online softmax of one key tile. s[4·nt + e] is row (lane/4 + 8·(e/2)) of the warp's 16,
+// key k0 + 8·nt + 2·(lane%4) + (e%2); keys >= kv are masked. s becomes probabilities
+// relative to the new running max m; l gets this thread's partial row sums; alpha is the
+// factor the accumulators must be scaled by.
+__device__ __forceinline__ void softmax_tile(float (&s)[64], float (&m)[2], float (&l)[2], float (&alpha)[2], int k0,
+                                             int kv, int lane, float scale_log2) {
+  if (k0 + kBN > kv) {
+#pragma unroll
+    for (int i = 0; i < 64; ++i)
+      if (k0 + (i >> 2) * 8 + (lane & 3) * 2 + (i & 1) >= kv) s[i] = -INFINITY;
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int nt = 0; nt < 16; ++nt) mx = fmaxf(mx, fmaxf(s[4 * nt + 2 * r], s[4 * nt + 2 * r + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float mnew = fmaxf(m[r], mx * scale_log2);
+    const float b = mnew == -INFINITY ? 0.0f : mnew;
+    alpha[r] = ex2(m[r] - b);
+    m[r] = mnew;
+    float sum = 0.0f;
+#pragma unroll
+    for (int nt = 0; nt < 16; ++nt) {
+      const float p0 = ex2(fmaf(s[4 * nt + 2 * r], scale_log2, -b));
+      const float p1 = ex2(fmaf(s[4 * nt + 2 * r + 1], scale_log2, -b));
+      s[4 * nt + 2 * r] = p0;
+      s[4 * nt + 2 * r + 1] = p1;
+      sum += p0 + p1;
+    }
+    l[r] = l[r] * alpha[r] + sum;
+  }
+}
+
+// Probabilities → bf16 A fragments (key steps of 16: the accumulator layout is the A layout).
+__device__ __forceinline__ void to_bf16(const float (&s)[64], uint32_t (&p)[8][4]) {
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    p[kk][0] = pack_bf16(s[8 * kk + 0], s[8 * kk + 1]);
+    p[kk][1] = pack_bf16(s[8 * kk + 2], s[8 * kk + 3]);
+    p[kk][2] = pack_bf16(s[8 * kk + 4], s[8 * kk + 5]);
+    p[kk][3] = pack_bf16(s[8 * kk + 6], s[8 * kk + 7]);
+  }
+}
+
+// Skipped when no row max moved in the whole warp (alpha == 1 exactly: nothing would change).
+__device__ __forceinline__ void rescale(float (&acc)[64], const float (&alpha)[2]) {
+  if (__all_sync(0xffffffffu, alpha[0] == 1.0f && alpha[1] == 1.0f)) return;
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] *= alpha[(i >> 1) & 1];
+}
+
+// O rows = acc / row sum, bf16, for this thread's two rows of the warp's 16 (row0 = first row).
+__device__ __forceinline__ void store_rows(const float (&acc)[64], const float (&l)[2], bf16* o, int row0, int Sq,
+                                           int64_t qs, int h, int lane) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float lt = l[r];
+    lt += __shfl_xor_sync(0xffffffffu, lt, 1);
+    lt += __shfl_xor_sync(0xffffffffu, lt, 2);
+    const int row = row0 + (lane >> 2) + 8 * r;
+    if (row >= Sq) continue;
+    const float inv = lt > 0 ? 1.0f / lt : 0.0f;
+    bf16* orow = o + int64_t(row) * qs + int64_t(h) * kD + (lane & 3) * 2;
+#pragma unroll
+    for (int nt = 0; nt < 16; ++nt)
+      *reinterpret_cast<uint32_t*>(orow + nt * 8) = pack_bf16(acc[4 * nt + 2 * r] * inv, acc[4 * nt + 2 * r + 1] * inv);
+  }
+}
 #endif  // ZI_SM90A
 
-// vmode selects the leading/stride byte offsets of V's (N-contiguous) descriptor: 0 = LBO
-// between the 64-dim halves, SBO between 8-key groups (PTX ISA's MN-major convention).
+// ---- variant H: all 256 threads load (cp.async) and compute; one barrier per key tile ----------
+
 __global__ void __launch_bounds__(kThreads, 1)
     flash_sm90_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
-                      bf16* __restrict__ o, int Sq, int Hq, int Hkv, int kv, float scale_log2, int vmode) {
+                      bf16* __restrict__ o, int Sq, int Hq, int Hkv, int kv, float scale_log2) {
 #ifdef ZI_SM90A
   extern __shared__ __align__(1024) uint8_t smem[];
   const uint32_t base = (saddr(smem) + 1023u) & ~1023u;
@@ -134,7 +260,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   const bf16* kh = k + int64_t(hk) * kD;
   const bf16* vh = v + int64_t(hk) * kD;
   const int nblk = (kv + kBN - 1) / kBN;
-  const uint32_t v_lbo = vmode == 0 ? kHalf : 1024, v_sbo = vmode == 0 ? 1024 : kHalf;
 
   load_tile(sQ, qh, qs, q0, Sq);
   load_tile(sK, kh, ks, 0, kv);
@@ -149,118 +274,189 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint32_t p[8][4];
 #pragma unroll
   for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, alpha[2] = {1.0f, 1.0f};
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, alpha[2];
   const uint32_t qrows = sQ + uint32_t(wg) * 64 * 128;  // this warpgroup's 64 rows of Q
 
-  auto qk = [&](uint32_t kt) {  // s = Q_wg · K_tileᵀ, 8 steps of 16 dims
-    wg_fence();
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      const uint32_t off = uint32_t(kk >> 2) * kHalf + uint32_t(kk & 3) * 32;
-      wgmma_ss(s, desc(qrows + off, 16, 1024), desc(kt + off, 16, 1024), kk);
-    }
-    wg_commit();
-  };
-  auto pv = [&](uint32_t vt) {  // acc += P · V_tile, 8 steps of 16 keys
-    wg_fence();
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) wgmma_rs(acc, p[kk], desc(vt + uint32_t(kk) * 2048, v_lbo, v_sbo));
-    wg_commit();
-  };
-  // s holds this thread's scores of key tile j: s[4·nt + e] is row (lane/4 + 8·(e/2)) of the
-  // warp's 16, key 8·nt + 2·(lane%4) + (e%2) of the tile. Turns them into probabilities.
-  auto softmax = [&](int j) {
-    const int k0 = j * kBN;
-    if (k0 + kBN > kv) {
-#pragma unroll
-      for (int i = 0; i < 64; ++i)
-        if (k0 + (i >> 2) * 8 + (lane & 3) * 2 + (i & 1) >= kv) s[i] = -INFINITY;
-    }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int nt = 0; nt < 16; ++nt) mx = fmaxf(mx, fmaxf(s[4 * nt + 2 * r], s[4 * nt + 2 * r + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float mnew = fmaxf(m[r], mx * scale_log2);
-      const float b = mnew == -INFINITY ? 0.0f : mnew;
-      alpha[r] = ex2(m[r] - b);
-      m[r] = mnew;
-      float sum = 0.0f;
-#pragma unroll
-      for (int nt = 0; nt < 16; ++nt) {
-        const float p0 = ex2(fmaf(s[4 * nt + 2 * r], scale_log2, -b));
-        const float p1 = ex2(fmaf(s[4 * nt + 2 * r + 1], scale_log2, -b));
-        s[4 * nt + 2 * r] = p0;
-        s[4 * nt + 2 * r + 1] = p1;
-        sum += p0 + p1;
-      }
-      l[r] = l[r] * alpha[r] + sum;
-    }
-  };
-  auto to_p = [&] {
-#pragma unroll
-    for (int kk = 0; kk < 8; ++kk) {
-      p[kk][0] = pack_bf16(s[8 * kk + 0], s[8 * kk + 1]);
-      p[kk][1] = pack_bf16(s[8 * kk + 2], s[8 * kk + 3]);
-      p[kk][2] = pack_bf16(s[8 * kk + 4], s[8 * kk + 5]);
-      p[kk][3] = pack_bf16(s[8 * kk + 6], s[8 * kk + 7]);
-    }
-  };
-
-  // Key tile 0, then the loads of K_2 and V_1 (stages: K_j and V_j live in stage j % 2).
-  qk(sK);
+  // Key tile 0. Stages: K_j and V_j live in stage j % 2.
+  mma_qk(s, qrows, sK);
   wg_wait<0>();
   reg_fence(s);
-  softmax(0);
-  to_p();
+  softmax_tile(s, m, l, alpha, 0, kv, lane, scale_log2);
+  to_bf16(s, p);
   __syncthreads();  // both warpgroups are done with K_0
-  if (nblk > 2) load_tile(sK, kh, ks, 2 * kBN, kv);
-  if (nblk > 1) load_tile(sV + kTile, vh, ks, kBN, kv);
-  cp_commit();
 
   for (int j = 1; j < nblk; ++j) {
-    // K_j and V_{j−1} are resident; K_{j+1} and V_j landed at the end of the previous round.
-    qk(sK + uint32_t(j & 1) * kTile);
-    pv(sV + uint32_t((j - 1) & 1) * kTile);
+    // K_j and V_{j−1} are resident and visible. Issue S_j and P_{j−1}·V_{j−1}, then, while the
+    // tensor cores run them, the loads of K_{j+1} (into K_{j−1}'s stage) and V_j (into
+    // V_{j−2}'s): both stages were released by the barrier that ended the previous round.
+    mma_qk(s, qrows, sK + uint32_t(j & 1) * kTile);
+    mma_pv(acc, p, sV + uint32_t((j - 1) & 1) * kTile);
+    if (j + 1 < nblk) load_tile(sK + uint32_t((j + 1) & 1) * kTile, kh, ks, (j + 1) * kBN, kv);
+    load_tile(sV + uint32_t(j & 1) * kTile, vh, ks, j * kBN, kv);
+    cp_commit();
     wg_wait<1>();  // S_j is done; P_{j−1}·V_{j−1} may still run
     reg_fence(s);
-    softmax(j);
+    softmax_tile(s, m, l, alpha, j * kBN, kv, lane, scale_log2);
     wg_wait<0>();
     reg_fence(acc);
     reg_fence(p);
-    if (!__all_sync(0xffffffffu, alpha[0] == 1.0f && alpha[1] == 1.0f)) {
-#pragma unroll
-      for (int i = 0; i < 64; ++i) acc[i] *= alpha[(i >> 1) & 1];
-    }
-    to_p();
+    rescale(acc, alpha);
+    to_bf16(s, p);
     cp_wait_all();
     fence_async_smem();
     __syncthreads();  // K_j and V_{j−1} are free in both warpgroups; K_{j+1}, V_j are visible
-    if (j + 2 < nblk) load_tile(sK + uint32_t(j & 1) * kTile, kh, ks, (j + 2) * kBN, kv);
-    if (j + 1 < nblk) load_tile(sV + uint32_t((j + 1) & 1) * kTile, vh, ks, (j + 1) * kBN, kv);
-    cp_commit();
   }
-  pv(sV + uint32_t((nblk - 1) & 1) * kTile);
+  mma_pv(acc, p, sV + uint32_t((nblk - 1) & 1) * kTile);
   wg_wait<0>();
   reg_fence(acc);
   reg_fence(p);
-
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float lt = l[r];
-    lt += __shfl_xor_sync(0xffffffffu, lt, 1);
-    lt += __shfl_xor_sync(0xffffffffu, lt, 2);
-    const int row = q0 + wg * 64 + warp * 16 + (lane >> 2) + 8 * r;
-    if (row >= Sq) continue;
-    const float inv = lt > 0 ? 1.0f / lt : 0.0f;
-    bf16* orow = o + int64_t(row) * qs + int64_t(h) * kD + (lane & 3) * 2;
-#pragma unroll
-    for (int nt = 0; nt < 16; ++nt)
-      *reinterpret_cast<uint32_t*>(orow + nt * 8) = pack_bf16(acc[4 * nt + 2 * r] * inv, acc[4 * nt + 2 * r + 1] * inv);
-  }
+  store_rows(acc, l, o, q0 + wg * 64 + warp * 16, Sq, qs, h, lane);
 #endif  // ZI_SM90A
+}
+
+// ---- variant W: warp-specialised --------------------------------------------------------------
+// A third warpgroup is the producer (it gives its registers to the consumers: setmaxnreg 24 and
+// 240): one thread issues TMA loads of Q, then K_j and V_j into two
+// stages each, each signalled on a "full" mbarrier (transaction bytes) and refilled once the
+// consumers arrive on its "empty" one. The two consumer warpgroups never meet at a CTA-wide
+// barrier; instead they take turns issuing their MMAs (named barriers 1 and 2, "ping-pong"),
+// so one warpgroup's softmax runs while the other's products occupy the tensor cores.
+
+struct TmaMaps {
+  CUtensorMap q, k, v;
+};
+
+constexpr int kThreadsW = kThreads + 128;  // a producer warpgroup: registers are shared per warpgroup
+
+__global__ void __launch_bounds__(kThreadsW, 1)
+    flash_sm90w_kernel(const __grid_constant__ TmaMaps maps, bf16* __restrict__ o, int Sq, int Hq, int Hkv, int kv,
+                       float scale_log2) {
+#ifdef ZI_SM90A
+  extern __shared__ __align__(1024) uint8_t smem[];
+  const uint32_t base = (saddr(smem) + 1023u) & ~1023u;
+  const uint32_t sQ = base, sK = base + kTile, sV = base + 3 * kTile;
+  // mbarriers after the tiles: full Q, full K[2], full V[2], empty K[2], empty V[2]
+  const uint32_t bars = base + 5 * kTile;
+  const uint32_t fullQ = bars, fullK = bars + 8, fullV = bars + 24, emptyK = bars + 40, emptyV = bars + 56;
+  const int h = int(blockIdx.y), hk = h / (Hq / Hkv), q0 = int(blockIdx.x) * kBM;
+  const int nblk = (kv + kBN - 1) / kBN;
+  const int warp_all = int(threadIdx.x) >> 5, lane = int(threadIdx.x) & 31;
+
+  if (threadIdx.x == 0) {
+    mbar_init(fullQ, 1);
+    for (int st = 0; st < 2; ++st) {
+      mbar_init(fullK + 8 * st, 1);
+      mbar_init(fullV + 8 * st, 1);
+      mbar_init(emptyK + 8 * st, kThreads);
+      mbar_init(emptyV + 8 * st, kThreads);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warp_all >= 8) {  // producer
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
+    if (warp_all == 8 && lane == 0) {
+      const void* mq = &maps.q;
+      const void* mk = &maps.k;
+      const void* mv = &maps.v;
+      mbar_expect_tx(fullQ, kTile);
+      tma_load(sQ, mq, h * kD, q0, fullQ);
+      tma_load(sQ + kHalf, mq, h * kD + 64, q0, fullQ);
+      for (int j = 0; j < nblk; ++j) {
+        const int st = j & 1;
+        const uint32_t use = uint32_t(j >> 1);  // how many times this stage was filled before
+        if (use > 0) mbar_wait(emptyK + 8 * st, (use - 1) & 1);
+        mbar_expect_tx(fullK + 8 * st, kTile);
+        tma_load(sK + st * kTile, mk, hk * kD, j * kBN, fullK + 8 * st);
+        tma_load(sK + st * kTile + kHalf, mk, hk * kD + 64, j * kBN, fullK + 8 * st);
+        if (use > 0) mbar_wait(emptyV + 8 * st, (use - 1) & 1);
+        mbar_expect_tx(fullV + 8 * st, kTile);
+        tma_load(sV + st * kTile, mv, hk * kD, j * kBN, fullV + 8 * st);
+        tma_load(sV + st * kTile + kHalf, mv, hk * kD + 64, j * kBN, fullV + 8 * st);
+      }
+    }
+    return;
+  }
+
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
+  const int wg = warp_all >> 2, warp = warp_all & 3;
+  const int my_turn = 1 + wg, other_turn = 2 - wg;  // named barrier ids (0 is __syncthreads)
+  float s[64], acc[64];
+  uint32_t p[8][4];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, alpha[2];
+  const uint32_t qrows = sQ + uint32_t(wg) * 64 * 128;
+
+  if (wg == 1) named_arrive(1);  // warpgroup 0 issues first
+  mbar_wait(fullQ, 0);
+  mbar_wait(fullK, 0);
+  named_sync(my_turn);
+  mma_qk(s, qrows, sK);
+  named_arrive(other_turn);
+  wg_wait<0>();
+  reg_fence(s);
+  mbar_arrive(emptyK);
+  softmax_tile(s, m, l, alpha, 0, kv, lane, scale_log2);
+  to_bf16(s, p);
+
+  for (int j = 1; j < nblk; ++j) {
+    const int st = j & 1, pst = (j - 1) & 1;
+    mbar_wait(fullK + 8 * st, uint32_t(j >> 1) & 1);
+    mbar_wait(fullV + 8 * pst, uint32_t((j - 1) >> 1) & 1);
+    named_sync(my_turn);
+    mma_qk(s, qrows, sK + uint32_t(st) * kTile);
+    mma_pv(acc, p, sV + uint32_t(pst) * kTile);
+    named_arrive(other_turn);
+    wg_wait<1>();
+    reg_fence(s);
+    mbar_arrive(emptyK + 8 * st);
+    softmax_tile(s, m, l, alpha, j * kBN, kv, lane, scale_log2);
+    wg_wait<0>();
+    reg_fence(acc);
+    reg_fence(p);
+    mbar_arrive(emptyV + 8 * pst);
+    rescale(acc, alpha);
+    to_bf16(s, p);
+  }
+  const int lst = (nblk - 1) & 1;
+  mbar_wait(fullV + 8 * lst, uint32_t((nblk - 1) >> 1) & 1);
+  named_sync(my_turn);
+  mma_pv(acc, p, sV + uint32_t(lst) * kTile);
+  if (wg == 0) named_arrive(other_turn);  // warpgroup 1's last turn needs it; 0 gets none back
+  wg_wait<0>();
+  reg_fence(acc);
+  reg_fence(p);
+  store_rows(acc, l, o, q0 + wg * 64 + warp * 16, Sq, int64_t(Hq) * kD, h, lane);
+#endif  // ZI_SM90A
+}
+
+using EncodeTiled = PFN_cuTensorMapEncodeTiled_v12000;
+
+EncodeTiled encode_tiled() {
+  static const EncodeTiled fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess)
+      f = nullptr;
+    return reinterpret_cast<EncodeTiled>(f);
+  }();
+  return fn;
+}
+
+// A [rows, heads·128] bf16 matrix as a 2-D tensor map with {64, 128} boxes, 128-byte swizzle.
+CUtensorMap tile_map(const Tensor& t) {
+  CUtensorMap m;
+  const cuuint64_t dims[2] = {cuuint64_t(t.dim(1) * kD), cuuint64_t(t.dim(0))};
+  const cuuint64_t strides[1] = {cuuint64_t(t.dim(1) * kD * 2)};
+  const cuuint32_t box[2] = {64, 128}, estr[2] = {1, 1};
+  const CUresult r = encode_tiled()(&m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(t.raw()), dims, strides,
+                                    box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                    CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  ZI_CHECK(r == CUDA_SUCCESS, "[cuda] cuTensorMapEncodeTiled failed with ", int(r), " for ", t.desc());
+  return m;
 }
 
 }  // namespace
@@ -277,6 +473,8 @@ bool flash_sm90_available() {
   return ok;
 }
 
+bool flash_sm90w_available() { return flash_sm90_available() && encode_tiled() != nullptr; }
+
 void flash_sm90(const Tensor& q, const Tensor& k, const Tensor& v, float scale, int kv, Tensor& out) {
   const int Sq = int(q.dim(0)), Hq = int(q.dim(1)), Hkv = int(k.dim(1));
   static const bool configured = [] {
@@ -284,14 +482,25 @@ void flash_sm90(const Tensor& q, const Tensor& k, const Tensor& v, float scale, 
     return true;
   }();
   (void)configured;
-  static const int vmode = [] {
-    const char* e = std::getenv("ZI_SM90_VMODE");
-    return e ? std::atoi(e) : 0;
-  }();
   const dim3 grid(unsigned(cdiv(Sq, kBM)), unsigned(Hq));
   flash_sm90_kernel<<<grid, kThreads, kSmem, stream()>>>(q.data<bf16>(), k.data<bf16>(), v.data<bf16>(),
                                                           out.data<bf16>(), Sq, Hq, Hkv, kv,
-                                                          scale * 1.4426950408889634f, vmode);
+                                                          scale * 1.4426950408889634f);
+  ZI_CUDA_LAUNCHED();
+}
+
+void flash_sm90w(const Tensor& q, const Tensor& k, const Tensor& v, float scale, int kv, Tensor& out) {
+  const int Sq = int(q.dim(0)), Hq = int(q.dim(1)), Hkv = int(k.dim(1));
+  constexpr size_t smem = kSmem + 128;  // + the mbarriers
+  static const bool configured = [] {
+    ZI_CUDA(cudaFuncSetAttribute(flash_sm90w_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    return true;
+  }();
+  (void)configured;
+  const TmaMaps maps{tile_map(q), tile_map(k), tile_map(v)};
+  const dim3 grid(unsigned(cdiv(Sq, kBM)), unsigned(Hq));
+  flash_sm90w_kernel<<<grid, kThreadsW, smem, stream()>>>(maps, out.data<bf16>(), Sq, Hq, Hkv, kv,
+                                                           scale * 1.4426950408889634f);
   ZI_CUDA_LAUNCHED();
 }
 

@@ -31,7 +31,8 @@ void reset_pool_peaks();
 
 // GPU time per op when the environment sets ZI_CUDA_PROFILE=1: ops.cpp wraps each CUDA op in
 // an OpTimer (two events on the stream); profile_report() waits for the GPU and returns a
-// table of total milliseconds and calls per op name, and clears it. Off: one branch per op.
+// table of total milliseconds and calls per op name, and clears it (the pipeline prints one
+// per GPU phase). Off: one branch per op.
 class OpTimer {
  public:
   explicit OpTimer(const char* name);
@@ -101,7 +102,8 @@ void set_force_blocked_attention(bool on);
 // Which flash kernel runs: 0 picks the fastest by timing each once at the first call with at
 // least 64K query rows (ZI_CUDA_PROFILE=1 prints the times); 1 (A: 64 queries a block), 2 (B: 128
 // queries, two tiles a warp), 3 (C: B, rescaling the accumulators only when a row max moved) or
-// 4 (H: wgmma on Hopper, head_dim 128, no causal mask; elsewhere C for head_dim 128, else A) forces one.
+// 4 (H: wgmma on Hopper, head_dim 128, no causal mask; elsewhere C for head_dim 128, else A) or 5 (W:
+// H warp-specialised, TMA loads and ping-pong between the warpgroups; else as 4) forces one.
 void set_flash_variant(int v);
 
 // ---- convolution (conv.cu) ----

@@ -1,7 +1,10 @@
 // RMSNorm, LayerNorm (no affine) and GroupNorm (+ optional fused SiLU) on the GPU. Row
 // statistics accumulate in f32 per thread and are reduced across the warp/block; GroupNorm's
-// statistics over up to millions of elements use f64 partial sums (two passes: mean, then
-// squared deviations) like the CPU backend. The normalisation itself runs in f32.
+// statistics over up to millions of elements take two passes (mean, then squared deviations)
+// with per-thread f32 partials of at most a few thousand elements combined in f64; the
+// normalisation is one f32 FMA per element with per-channel scale and shift.
+#include <algorithm>
+
 #include "backends/cuda/common.cuh"
 #include "backends/cuda/cuda_ops.h"
 
@@ -282,18 +285,67 @@ __global__ void group_sum(const T* x, int64_t n_per_group, const double* mean, d
   if (threadIdx.x == 0) atomicAdd(&acc[2 * g + (mean ? 1 : 0)], s);
 }
 
+// Sums of one group slice with 16-byte loads (n_per_group a multiple of the vector, aligned):
+// per-thread partials in f32 (a few thousand elements each), combined in double.
+template <class T>
+__global__ void group_sum_vec(const T* x, int64_t n_per_group, const double* mean, double* acc) {
+  constexpr int VN = Vec<T>::N;
+  const int g = blockIdx.y;
+  const T* gp = x + int64_t(g) * n_per_group;
+  const float m = mean ? float(mean[2 * g] / double(n_per_group)) : 0.0f;
+  float s = 0.0f;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n_per_group / VN;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    float f[VN];
+    load_vec(gp + i * VN, f);
+#pragma unroll
+    for (int e = 0; e < VN; ++e) s += mean ? (f[e] - m) * (f[e] - m) : f[e];
+  }
+  const double t = block_sum(double(s));
+  if (threadIdx.x == 0) atomicAdd(&acc[2 * g + (mean ? 1 : 0)], t);
+}
+
+// Per channel: y = x·scale + shift with scale = w·rstd(group), shift = b − mean·scale (double,
+// rounded once), so the per-element work is one FMA (and the SiLU).
+__global__ void group_coeffs(const double* stats, const float* w, const float* b, int64_t C, int64_t cpg, double cnt,
+                             float eps, float* scale, float* shift) {
+  const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (c >= C) return;
+  const int64_t g = c / cpg;
+  const double mean = stats[2 * g] / cnt, rstd = 1.0 / sqrt(stats[2 * g + 1] / cnt + double(eps));
+  const double sc = rstd * double(w[c]);
+  scale[c] = float(sc);
+  shift[c] = float(double(b[c]) - mean * sc);
+}
+
+template <bool kSilu>
+__device__ __forceinline__ float affine(float v, float sc, float sh) {
+  v = fmaf(v, sc, sh);
+  return kSilu ? v / (1.0f + __expf(-v)) : v;
+}
+
 template <class T, bool kSilu>
-__global__ void group_apply(T* x, const double* stats, const float* w, const float* b, int64_t C, int64_t HW,
-                            int64_t cpg, float eps) {
+__global__ void group_apply(T* x, const float* scale, const float* shift, int64_t C, int64_t HW) {
   const int64_t n = C * HW;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t c = i / HW, g = c / cpg;
-    const double cnt = double(cpg * HW);
-    const float mean = float(stats[2 * g] / cnt);
-    const float inv = float(1.0 / sqrt(stats[2 * g + 1] / cnt + double(eps)));
-    float v = (ld<T>(x, i) - mean) * (inv * w[c]) + b[c];
-    if (kSilu) v = v / (1.0f + __expf(-v));
-    st<T>(x, i, v);
+    const int64_t c = i / HW;
+    st<T>(x, i, affine<kSilu>(ld<T>(x, i), scale[c], shift[c]));
+  }
+}
+
+// One channel per blockIdx.y, 16-byte vectors along its HW pixels (HW a multiple of the vector).
+template <class T, bool kSilu>
+__global__ void group_apply_vec(T* x, const float* scale, const float* shift, int64_t HW) {
+  constexpr int VN = Vec<T>::N;
+  const int64_t c = blockIdx.y;
+  T* xc = x + c * HW;
+  const float sc = scale[c], sh = shift[c];
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < HW / VN; i += int64_t(gridDim.x) * blockDim.x) {
+    float f[VN];
+    load_vec(xc + i * VN, f);
+#pragma unroll
+    for (int e = 0; e < VN; ++e) f[e] = affine<kSilu>(f[e], sc, sh);
+    store_vec(xc + i * VN, f);
   }
 }
 
@@ -410,24 +462,38 @@ void layer_norm_(Tensor& x, float eps) {
 
 void group_norm_(Tensor& x, int groups, const Tensor& weight, const Tensor& bias, float eps, bool silu) {
   const int64_t C = x.dim(0), HW = x.numel() / C, cpg = C / groups, npg = cpg * HW;
+  if (!x.numel()) return;
   Tensor w = f32_vector(weight), b = f32_vector(bias);
-  // [groups, 2] doubles: Σx, then Σ(x − mean)².
-  Tensor acc = scratch(int64_t(groups) * 2 * 8);
+  // [groups, 2] doubles: Σx, then Σ(x − mean)²; then per-channel scale and shift in f32.
+  Tensor acc = scratch(int64_t(groups) * 2 * 8), coeff = scratch(C * 2 * 4);
   ZI_CUDA(cudaMemsetAsync(acc.raw(), 0, size_t(groups) * 16, stream()));
   double* a = static_cast<double*>(acc.raw());
-  const int chunks = int(std::max<int64_t>(1, std::min<int64_t>(cdiv(npg, 256 * 8), 4 * sm_count() / groups + 1)));
+  float* scale = static_cast<float*>(coeff.raw());
+  float* shift = scale + C;
+  const int64_t vn = 16 / int64_t(dtype_size(x.dtype()));
+  const bool vec = HW % vn == 0 && reinterpret_cast<uintptr_t>(x.raw()) % 16 == 0;
+  // Enough blocks to fill the GPU twice over, each thread summing a few thousand elements.
+  const int chunks = int(std::clamp<int64_t>(cdiv(npg, 256 * 8 * 4), 1, 8 * sm_count() / groups + 1));
   const dim3 g{unsigned(chunks), unsigned(groups)};
-  ZI_DISPATCH_ACT(x.dtype(), group_sum<T><<<g, 256, 0, stream()>>>(x.data<T>(), npg, nullptr, a));
+  for (const double* mean : {static_cast<const double*>(nullptr), static_cast<const double*>(a)}) {
+    if (vec) {
+      ZI_DISPATCH_ACT(x.dtype(), group_sum_vec<T><<<g, 256, 0, stream()>>>(x.data<T>(), npg, mean, a));
+    } else {
+      ZI_DISPATCH_ACT(x.dtype(), group_sum<T><<<g, 256, 0, stream()>>>(x.data<T>(), npg, mean, a));
+    }
+    ZI_CUDA_LAUNCHED();
+  }
+  group_coeffs<<<unsigned(cdiv(C, 256)), 256, 0, stream()>>>(a, w.data<float>(), b.data<float>(), C, cpg,
+                                                                double(npg), eps, scale, shift);
   ZI_CUDA_LAUNCHED();
-  ZI_DISPATCH_ACT(x.dtype(), group_sum<T><<<g, 256, 0, stream()>>>(x.data<T>(), npg, a, a));
-  ZI_CUDA_LAUNCHED();
-  const unsigned ga = grid_for(C * HW, 256, int64_t(sm_count()) * 16);
-  if (silu) {
-    ZI_DISPATCH_ACT(x.dtype(), group_apply<T, true><<<ga, 256, 0, stream()>>>(x.data<T>(), a, w.data<float>(),
-                                                                              b.data<float>(), C, HW, cpg, eps));
+  if (vec) {
+    const dim3 ga{unsigned(std::clamp<int64_t>(cdiv(HW / vn, 256 * 4), 1, 65535)), unsigned(C)};
+    if (silu) ZI_DISPATCH_ACT(x.dtype(), group_apply_vec<T, true><<<ga, 256, 0, stream()>>>(x.data<T>(), scale, shift, HW));
+    else ZI_DISPATCH_ACT(x.dtype(), group_apply_vec<T, false><<<ga, 256, 0, stream()>>>(x.data<T>(), scale, shift, HW));
   } else {
-    ZI_DISPATCH_ACT(x.dtype(), group_apply<T, false><<<ga, 256, 0, stream()>>>(x.data<T>(), a, w.data<float>(),
-                                                                               b.data<float>(), C, HW, cpg, eps));
+    const unsigned ga = grid_for(C * HW, 256, int64_t(sm_count()) * 16);
+    if (silu) ZI_DISPATCH_ACT(x.dtype(), group_apply<T, true><<<ga, 256, 0, stream()>>>(x.data<T>(), scale, shift, C, HW));
+    else ZI_DISPATCH_ACT(x.dtype(), group_apply<T, false><<<ga, 256, 0, stream()>>>(x.data<T>(), scale, shift, C, HW));
   }
   ZI_CUDA_LAUNCHED();
 }
