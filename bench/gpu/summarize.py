@@ -20,10 +20,10 @@ gemm = kern.get("gemm_bf16_8192^3", (0, 0, ""))[1]
 d2d = kern.get("d2d_copy_2GiB", (0, 0, ""))[1]
 card = read("gpu.txt").strip().splitlines()[0] if read("gpu.txt").strip() else "?"
 
-def zimage(px):
-    log = read(f"zimage_{px}.log")
+def zimage(px, name=None):
+    log = read(name or f"zimage_{px}.log")
     ph = {}
-    for m in re.finditer(r"^\s+(encode|denoise|decode)\s+([\d.]+) s\s+\(load ([\d.]+) s, compute ([\d.]+) s\)", log, re.M):
+    for m in re.finditer(r"^\s+(encode|denoise|decode)\s+([\d.]+) s\s+\(load ([\d.]+) s, compute ([\d.]+) s(?:, release [\d.]+ s)?\)", log, re.M):
         ph[m.group(1)] = float(m.group(4))  # the last image's (warm) value wins
     g = re.findall(r"accounted peak ([\d.]+) MiB, pool reserved high ([\d.]+) MiB; uploaded ([\d.]+) GB at ([\d.]+) GB/s", log)
     if len(ph) < 3:
@@ -51,8 +51,8 @@ print()
 print("| run | size | total s | encode s | denoise s | decode s | DiT ms/step | DiT TFLOP/s | peak GiB (alloc / reserved) |")
 print("|---|---|---|---|---|---|---|---|---|")
 for px in (1024, 512):
-    rows = [("zimage", zimage(px)), ("diffusers eager", diffusers("resident", px)),
-            ("diffusers compile", diffusers("compile_blocks", px))]
+    rows = [("zimage", zimage(px)), ("zimage --keep-models", zimage(px, "zimage_keep.log") if px == 1024 else None),
+            ("diffusers eager", diffusers("resident", px)), ("diffusers compile", diffusers("compile_blocks", px))]
     for name, r in rows:
         if not r:
             continue

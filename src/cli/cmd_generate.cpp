@@ -179,8 +179,11 @@ void run(GenerateArgs& a) {
     if (!a.quiet) {
       for (size_t i = 0; i < r.phases.size(); ++i) {
         const double load = i < r.load_seconds.size() ? r.load_seconds[i] : 0.0;
-        std::fprintf(stderr, "  %-8s %7.3f s  (load %.3f s, compute %.3f s)\n", r.phases[i].name.c_str(),
-                     r.phases[i].seconds, load, r.phases[i].seconds - load);
+        const double rel = i < r.release_seconds.size() ? r.release_seconds[i] : 0.0;
+        std::fprintf(stderr, "  %-8s %7.3f s  (load %.3f s, compute %.3f s", r.phases[i].name.c_str(),
+                     r.phases[i].seconds, load, r.phases[i].seconds - load - rel);
+        if (rel > 0.0005) std::fprintf(stderr, ", release %.3f s", rel);
+        std::fprintf(stderr, ")\n");
       }
       if (!r.gpu_phases.empty()) {
         const cuda::PoolStats ps = cuda::pool_stats();

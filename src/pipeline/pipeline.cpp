@@ -46,15 +46,19 @@ struct Embeddings {
 // time is the work's, not the queue's.
 class DevicePhase {
  public:
-  DevicePhase(Device d, DType precision, const std::string& name)
-      : d_(d), name_(name), scope_(Compute{d, d == Device::CUDA ? precision : DType::F32}) {
+  // release_seconds (optional): set to the time the phase's end spends giving the freed weights'
+  // memory back to the driver (after the GPU finished the phase's work).
+  DevicePhase(Device d, DType precision, const std::string& name, double* release_seconds = nullptr)
+      : d_(d), name_(name), release_(release_seconds), scope_(Compute{d, d == Device::CUDA ? precision : DType::F32}) {
     if (d == Device::CUDA) memory_stats(Device::CUDA).begin_phase(name);
   }
   ~DevicePhase() {
     if (d_ != Device::CUDA) return;
     try {
       cuda::synchronize();
+      const double t0 = now_s();
       cuda::trim_cache();  // the phase's weights are gone: give their blocks back to the driver
+      if (release_) *release_ = now_s() - t0;
       const std::string prof = cuda::profile_report();  // empty unless ZI_CUDA_PROFILE=1
       if (!prof.empty()) std::fprintf(stderr, "[%s] %s", name_.c_str(), prof.c_str());
     } catch (...) {  // a failing GPU was already reported by the op that saw it
@@ -67,6 +71,7 @@ class DevicePhase {
  private:
   Device d_;
   std::string name_;
+  double* release_;
   ComputeScope scope_;
 };
 
@@ -263,12 +268,13 @@ GenerateResult generate(const GenerateOptions& o, const GenerateHooks& hooks, Mo
     if (o.cache_limit_bytes >= 0) cuda::set_cache_limit(size_t(o.cache_limit_bytes));
   }
   r.load_seconds.assign(3, 0.0);
+  r.release_seconds.assign(3, 0.0);
 
   Embeddings emb;
   {
     if (hooks.on_phase_start) hooks.on_phase_start("encode");
     PhaseScope phase("encode");
-    DevicePhase on(o.text_encoder_device, o.precision, "encode");
+    DevicePhase on(o.text_encoder_device, o.precision, "encode", &r.release_seconds[0]);
     emb = run_encode(mf, o, cfg, cache);
     r.load_seconds[0] = emb.load_seconds;
   }
@@ -280,7 +286,7 @@ GenerateResult generate(const GenerateOptions& o, const GenerateHooks& hooks, Mo
   {
     if (hooks.on_phase_start) hooks.on_phase_start("denoise");
     PhaseScope phase("denoise");
-    DevicePhase on(o.transformer_device, o.precision, "denoise");
+    DevicePhase on(o.transformer_device, o.precision, "denoise", &r.release_seconds[1]);
     run_denoise(mf, o, emb, latents, hooks, cache, &r.load_seconds[1]);
     emb = Embeddings{};  // the captions are not needed past this point
   }
@@ -288,7 +294,7 @@ GenerateResult generate(const GenerateOptions& o, const GenerateHooks& hooks, Mo
   {
     if (hooks.on_phase_start) hooks.on_phase_start("decode");
     PhaseScope phase("decode");
-    DevicePhase on(o.vae_device, o.precision, "decode");
+    DevicePhase on(o.vae_device, o.precision, "decode", &r.release_seconds[2]);
     r.decoded = run_decode(mf, o, latents, cache, &r.load_seconds[2]);
     latents = Tensor();
   }

@@ -86,6 +86,7 @@ struct GenerateResult {
   std::vector<PhaseRecord> gpu_phases;  // the phases that ran on CUDA, from the GPU's accounting
   int64_t gpu_peak_bytes = 0;           // max over gpu_phases
   std::vector<double> load_seconds;     // per phase (encode, denoise, decode): weight loading
+  std::vector<double> release_seconds;  // per phase: returning the freed GPU memory to the driver
   int64_t peak_rss_bytes = 0;
 };
 
