@@ -1,18 +1,20 @@
 // Flash attention on Hopper's warpgroup MMA (wgmma, sm_90a), head_dim 128, non-causal: the
-// DiT's attention (S = 4096 image + caption tokens, 30 heads).
-//
-// A block of 256 threads is two warpgroups; each owns 64 query rows, the block 128. Keys and
-// values stream in tiles of 128 rows through shared memory (cp.async, two stages each), laid
-// out the way wgmma reads them with its 128-byte swizzle: a [128, 128] bf16 tile is two
-// [128, 64] halves of 128-byte rows whose 16-byte chunks are XORed with (row & 7). S = Q·Kᵀ
+// DiT's attention (S = 4096 image + caption tokens, 30 heads). Two kernels, picked by timing
+// with the mma.sync ones of attention.cu (variants H and W there):
+//  H  256 threads = two warpgroups, each owning 64 of the block's 128 query rows; all threads
+//     load K/V tiles with cp.async (two stages) and meet at one barrier per key tile.
+//  W  H warp-specialised: a producer warpgroup issues TMA loads signalled on mbarriers, and the
+//     two consumer warpgroups never meet; they take turns issuing their MMAs ("ping-pong"),
+//     so one's softmax runs while the other's products occupy the tensor cores.
+// Shared: keys and values stream in tiles of 128 rows, laid out the way wgmma reads them with
+// its 128-byte swizzle: a [128, 128] bf16 tile is two [128, 64] halves of 128-byte rows whose
+// 16-byte chunks are XORed with (row & 7) (what TMA's 128-byte swizzle writes, too). S = Q·Kᵀ
 // reads Q and K from shared memory (both K-major); O += P·V takes P from registers (the S
 // accumulators, rounded to bf16, have the A-operand layout) and V from shared memory as an
-// N-contiguous ("transposed") operand, so V is never transposed anywhere.
-//
-// Inside each warpgroup the products of two key tiles overlap the softmax: S_j = Q·K_jᵀ and
-// O += P_{j−1}·V_{j−1} are issued together; the softmax of S_j runs on the ALUs/MUFU while the
-// tensor cores finish P_{j−1}·V_{j−1}. The online softmax is the one of attention.cu (f32, row
-// max on raw scores, exp2 with the scale folded in, accumulators rescaled when a max moves).
+// N-contiguous ("transposed") operand, so V is never transposed anywhere. Inside a warpgroup
+// S_j = Q·K_jᵀ and O += P_{j−1}·V_{j−1} are issued together, and the softmax of S_j runs while
+// the tensor cores finish P_{j−1}·V_{j−1}. The online softmax is attention.cu's (f32, row max on
+// raw scores, exp2 with the scale folded in, accumulators rescaled only when a max moves).
 // Shared memory: Q 32 KB + K 2×32 KB + V 2×32 KB = 160 KB, one block per SM.
 #include "backends/cuda/attention_sm90.h"
 
