@@ -38,7 +38,6 @@ constexpr size_t kSmem = 5 * size_t(kTile) + 1024;  // Q, K ×2, V ×2, and room
 #endif
 
 #ifdef ZI_SM90A
-__device__ __forceinline__ uint32_t saddr(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
 
 __device__ __forceinline__ void cp16(uint32_t dst, const void* src, int bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
@@ -96,15 +95,6 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[64], const uint32_t (&a)[4],
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
 }
 
-__device__ __forceinline__ float ex2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
 
 // Byte offset of 16-byte chunk c (dims 8c..8c+7) of row r in a tile (layout: see the top).
 __device__ __forceinline__ uint32_t tile_off(int r, int c) {
@@ -253,7 +243,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                       bf16* __restrict__ o, int Sq, int Hq, int Hkv, int kv, float scale_log2) {
 #ifdef ZI_SM90A
   extern __shared__ __align__(1024) uint8_t smem[];
-  const uint32_t base = (saddr(smem) + 1023u) & ~1023u;
+  const uint32_t base = (smem_addr(smem) + 1023u) & ~1023u;
   const uint32_t sQ = base, sK = base + kTile, sV = base + 3 * kTile;
   const int wg = int(threadIdx.x) >> 7, warp = (int(threadIdx.x) >> 5) & 3, lane = int(threadIdx.x) & 31;
   const int h = int(blockIdx.y), hk = h / (Hq / Hkv), q0 = int(blockIdx.x) * kBM;
@@ -335,7 +325,7 @@ __global__ void __launch_bounds__(kThreadsW, 1)
                        float scale_log2) {
 #ifdef ZI_SM90A
   extern __shared__ __align__(1024) uint8_t smem[];
-  const uint32_t base = (saddr(smem) + 1023u) & ~1023u;
+  const uint32_t base = (smem_addr(smem) + 1023u) & ~1023u;
   const uint32_t sQ = base, sK = base + kTile, sV = base + 3 * kTile;
   // mbarriers after the tiles: full Q, full K[2], full V[2], empty K[2], empty V[2]
   const uint32_t bars = base + 5 * kTile;

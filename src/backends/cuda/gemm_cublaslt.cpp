@@ -55,6 +55,27 @@ int alignment(const void* p) {
   return a;
 }
 
+// The heuristic's first algorithm for this operation within the workspace, given the pointers'
+// alignments (A, B, C = D); false when there is none.
+bool pick_algo(cublasLtMatmulDesc_t op, cublasLtMatrixLayout_t a, cublasLtMatrixLayout_t b, cublasLtMatrixLayout_t c,
+               const void* A, const void* B, const void* C, cublasLtMatmulAlgo_t* algo) {
+  cublasLtMatmulPreference_t pref;
+  lt_check(cublasLtMatmulPreferenceCreate(&pref), "PreferenceCreate");
+  const uint64_t ws = kWorkspaceBytes;
+  lt_check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws), "ws");
+  const uint32_t aa = uint32_t(alignment(A)), ab = uint32_t(alignment(B)), ac = uint32_t(alignment(C));
+  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &aa, sizeof aa);
+  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &ab, sizeof ab);
+  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &ac, sizeof ac);
+  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &ac, sizeof ac);
+  cublasLtMatmulHeuristicResult_t res{};
+  int found = 0;
+  lt_check(cublasLtMatmulAlgoGetHeuristic(lt().handle, op, a, b, c, c, pref, 1, &res, &found), "AlgoGetHeuristic");
+  cublasLtMatmulPreferenceDestroy(pref);
+  *algo = res.algo;
+  return found > 0;
+}
+
 const Plan& plan_for(int64_t M, int64_t N, int64_t K, DType dt, bool bias, DType bias_dt, const void* x,
                      const void* w, const void* y) {
   Lt& L = lt();
@@ -77,22 +98,8 @@ const Plan& plan_for(int64_t M, int64_t N, int64_t K, DType dt, bool bias, DType
   lt_check(cublasLtMatrixLayoutCreate(&p.a, t, uint64_t(K), uint64_t(N), K), "layout A");
   lt_check(cublasLtMatrixLayoutCreate(&p.b, t, uint64_t(K), uint64_t(M), K), "layout B");
   lt_check(cublasLtMatrixLayoutCreate(&p.c, t, uint64_t(N), uint64_t(M), N), "layout C");
-  cublasLtMatmulPreference_t pref;
-  lt_check(cublasLtMatmulPreferenceCreate(&pref), "PreferenceCreate");
-  const uint64_t ws = kWorkspaceBytes;
-  lt_check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws), "ws");
-  const uint32_t aa = uint32_t(alignment(w)), ab = uint32_t(alignment(x)), ac = uint32_t(alignment(y));
-  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &aa, sizeof aa);
-  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &ab, sizeof ab);
-  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &ac, sizeof ac);
-  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &ac, sizeof ac);
-  cublasLtMatmulHeuristicResult_t res{};
-  int found = 0;
-  lt_check(cublasLtMatmulAlgoGetHeuristic(L.handle, p.op, p.a, p.b, p.c, p.c, pref, 1, &res, &found),
-           "AlgoGetHeuristic");
-  cublasLtMatmulPreferenceDestroy(pref);
-  ZI_CHECK(found > 0, "[cublasLt] no algorithm for M=", M, " N=", N, " K=", K, " ", dtype_name(dt));
-  p.algo = res.algo;
+  ZI_CHECK(pick_algo(p.op, p.a, p.b, p.c, w, x, y, &p.algo), "[cublasLt] no algorithm for M=", M, " N=", N, " K=", K,
+           " ", dtype_name(dt));
   return L.plans.emplace(key, p).first->second;
 }
 
@@ -116,22 +123,8 @@ const NnPlan& nn_plan(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
   lt_check(cublasLtMatrixLayoutCreate(&p.a, t, uint64_t(m), uint64_t(k), lda), "layout A");
   lt_check(cublasLtMatrixLayoutCreate(&p.b, t, uint64_t(k), uint64_t(n), ldb), "layout B");
   lt_check(cublasLtMatrixLayoutCreate(&p.c, t, uint64_t(m), uint64_t(n), ldc), "layout C");
-  cublasLtMatmulPreference_t pref;
-  lt_check(cublasLtMatmulPreferenceCreate(&pref), "PreferenceCreate");
-  const uint64_t ws = kWorkspaceBytes;
-  lt_check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws), "ws");
-  const uint32_t aa = uint32_t(alignment(A)), ab = uint32_t(alignment(B)), ac = uint32_t(alignment(C));
-  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &aa, sizeof aa);
-  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &ab, sizeof ab);
-  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &ac, sizeof ac);
-  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &ac, sizeof ac);
-  cublasLtMatmulHeuristicResult_t res{};
-  int found = 0;
-  lt_check(cublasLtMatmulAlgoGetHeuristic(L.handle, p.op, p.a, p.b, p.c, p.c, pref, 1, &res, &found),
-           "AlgoGetHeuristic");
-  cublasLtMatmulPreferenceDestroy(pref);
-  ZI_CHECK(found > 0, "[cublasLt] no algorithm for gemm_nn m=", m, " n=", n, " k=", k);
-  p.algo = res.algo;
+  ZI_CHECK(pick_algo(p.op, p.a, p.b, p.c, A, B, C, &p.algo), "[cublasLt] no algorithm for gemm_nn m=", m, " n=", n,
+           " k=", k);
   return plans.emplace(key, p).first->second;
 }
 

@@ -115,11 +115,6 @@ __global__ void rms_norm_rope_pairs_warp(T* x, const float* w, const float* cs, 
   }
 }
 
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  __nv_bfloat162 b = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&b);
-}
-
 // Row-in-registers forms for rows of at most VPT·128 vectors (D = 3840 bf16: 480 vectors, VPT 4):
 // one block of 128 threads per row, every vector of the row loaded once up front (all loads in
 // flight before the first use), squared sum reduced, then scaled from the registers; the f32
@@ -135,63 +130,24 @@ __device__ __forceinline__ void load_f32n(const float* p, float (&f)[N]) {
   }
 }
 
-// y = x·inv·w (⊙ scale), y may be x.
-template <class T, int VPT>
-__global__ void __launch_bounds__(kRegThreads) rms_norm_reg(const T* x, T* y, const float* w, const float* scale,
+// kAdd false: out = in·inv(in)·w (⊙ mul), out may be in (mul: a scale).
+// kAdd true:  out += mul ⊙ (in·inv(in)·w) (mul: a gate).      mul null: 1.
+template <class T, int VPT, bool kAdd>
+__global__ void __launch_bounds__(kRegThreads) rms_norm_reg(const T* in, T* out, const float* w, const float* mul,
                                                             int D, float eps) {
   constexpr int N = Vec<T>::N;
-  const T* row = x + int64_t(blockIdx.x) * D;
-  T* out = y + int64_t(blockIdx.x) * D;
-  float f[VPT][N];
-#pragma unroll
-  for (int i = 0; i < VPT; ++i) {
-    const int j = (threadIdx.x + i * kRegThreads) * N;
-    if (j < D) load_vec(row + j, f[i]);
-    else
-#pragma unroll
-      for (int e = 0; e < N; ++e) f[i][e] = 0.0f;
-  }
-  float s = 0;
-#pragma unroll
-  for (int i = 0; i < VPT; ++i)
-#pragma unroll
-    for (int e = 0; e < N; ++e) s += f[i][e] * f[i][e];
-  const float inv = rsqrtf(block_sum(s) / float(D) + eps);
-#pragma unroll
-  for (int i = 0; i < VPT; ++i) {
-    const int j = (threadIdx.x + i * kRegThreads) * N;
-    if (j >= D) continue;
-    float wv[N];
-    load_f32n<N>(w + j, wv);
-    if (scale) {
-      float sv[N];
-      load_f32n<N>(scale + j, sv);
-#pragma unroll
-      for (int e = 0; e < N; ++e) wv[e] *= sv[e];
-    }
-#pragma unroll
-    for (int e = 0; e < N; ++e) f[i][e] = f[i][e] * inv * wv[e];
-    store_vec(out + j, f[i]);
-  }
-}
-
-// x += gate ⊙ (y·inv(y)·w) (gate null: 1).
-template <class T, int VPT>
-__global__ void __launch_bounds__(kRegThreads) rms_norm_add_reg(T* x, const T* y, const float* w, const float* gate,
-                                                                int D, float eps) {
-  constexpr int N = Vec<T>::N;
-  const T* yr = y + int64_t(blockIdx.x) * D;
-  T* xr = x + int64_t(blockIdx.x) * D;
-  float f[VPT][N], o[VPT][N];
+  const T* ir = in + int64_t(blockIdx.x) * D;
+  T* orow = out + int64_t(blockIdx.x) * D;
+  float f[VPT][N], o[kAdd ? VPT : 1][N];
 #pragma unroll
   for (int i = 0; i < VPT; ++i) {
     const int j = (threadIdx.x + i * kRegThreads) * N;
     if (j < D) {
-      load_vec(yr + j, f[i]);
-      load_vec(xr + j, o[i]);
+      load_vec(ir + j, f[i]);
+      if constexpr (kAdd) load_vec(orow + j, o[i]);
     } else {
 #pragma unroll
-      for (int e = 0; e < N; ++e) f[i][e] = o[i][e] = 0.0f;
+      for (int e = 0; e < N; ++e) f[i][e] = 0.0f;
     }
   }
   float s = 0;
@@ -206,15 +162,19 @@ __global__ void __launch_bounds__(kRegThreads) rms_norm_add_reg(T* x, const T* y
     if (j >= D) continue;
     float wv[N];
     load_f32n<N>(w + j, wv);
-    if (gate) {
-      float gv[N];
-      load_f32n<N>(gate + j, gv);
+    if (mul) {
+      float mv[N];
+      load_f32n<N>(mul + j, mv);
 #pragma unroll
-      for (int e = 0; e < N; ++e) wv[e] *= gv[e];
+      for (int e = 0; e < N; ++e) wv[e] *= mv[e];
     }
 #pragma unroll
-    for (int e = 0; e < N; ++e) o[i][e] += wv[e] * (f[i][e] * inv);
-    store_vec(xr + j, o[i]);
+    for (int e = 0; e < N; ++e) {
+      const float t = f[i][e] * inv;
+      if constexpr (kAdd) f[i][e] = o[i][e] + wv[e] * t;
+      else f[i][e] = t * wv[e];
+    }
+    store_vec(orow + j, f[i]);
   }
 }
 
@@ -248,8 +208,8 @@ __global__ void rms_norm_rope128_warp(T* x, const float* w, const float* cs, con
     *reinterpret_cast<float4*>(p) = make_float4(o0, o1, o2, o3);
   } else {
     uint2 u;
-    u.x = pack2(o0, o1);
-    u.y = pack2(o2, o3);
+    u.x = pack_bf16(o0, o1);
+    u.y = pack_bf16(o2, o3);
     *reinterpret_cast<uint2*>(p) = u;
   }
 }
@@ -391,9 +351,9 @@ void rms_norm(const Tensor& x, const Tensor& weight, float eps, const Tensor* sc
   const int vpt = reg_vpt(D, x.dtype());
   if (vec_ok(x, D) && vec_ok(y, D) && vpt) {
     ZI_DISPATCH_ACT(x.dtype(), {
-      if (vpt == 1) rms_norm_reg<T, 1><<<unsigned(R), kRegThreads, 0, stream()>>>(x.data<T>(), y.data<T>(), w.data<float>(), sp, int(D), eps);
-      else if (vpt == 2) rms_norm_reg<T, 2><<<unsigned(R), kRegThreads, 0, stream()>>>(x.data<T>(), y.data<T>(), w.data<float>(), sp, int(D), eps);
-      else rms_norm_reg<T, 4><<<unsigned(R), kRegThreads, 0, stream()>>>(x.data<T>(), y.data<T>(), w.data<float>(), sp, int(D), eps);
+      if (vpt == 1) rms_norm_reg<T, 1, false><<<unsigned(R), kRegThreads, 0, stream()>>>(x.data<T>(), y.data<T>(), w.data<float>(), sp, int(D), eps);
+      else if (vpt == 2) rms_norm_reg<T, 2, false><<<unsigned(R), kRegThreads, 0, stream()>>>(x.data<T>(), y.data<T>(), w.data<float>(), sp, int(D), eps);
+      else rms_norm_reg<T, 4, false><<<unsigned(R), kRegThreads, 0, stream()>>>(x.data<T>(), y.data<T>(), w.data<float>(), sp, int(D), eps);
     });
     ZI_CUDA_LAUNCHED();
     return;
@@ -417,9 +377,9 @@ void rms_norm_add_(Tensor& x, Tensor& y, const Tensor& weight, float eps, const 
     const float* gp = gate ? g.data<float>() : nullptr;
     const int vpt = reg_vpt(D, x.dtype());
     ZI_DISPATCH_ACT(x.dtype(), {
-      if (vpt == 1) rms_norm_add_reg<T, 1><<<unsigned(R), kRegThreads, 0, stream()>>>(x.data<T>(), y.data<T>(), w.data<float>(), gp, int(D), eps);
-      else if (vpt == 2) rms_norm_add_reg<T, 2><<<unsigned(R), kRegThreads, 0, stream()>>>(x.data<T>(), y.data<T>(), w.data<float>(), gp, int(D), eps);
-      else rms_norm_add_reg<T, 4><<<unsigned(R), kRegThreads, 0, stream()>>>(x.data<T>(), y.data<T>(), w.data<float>(), gp, int(D), eps);
+      if (vpt == 1) rms_norm_reg<T, 1, true><<<unsigned(R), kRegThreads, 0, stream()>>>(y.data<T>(), x.data<T>(), w.data<float>(), gp, int(D), eps);
+      else if (vpt == 2) rms_norm_reg<T, 2, true><<<unsigned(R), kRegThreads, 0, stream()>>>(y.data<T>(), x.data<T>(), w.data<float>(), gp, int(D), eps);
+      else rms_norm_reg<T, 4, true><<<unsigned(R), kRegThreads, 0, stream()>>>(y.data<T>(), x.data<T>(), w.data<float>(), gp, int(D), eps);
     });
     ZI_CUDA_LAUNCHED();
     return;
