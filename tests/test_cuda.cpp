@@ -28,6 +28,7 @@
 using namespace zi;
 using zi::test::max_abs_diff;
 using zi::test::rel_l2;
+using zi::test::rnd;
 
 namespace {
 
@@ -45,13 +46,6 @@ std::string tiny_model_dir() {
 }
 
 // Uniform in ±[lo, hi] (never zero, random sign).
-Tensor rnd(const Shape& shape, uint32_t seed, float lo = 0.05f, float hi = 1.0f) {
-  std::mt19937 g(seed);
-  std::uniform_real_distribution<float> u(lo, hi);
-  Tensor t = Tensor::empty(shape, DType::F32);
-  for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = (g() & 1 ? 1.0f : -1.0f) * u(g);
-  return t;
-}
 
 // A host f32 tensor rounded through `dt` (what the GPU sees in bf16), so both sides start equal.
 Tensor rounded(const Tensor& t, DType dt) { return dt == DType::F32 ? t.clone() : t.to(dt).to(DType::F32); }

@@ -38,14 +38,7 @@ void write_raw(const std::string& path, const std::string& header, const std::st
   os << header << data;
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
+using test::error_of;
 
 }  // namespace
 

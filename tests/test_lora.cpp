@@ -45,14 +45,7 @@ Tensor scalar(float v) { return Tensor::from_vector({v}, {}); }
 std::string lora_path(const std::string& name) { return test::data_path("loras/" + name); }
 std::string tiny_transformer() { return test::tiny_model() + "/transformer"; }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
+using test::error_of;
 
 const LoraDelta* find_delta(const LoraFile& f, const std::string& target) {
   for (const LoraDelta& d : f.deltas)

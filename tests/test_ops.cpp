@@ -17,17 +17,11 @@
 using namespace zi;
 using zi::test::max_abs_diff;
 using zi::test::rel_l2;
+using zi::test::rnd;
 
 namespace {
 
 // Uniform in ±[lo, hi] (never zero, random sign).
-Tensor rnd(const Shape& shape, uint32_t seed, float lo = 0.05f, float hi = 1.0f) {
-  std::mt19937 g(seed);
-  std::uniform_real_distribution<float> u(lo, hi);
-  Tensor t = Tensor::empty(shape, DType::F32);
-  for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = (g() & 1 ? 1.0f : -1.0f) * u(g);
-  return t;
-}
 
 // Tolerances, relative L2 over the whole output (and max abs where stated).
 constexpr double kTolGemm = 2e-6;   // linear / conv2d: f32 sums of up to ~600 products

@@ -30,14 +30,7 @@ void write_raw(const std::string& path, const std::string& header, size_t data_l
   os << data;
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
+using test::error_of;
 
 }  // namespace
 

@@ -1,11 +1,15 @@
-// Shared helpers for the tests: fixture paths and error measures.
+// Shared helpers for the tests: fixture paths, temporary folders, random tensors, error messages
+// and error measures.
 #pragma once
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <filesystem>
+#include <functional>
+#include <random>
 #include <string>
 
+#include "core/check.h"
 #include "core/tensor.h"
 #include "io/safetensors.h"
 
@@ -27,6 +31,25 @@ struct TempDir {
   std::string sub(const std::string& n) const { return (path / n).string(); }
   std::string operator/(const std::string& n) const { return sub(n); }
 };
+
+// The message of the zi::Error that f throws ("" when it throws none).
+inline std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+// f32 values of random sign with magnitudes uniform in [lo, hi), reproducible from the seed.
+inline Tensor rnd(const Shape& shape, uint32_t seed, float lo = 0.05f, float hi = 1.0f) {
+  std::mt19937 g(seed);
+  std::uniform_real_distribution<float> u(lo, hi);
+  Tensor t = Tensor::empty(shape, DType::F32);
+  for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = (g() & 1 ? 1.0f : -1.0f) * u(g);
+  return t;
+}
 
 // ‖a − b‖₂ / ‖b‖₂ over all elements (both f32, same numel).
 inline double rel_l2(const Tensor& a, const Tensor& b) {
