@@ -421,9 +421,11 @@ void launch_flash(const Tensor& q, const Tensor& k, const Tensor& v, float scale
   ZI_CUDA_LAUNCHED();
 }
 
+bool aligned16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.raw()) % 16 == 0; }
+
 bool flash_ok(const Tensor& q, const Tensor& k) {
   const int64_t D = q.dim(2);
-  auto aligned = [](const Tensor& t) { return reinterpret_cast<uintptr_t>(t.raw()) % 16 == 0; };
+  auto aligned = aligned16;
   return !g_force_blocked && q.dtype() == DType::BF16 && k.dtype() == DType::BF16 && (D == 64 || D == 128) &&
          aligned(q) && aligned(k) && q.dim(0) < (int64_t(1) << 31) && k.dim(0) < (int64_t(1) << 31);
 }
@@ -536,7 +538,7 @@ void attention(const Tensor& q, const Tensor& k, const Tensor& v, float scale, b
                Tensor& out) {
   const int64_t kv = kv_len < 0 ? k.dim(0) : kv_len;
   if (q.dim(0) == 0 || q.dim(1) == 0) return;
-  if (flash_ok(q, k)) {
+  if (flash_ok(q, k) && aligned16(v) && aligned16(out)) {  // 16-byte loads/stores, TMA
     const bool d128 = q.dim(2) == 128;
     const bool sm90 = d128 && !causal && kv > 0 && flash_sm90_available();  // variant H
     auto run = [&](int variant) {
