@@ -17,8 +17,11 @@
 #include <random>
 
 #include "backends/cuda/cuda_ops.h"
+#include "io/checkpoint.h"
 #include "io/png.h"
 #include "io/safetensors.h"
+#include "io/weight_loader.h"
+#include "models/vae_decoder.h"
 #include "ops/ops.h"
 #include "pipeline/memory_report.h"
 #include "pipeline/pipeline.h"
@@ -474,4 +477,43 @@ TEST(CudaPipeline, KeepModels) {
     EXPECT_GT(memory_stats(Device::CUDA).total().current, gpu_before);  // weights stay resident
   }
   EXPECT_EQ(memory_stats(Device::CUDA).total().current, gpu_before);
+}
+
+// The tiled VAE decode on the GPU: the pieces against the CPU, and the tiled image against the
+// whole one (both on the GPU; the tiles see whole-image GroupNorm statistics, so only rounding
+// differs).
+TEST(CudaVae, TiledDecodeMatchesWhole) {
+  ZI_REQUIRE_GPU();
+  const Tensor x = rnd({8, 9, 11}, 310);
+  const std::vector<double> sc = ops::group_region_sums(x, 4, 2, 7, 3, 11);
+  const std::vector<double> sg = ops::group_region_sums(gpu(x, DType::F32), 4, 2, 7, 3, 11);
+  for (size_t g = 0; g < sc.size(); ++g) EXPECT_NEAR(sg[g], sc[g], 1e-9 * (1 + std::fabs(sc[g])));
+  const Tensor w = rnd({8}, 311), b = rnd({8}, 312);
+  const std::vector<float> mean{0.1f, -0.2f, 0.3f, 0.0f}, rstd{1.5f, 0.7f, 1.0f, 2.0f};
+  for (DType act : kActs) {
+    Tensor c = rounded(x, act), d = gpu(x, act);
+    ops::group_norm_given_(c, 4, mean, rstd, w, b);
+    ops::group_norm_given_(d, 4, mean, rstd, w.to_device(Device::CUDA), b.to_device(Device::CUDA));
+    expect_close(d, c, act, "group_norm_given_");
+    Tensor pc = Tensor::zeros({8, 12, 14}, DType::F32), pd = gpu(Tensor::zeros({8, 12, 14}, DType::F32), act);
+    ops::paste_(pc, rounded(x, act).slice(1, 2, 7).slice(2, 3, 11), 4, 5);
+    ops::paste_(pd, gpu(x, act).slice(1, 2, 7).slice(2, 3, 11), 4, 5);
+    EXPECT_EQ(test::max_abs_diff(host(pd), pc), 0.0) << "paste_ " << dtype_name(act);
+  }
+
+  const ModelFolder mf = open_model_folder(tiny_model_dir());
+  TensorStore store = TensorStore::open_dir(mf.vae_dir);
+  const Tensor z = rnd({16, 40, 24}, 313);
+  for (DType act : kActs) {
+    ComputeScope on(Compute{Device::CUDA, act});
+    WeightLoader loader(store, Tag::VaeWeights, "vae");
+    const VaeDecoder m = load_vae_decoder(loader, mf.vae, DType::BF16);
+    loader.finish();
+    const Tensor whole = vae_decode(m, z), tiled = vae_decode_tiled(m, z, 16, 0);  // 3 × 2 tiles
+    ASSERT_EQ(tiled.shape(), whole.shape());
+    const double rel = rel_l2(tiled, whole);
+    std::printf("gpu vae tiled vs whole (%s): rel L2 %.3g, max |diff| %.3g\n", dtype_name(act), rel,
+                test::max_abs_diff(tiled, whole));
+    EXPECT_LT(rel, act == DType::F32 ? 1e-5 : 2e-2) << dtype_name(act);
+  }
 }

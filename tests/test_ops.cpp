@@ -276,3 +276,51 @@ TEST(Ops, ArgumentErrors) {
     EXPECT_NE(std::string(e.what()).find("[linear]"), std::string::npos) << e.what();
   }
 }
+
+// The tiled VAE decode's pieces: region sums against a direct double sum, the given-statistics
+// GroupNorm against group_norm_ fed its own statistics, and paste_ from a strided view.
+TEST(Ops, TiledGroupNormPieces) {
+  const int groups = 4;
+  const Tensor x = rnd({8, 9, 11}, 300);
+  const int64_t y0 = 2, y1 = 7, x0 = 3, x1 = 11, cpg = 2;
+  const std::vector<double> s = ops::group_region_sums(x, groups, y0, y1, x0, x1);
+  std::vector<double> mean(static_cast<size_t>(groups));
+  for (int g = 0; g < groups; ++g) {
+    double want = 0;
+    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c)
+      for (int64_t y = y0; y < y1; ++y)
+        for (int64_t xx = x0; xx < x1; ++xx) want += double(x.f32()[(c * 9 + y) * 11 + xx]);
+    EXPECT_NEAR(s[size_t(g)], want, 1e-12 * (1 + std::fabs(want))) << "group " << g;
+    mean[size_t(g)] = want / double(cpg * (y1 - y0) * (x1 - x0));
+  }
+  const std::vector<double> m2 = ops::group_region_sums(x, groups, y0, y1, x0, x1, mean);
+  for (int g = 0; g < groups; ++g) EXPECT_GT(m2[size_t(g)], 0.0);
+  EXPECT_THROW(ops::group_region_sums(x, groups, 0, 10, 0, 11), Error);  // rows past H
+
+  // Whole-image statistics given back must reproduce group_norm_ exactly.
+  const Tensor w = rnd({8}, 301), b = rnd({8}, 302);
+  const std::vector<double> sw = ops::group_region_sums(x, groups, 0, 9, 0, 11);
+  std::vector<double> mw(static_cast<size_t>(groups));
+  for (int g = 0; g < groups; ++g) mw[size_t(g)] = sw[size_t(g)] / double(cpg * 99);
+  const std::vector<double> vw = ops::group_region_sums(x, groups, 0, 9, 0, 11, mw);
+  std::vector<float> fm(static_cast<size_t>(groups)), fr(static_cast<size_t>(groups));
+  for (int g = 0; g < groups; ++g) {
+    fm[size_t(g)] = float(mw[size_t(g)]);
+    fr[size_t(g)] = float(1.0 / std::sqrt(vw[size_t(g)] / double(cpg * 99) + 1e-6));
+  }
+  Tensor a = x.clone(), c = x.clone();
+  ops::group_norm_given_(a, groups, fm, fr, w, b);
+  ops::group_norm_(c, groups, w, b, 1e-6f);
+  EXPECT_LE(test::max_abs_diff(a, c), 1e-6);
+
+  Tensor dst = Tensor::zeros({8, 12, 14}, DType::F32);
+  ops::paste_(dst, x.slice(1, 2, 7).slice(2, 3, 11), 4, 5);  // 5 × 8 interior at (4, 5)
+  for (int64_t ch = 0; ch < 8; ++ch)
+    for (int64_t y = 0; y < 12; ++y)
+      for (int64_t xx = 0; xx < 14; ++xx) {
+        const bool in = y >= 4 && y < 9 && xx >= 5 && xx < 13;
+        const float want = in ? x.f32()[(ch * 9 + (y - 4 + 2)) * 11 + (xx - 5 + 3)] : 0.0f;
+        ASSERT_EQ(dst.f32()[(ch * 12 + y) * 14 + xx], want) << ch << " " << y << " " << xx;
+      }
+  EXPECT_THROW(ops::paste_(dst, x, 4, 5), Error);  // does not fit
+}

@@ -25,6 +25,7 @@ OpTimer::OpTimer(const char*) {}
 OpTimer::~OpTimer() {}
 std::string profile_report() { return ""; }
 std::string device_description() { return "none (built without CUDA)"; }
+int64_t memory_free_bytes() { return 0; }
 void synchronize() {}
 void set_cache_limit(size_t) {}
 void trim_cache() {}
@@ -40,6 +41,15 @@ void rms_norm(const Tensor&, const Tensor&, float, const Tensor*, Tensor&) { no_
 void rms_norm_add_(Tensor&, Tensor&, const Tensor&, float, const Tensor*) { no_cuda(); }
 void rms_norm_rope_pairs_(Tensor&, const Tensor&, float, const Tensor&, const Tensor&) { no_cuda(); }
 void group_norm_(Tensor&, int, const Tensor&, const Tensor&, float, bool) { no_cuda(); }
+void group_region_sums(const Tensor&, int, int64_t, int64_t, int64_t, int64_t, const std::vector<double>&,
+                       std::vector<double>&) {
+  no_cuda();
+}
+void group_norm_given_(Tensor&, int, const std::vector<float>&, const std::vector<float>&, const Tensor&,
+                       const Tensor&) {
+  no_cuda();
+}
+void paste_(Tensor&, const Tensor&, int64_t, int64_t) { no_cuda(); }
 void silu_(Tensor&) { no_cuda(); }
 void tanh_(Tensor&) { no_cuda(); }
 void silu_mul(const Tensor&, const Tensor&, Tensor&) { no_cuda(); }

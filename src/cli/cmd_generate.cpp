@@ -235,7 +235,7 @@ void add_generate(CLI::App& app) {
       ->capture_default_str();
   c->add_option("--vae-dtype", a->vae_dtype, "VAE weights in memory: bf16, f16 or f32")->capture_default_str();
   c->add_option("--vae-tile", a->vae_tile,
-                "decode in tiles of this many pixels (multiple of 8, >= 128) to bound memory, or 'auto' (CPU decoding; the GPU decodes whole)");
+                "decode in tiles of this many pixels (multiple of 8, >= 128) to bound memory, or 'auto'");
   auto* mr = c->add_option("--memory-report", a->memory_report,
                            "print a table of each phase's weights and peak memory; with FILE also write it as JSON");
   mr->expected(0, 1);

@@ -390,8 +390,7 @@ Tensor run_segment(const VaeDecoder& m, const Tensor& x, size_t from, size_t to,
   const int64_t f = lay.scale, C = to < m.up_blocks.size() ? m.up_blocks[to].resnets.back().conv2_w.dim(0)
                                                             : m.cfg.out_channels;
   const int64_t HO = H * f, WO = W * f;
-  Tensor out = Tensor::empty({C, HO, WO}, DType::F32);
-  float* o = out.f32();
+  Tensor out;  // on the tiles' device, in their dtype
   for (size_t i = 0; i < ys.size(); ++i)
     for (size_t j = 0; j < xs.size(); ++j) {
       TileNorms hook;
@@ -400,11 +399,10 @@ Tensor run_segment(const VaeDecoder& m, const Tensor& x, size_t from, size_t to,
       Tensor t = run_tile(i, j, lay.halo(K), hook, ry, rx);  // [C, rows·f, cols·f]
       ZI_CHECK(t.defined() && t.dim(0) == C && hook.next == int(K), "[vae_decode_tiled] the output pass met ",
                hook.next, " norms, expected ", K);
-      const int64_t th = t.dim(1), tw = t.dim(2), oy = ry.begin * f, ox = rx.begin * f;  // the tile's origin
-      const int64_t y0 = ys[i].begin * f, y1 = ys[i].end * f, x0 = xs[j].begin * f, nx = (xs[j].end - xs[j].begin) * f;
-      const float* tp = t.f32();
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t y = y0; y < y1; ++y) std::copy_n(tp + (c * th + (y - oy)) * tw + (x0 - ox), nx, o + (c * HO + y) * WO + x0);
+      if (!out.defined()) out = Tensor::empty({C, HO, WO}, t.dtype(), Tag::Activations, t.device());
+      const int64_t oy = ry.begin * f, ox = rx.begin * f;  // the tile's origin
+      const int64_t y0 = ys[i].begin * f, y1 = ys[i].end * f, x0 = xs[j].begin * f, x1 = xs[j].end * f;
+      ops::paste_(out, t.slice(1, y0 - oy, y1 - oy).slice(2, x0 - ox, x1 - ox), y0, x0);  // its interior
     }
   return out;
 }
@@ -426,15 +424,13 @@ Tensor vae_decode_tiled_with(const VaeDecoder& m, const Tensor& z, int tile, con
              "must ascend and stay below the last up block (", n - 1, ")");
   const int64_t h = z.dim(1), w = z.dim(2);
   if (tile >= h && tile >= w) return vae_decode(m, z);
-  // The statistics helpers (vae_tiled.h) are host code; a CUDA decode runs whole (pipeline).
-  ZI_CHECK(m.conv_in_w.device() == Device::CPU, "[vae_decode_tiled] runs on the CPU only");
   const std::vector<Span> ys = tile_spans(h, tile), xs = tile_spans(w, tile);
   Tensor x = head_forward(m, z);  // [C0, h, w]
   for (size_t s = 0; s < checkpoints.size(); ++s) {
     const size_t from = size_t(checkpoints[s]), to = s + 1 < checkpoints.size() ? size_t(checkpoints[s + 1]) : n;
     x = run_segment(m, x, from, to, ys, xs);  // the next checkpoint (the previous one is freed), or the image
   }
-  return x;
+  return ops::to_host_f32(x);  // [out_channels, 8h, 8w], like vae_decode
 }
 
 Tensor vae_decode_tiled(const VaeDecoder& m, const Tensor& z, int tile, int /*overlap: unused*/) {

@@ -1,10 +1,7 @@
 // Two GroupNorm pieces the exact tiled VAE decode needs (vae_decode_tiled in vae_decoder.cpp):
 // per-group moments of a sub-rectangle, merged across tiles into the whole image's statistics,
 // and a GroupNorm that applies given statistics instead of computing its own.
-//
-// HOST ONLY: these read and write f32 CPU tensors directly; they are not ops of ops/ops.h (whose
-// dispatch is being extended for CUDA). A CUDA decode needs a device twin of both, dispatched
-// through ops.cpp, e.g. ops::group_moments / ops::group_norm_given_.
+// Both run where x lives (CPU or CUDA), through ops.
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -21,9 +18,9 @@ struct GroupMoments {
   void merge(const GroupMoments& o);
 };
 
-// For each of `groups` groups of x [C, H, W] (f32, contiguous; a group is C/groups consecutive
-// channels), the moments over rows [y0, y1) × columns [x0, x1) of its channels, two-pass in
-// double, merged into acc[g] (acc.size() == groups).
+// For each of `groups` groups of x [C, H, W] (a contiguous activation; a group is C/groups
+// consecutive channels), the moments over rows [y0, y1) × columns [x0, x1) of its channels,
+// two-pass in double, merged into acc[g] (acc.size() == groups).
 void accumulate_group_moments(const Tensor& x, int groups, int64_t y0, int64_t y1, int64_t x0, int64_t x1,
                               std::vector<GroupMoments>& acc);
 

@@ -206,6 +206,57 @@ void group_norm_silu_(Tensor& x, int groups, const Tensor& weight, const Tensor&
   group_norm_impl("group_norm_silu_", x, groups, weight, bias, eps, true);
 }
 
+std::vector<double> group_region_sums(const Tensor& x, int groups, int64_t y0, int64_t y1, int64_t x0, int64_t x1,
+                                      const std::vector<double>& mean) {
+  const char* op = "group_region_sums";
+  const Device d = device_of(op, x);
+  require_act_inplace(op, x);
+  ZI_CHECK(x.ndim() == 3, "[", op, "] x must be [C, H, W], got ", x.desc());
+  ZI_CHECK(groups > 0 && x.dim(0) % groups == 0, "[", op, "] ", groups, " groups do not divide C of ", x.desc());
+  ZI_CHECK(0 <= y0 && y0 <= y1 && y1 <= x.dim(1) && 0 <= x0 && x0 <= x1 && x1 <= x.dim(2), "[", op,
+           "] bad region rows [", y0, ", ", y1, ") cols [", x0, ", ", x1, ") of ", x.desc());
+  ZI_CHECK(mean.empty() || mean.size() == size_t(groups), "[", op, "] ", mean.size(), " means for ", groups, " groups");
+  std::vector<double> out;
+  if (cuda(d)) {
+    cuda::OpTimer prof(op);
+    cuda::group_region_sums(x, groups, y0, y1, x0, x1, mean, out);
+  } else cpu::group_region_sums(x, groups, y0, y1, x0, x1, mean, out);
+  return out;
+}
+
+void group_norm_given_(Tensor& x, int groups, const std::vector<float>& mean, const std::vector<float>& rstd,
+                       const Tensor& weight, const Tensor& bias) {
+  const char* op = "group_norm_given_";
+  const Device d = device_of(op, x);
+  require_act_inplace(op, x);
+  ZI_CHECK(x.ndim() == 3, "[", op, "] x must be [C, H, W], got ", x.desc());
+  ZI_CHECK(groups > 0 && x.dim(0) % groups == 0, "[", op, "] ", groups, " groups do not divide C of ", x.desc());
+  ZI_CHECK(mean.size() == size_t(groups) && rstd.size() == size_t(groups), "[", op, "] ", mean.size(), " means and ",
+           rstd.size(), " rstds for ", groups, " groups");
+  Tensor w = weight_input(op, "weight", weight, d), b = weight_input(op, "bias", bias, d);
+  require_vector(op, "weight", w, x.dim(0));
+  require_vector(op, "bias", b, x.dim(0));
+  if (cuda(d)) {
+    cuda::OpTimer prof(op);
+    cuda::group_norm_given_(x, groups, mean, rstd, w, b);
+  } else cpu::group_norm_given_(x, groups, mean, rstd, w, b);
+}
+
+void paste_(Tensor& dst, const Tensor& src, int64_t y0, int64_t x0) {
+  const char* op = "paste_";
+  const Device d = device_of(op, dst);
+  require_act_inplace(op, dst);
+  ZI_CHECK(src.defined() && src.device() == d && src.dtype() == dst.dtype(), "[", op, "] src ", src.desc(),
+           " must match dst ", dst.desc(), " in device and dtype");
+  ZI_CHECK(dst.ndim() == 3 && src.ndim() == 3 && src.dim(0) == dst.dim(0) && y0 >= 0 && x0 >= 0 &&
+               y0 + src.dim(1) <= dst.dim(1) && x0 + src.dim(2) <= dst.dim(2),
+           "[", op, "] ", src.desc(), " does not fit into ", dst.desc(), " at (", y0, ", ", x0, ")");
+  if (cuda(d)) {
+    cuda::OpTimer prof(op);
+    cuda::paste_(dst, src, y0, x0);
+  } else cpu::paste_(dst, src, y0, x0);
+}
+
 void silu_(Tensor& x) {
   const Device d = device_of("silu_", x);
   require_act_inplace("silu_", x);

@@ -41,6 +41,16 @@ void layer_norm_(Tensor& x, float eps);
 void group_norm_(Tensor& x, int groups, const Tensor& weight, const Tensor& bias, float eps);
 // group_norm_ then SiLU, in one pass over x on the GPU.
 void group_norm_silu_(Tensor& x, int groups, const Tensor& weight, const Tensor& bias, float eps);
+// The tiled VAE decode's GroupNorm pieces (models/vae_tiled.h). For each group g of x [C, H, W]
+// (C / groups consecutive channels), over rows [y0, y1) × cols [x0, x1): Σx, or with `mean`
+// ([groups]) Σ(x − mean[g])²; in double, on the host.
+std::vector<double> group_region_sums(const Tensor& x, int groups, int64_t y0, int64_t y1, int64_t x0, int64_t x1,
+                                      const std::vector<double>& mean = {});
+// x[c] ← (x[c] − mean[g]) · (rstd[g] · weight[c]) + bias[c]: GroupNorm with given statistics.
+void group_norm_given_(Tensor& x, int groups, const std::vector<float>& mean, const std::vector<float>& rstd,
+                       const Tensor& weight, const Tensor& bias);
+// dst[:, y0 : y0 + h, x0 : x0 + w] = src [C, h, w] (src may be a view, e.g. a slice).
+void paste_(Tensor& dst, const Tensor& src, int64_t y0, int64_t x0);
 
 void silu_(Tensor& x);                          // x·sigmoid(x)
 void tanh_(Tensor& x);

@@ -179,16 +179,10 @@ Tensor run_decode(const ModelFolder& mf, const GenerateOptions& o, const Tensor&
   for (int64_t i = 0; i < z.numel(); ++i) zp[i] = zp[i] / sf + sh;
   const int h = int(z.dim(1)), w = int(z.dim(2));
   int tile = o.vae_tile;
-  if (o.vae_device == Device::CUDA && tile != 0) {
-    // The tiled decode's statistics passes are host code: the GPU decodes whole.
-    if (tile > 0)
-      std::fprintf(stderr, "warning: --vae-tile applies to CPU decoding; the GPU decodes the whole image "
-                           "(add --vae-device cpu to decode in tiles)\n");
-    tile = 0;
-  }
   if (tile < 0) {
-    // Auto: untiled when the whole decode fits in half of the available memory.
-    const int64_t budget = available_host_bytes() / 2;
+    // Auto: untiled when the whole decode fits in half of the memory available where it runs.
+    const int64_t avail = o.vae_device == Device::CUDA ? cuda::memory_free_bytes() : available_host_bytes();
+    const int64_t budget = avail / 2;
     tile = vae_decode_peak_bytes(mf.vae, h, w) <= budget ? 0 : vae_pick_tile(mf.vae, h, w, budget);
   }
   if (tile > 0 && (tile < h || tile < w)) return vae_decode_tiled(*vae, z, tile, /*overlap: unused, seams are exact*/ 0);

@@ -46,6 +46,13 @@ void linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y, Gem
 void rms_norm_(Tensor& x, const Tensor& weight, float eps);
 void layer_norm_(Tensor& x, float eps);
 void group_norm_(Tensor& x, int groups, const Tensor& weight, const Tensor& bias, float eps);
+// The tiled VAE decode's GroupNorm pieces (ops.h): per-group sums over a sub-rectangle, and a
+// GroupNorm with given statistics; dst[:, y0:, x0:] = src.
+void group_region_sums(const Tensor& x, int groups, int64_t y0, int64_t y1, int64_t x0, int64_t x1,
+                       const std::vector<double>& mean, std::vector<double>& out);
+void group_norm_given_(Tensor& x, int groups, const std::vector<float>& mean, const std::vector<float>& rstd,
+                       const Tensor& weight, const Tensor& bias);
+void paste_(Tensor& dst, const Tensor& src, int64_t y0, int64_t x0);
 
 // elementwise.cpp
 void silu_(Tensor& x);

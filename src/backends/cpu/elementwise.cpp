@@ -126,4 +126,16 @@ void embedding(const Tensor& table, const std::vector<int32_t>& ids, Tensor& out
   });
 }
 
+void paste_(Tensor& dst, const Tensor& src, int64_t y0, int64_t x0) {
+  const int64_t C = src.dim(0), h = src.dim(1), w = src.dim(2), H = dst.dim(1), W = dst.dim(2);
+  const int64_t sc = src.strides()[0], sy = src.strides()[1], sx = src.strides()[2];
+  const float* s = src.data<float>();
+  float* d = dst.data<float>();
+  parallel_for(C, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c)
+      for (int64_t y = 0; y < h; ++y)
+        for (int64_t x = 0; x < w; ++x) d[(c * H + y0 + y) * W + x0 + x] = s[c * sc + y * sy + x * sx];
+  });
+}
+
 }  // namespace zi::cpu

@@ -97,4 +97,63 @@ void group_norm_(Tensor& x, int groups, const Tensor& weight, const Tensor& bias
   });
 }
 
+namespace {
+
+// Σ (or Σ of squared deviations from `mean`) over one channel plane's sub-rectangle, in double.
+double plane_sum(const float* p, int64_t W, int64_t y0, int64_t y1, int64_t x0, int64_t x1) {
+  double s = 0;
+  for (int64_t y = y0; y < y1; ++y) {
+    const float* row = p + y * W;
+    for (int64_t x = x0; x < x1; ++x) s += double(row[x]);
+  }
+  return s;
+}
+
+double plane_sq_dev(const float* p, int64_t W, int64_t y0, int64_t y1, int64_t x0, int64_t x1, double mean) {
+  double s = 0;
+  for (int64_t y = y0; y < y1; ++y) {
+    const float* row = p + y * W;
+    for (int64_t x = x0; x < x1; ++x) {
+      const double d = double(row[x]) - mean;
+      s += d * d;
+    }
+  }
+  return s;
+}
+
+}  // namespace
+
+void group_region_sums(const Tensor& x, int groups, int64_t y0, int64_t y1, int64_t x0, int64_t x1,
+                       const std::vector<double>& mean, std::vector<double>& out) {
+  const int64_t C = x.dim(0), H = x.dim(1), W = x.dim(2), cpg = C / groups;
+  const float* xp = x.data<float>();
+  out.assign(size_t(groups), 0.0);
+  parallel_for(groups, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      double s = 0;
+      for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c)
+        s += mean.empty() ? plane_sum(xp + c * H * W, W, y0, y1, x0, x1)
+                          : plane_sq_dev(xp + c * H * W, W, y0, y1, x0, x1, mean[size_t(g)]);
+      out[size_t(g)] = s;
+    }
+  });
+}
+
+void group_norm_given_(Tensor& x, int groups, const std::vector<float>& mean, const std::vector<float>& rstd,
+                       const Tensor& weight, const Tensor& bias) {
+  const int64_t C = x.dim(0), HW = x.dim(1) * x.dim(2), cpg = C / groups;
+  Tensor wt = widen_vector(weight), bt = widen_vector(bias);  // [C]
+  const float* w = wt.data<float>();
+  const float* b = bt.data<float>();
+  float* xp = x.data<float>();
+  parallel_for(C, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t g = c / cpg;
+      const float m = mean[size_t(g)], a = rstd[size_t(g)] * w[c], bb = b[c];
+      float* p = xp + c * HW;
+      for (int64_t i = 0; i < HW; ++i) p[i] = (p[i] - m) * a + bb;
+    }
+  });
+}
+
 }  // namespace zi::cpu

@@ -17,6 +17,7 @@ namespace zi::cuda {
 // ---- runtime (runtime.cu) ----
 bool available();  // a usable GPU is present (never throws)
 std::string device_description();  // "NVIDIA H100 80GB HBM3, 132 SMs, 79.1 GiB"
+int64_t memory_free_bytes();        // free device memory (cudaMemGetInfo) plus the pool's cache
 void synchronize();  // waits for all work of the compute stream
 // The pool's release threshold: bytes kept cached after frees (--cache-limit). Default: all.
 void set_cache_limit(size_t bytes);
@@ -69,6 +70,13 @@ void gemm_nn(int64_t m, int64_t n, int64_t k, const void* A, int64_t lda, const 
 void rms_norm_(Tensor& x, const Tensor& weight, float eps);
 void layer_norm_(Tensor& x, float eps);
 void group_norm_(Tensor& x, int groups, const Tensor& weight, const Tensor& bias, float eps, bool silu);
+// The tiled VAE decode's pieces (ops.h): per-group sums over a sub-rectangle (results on the
+// host), GroupNorm with given statistics; dst[:, y0:, x0:] = src (src may be a strided view).
+void group_region_sums(const Tensor& x, int groups, int64_t y0, int64_t y1, int64_t x0, int64_t x1,
+                       const std::vector<double>& mean, std::vector<double>& out);
+void group_norm_given_(Tensor& x, int groups, const std::vector<float>& mean, const std::vector<float>& rstd,
+                       const Tensor& weight, const Tensor& bias);
+void paste_(Tensor& dst, const Tensor& src, int64_t y0, int64_t x0);
 // Fused forms (ops.h): y = RMSNorm(x)·w (⊙ scale); x += gate ⊙ RMSNorm(y)·w (y may be
 // overwritten); per-head RMSNorm + adjacent-pairs RoPE.
 void rms_norm(const Tensor& x, const Tensor& weight, float eps, const Tensor* scale, Tensor& y);

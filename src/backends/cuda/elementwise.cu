@@ -267,4 +267,27 @@ void embedding(const Tensor& table, const std::vector<int32_t>& ids, Tensor& out
   ZI_CUDA_LAUNCHED();
 }
 
+namespace {
+
+template <class T>
+__global__ void paste_kernel(T* dst, const T* src, int64_t h, int64_t w, int64_t H, int64_t W, int64_t y0, int64_t x0,
+                             int64_t sc, int64_t sy, int64_t sx, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t x = i % w, y = (i / w) % h, c = i / (w * h);
+    dst[(c * H + y0 + y) * W + x0 + x] = src[c * sc + y * sy + x * sx];
+  }
+}
+
+}  // namespace
+
+void paste_(Tensor& dst, const Tensor& src, int64_t y0, int64_t x0) {
+  const int64_t n = src.numel();
+  if (!n) return;
+  const auto& st = src.strides();
+  ZI_DISPATCH_ACT(dst.dtype(), paste_kernel<T><<<grid_for(n, 256), 256, 0, stream()>>>(
+                                   dst.data<T>(), src.data<T>(), src.dim(1), src.dim(2), dst.dim(1), dst.dim(2), y0, x0,
+                                   st[0], st[1], st[2], n));
+  ZI_CUDA_LAUNCHED();
+}
+
 }  // namespace zi::cuda

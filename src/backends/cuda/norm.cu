@@ -309,6 +309,35 @@ __global__ void group_apply_vec(T* x, const float* scale, const float* shift, in
   }
 }
 
+// out[g] += Σ over group g's channels of rows [y0, y0 + rows) × cols [x0, x0 + cols) of x [C, H, W]
+// of x (mean null) or (x − mean[g])², in double.
+template <class T>
+__global__ void group_region_sum(const T* x, int64_t cpg, int64_t H, int64_t W, int64_t y0, int64_t rows, int64_t x0,
+                                 int64_t cols, const double* mean, double* out) {
+  const int g = blockIdx.y;
+  const int64_t n = cpg * rows * cols;
+  const double m = mean ? mean[g] : 0.0;
+  double s = 0;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t c = g * cpg + i / (rows * cols), r = i % (rows * cols);
+    const double v = double(ld<T>(x, (c * H + y0 + r / cols) * W + x0 + r % cols));
+    s += mean ? (v - m) * (v - m) : v;
+  }
+  s = block_sum(s);
+  if (threadIdx.x == 0) atomicAdd(&out[g], s);
+}
+
+// x[c] ← (x[c] − mean[g]) · (rstd[g] · w[c]) + b[c], the CPU's arithmetic; one channel per blockIdx.y.
+template <class T>
+__global__ void group_norm_given(T* x, const float* stats, const float* w, const float* b, int64_t HW, int64_t cpg,
+                                 int groups) {
+  const int64_t c = blockIdx.y, g = c / cpg;
+  const float m = stats[g], a = stats[groups + g] * w[c], bb = b[c];
+  T* xc = x + c * HW;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < HW; i += int64_t(gridDim.x) * blockDim.x)
+    st<T>(xc, i, (ld<T>(xc, i) - m) * a + bb);
+}
+
 }  // namespace
 
 void rms_norm_(Tensor& x, const Tensor& weight, float eps) {
@@ -456,6 +485,43 @@ void group_norm_(Tensor& x, int groups, const Tensor& weight, const Tensor& bias
     else ZI_DISPATCH_ACT(x.dtype(), group_apply<T, false><<<ga, 256, 0, stream()>>>(x.data<T>(), scale, shift, C, HW));
   }
   ZI_CUDA_LAUNCHED();
+}
+
+void group_region_sums(const Tensor& x, int groups, int64_t y0, int64_t y1, int64_t x0, int64_t x1,
+                       const std::vector<double>& mean, std::vector<double>& out) {
+  const int64_t C = x.dim(0), H = x.dim(1), W = x.dim(2), cpg = C / groups, rows = y1 - y0, cols = x1 - x0;
+  out.assign(size_t(groups), 0.0);
+  if (rows <= 0 || cols <= 0) return;
+  Tensor dev = scratch(int64_t(groups) * 2 * 8);  // [groups] sums, then [groups] means
+  double* sums = static_cast<double*>(dev.raw());
+  double* means = sums + groups;
+  ZI_CUDA(cudaMemsetAsync(sums, 0, size_t(groups) * 8, stream()));
+  if (!mean.empty())
+    ZI_CUDA(cudaMemcpyAsync(means, mean.data(), size_t(groups) * 8, cudaMemcpyHostToDevice, stream()));
+  const int64_t n = cpg * rows * cols;
+  const dim3 g{unsigned(std::clamp<int64_t>(cdiv(n, 256 * 16), 1, 4 * sm_count() / groups + 1)), unsigned(groups)};
+  ZI_DISPATCH_ACT(x.dtype(), group_region_sum<T><<<g, 256, 0, stream()>>>(x.data<T>(), cpg, H, W, y0, rows, x0, cols,
+                                                                          mean.empty() ? nullptr : means, sums));
+  ZI_CUDA_LAUNCHED();
+  ZI_CUDA(cudaMemcpyAsync(out.data(), sums, size_t(groups) * 8, cudaMemcpyDeviceToHost, stream()));
+  ZI_CUDA(cudaStreamSynchronize(stream()));
+}
+
+void group_norm_given_(Tensor& x, int groups, const std::vector<float>& mean, const std::vector<float>& rstd,
+                       const Tensor& weight, const Tensor& bias) {
+  const int64_t C = x.dim(0), HW = x.dim(1) * x.dim(2), cpg = C / groups;
+  if (!x.numel()) return;
+  Tensor w = f32_vector(weight), b = f32_vector(bias);
+  std::vector<float> host(mean);
+  host.insert(host.end(), rstd.begin(), rstd.end());
+  Tensor stats = scratch(int64_t(host.size()) * 4);
+  ZI_CUDA(cudaMemcpyAsync(stats.raw(), host.data(), host.size() * 4, cudaMemcpyHostToDevice, stream()));
+  const dim3 g{unsigned(std::clamp<int64_t>(cdiv(HW, 256 * 4), 1, 65535)), unsigned(C)};
+  ZI_DISPATCH_ACT(x.dtype(), group_norm_given<T><<<g, 256, 0, stream()>>>(x.data<T>(), static_cast<float*>(stats.raw()),
+                                                                          w.data<float>(), b.data<float>(), HW, cpg,
+                                                                          groups));
+  ZI_CUDA_LAUNCHED();
+  ZI_CUDA(cudaStreamSynchronize(stream()));  // `host` is pageable and dies here
 }
 
 }  // namespace zi::cuda

@@ -74,6 +74,13 @@ bool available() {
   return ok == 1;
 }
 
+int64_t memory_free_bytes() {
+  ensure_init();
+  size_t free = 0, total = 0;
+  ZI_CUDA(cudaMemGetInfo(&free, &total));
+  return int64_t(free) + pool_stats().reserved_now - memory_stats(Device::CUDA).total().current;
+}
+
 std::string device_description() {
   ensure_init();
   const cudaDeviceProp& p = g_rt->prop;
