@@ -514,6 +514,6 @@ TEST(CudaVae, TiledDecodeMatchesWhole) {
     const double rel = rel_l2(tiled, whole);
     std::printf("gpu vae tiled vs whole (%s): rel L2 %.3g, max |diff| %.3g\n", dtype_name(act), rel,
                 test::max_abs_diff(tiled, whole));
-    EXPECT_LT(rel, act == DType::F32 ? 1e-5 : 2e-2) << dtype_name(act);
+    EXPECT_LT(rel, act == DType::F32 ? 1e-5 : 3e-2) << dtype_name(act);  // bf16: 1.4 % on an H200
   }
 }

@@ -5,7 +5,7 @@
 # one profiled 1024² image (ZI_CUDA_PROFILE=1: GPU time per op), then diffusers eager and
 # torch.compile on the same card, and one table last (summarize.py). About 2.5 minutes on an H200.
 # Here first: bench/gpu/pack_carry.sh, and .carry/diffusers_src.tar.xz (diffusers' src/ tree).
-# Use: bench/gpu/run_all.sh [tests|kernels|bench|diffusers|all]...  (default: all; bench includes
+# Use: bench/gpu/run_all.sh [tests|kernels|bench|vaetile|diffusers|all]...  (default: all; bench includes
 # kernels; ZI_GTEST_FILTER narrows the tests). Logs go to $OUT.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -90,6 +90,18 @@ if want bench; then
   stamp "profile done"
   rm -f "$OUT"/zimage_*-000?.png
   rm -rf "$M"
+fi
+
+if want vaetile; then  # the GPU decode at 1024², whole and in 256-pixel tiles, with memory reports
+  M=/tmp/zrm
+  [ -d "$M" ] || z "$BIN/zimage" make-random-model --preset turbo --dtype bf16 -q "$M" > "$OUT/make_model.log" 2>&1
+  for t in 0 256; do
+    z "$BIN/zimage" generate --model "$M" -p "$PROMPT" -W 1024 -H 1024 --steps 2 --seed 1 --device cuda \
+      --vae-tile $t --memory-report -o "$OUT/zimage_tile$t.png" > "$OUT/zimage_tile$t.log" 2>&1
+    echo "rc=$?" >> "$OUT/zimage_tile$t.log"
+    echo "--vae-tile $t:"; grep -E "decode|rc=" "$OUT/zimage_tile$t.log" | tail -6
+  done
+  stamp "vae tiles done"
 fi
 
 if want diffusers; then
