@@ -5,7 +5,7 @@
 # one profiled 1024² image (ZI_CUDA_PROFILE=1: GPU time per op), then diffusers eager and
 # torch.compile on the same card, and one table last (summarize.py). About 2.5 minutes on an H200.
 # Here first: bench/gpu/pack_carry.sh, and .carry/diffusers_src.tar.xz (diffusers' src/ tree).
-# Use: bench/gpu/run_all.sh [tests|kernels|bench|vaetile|diffusers|all]...  (default: all; bench includes
+# Use: bench/gpu/run_all.sh [tests|kernels|bench|vaetile|firstuse|diffusers|all]...  (default: all; bench includes
 # kernels; ZI_GTEST_FILTER narrows the tests). Logs go to $OUT.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -102,6 +102,19 @@ if want vaetile; then  # the GPU decode at 1024², whole and in 256-pixel tiles,
     echo "--vae-tile $t:"; grep -E "decode|rc=" "$OUT/zimage_tile$t.log" | tail -6
   done
   stamp "vae tiles done"
+fi
+
+if want firstuse; then  # one image per process: the 2nd process reuses the 1st one's measured kernel choices
+  M=/tmp/zrm
+  [ -d "$M" ] || z "$BIN/zimage" make-random-model --preset turbo --dtype bf16 -q "$M" > "$OUT/make_model.log" 2>&1
+  export ZIMAGE_CACHE_DIR=/tmp/zi-tuning-$$
+  for run in 1 2; do
+    z "$BIN/zimage" generate --model "$M" -p "$PROMPT" -W 1024 -H 1024 --steps 8 --seed 1 --device cuda \
+      -o "$OUT/zimage_first$run.png" > "$OUT/zimage_first$run.log" 2>&1
+    echo "process $run (rc=$?):"; grep -E "^  (encode|denoise|decode) " "$OUT/zimage_first$run.log"
+  done
+  wc -l "$ZIMAGE_CACHE_DIR"/*.txt; unset ZIMAGE_CACHE_DIR
+  stamp "first use done"
 fi
 
 if want diffusers; then

@@ -18,6 +18,7 @@
 
 #include "backends/cuda/common.cuh"
 #include "backends/cuda/cuda_ops.h"
+#include "io/tuning_cache.h"
 
 #if __has_include(<cudnn.h>)
 #include <cudnn.h>
@@ -28,6 +29,18 @@ namespace zi::cuda {
 namespace {
 
 ConvPath g_path = ConvPath::Auto;
+
+int64_t cudnn_version();  // 0 without cuDNN
+
+// Measured choices persist across processes (io/tuning_cache.h), per GPU model and cuDNN version.
+TuningCache& tuning() {
+  static TuningCache* t = [] {
+    const std::string dev = device_description();
+    return new TuningCache(
+        TuningCache::default_path(str_cat("cuda-", dev.substr(0, dev.find(',')), "-cudnn", cudnn_version())));
+  }();
+  return *t;
+}
 constexpr int64_t kColBudget = int64_t(256) << 20;  // bytes of one im2col chunk
 
 // col[k, r·Wo + ox] (k = (ci·kh + ky)·kw + kx; output row oy0 + r) = x at the tap, 0 outside.
@@ -147,6 +160,7 @@ struct Cudnn {
   ZI_CUDNN_FN(cudnnFindConvolutionForwardAlgorithm)
   ZI_CUDNN_FN(cudnnGetConvolutionForwardWorkspaceSize)
   ZI_CUDNN_FN(cudnnConvolutionForward)
+  ZI_CUDNN_FN(cudnnGetVersion)
 #undef ZI_CUDNN_FN
 };
 
@@ -172,6 +186,7 @@ Cudnn& cudnn() {
     ZI_CUDNN_LOAD(cudnnFindConvolutionForwardAlgorithm)
     ZI_CUDNN_LOAD(cudnnGetConvolutionForwardWorkspaceSize)
     ZI_CUDNN_LOAD(cudnnConvolutionForward)
+    ZI_CUDNN_LOAD(cudnnGetVersion)
 #undef ZI_CUDNN_LOAD
     if (!all) return d;
     ensure_init();
@@ -182,6 +197,8 @@ Cudnn& cudnn() {
   }();
   return *c;
 }
+
+int64_t cudnn_version() { return cudnn().ok ? int64_t(cudnn().cudnnGetVersion()) : 0; }
 
 void dnn_check(cudnnStatus_t s, const char* what) {
   if (s != CUDNN_STATUS_SUCCESS) fail(str_cat("[cudnn] ", what, ": ", cudnn().cudnnGetErrorString(s)));
@@ -223,6 +240,18 @@ const ConvPlan& conv_plan(int64_t Cin, int64_t H, int64_t W, int64_t Cout, int64
             "conv params");
   dnn_check(d.cudnnSetConvolutionMathType(p.conv, dt == DType::BF16 ? CUDNN_TENSOR_OP_MATH : CUDNN_FMA_MATH),
             "math type");
+  const std::string tkey = str_cat("cudnn-algo ", Cin, "x", H, "x", W, "->", Cout, " k", kh, "x", kw, " p", pad, " ",
+                                   dtype_name(dt), nhwc ? " nhwc" : " nchw");
+  if (const auto v = tuning().get(tkey)) {  // measured by an earlier process
+    const auto algo = cudnnConvolutionFwdAlgo_t(std::atoi(v->c_str()));
+    size_t ws = 0;
+    if (d.cudnnGetConvolutionForwardWorkspaceSize(d.handle, p.x, p.w, p.conv, p.y, algo, &ws) == CUDNN_STATUS_SUCCESS &&
+        ws <= kMaxWorkspace) {
+      p.algo = algo;
+      p.workspace = ws;
+      return plans.emplace(key, p).first->second;
+    }
+  }
   cudnnConvolutionFwdAlgoPerf_t perf[8];
   int found = 0;
   ZI_CUDA(cudaStreamSynchronize(stream()));  // Find times the algorithms on the device
@@ -240,6 +269,7 @@ const ConvPlan& conv_plan(int64_t Cin, int64_t H, int64_t W, int64_t Cout, int64
     chosen = true;
   }
   ZI_CHECK(chosen, "[cudnn] no convolution algorithm fits the workspace for ", Cin, "x", H, "x", W, " -> ", Cout);
+  tuning().put(tkey, std::to_string(int(p.algo)));
   return plans.emplace(key, p).first->second;
 }
 
@@ -278,6 +308,7 @@ bool conv_cudnn(const Tensor& x, const Tensor& w, const Tensor* bias, int pad, b
 }
 #else
 bool conv_cudnn(const Tensor&, const Tensor&, const Tensor*, int, bool, Tensor&, bool&) { return false; }
+int64_t cudnn_version() { return 0; }
 #endif
 
 }  // namespace
@@ -316,6 +347,12 @@ bool run_path(ConvPath path, const Tensor& x, const Tensor& w, const Tensor* bia
 using ShapeKey = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int>;
 std::map<ShapeKey, ConvPath> g_picked;
 
+std::string path_key(const Tensor& x, const Tensor& w, int pad) {
+  return str_cat("conv-path ", x.dim(0), "x", x.dim(1), "x", x.dim(2), "->", w.dim(0), " k", w.dim(2), "x", w.dim(3),
+                 " p", pad, " ", dtype_name(x.dtype()));
+}
+const char* path_name(ConvPath p) { return p == ConvPath::Im2col ? "im2col" : p == ConvPath::CudnnNhwc ? "nhwc" : "nchw"; }
+
 ConvPath pick_and_run(const Tensor& x, const Tensor& w, const Tensor* bias, int pad, Tensor& out, bool& bias_done) {
   const ShapeKey key{x.dim(0), x.dim(1), x.dim(2), w.dim(0), w.dim(2), pad};
   const ConvPath cands[] = {ConvPath::Im2col, ConvPath::Cudnn, ConvPath::CudnnNhwc};
@@ -346,6 +383,7 @@ ConvPath pick_and_run(const Tensor& x, const Tensor& w, const Tensor* bias, int 
                  (long long)x.dim(0), (long long)x.dim(1), (long long)x.dim(2), (long long)w.dim(0),
                  (long long)w.dim(2), ms[0], ms[1], ms[2]);
   g_picked[key] = cands[best];
+  tuning().put(path_key(x, w, pad), path_name(cands[best]));
   if (best != 2) run_path(cands[best], x, w, bias, pad, out, bias_done);
   return cands[best];
 }
@@ -361,7 +399,13 @@ void conv2d(const Tensor& x, const Tensor& w, const Tensor* bias, int pad, Tenso
     if (w.dim(2) * w.dim(3) == 1 || x.dtype() != DType::BF16) {
       path = ConvPath::Cudnn;
     } else {
-      auto it = g_picked.find({x.dim(0), x.dim(1), x.dim(2), w.dim(0), w.dim(2), pad});
+      const ShapeKey key{x.dim(0), x.dim(1), x.dim(2), w.dim(0), w.dim(2), pad};
+      auto it = g_picked.find(key);
+      if (it == g_picked.end()) {  // measured by an earlier process?
+        if (const auto v = tuning().get(path_key(x, w, pad)))
+          for (ConvPath p : {ConvPath::Im2col, ConvPath::Cudnn, ConvPath::CudnnNhwc})
+            if (*v == path_name(p) && (p == ConvPath::Im2col || cudnn_available())) it = g_picked.emplace(key, p).first;
+      }
       if (it != g_picked.end()) {
         path = it->second;
       } else {
