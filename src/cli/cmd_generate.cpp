@@ -6,6 +6,7 @@
 #include <atomic>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <memory>
@@ -33,6 +34,8 @@ struct GenerateArgs {
   std::vector<std::string> loras;
   bool memory_report_flag = false;
   bool keep_models = false;
+  std::string diffusion_model, text_encoder, vae;
+  bool lora_strict = false;
   int count = 1;
   int64_t cache_limit_mib = -1;
   std::string device, te_device, vae_device, precision = "bf16";
@@ -78,7 +81,11 @@ std::string parameters_text(const GenerateArgs& a, const std::string& model_dir,
   if (o.guidance > 0) s += str_cat(", CFG normalization: ", o.cfg_normalization, ", CFG truncation: ", o.cfg_truncation);
   for (const auto& [f, sc] : o.loras) s += str_cat(", LoRA: ", f, ":", sc);
   if (!o.transformer_override.empty()) s += ", Transformer override: " + o.transformer_override;
-  s += ", Model: " + model_dir + ", zimage " ZIMAGE_VERSION;
+  if (!model_dir.empty()) s += ", Model: " + model_dir;
+  if (!o.diffusion_model_file.empty()) s += ", Diffusion model: " + o.diffusion_model_file;
+  if (!o.text_encoder_file.empty()) s += ", Text encoder: " + o.text_encoder_file;
+  if (!o.vae_file.empty()) s += ", VAE: " + o.vae_file;
+  s += ", zimage " ZIMAGE_VERSION;
   return s;
 }
 
@@ -133,8 +140,22 @@ void run(GenerateArgs& a) {
   else throw UsageError(str_cat("--precision must be bf16 or f32, got '", a.precision, "'"));
   if (a.cache_limit_mib >= 0) a.o.cache_limit_bytes = a.cache_limit_mib << 20;
   bool bundled = false;
-  a.o.model_dir = resolve_model_dir(a.model, &bundled);
+  a.o.diffusion_model_file = a.diffusion_model;
+  a.o.text_encoder_file = a.text_encoder;
+  a.o.vae_file = a.vae;
+  a.o.lora_strict = a.lora_strict;
+  const bool any_file = !a.diffusion_model.empty() || !a.text_encoder.empty() || !a.vae.empty();
+  // With component files, a folder only when one is named (--model or $ZIMAGE_MODEL): the
+  // files, the bundled tokenizer and Turbo's scheduler may be all a run needs.
+  if (any_file && a.model.empty()) {
+    const char* env = std::getenv("ZIMAGE_MODEL");
+    a.o.model_dir = env && *env ? env : "";
+  } else {
+    a.o.model_dir = resolve_model_dir(a.model, &bundled);
+  }
   validate_generate_options(a.o);
+  // Every file's header, layout and the components' fit, before any weight is read.
+  (void)validate_model_inputs(a.o);  // its notices are printed by the run
   if (bundled) notice_bundled_model(a.quiet);
   set_num_threads(a.threads);
 
@@ -151,6 +172,9 @@ void run(GenerateArgs& a) {
   if (!a.quiet) std::fprintf(stderr, "seed %llu\n", static_cast<unsigned long long>(a.o.seed));
   GenerateHooks hooks;
   hooks.cancel = &g_cancel;
+  hooks.on_notice = [&](const std::string& line) {
+    if (!a.quiet) std::fprintf(stderr, "warning: %s\n", line.c_str());
+  };
   hooks.on_phase_start = [&](const std::string& p) {
     if (!a.quiet) std::fprintf(stderr, "%s...\n", p.c_str());
   };
@@ -214,6 +238,11 @@ void add_generate(CLI::App& app) {
   c->add_option("--negative-prompt", a->o.negative_prompt, "what to avoid (only used with --guidance > 0)");
   c->add_option("--model", a->model,
                 "diffusers-format Z-Image folder (default: $ZIMAGE_MODEL, else the bundled tiny random model)");
+  c->add_option("--diffusion-model", a->diffusion_model,
+                "transformer weights file (diffusers, ComfyUI/original or all-in-one layout; replaces --model's)");
+  c->add_option("--text-encoder", a->text_encoder,
+                "text encoder weights file (Qwen3, e.g. ComfyUI's qwen_3_4b.safetensors; replaces --model's)");
+  c->add_option("--vae", a->vae, "VAE weights file (diffusers or Flux AE ae.safetensors layout; replaces --model's)");
   c->add_option("-W,--width", a->o.width, "image width in pixels, a multiple of 16")->capture_default_str();
   c->add_option("-H,--height", a->o.height, "image height in pixels, a multiple of 16")->capture_default_str();
   c->add_option("--steps", a->o.steps, "denoising steps (Turbo: 8)")->capture_default_str();
@@ -243,6 +272,8 @@ void add_generate(CLI::App& app) {
                 "apply a LoRA (diffusers/PEFT, kohya or ComfyUI keys) merged at load time: FILE or FILE:SCALE; "
                 "repeatable, deltas add up")
       ->allow_extra_args(false);
+  c->add_flag("--lora-strict", a->lora_strict,
+              "fail when a LoRA tensor matches no transformer weight (default: one warning listing them)");
   c->add_option("--transformer-override", a->o.transformer_override,
                 "safetensors file whose tensors replace the transformer's of the same name (fine-tunes)");
   c->add_option("-n,--count", a->count, "images to make, with seeds seed, seed+1, ... (out-0001.png, ...)")

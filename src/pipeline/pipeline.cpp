@@ -9,6 +9,7 @@
 #include "backends/cuda/cuda_ops.h"
 #include "core/torch_random.h"
 #include "io/checkpoint.h"
+#include "io/model_sources.h"
 #include "io/png.h"
 #include "io/safetensors.h"
 #include "io/weight_loader.h"
@@ -75,7 +76,13 @@ class DevicePhase {
   ComputeScope scope_;
 };
 
-Embeddings run_encode(const ModelFolder& mf, const GenerateOptions& o, bool cfg, ModelCache* cache) {
+void notice(const GenerateHooks& h, const std::string& line) {
+  if (h.on_notice) h.on_notice(line);
+  else std::fprintf(stderr, "warning: %s\n", line.c_str());
+}
+
+Embeddings run_encode(const ModelSources& src, const GenerateOptions& o, bool cfg, ModelCache* cache) {
+  const ModelFolder& mf = src.folder;
   Embeddings e;
   // Both prompts go through one loaded encoder, released at the end of this function
   // unless the cache keeps it.
@@ -93,7 +100,9 @@ Embeddings run_encode(const ModelFolder& mf, const GenerateOptions& o, bool cfg,
   if (cfg) (void)tokenize_zimage_prompt(*tok, o.negative_prompt, o.max_sequence_length);
   if (!enc) {
     const double t0 = now_s();
-    enc = std::make_unique<Qwen3Encoder>(load_text_encoder(mf, o.text_encoder_dtype, o.text_rope_dtype));
+    const TensorStore store = src.open(Component::TextEncoder);
+    enc = std::make_unique<Qwen3Encoder>(
+        load_text_encoder(store, mf.text_encoder, o.text_encoder_dtype, o.text_rope_dtype));
     e.load_seconds += now_s() - t0;
   }
   e.pos = encode_prompt(*enc, *tok, o.prompt, o.max_sequence_length, &e.ids);
@@ -102,8 +111,9 @@ Embeddings run_encode(const ModelFolder& mf, const GenerateOptions& o, bool cfg,
 }
 
 // The transformer with LoRAs merged and override tensors applied while streaming in.
-ZImageDit load_transformer(const ModelFolder& mf, const GenerateOptions& o) {
-  TensorStore store = TensorStore::open_dir(mf.transformer_dir);
+ZImageDit load_transformer(const ModelSources& src, const GenerateOptions& o, const GenerateHooks& hooks) {
+  const ModelFolder& mf = src.folder;
+  TensorStore store = src.open(Component::Transformer);
   WeightLoader loader(store, Tag::DitWeights, "transformer");
   std::vector<LoraSpec> specs;
   for (const auto& [path, scale] : o.loras) specs.push_back({path, scale});
@@ -116,14 +126,26 @@ ZImageDit load_transformer(const ModelFolder& mf, const GenerateOptions& o) {
   }
   ZImageDit dit = load_zimage_dit(loader, mf.transformer, o.transformer_dtype);
   loader.finish();
-  if (!loras.empty()) loras.check_applied();
+  for (const std::string& n : loader.notes()) notice(hooks, n);
+  if (!loras.empty()) {
+    const std::string unmatched = loras.unmatched_report();
+    if (!unmatched.empty()) {
+      if (o.lora_strict) fail(unmatched + " (--lora-strict)");
+      notice(hooks, unmatched);
+    }
+  }
   return dit;
 }
 
 // The denoising loop of spec §4.5–4.7 on latents [C, h, w] (f32, updated in place).
-void run_denoise(const ModelFolder& mf, const GenerateOptions& o, const Embeddings& emb, Tensor& latents,
+void run_denoise(const ModelSources& src, const GenerateOptions& o, const Embeddings& emb, Tensor& latents,
                  const GenerateHooks& hooks, ModelCache* cache, double* load_seconds) {
-  SchedulerConfig sc = parse_scheduler_config(read_text_file(mf.scheduler_config_path), mf.scheduler_config_path);
+  const ModelFolder& mf = src.folder;
+  SchedulerConfig sc;
+  if (mf.scheduler_config_path.empty())
+    sc.shift = 3.0;  // no folder: Z-Image-Turbo's scheduler_config.json (shift 3, no dynamic shifting)
+  else
+    sc = parse_scheduler_config(read_text_file(mf.scheduler_config_path), mf.scheduler_config_path);
   const int64_t C = latents.dim(0), h = latents.dim(1), w = latents.dim(2);
   const int64_t seq = (h / 2) * (w / 2);
   Schedule sched = make_schedule(sc, o.steps, seq);
@@ -131,7 +153,7 @@ void run_denoise(const ModelFolder& mf, const GenerateOptions& o, const Embeddin
   std::unique_ptr<ZImageDit>& dit = cache ? cache->transformer : local;
   if (!dit) {
     const double t0 = now_s();
-    dit = std::make_unique<ZImageDit>(load_transformer(mf, o));
+    dit = std::make_unique<ZImageDit>(load_transformer(src, o, hooks));
     *load_seconds = now_s() - t0;
   }
   const size_t n = size_t(latents.numel());
@@ -155,21 +177,23 @@ void run_denoise(const ModelFolder& mf, const GenerateOptions& o, const Embeddin
   }
 }
 
-VaeDecoder load_vae(const ModelFolder& mf, const GenerateOptions& o) {
-  TensorStore store = TensorStore::open_dir(mf.vae_dir);
+VaeDecoder load_vae(const ModelSources& src, const GenerateOptions& o) {
+  const ModelFolder& mf = src.folder;
+  TensorStore store = src.open(Component::Vae);
   WeightLoader loader(store, Tag::VaeWeights, "vae");
   VaeDecoder vae = load_vae_decoder(loader, mf.vae, o.vae_dtype);
   loader.finish();
   return vae;
 }
 
-Tensor run_decode(const ModelFolder& mf, const GenerateOptions& o, const Tensor& latents, ModelCache* cache,
+Tensor run_decode(const ModelSources& src, const GenerateOptions& o, const Tensor& latents, ModelCache* cache,
                   double* load_seconds) {
+  const ModelFolder& mf = src.folder;
   std::unique_ptr<VaeDecoder> local;
   std::unique_ptr<VaeDecoder>& vae = cache ? cache->vae : local;
   if (!vae) {
     const double t0 = now_s();
-    vae = std::make_unique<VaeDecoder>(load_vae(mf, o));
+    vae = std::make_unique<VaeDecoder>(load_vae(src, o));
     *load_seconds = now_s() - t0;
   }
   // z = latents / scaling_factor + shift_factor, in f32 like the reference.
@@ -242,10 +266,22 @@ void validate_generate_options(const GenerateOptions& o) {
     if (!std::isfinite(scale)) throw UsageError(str_cat("--lora ", path, ": scale must be finite"));
 }
 
+std::vector<std::string> validate_model_inputs(const GenerateOptions& o) {
+  const ModelSources src =
+      resolve_model_sources({o.model_dir, o.diffusion_model_file, o.text_encoder_file, o.vae_file});
+  std::vector<LoraSpec> specs;
+  for (const auto& [path, scale] : o.loras) specs.push_back({path, scale});
+  (void)load_loras(specs);  // small files: parse, convert and check every key now
+  return src.notices;
+}
+
 GenerateResult generate(const GenerateOptions& o, const GenerateHooks& hooks, ModelCache* cache) {
   validate_generate_options(o);
   if (o.cache_limit_bytes >= 0) set_host_cache_limit(size_t(o.cache_limit_bytes));
-  ModelFolder mf = open_model_folder(o.model_dir);
+  const ModelSources src =
+      resolve_model_sources({o.model_dir, o.diffusion_model_file, o.text_encoder_file, o.vae_file});
+  for (const std::string& n : src.notices) notice(hooks, n);
+  const ModelFolder& mf = src.folder;
   const int sf = mf.vae.scale_factor();
   const int64_t C = mf.transformer.in_channels;
   const int64_t h = 2 * (o.height / (sf * 2)), w = 2 * (o.width / (sf * 2));
@@ -269,7 +305,7 @@ GenerateResult generate(const GenerateOptions& o, const GenerateHooks& hooks, Mo
     if (hooks.on_phase_start) hooks.on_phase_start("encode");
     PhaseScope phase("encode");
     DevicePhase on(o.text_encoder_device, o.precision, "encode", &r.release_seconds[0]);
-    emb = run_encode(mf, o, cfg, cache);
+    emb = run_encode(src, o, cfg, cache);
     r.load_seconds[0] = emb.load_seconds;
   }
   r.prompt_ids = emb.ids;
@@ -281,7 +317,7 @@ GenerateResult generate(const GenerateOptions& o, const GenerateHooks& hooks, Mo
     if (hooks.on_phase_start) hooks.on_phase_start("denoise");
     PhaseScope phase("denoise");
     DevicePhase on(o.transformer_device, o.precision, "denoise", &r.release_seconds[1]);
-    run_denoise(mf, o, emb, latents, hooks, cache, &r.load_seconds[1]);
+    run_denoise(src, o, emb, latents, hooks, cache, &r.load_seconds[1]);
     emb = Embeddings{};  // the captions are not needed past this point
   }
   check_cancel(hooks);
@@ -289,7 +325,7 @@ GenerateResult generate(const GenerateOptions& o, const GenerateHooks& hooks, Mo
     if (hooks.on_phase_start) hooks.on_phase_start("decode");
     PhaseScope phase("decode");
     DevicePhase on(o.vae_device, o.precision, "decode", &r.release_seconds[2]);
-    r.decoded = run_decode(mf, o, latents, cache, &r.load_seconds[2]);
+    r.decoded = run_decode(src, o, latents, cache, &r.load_seconds[2]);
     latents = Tensor();
   }
   r.rgb.resize(size_t(r.width) * size_t(r.height) * 3);

@@ -8,6 +8,7 @@
 
 #include "core/tensor.h"
 #include "io/checkpoint.h"
+#include "io/safetensors.h"
 #include "models/qwen3_encoder.h"
 #include "text/bpe_tokenizer.h"
 
@@ -17,6 +18,9 @@ namespace zi {
 // and checks that the checkpoint holds exactly the expected tensors. For --keep-models.
 // `rope_freq_dtype`: see Qwen3Encoder::rope_freq_dtype (BF16 reproduces the bundled fixtures).
 Qwen3Encoder load_text_encoder(const ModelFolder& mf, DType wdt, DType rope_freq_dtype = DType::F32);
+// The same from any store (a single file through io/layouts.h).
+Qwen3Encoder load_text_encoder(const TensorStore& store, const Qwen3Config& cfg, DType wdt,
+                               DType rope_freq_dtype = DType::F32);
 
 // Prompt embeddings with an already loaded encoder and tokenizer: [L, hidden] f32, where
 // L ≤ max_sequence_length is the number of real (unpadded) tokens. `ids_out` receives the ids.
