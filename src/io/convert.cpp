@@ -174,11 +174,21 @@ struct Writer {
   }
 };
 
-std::vector<OutTensor> diffusers_tensors(const Part& p, const Writer& w) {
+// The diffusers folder's names. The text encoder is written as transformers' Qwen3Model
+// (what model_index.json names): without the `model.` prefix, and without the LM head.
+std::vector<OutTensor> diffusers_tensors(const Part& p, const Writer& w, std::vector<std::string>* dropped) {
   std::vector<OutTensor> out;
   for (const std::string& n : p.store.names()) {
     TensorStore::Entry e = p.store.find(n);
-    out.push_back({n, e.info->shape, w.out_dtype(e), {e}});
+    std::string name = n;
+    if (p.component == Component::TextEncoder) {
+      if (name.starts_with("lm_head.")) {
+        dropped->push_back(name);
+        continue;
+      }
+      if (name.starts_with("model.")) name = name.substr(6);
+    }
+    out.push_back({name, e.info->shape, w.out_dtype(e), {e}});
   }
   return out;
 }
@@ -291,7 +301,11 @@ ConvertResult convert_model(const std::string& src, const std::string& out, cons
         const char* file = p.component == Component::TextEncoder ? "model.safetensors"
                                                                     : "diffusion_pytorch_model.safetensors";
         if (opt.log) opt.log(str_cat("writing ", (fs::path(out) / sub / file).string()));
-        w.write((tmp / sub / file).string(), diffusers_tensors(p, w));
+        std::vector<std::string> dropped;
+        w.write((tmp / sub / file).string(), diffusers_tensors(p, w, &dropped));
+        if (!dropped.empty() && opt.log)
+          opt.log(str_cat("note: not writing ", dropped.size(), " text encoder tensors Qwen3Model does not have (",
+                          dropped[0], ")"));
       }
       if (parts.size() == 3) {  // a whole pipeline: the rest of the folder
         const bool from_folder = !folder.root.empty();
