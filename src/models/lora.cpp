@@ -559,11 +559,8 @@ void LoraSet::check_applied() const {
       else if ((want & ~got) != 0) missed.push_back(str_cat(d.key, "' (lora_B.bias) → '", d.bias_target()));
     }
     if (missed.empty()) continue;
-    std::string hint;
-    for (const std::string& m : missed)
-      if (contains(m, ".qkv.")) hint = "; fused qkv LoRAs are not supported";
     fail(str_cat("LoRA '", f.path, "': ", missed.size(), " of ", f.deltas.size(),
-                 " LoRA targets match no transformer weight: ", some(missed), hint));
+                 " LoRA targets match no transformer weight: ", some(missed)));
   }
 }
 

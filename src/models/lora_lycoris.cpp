@@ -176,6 +176,12 @@ void split_fused_qkv(LoraFile& f) {
       out.push_back(std::move(p));
     }
   }
+  // A fused qkv beside a separate to_q/k/v of the same block: two keys for one weight.
+  std::map<std::string, const std::string*> seen;
+  for (const LoraDelta& d : out) {
+    auto [it, fresh] = seen.emplace(d.target, &d.key);
+    if (!fresh) fail(str_cat("LoRA '", f.path, "': keys '", *it->second, "' and '", d.key, "' both target ", d.target));
+  }
   f.deltas = std::move(out);
 }
 
