@@ -97,7 +97,7 @@ void print_store(const char* title, const std::string& dir, const std::string& s
 
 void print_folder(const std::string& dir) {
   ModelFolder m = open_model_folder(dir);
-  std::printf("%s: Z-Image pipeline\n", dir.c_str());
+  std::printf("%s: Z-Image pipeline (diffusers folder layout)\n", dir.c_str());
   const auto& te = m.text_encoder;
   print_store("text_encoder: Qwen3", m.text_encoder_dir,
               str_cat("hidden ", te.hidden_size, ", ", te.num_hidden_layers, " layers (zimage runs ",
