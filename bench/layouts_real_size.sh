@@ -19,8 +19,14 @@ rm -rf "$D/comfy_dit.safetensors" "$D/back" "$D/again.safetensors"
 echo "== convert folder -> ComfyUI single file (transformer): seconds, peak RSS"
 $T $Z convert -q --to single-file --component transformer "$D/model" "$D/comfy_dit.safetensors"
 $Z inspect "$D/comfy_dit.safetensors" | grep 'layout:'
-# Twice each, interleaved, so that neither source profits alone from the page cache.
+echo "== load the transformer alone (bf16), twice each, interleaved: folder vs ComfyUI file"
+g++ -std=c++20 -O2 -Isrc bench/layouts_load.cpp build/libzimage_core.a -o "$D/layouts_load" \
+  $(pkg-config --libs openblas libpng libpcre2-8 libutf8proc) -fopenmp
 for run in folder comfy folder comfy; do
+  if [ $run = comfy ]; then "$D/layouts_load" "$D/model" "$D/comfy_dit.safetensors"; else "$D/layouts_load" "$D/model"; fi
+done
+# One whole run each (slow on a CPU: the 256² step dominates).
+for run in folder comfy; do
   extra=()
   [ $run = comfy ] && extra=(--diffusion-model "$D/comfy_dit.safetensors")
   echo "== generate 256x256, 1 step, transformer from the $run"
@@ -30,8 +36,7 @@ done
 echo "== convert ComfyUI single file -> diffusers folder (transformer): seconds, peak RSS"
 $T $Z convert -q --to diffusers "$D/comfy_dit.safetensors" "$D/back"
 echo "== convert back -> single file again: seconds, peak RSS"
-$T $Z convert -q --to single-file "$D/back" "$D/again.safetensors" 2>/dev/null || \
-  $T $Z convert -q --to single-file "$D/back/transformer/diffusion_pytorch_model.safetensors" "$D/again.safetensors"
+$T $Z convert -q --to single-file "$D/back/transformer/diffusion_pytorch_model.safetensors" "$D/again.safetensors"
 cmp "$D/comfy_dit.safetensors" "$D/again.safetensors" && echo "single file -> diffusers -> single file: byte-identical"
 echo "== the round trip's transformer tensors against the original folder's (sha256 per tensor)"
 $PY - "$D/model/transformer" "$D/back/transformer" <<'PY'
