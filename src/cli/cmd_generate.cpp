@@ -269,8 +269,8 @@ void add_generate(CLI::App& app) {
                            "print a table of each phase's weights and peak memory; with FILE also write it as JSON");
   mr->expected(0, 1);
   c->add_option("--lora", a->loras,
-                "apply a LoRA (diffusers/PEFT, kohya or ComfyUI keys) merged at load time: FILE or FILE:SCALE; "
-                "repeatable, deltas add up")
+                "apply a LoRA, LoHa or LoKr (diffusers/PEFT, kohya, ComfyUI, ai-toolkit or LyCORIS keys) merged at "
+                "load time: FILE or FILE:SCALE; repeatable, each with its own strength, deltas add up")
       ->allow_extra_args(false);
   c->add_flag("--lora-strict", a->lora_strict,
               "fail when a LoRA tensor matches no transformer weight (default: one warning listing them)");

@@ -222,7 +222,9 @@ LoraFile load_lycoris(const SafetensorsFile& f, const LoraSpec& spec) {
     if (!fresh) error(t.name, "appears twice");
   }
   std::map<std::string, std::string> seen;  // target → key
-  for (auto& [module, parts] : modules) {
+  for (auto& kv : modules) {  // (not a structured binding: lambdas below capture these)
+    const std::string& module = kv.first;
+    const std::map<std::string, const TensorInfo*>& parts = kv.second;
     auto get = [&](const char* s) -> const TensorInfo* {
       auto it = parts.find(s);
       return it == parts.end() ? nullptr : it->second;
