@@ -8,8 +8,20 @@
 
 namespace zi {
 
+namespace {
+thread_local WeightLoader::ProgressFn t_progress;
+}
+
+LoadProgressScope::LoadProgressScope(WeightLoader::ProgressFn fn) : prev_(std::move(t_progress)) {
+  t_progress = std::move(fn);
+}
+LoadProgressScope::~LoadProgressScope() { t_progress = std::move(prev_); }
+
 WeightLoader::WeightLoader(const TensorStore& store, Tag tag, std::string component)
-    : store_(store), tag_(tag), device_(current_compute().device), component_(std::move(component)) {}
+    : store_(store), tag_(tag), device_(current_compute().device), component_(std::move(component)) {
+  for (const auto& f : store_.files())
+    for (const TensorInfo& t : f->tensors()) total_ += int64_t(t.nbytes());
+}
 
 bool WeightLoader::has(const std::string& name) const { return store_.contains(name); }
 
@@ -47,6 +59,18 @@ Tensor WeightLoader::load_impl(const std::string& name, const Shape& shape, DTyp
     wrong_.push_back(str_cat(name, " is ", shape_str(e.info->shape), ", expected ", shape_str(shape)));
     return {};
   }
+  if (check_only_) {
+    DType sdt;
+    const bool src_ok = st_to_dtype(e.info->dtype, &sdt);
+    const bool float_src = src_ok && (sdt == DType::F32 || sdt == DType::BF16 || sdt == DType::F16);
+    const bool float_dst = dt == DType::F32 || dt == DType::BF16 || dt == DType::F16;
+    if (!src_ok || (float_dst && !float_src))
+      wrong_.push_back(str_cat(name, " has dtype ", st_dtype_name(e.info->dtype), ", which cannot be loaded as ",
+                               dtype_name(dt)));
+    for (const auto& p : patches_)
+      if (p.check && p.wants(name)) p.check(name, shape);
+    return {};
+  }
   store_.note_read(name);
   bool patched = false;
   for (const auto& p : patches_) patched = patched || p.wants(name);
@@ -75,6 +99,8 @@ Tensor WeightLoader::load_impl(const std::string& name, const Shape& shape, DTyp
   if (device_ != out.device()) out = out.to_device(device_, tag_);
   e.file->release(*e.info);
   bytes_ += int64_t(out.nbytes());
+  read_ += int64_t(e.info->nbytes());
+  if (t_progress) t_progress(component_, read_, total_);
   return out;
 }
 
