@@ -5,6 +5,7 @@
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <cctype>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -127,11 +128,51 @@ std::string rewrite_parse_error(const CLI::ParseError& e, CLI::App& app, int arg
   if (dynamic_cast<const CLI::RequiredError*>(&e)) return zi::str_cat(what, "; ", help);
   if (dynamic_cast<const CLI::ArgumentMismatch*>(&e)) {
     const std::string flag = what.substr(0, what.find(':'));
+    int times = 0;
+    for (int i = sub_at + 1; i < argc; ++i) {
+      const std::string tok = argv[i];
+      times += tok == flag || tok.rfind(flag + "=", 0) == 0;
+    }
+    if (times > 1) return zi::str_cat(flag, " is given ", times, " times; give it once; ", help);
     return zi::str_cat(flag, " needs a value; ", help);
   }
-  if (dynamic_cast<const CLI::ConversionError*>(&e) || dynamic_cast<const CLI::ValidationError*>(&e))
+  if (dynamic_cast<const CLI::ConversionError*>(&e) || dynamic_cast<const CLI::ValidationError*>(&e)) {
+    // CLI11: "Could not convert: --steps = abc"
+    const size_t colon = what.find(": "), eq = what.rfind(" = ");
+    if (colon != std::string::npos && eq != std::string::npos && eq > colon)
+      return zi::str_cat(what.substr(colon + 2, eq - colon - 2), ": cannot read '", what.substr(eq + 3),
+                         "' as a value of the right kind (a number?); ", help);
     return zi::str_cat("bad value: ", what, "; ", help);
+  }
   return zi::str_cat(what, "; ", help);
+}
+
+bool looks_negative_number(const char* s) {
+  if (s[0] != '-' || !s[1]) return false;
+  for (const char* p = s + 1; *p; ++p)
+    if (!(std::isdigit(static_cast<unsigned char>(*p)) || *p == '.' || *p == 'e' || *p == 'E')) return false;
+  return std::isdigit(static_cast<unsigned char>(s[1])) || s[1] == '.';
+}
+
+// "--seed -1": CLI11 would read -1 as an option. An option that takes a value followed by a
+// negative number gets it joined ("--seed=-1"), as everywhere else.
+std::vector<std::string> join_negative_values(CLI::App& app, int argc, char** argv) {
+  std::vector<std::string> out(argv, argv + argc);
+  CLI::App* sub = nullptr;
+  for (size_t i = 1; i < out.size(); ++i) {
+    if (!sub && out[i][0] != '-') {
+      for (CLI::App* s : app.get_subcommands({}))
+        if (s->get_name() == out[i]) sub = s;
+      continue;
+    }
+    if (!sub || out[i].size() < 2 || out[i][0] != '-' || out[i].find('=') != std::string::npos) continue;
+    if (i + 1 >= out.size() || !looks_negative_number(out[i + 1].c_str())) continue;
+    const CLI::Option* o = sub->get_option_no_throw(out[i]);
+    if (!o || o->get_type_size() == 0) continue;
+    out[i] = out[i].rfind("--", 0) == 0 ? out[i] + "=" + out[i + 1] : out[i] + out[i + 1];
+    out.erase(out.begin() + std::ptrdiff_t(i) + 1);
+  }
+  return out;
 }
 
 }  // namespace
@@ -158,6 +199,12 @@ int main(int argc, char** argv) {
   zi::cli::add_tokenize(app);
   zi::cli::add_inspect(app);
   zi::cli::add_make_random_model(app);
+  std::vector<std::string> args = join_negative_values(app, argc, argv);
+  std::vector<char*> argv2;
+  for (std::string& a : args) argv2.push_back(a.data());
+  argv2.push_back(nullptr);
+  argc = int(args.size());
+  argv = argv2.data();
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

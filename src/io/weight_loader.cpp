@@ -60,13 +60,7 @@ Tensor WeightLoader::load_impl(const std::string& name, const Shape& shape, DTyp
     return {};
   }
   if (check_only_) {
-    DType sdt;
-    const bool src_ok = st_to_dtype(e.info->dtype, &sdt);
-    const bool float_src = src_ok && (sdt == DType::F32 || sdt == DType::BF16 || sdt == DType::F16);
-    const bool float_dst = dt == DType::F32 || dt == DType::BF16 || dt == DType::F16;
-    if (!src_ok || (float_dst && !float_src))
-      wrong_.push_back(str_cat(name, " has dtype ", st_dtype_name(e.info->dtype), ", which cannot be loaded as ",
-                               dtype_name(dt)));
+    e.file->check_loadable(*e.info, dt);  // the error the load would give
     for (const auto& p : patches_)
       if (p.check && p.wants(name)) p.check(name, shape);
     return {};
