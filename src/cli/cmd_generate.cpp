@@ -99,6 +99,7 @@ class Progress {
     else if (mode_ == Tty) draw(p + "...");
   }
   void phase_end(const std::string& p, double seconds) {
+    flush_load();
     if (mode_ == Json) event(str_cat("\"event\":\"phase_end\",\"phase\":", json_str(p), ",\"seconds\":", seconds));
     else if (mode_ == Tty) {
       draw(str_cat(p, " done in ", fmt(seconds), " s"));
@@ -107,7 +108,13 @@ class Progress {
   }
   void load(const std::string& component, int64_t done, int64_t total) {
     const double t = now();
+    if (!pending_.empty() && pending_ != component) flush_load();
+    pending_ = component;
+    pending_done_ = done;
+    pending_total_ = total;
+    pending_t_ = t - t0_;
     const bool last = done >= total;
+    if (last) pending_.clear();
     if (!last && t - last_draw_ < (mode_ == Tty ? 0.1 : 1.0)) return;
     last_draw_ = t;
     const double el = t - t0_;
@@ -120,7 +127,21 @@ class Progress {
     else if (mode_ == Plain && last)
       note(str_cat("  loaded ", component, ": ", gb(done), " GB in ", fmt(el), " s (", gb(int64_t(rate)), " GB/s)"));
   }
+  // The last load of a component that did not read its whole files (unused tensors): its
+  // final figure, once, in the modes that print only final figures.
+  void flush_load() {
+    if (pending_.empty()) return;
+    const std::string c = pending_;
+    pending_.clear();
+    const double rate = pending_t_ > 0 ? double(pending_done_) / pending_t_ : 0;
+    if (mode_ == Json)
+      event(str_cat("\"event\":\"load\",\"component\":", json_str(c), ",\"bytes\":", pending_done_, ",\"total\":",
+                    pending_total_, ",\"seconds\":", pending_t_));
+    else if (mode_ == Plain)
+      note(str_cat("  loaded ", c, ": ", gb(pending_done_), " GB in ", fmt(pending_t_), " s (", gb(int64_t(rate)), " GB/s)"));
+  }
   void step(int s, int n, double elapsed) {
+    flush_load();
     const double rate = elapsed > 0 ? s / elapsed : 0;
     const double eta = rate > 0 ? (n - s) / rate : 0;
     if (mode_ == Json) {
@@ -161,7 +182,9 @@ class Progress {
     drawn_ = true;
   }
   Mode mode_;
-  std::string phase_;
+  std::string phase_, pending_;
+  int64_t pending_done_ = 0, pending_total_ = 0;
+  double pending_t_ = 0;
   double t0_ = 0, last_draw_ = 0;
   bool drawn_ = false;
 };
