@@ -123,9 +123,9 @@ class Progress {
       event(str_cat("\"event\":\"load\",\"component\":", json_str(component), ",\"bytes\":", done, ",\"total\":", total,
                     ",\"seconds\":", el));
     else if (mode_ == Tty)
-      draw(str_cat("  load ", component, "  ", gb(done), " / ", gb(total), " GB  ", gb(int64_t(rate)), " GB/s"));
+      draw(str_cat("  load ", component, "  ", bytes(done), " / ", bytes(total), "  ", bytes(int64_t(rate)), "/s"));
     else if (mode_ == Plain && last)
-      note(str_cat("  loaded ", component, ": ", gb(done), " GB in ", fmt(el), " s (", gb(int64_t(rate)), " GB/s)"));
+      note(str_cat("  loaded ", component, ": ", bytes(done), " in ", fmt(el), " s (", bytes(int64_t(rate)), "/s)"));
   }
   // The last load of a component that did not read its whole files (unused tensors): its
   // final figure, once, in the modes that print only final figures.
@@ -138,7 +138,7 @@ class Progress {
       event(str_cat("\"event\":\"load\",\"component\":", json_str(c), ",\"bytes\":", pending_done_, ",\"total\":",
                     pending_total_, ",\"seconds\":", pending_t_));
     else if (mode_ == Plain)
-      note(str_cat("  loaded ", c, ": ", gb(pending_done_), " GB in ", fmt(pending_t_), " s (", gb(int64_t(rate)), " GB/s)"));
+      note(str_cat("  loaded ", c, ": ", bytes(pending_done_), " in ", fmt(pending_t_), " s (", bytes(int64_t(rate)), "/s)"));
   }
   void step(int s, int n, double elapsed) {
     flush_load();
@@ -175,7 +175,12 @@ class Progress {
     std::snprintf(b, sizeof b, "%.2f", v);
     return b;
   }
-  static std::string gb(int64_t b) { return fmt(double(b) / 1e9); }
+  static std::string bytes(int64_t b) {  // "12.31 GB", "37.5 MB"
+    char buf[32];
+    if (b >= 1000000000) std::snprintf(buf, sizeof buf, "%.2f GB", double(b) / 1e9);
+    else std::snprintf(buf, sizeof buf, "%.1f MB", double(b) / 1e6);
+    return buf;
+  }
   void draw(const std::string& line) {
     std::fprintf(stderr, "\r%-78s", line.c_str());
     std::fflush(stderr);
