@@ -44,8 +44,8 @@ std::vector<uint8_t> encode_image(ImageFormat f, const uint8_t* rgb, int width, 
 // "cannot write '<path>': <reason>" is thrown.
 void write_bytes_atomic(const std::string& path, const std::vector<uint8_t>& bytes);
 
-// encode_image + write_bytes_atomic, the format from the extension (PNG when it has none
-// that is known and `path` is "-").
+// encode_image + write_bytes_atomic (the caller picks the format, e.g. with
+// image_format_from_path). Encoding errors are reported as "cannot write '<path>': ...".
 void write_image_atomic(const std::string& path, ImageFormat f, const uint8_t* rgb, int width, int height,
                         const ImageEncodeOptions& opt, const TextChunks& text);
 
