@@ -343,6 +343,8 @@ int dit_adaln_dim(const DitConfig& cfg) { return std::min(cfg.dim, kAdalnEmbedDi
 Tensor load_pad_token(WeightLoader& ld, const std::string& name, int64_t D) {
   Tensor t = ld.load_optional(name, {1, D}, DType::F32);
   if (t.defined()) return t;
+  const TensorStore::Entry e = ld.store().find(name);
+  if (e.file && e.info->numel() > 0) return t;  // present; a check-only load reads nothing
   ld.note(str_cat(name, " is missing from ", ld.store().where(), ": using zeros (as diffusers initialises it)"));
   return Tensor::zeros({1, D}, DType::F32, Tag::DitWeights, ld.device());
 }
