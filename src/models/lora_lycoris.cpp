@@ -251,7 +251,8 @@ LoraFile load_lycoris(const SafetensorsFile& f, const LoraSpec& spec) {
       if (d.w1a.dim(0) != d.w2a.dim(0) || d.w1b.dim(1) != d.w2b.dim(1))
         error(d.key, "and hada_w2_*: the two products differ in shape");
       d.factor = alpha ? *alpha / float(d.w1b.dim(0)) : 1.0f;
-    } else if (get("lokr_w1") || get("lokr_w1_a") || get("lokr_w2") || get("lokr_w2_a")) {
+    } else if (get("lokr_w1") || get("lokr_w1_a") || get("lokr_w1_b") || get("lokr_w2") || get("lokr_w2_a") ||
+               get("lokr_w2_b")) {
       d.kind = AdapterKind::LoKr;
       int64_t rank = 0;
       for (int w = 1; w <= 2; ++w) {
@@ -282,8 +283,8 @@ LoraFile load_lycoris(const SafetensorsFile& f, const LoraSpec& spec) {
         error(d.key, str_cat("has shape ", shape_str(d.A.shape()), " but lora_up has ", shape_str(d.B.shape()),
                              ": ranks differ"));
       d.factor = alpha ? *alpha / float(d.A.dim(0)) : 1.0f;
-    } else {
-      error(get("alpha")->name, "is an alpha with no adapter tensors it belongs to");
+    } else {  // only an alpha (the loop above admits nothing else)
+      error(parts.begin()->second->name, "is an alpha with no adapter tensors it belongs to");
     }
     auto [it, fresh] = seen.emplace(d.target, d.key);
     if (!fresh) fail(str_cat("LoRA '", f.path(), "': keys '", it->second, "' and '", d.key, "' both target ", d.target));
