@@ -5,7 +5,7 @@
 #include <cstdlib>
 #include <fstream>
 
-#include "io/tuning_cache.h"
+#include "core/tuning_cache.h"
 #include "test_util.h"
 
 using namespace zi;

@@ -21,6 +21,7 @@ void cuda_convert(const void*, DType, void*, DType, size_t) { no_cuda(); }
 namespace cuda {
 
 bool available() { return false; }
+std::string unavailable_reason() { return "this zimage was built without CUDA (rebuild with -DZIMAGE_CUDA=ON)"; }
 OpTimer::OpTimer(const char*) {}
 OpTimer::~OpTimer() {}
 std::string profile_report() { return ""; }
@@ -67,7 +68,7 @@ void embedding(const Tensor&, const std::vector<int32_t>&, Tensor&) { no_cuda();
 void attention(const Tensor&, const Tensor&, const Tensor&, float, bool, int64_t, Tensor&) { no_cuda(); }
 const char* attention_path(const Tensor&, const Tensor&) { return "none"; }
 void set_force_blocked_attention(bool) {}
-void set_flash_variant(int) {}
+void set_portable_attention(bool) {}
 void conv2d(const Tensor&, const Tensor&, const Tensor*, int, Tensor&) { no_cuda(); }
 bool cudnn_available() { return false; }
 void set_conv_path(ConvPath) {}

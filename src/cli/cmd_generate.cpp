@@ -11,7 +11,7 @@
 #include <memory>
 
 #include "cli/common.h"
-#include "backends/cuda/cuda_ops.h"
+#include "backends/device.h"
 #include "core/check.h"
 #include "core/parallel.h"
 #include "core/torch_random.h"
@@ -118,13 +118,13 @@ void run(GenerateArgs& a) {
     if (v.empty()) return dflt;
     if (v == "cpu") return Device::CPU;
     if (v == "cuda") {
-      if (!cuda::available())
-        throw UsageError(str_cat(flag, " cuda: no usable CUDA GPU (or this zimage was built without CUDA)"));
+      if (!device::gpu_available())
+        throw UsageError(str_cat(flag, " cuda: no usable CUDA GPU: ", device::gpu_unavailable_reason()));
       return Device::CUDA;
     }
     throw UsageError(str_cat(flag, " must be cpu or cuda, got '", v, "'"));
   };
-  const Device dev = parse_device(a.device, "--device", cuda::available() ? Device::CUDA : Device::CPU);
+  const Device dev = parse_device(a.device, "--device", device::gpu_available() ? Device::CUDA : Device::CPU);
   a.o.transformer_device = dev;
   a.o.text_encoder_device = parse_device(a.te_device, "--text-encoder-device", dev);
   a.o.vae_device = parse_device(a.vae_device, "--vae-device", dev);
@@ -186,10 +186,10 @@ void run(GenerateArgs& a) {
         std::fprintf(stderr, ")\n");
       }
       if (!r.gpu_phases.empty()) {
-        const cuda::PoolStats ps = cuda::pool_stats();
-        const cuda::UploadStats us = cuda::upload_stats();
+        const device::PoolStats ps = device::pool_stats(Device::CUDA);
+        const device::UploadStats us = device::upload_stats();
         std::fprintf(stderr, "  gpu %s: accounted peak %.1f MiB, pool reserved high %.1f MiB; uploaded %.2f GB at %.2f GB/s\n",
-                     cuda::device_description().c_str(), double(r.gpu_peak_bytes) / (1 << 20),
+                     device::description(Device::CUDA).c_str(), double(r.gpu_peak_bytes) / (1 << 20),
                      double(ps.reserved_high) / (1 << 20), double(us.bytes) / 1e9,
                      us.seconds > 0 ? double(us.bytes) / 1e9 / us.seconds : 0.0);
       }

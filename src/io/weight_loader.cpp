@@ -3,13 +3,13 @@
 #include <algorithm>
 #include <set>
 
-#include "backends/cuda/cuda_ops.h"
+#include "backends/device.h"
 #include "core/check.h"
 
 namespace zi {
 
-WeightLoader::WeightLoader(const TensorStore& store, Tag tag, std::string component)
-    : store_(store), tag_(tag), device_(current_compute().device), component_(std::move(component)) {}
+WeightLoader::WeightLoader(const TensorStore& store, Tag tag, std::string component, PhaseContext ctx)
+    : store_(store), tag_(tag), ctx_(ctx), component_(std::move(component)) {}
 
 bool WeightLoader::has(const std::string& name) const { return store_.contains(name); }
 
@@ -55,9 +55,9 @@ Tensor WeightLoader::load_impl(const std::string& name, const Shape& shape, DTyp
   const bool float_src = st_to_dtype(e.info->dtype, &sdt) &&
                          (sdt == DType::F32 || sdt == DType::BF16 || sdt == DType::F16);
   const bool float_dst = dt == DType::F32 || dt == DType::BF16 || dt == DType::F16;
-  if (!patched && device_ == Device::CUDA && float_src && float_dst) {
+  if (!patched && ctx_.device == Device::CUDA && float_src && float_dst) {
     out = Tensor::empty(shape, dt, tag_, Device::CUDA);
-    cuda::upload_convert(e.file->data(*e.info), sdt, out.numel(), out);
+    device::upload_convert(e.file->data(*e.info), sdt, out.numel(), out);
   } else if (!patched) {
     out = e.file->load(*e.info, dt, tag_);
   } else {
@@ -72,7 +72,7 @@ Tensor WeightLoader::load_impl(const std::string& name, const Shape& shape, DTyp
       out = staging.to(dt, tag_);
     }
   }
-  if (device_ != out.device()) out = out.to_device(device_, tag_);
+  if (ctx_.device != out.device()) out = out.to_device(ctx_.device, tag_);
   e.file->release(*e.info);
   bytes_ += int64_t(out.nbytes());
   return out;

@@ -1,7 +1,5 @@
 #include "models/lora.h"
 
-#include <cblas.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -15,6 +13,7 @@
 #include <unordered_map>
 
 #include "core/check.h"
+#include "ops/ops.h"
 
 namespace zi {
 
@@ -492,9 +491,11 @@ struct LoraSet::State {
         if (w.ndim() != 2 || w.dim(0) != out || w.dim(1) != in)
           fail(str_cat("LoRA '", f.path, "': key '", d.key, "' makes a delta of shape ", shape_str({out, in}),
                        " but ", name, " is ", shape_str(w.shape())));
-        // W[out, in] += s · B[out, r] · A[r, in], in place.
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(out), int(in), int(rank), s, d.B.f32(), int(rank),
-                    d.A.f32(), int(in), 1.0f, w.f32(), int(in));
+        // W[out, in] += s · B[out, r] · A[r, in]: B · A = linear(B, Aᵀ), Aᵀ [in, r].
+        (void)rank;
+        Tensor delta = ops::linear(d.B, d.A.permute({1, 0}).contiguous(Tag::Workspace));
+        ops::scale_(delta, s);
+        ops::add_(w, delta);
       }
       std::lock_guard<std::mutex> lock(mu);
       applied[u.file][u.delta] |= u.bias ? 2 : 1;

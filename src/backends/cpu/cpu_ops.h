@@ -46,6 +46,12 @@ void linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y, Gem
 void rms_norm_(Tensor& x, const Tensor& weight, float eps);
 void layer_norm_(Tensor& x, float eps);
 void group_norm_(Tensor& x, int groups, const Tensor& weight, const Tensor& bias, float eps);
+// Fused forms (ops.h), exactly the composed ops on the CPU (fused.cpp): GroupNorm (+ SiLU);
+// y = RMSNorm(x)·w (⊙ scale); x += gate ⊙ RMSNorm(y)·w (y overwritten); per-head RMSNorm + RoPE.
+void group_norm_(Tensor& x, int groups, const Tensor& weight, const Tensor& bias, float eps, bool silu);
+void rms_norm(const Tensor& x, const Tensor& weight, float eps, const Tensor* scale, Tensor& y);
+void rms_norm_add_(Tensor& x, Tensor& y, const Tensor& weight, float eps, const Tensor* gate);
+void rms_norm_rope_pairs_(Tensor& x, const Tensor& weight, float eps, const Tensor& cos, const Tensor& sin);
 // The tiled VAE decode's GroupNorm pieces (ops.h): per-group sums over a sub-rectangle, and a
 // GroupNorm with given statistics; dst[:, y0:, x0:] = src.
 void group_region_sums(const Tensor& x, int groups, int64_t y0, int64_t y1, int64_t x0, int64_t x1,

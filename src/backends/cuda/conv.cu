@@ -18,7 +18,7 @@
 
 #include "backends/cuda/common.cuh"
 #include "backends/cuda/cuda_ops.h"
-#include "io/tuning_cache.h"
+#include "core/tuning_cache.h"
 
 #if __has_include(<cudnn.h>)
 #include <cudnn.h>
