@@ -11,7 +11,7 @@
 #include "cli/common.h"
 #include "core/check.h"
 #include "core/parallel.h"
-#include "io/random_model.h"
+#include "tools/random_model.h"
 
 namespace zi::cli {
 namespace {

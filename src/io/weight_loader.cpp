@@ -11,6 +11,13 @@ namespace zi {
 WeightLoader::WeightLoader(const TensorStore& store, Tag tag, std::string component, PhaseContext ctx)
     : store_(store), tag_(tag), ctx_(ctx), component_(std::move(component)) {}
 
+WeightLoader WeightLoader::recorder(std::vector<BoundTensor>* out, std::string component) {
+  static const TensorStore empty;
+  WeightLoader l(empty, Tag::Workspace, std::move(component));
+  l.record_ = out;
+  return l;
+}
+
 bool WeightLoader::has(const std::string& name) const { return store_.contains(name); }
 
 void WeightLoader::add_override(const TensorStore* store, std::function<std::string(const std::string&)> rename) {
@@ -29,6 +36,10 @@ Tensor WeightLoader::load_optional(const std::string& name, const Shape& shape, 
 
 Tensor WeightLoader::load_impl(const std::string& name, const Shape& shape, DType dt, bool required) {
   used_.push_back(name);
+  if (record_) {
+    record_->push_back({name, shape, dt});
+    return {};
+  }
   TensorStore::Entry e{nullptr, nullptr};
   // An override's tensor replaces the base one.
   for (auto& o : overrides_) {

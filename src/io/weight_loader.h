@@ -12,8 +12,21 @@
 
 namespace zi {
 
+// A tensor a binding asked for (WeightLoader::recorder).
+struct BoundTensor {
+  std::string name;
+  Shape shape;
+  DType dtype;
+};
+
 class WeightLoader {
  public:
+  // A loader in dry-run mode: every load() appends (name, shape, dtype) to `out` and returns an
+  // undefined tensor; has() is false. Running a load_* function through it lists exactly the
+  // tensors that binding reads, in its order: the one table of tensor names (make-random-model
+  // writes its files from it).
+  static WeightLoader recorder(std::vector<BoundTensor>* out, std::string component);
+
   // `component` names the component in messages ("transformer", "vae", ...). Tensors are
   // loaded onto the device of `ctx`, the phase's context, which the load_* functions keep in
   // the model they bind. On a GPU: streamed from the mapping through a pinned staging ring
@@ -56,6 +69,7 @@ class WeightLoader {
   const TensorStore& store_;
   Tag tag_;
   PhaseContext ctx_;
+  std::vector<BoundTensor>* record_ = nullptr;
   std::string component_;
   std::vector<std::string> ignored_;
   std::vector<std::string> missing_, wrong_;
