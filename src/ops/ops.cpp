@@ -66,6 +66,8 @@ void require_same_shape(const char* op, const Tensor& a, const Tensor& b) {
 
 // The one dispatch point: runs the backend function `fn` of device d, cpu::fn or cuda::fn (the two
 // backends give every op the same signature), the CUDA one timed as `op` under ZI_CUDA_PROFILE=1.
+// A CPU-only build has no GPU tensors (their allocation fails), so it calls the CPU backend only.
+#ifdef ZIMAGE_HAVE_CUDA
 #define ZI_OP(op, d, fn, ...)       \
   do {                              \
     if ((d) == Device::CUDA) {      \
@@ -75,6 +77,9 @@ void require_same_shape(const char* op, const Tensor& a, const Tensor& b) {
       cpu::fn(__VA_ARGS__);         \
     }                               \
   } while (0)
+#else
+#define ZI_OP(op, d, fn, ...) ((void)(op), (void)(d), cpu::fn(__VA_ARGS__))
+#endif
 
 }  // namespace
 

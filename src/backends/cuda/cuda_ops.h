@@ -74,42 +74,10 @@ void linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y);
 void gemm_nn(int64_t m, int64_t n, int64_t k, const void* A, int64_t lda, const void* B, int64_t ldb, void* C,
              int64_t ldc, DType dt);
 
-// ---- norms (norm.cu) ----
-void rms_norm_(Tensor& x, const Tensor& weight, float eps);
-void layer_norm_(Tensor& x, float eps);
-void group_norm_(Tensor& x, int groups, const Tensor& weight, const Tensor& bias, float eps, bool silu);
-// The tiled VAE decode's pieces (ops.h): per-group sums over a sub-rectangle (results on the
-// host), GroupNorm with given statistics; dst[:, y0:, x0:] = src (src may be a strided view).
-void group_region_sums(const Tensor& x, int groups, int64_t y0, int64_t y1, int64_t x0, int64_t x1,
-                       const std::vector<double>& mean, std::vector<double>& out);
-void group_norm_given_(Tensor& x, int groups, const std::vector<float>& mean, const std::vector<float>& rstd,
-                       const Tensor& weight, const Tensor& bias);
-void paste_(Tensor& dst, const Tensor& src, int64_t y0, int64_t x0);
-// Fused forms (ops.h): y = RMSNorm(x)·w (⊙ scale); x += gate ⊙ RMSNorm(y)·w (y may be
-// overwritten); per-head RMSNorm + adjacent-pairs RoPE.
-void rms_norm(const Tensor& x, const Tensor& weight, float eps, const Tensor* scale, Tensor& y);
-void rms_norm_add_(Tensor& x, Tensor& y, const Tensor& weight, float eps, const Tensor* gate);
-void rms_norm_rope_pairs_(Tensor& x, const Tensor& weight, float eps, const Tensor& cos, const Tensor& sin);
-
-// ---- elementwise (elementwise.cu) ----
-void silu_(Tensor& x);
-void tanh_(Tensor& x);
-void silu_mul(const Tensor& a, const Tensor& b, Tensor& out);
-void add_(Tensor& x, const Tensor& y);
-void mul_(Tensor& x, const Tensor& y);
-void scale_(Tensor& x, float s);
-void add_scalar_(Tensor& x, float s);
-void mul_rows_(Tensor& x, const Tensor& v);
-void add_gated_(Tensor& x, const Tensor& v, const Tensor& y);
-void rope_halves_(Tensor& x, const Tensor& cos, const Tensor& sin);
-void rope_pairs_(Tensor& x, const Tensor& cos, const Tensor& sin);
-void upsample_nearest2x(const Tensor& x, Tensor& out);
-void concat0(const std::vector<Tensor>& parts, Tensor& out);
-void embedding(const Tensor& table, const std::vector<int32_t>& ids, Tensor& out);
+// ---- every other op (norm.cu, elementwise.cu, attention.cu, conv.cu) ----
+#include "backends/op_signatures.inc"
 
 // ---- attention (attention.cu) ----
-void attention(const Tensor& q, const Tensor& k, const Tensor& v, float scale, bool causal, int64_t kv_len,
-               Tensor& out);
 // Which path attention() takes for these arguments: "flash" (the bf16 tensor-core kernel) or
 // "blocked" (score blocks through cuBLAS, any dtype and head size).
 const char* attention_path(const Tensor& q, const Tensor& k);
@@ -121,7 +89,6 @@ void set_force_blocked_attention(bool on);
 void set_portable_attention(bool on);
 
 // ---- convolution (conv.cu) ----
-void conv2d(const Tensor& x, const Tensor& w, const Tensor* bias, int pad, Tensor& out);
 bool cudnn_available();
 // Which conv2d path runs: Auto (k×k kernels in bf16: the fastest of im2col + cuBLASLt, cuDNN
 // NCHW and cuDNN NHWC, timed once per shape at its first call; cuDNN NCHW otherwise; the direct
