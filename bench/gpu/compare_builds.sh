@@ -5,25 +5,32 @@
 # NEW one, alternating old/new ROUNDS times on the same random real-size model, and one table.
 #
 # Here first (the GPU-less machine):
-#   bench/gpu/compare_builds.sh pack     # builds the new binaries (build-cuda) and, in
-#                                        # build-old, main at f56d15d; packs both into .carry
+#   bench/gpu/compare_builds.sh pack       # packs the new binaries (BUILD_DIR, default build/) into
+#                                          # .carry/zimage-bin.tar.xz and f56d15d's source into
+#                                          # .carry/zimage-old-src.tar.xz (the old build is then made
+#                                          # on the GPU machine, -j16, a few minutes of device time)
+#   bench/gpu/compare_builds.sh pack-old   # the same, and builds the old binaries here instead
 # then on the GPU machine:  bench/gpu/compare_builds.sh [ROUNDS]   (default 2; logs in $OUT)
-# Without .carry/zimage-bin-old.tar.xz the old build is made on the GPU machine from
-# .carry/zimage-old-src.tar.xz (git archive of f56d15d; -j16, a few minutes).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$ROOT"
 OLD_REV=${OLD_REV:-f56d15d}
 
-if [ "${1:-}" = pack ]; then
+if [ "${1:-}" = pack ] || [ "${1:-}" = pack-old ]; then
   set -e
   mkdir -p .carry
-  git archive --format=tar "$OLD_REV" | xz -T2 > .carry/zimage-old-src.tar.xz
-  BUILD_DIR=build-cuda bench/gpu/pack_carry.sh  # the new binaries: .carry/zimage-bin.tar.xz
-  if [ "${2:-}" != new-only ]; then
+  git archive --format=tar "$OLD_REV" -- src CMakeLists.txt bench | xz -T2 > .carry/zimage-old-src.tar.xz
+  BUILD_DIR=${BUILD_DIR:-build} bench/gpu/pack_carry.sh  # the new binaries: .carry/zimage-bin.tar.xz
+  if [ "$1" = pack-old ]; then  # the old binaries too, built here (a full CUDA build: slow on 2 cores)
     rm -rf build-old-src && mkdir -p build-old-src && tar -C build-old-src -xJf .carry/zimage-old-src.tar.xz
-    (cd build-old-src && BUILD_DIR=build-cuda bench/gpu/pack_carry.sh)
-    mv build-old-src/.carry/zimage-bin.tar.xz .carry/zimage-bin-old.tar.xz
+    cmake -S build-old-src -B build-old-src/build-cuda -G Ninja -DZIMAGE_CUDA=ON -DZIMAGE_TESTS=OFF -DZIMAGE_BENCH=OFF \
+      -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_CUDA_COMPILER_LAUNCHER=ccache
+    ninja -C build-old-src/build-cuda -j"${JOBS:-2}" zimage
+    stage=$(mktemp -d) && mkdir -p "$stage/bin" "$stage/lib" && cp build-old-src/build-cuda/zimage "$stage/bin/"
+    tar -xJf .carry/zimage-bin.tar.xz -C "$stage" lib  # the same host libraries as the new build
+    tar -C "$stage" -cJf .carry/zimage-bin-old.tar.xz bin lib && rm -rf "$stage"
+  else
+    rm -f .carry/zimage-bin-old.tar.xz  # built on the GPU machine from the source archive
   fi
   ls -la .carry
   exit 0
@@ -56,11 +63,14 @@ unpack_or_build() {
   if [ -f "$tarball" ]; then
     tar -C "$dst" -xJf "$tarball"
   else
-    cmake -S "$src" -B "$src/build-gpu" -G Ninja -DZIMAGE_CUDA=ON -DZIMAGE_BENCH=OFF -DCMAKE_BUILD_TYPE=Release \
-      > "$OUT/build_$name.log" 2>&1 &&
-      ninja -C "$src/build-gpu" -j16 zimage zimage_gpu_tests >> "$OUT/build_$name.log" 2>&1 ||
+    local targets="zimage zimage_gpu_tests" tests=ON
+    [ "$name" = old ] && targets=zimage tests=OFF  # the old tree is carried without its tests
+    cmake -S "$src" -B "$src/build-gpu" -G Ninja -DZIMAGE_CUDA=ON -DZIMAGE_BENCH=OFF -DZIMAGE_TESTS=$tests \
+      -DCMAKE_BUILD_TYPE=Release > "$OUT/build_$name.log" 2>&1 &&
+      ninja -C "$src/build-gpu" -j16 $targets >> "$OUT/build_$name.log" 2>&1 ||
       { tail -30 "$OUT/build_$name.log"; exit 1; }
-    cp "$src/build-gpu/zimage" "$src/build-gpu/zimage_gpu_tests" "$dst/bin/"
+    for t in $targets; do cp "$src/build-gpu/$t" "$dst/bin/"; done
+    cp /tmp/zi-new/lib/* "$dst/lib/" 2>/dev/null || true
   fi
 }
 unpack_or_build new .carry/zimage-bin.tar.xz "$ROOT"

@@ -32,7 +32,7 @@ ConvPath g_path = ConvPath::Auto;
 
 int64_t cudnn_version();  // 0 without cuDNN
 
-// Measured choices persist across processes (io/tuning_cache.h), per GPU model and cuDNN version.
+// Measured choices persist across processes (core/tuning_cache.h), per GPU model and cuDNN version.
 TuningCache& tuning() {
   static TuningCache* t = [] {
     const std::string dev = device_description();
