@@ -1,6 +1,7 @@
 #include "core/parallel.h"
 
 #include <omp.h>
+
 #include <thread>
 
 namespace zi {
@@ -14,7 +15,9 @@ void set_num_threads(int n) {
   if (n <= 0) n = 1;
   g_threads = n;
   omp_set_num_threads(n);
-  set_blas_threads(n);
+  // Every sgemm runs single-threaded inside our own fixed tiling (backends/cpu): OpenBLAS's
+  // pool is never used, so its threads neither spin nor change results with the count.
+  set_blas_threads(1);
 }
 
 int num_threads() { return g_threads > 0 ? g_threads : omp_get_max_threads(); }
