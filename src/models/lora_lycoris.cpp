@@ -6,8 +6,6 @@
 // (W2's when both are factored), and 1 when both factors are full matrices or alpha is absent.
 // These are LyCORIS' own scalings (lycoris/modules/{loha,lokr}.py: scale = alpha / lora_dim, and
 // alpha = lora_dim for full LoKr factors), as ComfyUI applies them when merging.
-#include <cblas.h>
-
 #include <algorithm>
 #include <cmath>
 #include <map>
@@ -15,6 +13,7 @@
 
 #include "core/check.h"
 #include "models/lora.h"
+#include "ops/ops.h"
 
 namespace zi {
 
@@ -71,13 +70,10 @@ const float* scalar_of(const SafetensorsFile& f, const TensorInfo& t, float* sto
   return store;
 }
 
-// C[m, n] = A[m, k] · B[k, n], f32.
+// C[m, n] = A[m, k] · B[k, n], f32: linear(A, Bᵀ) through the ops (the CPU backend's fixed
+// tiling, so the merged weights do not depend on --threads, as in lora.cpp).
 Tensor matmul(const Tensor& a, const Tensor& b) {
-  const int64_t m = a.dim(0), k = a.dim(1), n = b.dim(1);
-  Tensor c = Tensor::empty({m, n}, DType::F32, Tag::Workspace);
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(m), int(n), int(k), 1.0f, a.f32(), int(k), b.f32(),
-              int(n), 0.0f, c.f32(), int(n));
-  return c;
+  return ops::linear(a, b.permute({1, 0}).contiguous(Tag::Workspace));
 }
 
 }  // namespace
