@@ -172,3 +172,69 @@ out("tokenize", "invalid_utf8.bin", b"ok \xff\xfe \xc3\x28 \xed\xa0\x80 \xf4\x90
 out("tokenize", "truncated_utf8.bin", b"abc \xe4\xb8")
 out("tokenize", "long_word.txt", "x" * 2000)
 out("tokenize", "nul.bin", b"a\x00b\x00\x00c")
+
+# ---- layout (single-file checkpoints) ---------------------------------------------------------
+def f32s(n, v=0.5):
+    return struct.pack("<%df" % n, *([v] * n))
+
+
+def bf16s(n):
+    return b"\x80\x3f" * n
+
+
+out("layout", "comfy_transformer.safetensors", st_file([
+    ("layers.0.attention.qkv.weight", "BF16", [6, 2], bf16s(12)),
+    ("layers.0.attention.out.weight", "BF16", [2, 2], bf16s(4)),
+    ("layers.0.attention.q_norm.weight", "F32", [2], f32s(2)),
+    ("x_embedder.weight", "F32", [2, 4], f32s(8)),
+    ("cap_embedder.1.weight", "F32", [2, 3], f32s(6)),
+    ("norm_final.weight", "F32", [2], f32s(2))]))
+out("layout", "aio_prefixes.safetensors", st_file([
+    ("model.diffusion_model.layers.0.attention.qkv.weight", "F32", [3, 1], f32s(3)),
+    ("text_encoders.qwen3_4b.transformer.model.embed_tokens.weight", "F32", [4, 2], f32s(8)),
+    ("text_encoders.qwen3_4b.transformer.model.layers.0.self_attn.q_norm.weight", "F32", [2], f32s(2)),
+    ("first_stage_model.decoder.mid.attn_1.q.weight", "F32", [2, 2, 1, 1], f32s(4)),
+    ("first_stage_model.decoder.up.0.block.0.conv2.weight", "F32", [2, 2, 1, 1], f32s(4)),
+    ("first_stage_model.decoder.conv_in.weight", "F32", [2, 1, 1, 1], f32s(2)),
+    ("stray", "U8", [1], b"\x01")]))
+out("layout", "qkv_not_multiple_of_3.safetensors", st_file([("layers.0.attention.qkv.weight", "F32", [4, 1], f32s(4))]))
+out("layout", "qkv_and_to_k.safetensors", st_file([
+    ("layers.0.attention.qkv.weight", "F32", [3, 1], f32s(3)), ("layers.0.attention.to_k.weight", "F32", [1, 1], f32s(1))]))
+out("layout", "qkv_scalar.safetensors", st_file([("layers.0.attention.qkv.weight", "F32", [], f32s(1))]))
+out("layout", "vae_reversed_blocks.safetensors", st_file([
+    ("decoder.up.7.block.0.conv1.weight", "F32", [1, 1, 1, 1], f32s(1)),
+    ("decoder.up.0.upsample.conv.bias", "F32", [1], f32s(1)),
+    ("encoder.down.99999999.block.0.nin_shortcut.weight", "F32", [1], f32s(1))]))
+
+# ---- lora (adapter files) ---------------------------------------------------------------------
+out("lora", "peft.safetensors", st_file([
+    ("transformer.layers.0.attention.to_q.lora_A.weight", "F32", [1, 2], f32s(2)),
+    ("transformer.layers.0.attention.to_q.lora_B.weight", "F32", [2, 1], f32s(2))]))
+out("lora", "kohya_alpha.safetensors", st_file([
+    ("lora_unet_layers_0_attention_to_out_0.lora_down.weight", "F16", [1, 2], b"\x00\x3c" * 2),
+    ("lora_unet_layers_0_attention_to_out_0.lora_up.weight", "F16", [2, 1], b"\x00\x3c" * 2),
+    ("lora_unet_layers_0_attention_to_out_0.alpha", "F32", [], f32s(1))]))
+out("lora", "comfy_qkv.safetensors", st_file([
+    ("diffusion_model.layers.0.attention.qkv.lora_A.weight", "F32", [1, 2], f32s(2)),
+    ("diffusion_model.layers.0.attention.qkv.lora_B.weight", "F32", [6, 1], f32s(6))]))
+out("lora", "loha.safetensors", st_file([
+    ("lora_unet_layers_0_attention_to_q.hada_w1_a", "F32", [2, 1], f32s(2)),
+    ("lora_unet_layers_0_attention_to_q.hada_w1_b", "F32", [1, 2], f32s(2)),
+    ("lora_unet_layers_0_attention_to_q.hada_w2_a", "F32", [2, 1], f32s(2)),
+    ("lora_unet_layers_0_attention_to_q.hada_w2_b", "F32", [1, 2], f32s(2)),
+    ("lora_unet_layers_0_attention_to_q.alpha", "F32", [], f32s(1))]))
+out("lora", "lokr.safetensors", st_file([
+    ("lycoris_layers_0_attention_qkv.lokr_w1", "F32", [3, 1], f32s(3)),
+    ("lycoris_layers_0_attention_qkv.lokr_w2_a", "F32", [2, 1], f32s(2)),
+    ("lycoris_layers_0_attention_qkv.lokr_w2_b", "F32", [1, 2], f32s(2)),
+    ("lycoris_layers_0_attention_qkv.alpha", "F32", [], f32s(1))]))
+out("lora", "nan_alpha.safetensors", st_file([
+    ("lora_unet_layers_0_attention_to_q.lora_down.weight", "F32", [1, 2], f32s(2)),
+    ("lora_unet_layers_0_attention_to_q.lora_up.weight", "F32", [2, 1], f32s(2)),
+    ("lora_unet_layers_0_attention_to_q.alpha", "F32", [], struct.pack("<f", float("nan")))]))
+out("lora", "rank_mismatch.safetensors", st_file([
+    ("transformer.layers.0.attention.to_q.lora_A.weight", "F32", [2, 2], f32s(4)),
+    ("transformer.layers.0.attention.to_q.lora_B.weight", "F32", [2, 1], f32s(2))]))
+out("lora", "loha_rank_mismatch.safetensors", st_file([
+    ("x.hada_w1_a", "F32", [2, 1], f32s(2)), ("x.hada_w1_b", "F32", [2, 2], f32s(4)),
+    ("x.hada_w2_a", "F32", [2, 1], f32s(2)), ("x.hada_w2_b", "F32", [1, 2], f32s(2))]))

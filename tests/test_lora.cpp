@@ -233,37 +233,41 @@ TEST(LoraFormats, KohyaModuleNames) {
                                    kohya("t_embedder_mlp_0", 256, 1024, 8) + kohya("cap_embedder_1", 32, 64, 4) +
                                    kohya("all_x_embedder_2-1", 64, 64, 4) + kohya("layers_2_attention_to_k", 64, 64, 4) +
                                    kohya("context_refiner_1_attention_to_v", 64, 64, 4) +
-                                   // fused qkv: dropped as diffusers drops it (with its alpha)
+                                   // fused qkv: diffusers drops it; zimage splits it into q, k, v rows
                                    kohya("layers_1_attention_qkv", 64, 192, 4) +
-                                   // bare out next to to_out_0: dropped; its alpha is renamed to to_out.0's
-                                   pair("lora_unet_layers_0_attention_out.lora_down.weight",
-                                        "lora_unet_layers_0_attention_out.lora_up.weight", 4) +
                                    kohya("layers_0_attention_to_out_0", 64, 64, 4));
   EXPECT_EQ(targets_of(f), (std::vector<std::string>{
                                "all_final_layer.2-1.adaLN_modulation.1.weight", "all_final_layer.2-1.linear.weight",
                                "all_x_embedder.2-1.weight", "cap_embedder.1.weight", "context_refiner.1.attention.to_v.weight",
-                               "layers.0.attention.to_out.0.weight", "layers.2.attention.to_k.weight",
-                               "noise_refiner.1.adaLN_modulation.0.weight", "t_embedder.mlp.0.weight"}));
+                               "layers.0.attention.to_out.0.weight", "layers.1.attention.to_k.weight",
+                               "layers.1.attention.to_q.weight", "layers.1.attention.to_v.weight",
+                               "layers.2.attention.to_k.weight", "noise_refiner.1.adaLN_modulation.0.weight",
+                               "t_embedder.mlp.0.weight"}));
+  EXPECT_EQ(find_delta(f, "layers.1.attention.to_v.weight")->B.shape(), (Shape{64, 4}));
+  EXPECT_FLOAT_EQ(find_delta(f, "layers.1.attention.to_v.weight")->factor, 1.0f);
   EXPECT_FLOAT_EQ(find_delta(f, "all_final_layer.2-1.linear.weight")->factor, 0.5f);
   EXPECT_FLOAT_EQ(find_delta(f, "t_embedder.mlp.0.weight")->factor, 2.0f);
   EXPECT_FLOAT_EQ(find_delta(f, "all_final_layer.2-1.adaLN_modulation.1.weight")->factor, 0.25f);
-  std::vector<std::string> ignored = f.ignored;
-  std::sort(ignored.begin(), ignored.end());
-  EXPECT_EQ(ignored, (std::vector<std::string>{
-                         "lora_unet_layers_0_attention_out.lora_down.weight", "lora_unet_layers_0_attention_out.lora_up.weight",
-                         "lora_unet_layers_1_attention_qkv.alpha", "lora_unet_layers_1_attention_qkv.lora_down.weight",
-                         "lora_unet_layers_1_attention_qkv.lora_up.weight"}));
+  EXPECT_TRUE(f.ignored.empty());
 }
 
-TEST(LoraFormats, KohyaBareOutAloneLeavesItsAlphaAsInDiffusers) {
-  // diffusers drops the bare `out` pair but not its alpha, then fails on the leftover key.
+TEST(LoraFormats, KohyaBareOutIsToOutWithItsAlpha) {
+  // diffusers drops the bare `out` pair (and then fails on its leftover alpha); it is the
+  // original layout's name of to_out.0, which zimage applies, as ComfyUI does.
   TempDir d;
+  LoraFile f = load_written(d, pair("lora_unet_layers_0_attention_out.lora_down.weight",
+                                    "lora_unet_layers_0_attention_out.lora_up.weight") +
+                                   pair("lora_unet_layers_0_attention_to_q.lora_down.weight",
+                                        "lora_unet_layers_0_attention_to_q.lora_up.weight") +
+                                   Tensors{{"lora_unet_layers_0_attention_out.alpha", scalar(1.0f)}});
+  EXPECT_EQ(targets_of(f), (std::vector<std::string>{"layers.0.attention.to_out.0.weight", "layers.0.attention.to_q.weight"}));
+  EXPECT_FLOAT_EQ(find_delta(f, "layers.0.attention.to_out.0.weight")->factor, 0.5f);  // 1 / rank 2
+  // A bare out beside a to_out_0 of the same block: two keys for one weight, an error.
   const std::string msg = load_error(d, pair("lora_unet_layers_0_attention_out.lora_down.weight",
                                              "lora_unet_layers_0_attention_out.lora_up.weight") +
-                                            pair("lora_unet_layers_0_attention_to_q.lora_down.weight",
-                                                 "lora_unet_layers_0_attention_to_q.lora_up.weight") +
-                                            Tensors{{"lora_unet_layers_0_attention_out.alpha", scalar(1.0f)}});
-  EXPECT_NE(msg.find("lora_unet_layers_0_attention_out.alpha"), std::string::npos) << msg;
+                                            pair("lora_unet_layers_0_attention_to_out_0.lora_down.weight",
+                                                 "lora_unet_layers_0_attention_to_out_0.lora_up.weight"));
+  EXPECT_NE(msg.find("both target layers.0.attention.to_out.0.weight"), std::string::npos) << msg;
 }
 
 TEST(LoraFormats, DotStyle) {
@@ -273,13 +277,22 @@ TEST(LoraFormats, DotStyle) {
              Tensors{{"diffusion_model.layers.0.attention.to_q.alpha", scalar(8.0f)}} +
              pair("diffusion_model.layers.0.feed_forward.w2.lora.down.weight",
                   "diffusion_model.layers.0.feed_forward.w2.lora.up.weight", 2, 170, 64) +
-             pair("diffusion_model.layers.0.attention.qkv.lora.down.weight",
-                  "diffusion_model.layers.0.attention.qkv.lora.up.weight", 2, 64, 192) +
+             pair("diffusion_model.layers.1.attention.qkv.lora.down.weight",
+                  "diffusion_model.layers.1.attention.qkv.lora.up.weight", 2, 64, 192) +
              pair("diffusion_model.layers.0.attention.out.lora.down.weight",
                   "diffusion_model.layers.0.attention.out.lora.up.weight"));
-  EXPECT_EQ(targets_of(f), (std::vector<std::string>{"layers.0.attention.to_q.weight", "layers.0.feed_forward.w2.weight"}));
+  // diffusers drops the fused qkv and bare out entries; zimage applies them (split / to_out.0).
+  EXPECT_EQ(targets_of(f), (std::vector<std::string>{"layers.0.attention.to_out.0.weight", "layers.0.attention.to_q.weight",
+                                                     "layers.0.feed_forward.w2.weight", "layers.1.attention.to_k.weight",
+                                                     "layers.1.attention.to_q.weight", "layers.1.attention.to_v.weight"}));
   EXPECT_FLOAT_EQ(find_delta(f, "layers.0.attention.to_q.weight")->factor, 2.0f);
-  EXPECT_EQ(f.ignored.size(), 4u);
+  EXPECT_TRUE(f.ignored.empty());
+  // A fused qkv beside a separate to_q of the same block: an error naming both keys.
+  const std::string msg = load_error(
+      d, pair("diffusion_model.layers.0.attention.to.q.lora.down.weight", "diffusion_model.layers.0.attention.to.q.lora.up.weight") +
+             pair("diffusion_model.layers.0.attention.qkv.lora.down.weight",
+                  "diffusion_model.layers.0.attention.qkv.lora.up.weight", 2, 64, 192));
+  EXPECT_NE(msg.find("both target layers.0.attention.to_q.weight"), std::string::npos) << msg;
 }
 
 TEST(LoraFormats, PeftKeysOfOtherComponentsAreIgnored) {
@@ -374,9 +387,13 @@ TEST(LoraErrors, MalformedFilesNameTheKey) {
        pair("transformer.layers.0.attention.to_q.lora_A.weight", "transformer.layers.0.attention.to_q.lora_B.weight") +
            Tensors{{"transformer.layers.0.attention.to_q.dora_scale", randn({1, 64}, 3)}},
        "transformer.layers.0.attention.to_q.dora_scale"},
-      {"LoKr", {{"lora_unet_layers_0_attention_to_q.lokr_w1", randn({8, 8}, 1)}}, "lora_unet_layers_0_attention_to_q.lokr_w1"},
-      {"LoHa", {{"lora_unet_layers_0_attention_to_q.hada_w1_a", randn({64, 4}, 1)}},
-       "lora_unet_layers_0_attention_to_q.hada_w1_a"},
+      {"LoKr without w2", {{"lora_unet_layers_0_attention_to_q.lokr_w1", randn({8, 8}, 1)}}, "lora_unet_layers_0_attention_to_q"},
+      {"LoHa without w1_b", {{"lora_unet_layers_0_attention_to_q.hada_w1_a", randn({64, 4}, 1)}},
+       "lora_unet_layers_0_attention_to_q"},
+      {"NaN alpha",
+       pair("lora_unet_layers_0_attention_to_q.lora_down.weight", "lora_unet_layers_0_attention_to_q.lora_up.weight") +
+           Tensors{{"lora_unet_layers_0_attention_to_q.alpha", scalar(std::nanf(""))}},
+       "lora_unet_layers_0_attention_to_q.alpha"},
       {"stray tensor",
        pair("transformer.layers.0.attention.to_q.lora_A.weight", "transformer.layers.0.attention.to_q.lora_B.weight") +
            Tensors{{"transformer.layers.0.attention.to_q.weight", randn({64, 64}, 3)}},
@@ -517,15 +534,20 @@ TEST(LoraMerge, TargetMatchingNoWeightIsReportedAfterLoading) {
   EXPECT_NE(msg.find("n.safetensors"), std::string::npos) << msg;
   EXPECT_EQ(msg.find("layers.0.attention.to_q"), std::string::npos) << msg;  // that one was applied
 
-  // An underscore-style fused qkv converts to a `qkv` target, which matches nothing.
+  // The same as one line for the run's warning (or --lora-strict's error).
+  const std::string report = set.unmatched_report();
+  EXPECT_NE(report.find("1 adapter tensor match"), std::string::npos) << report;
+  EXPECT_NE(report.find("transformer.layers.7.attention.to_k.lora_A.weight"), std::string::npos) << report;
+
+  // A fused qkv is split into to_q/to_k/to_v; here only to_q exists.
   LoraSet qkv({write_and_load(d, "q.safetensors",
                               pair("diffusion_model.layers.0.attention.qkv.lora_down.weight",
                                    "diffusion_model.layers.0.attention.qkv.lora_up.weight", 2, 8, 48),
                               1.0f)});
   m.load(qkv);
   const std::string qmsg = error_of([&] { qkv.check_applied(); });
-  EXPECT_NE(qmsg.find("diffusion_model.layers.0.attention.qkv.lora_down.weight"), std::string::npos) << qmsg;
-  EXPECT_NE(qmsg.find("qkv LoRAs are not supported"), std::string::npos) << qmsg;
+  EXPECT_NE(qmsg.find("2 of 3 LoRA targets"), std::string::npos) << qmsg;
+  EXPECT_NE(qmsg.find("layers.0.attention.to_k.weight"), std::string::npos) << qmsg;
 }
 
 TEST(LoraMerge, EmptySetIsANoOp) {

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -45,6 +46,8 @@ struct GenerateArgs {
   std::vector<std::string> loras;
   bool memory_report_flag = false;
   bool keep_models = false;
+  std::string diffusion_model, text_encoder, vae;  // issue 16: per-component files
+  bool lora_strict = false;
   int count = 1;
   int64_t cache_limit_mib = -1;
   std::string device, te_device, vae_device, precision = "bf16";
@@ -385,7 +388,18 @@ void run(GenerateArgs& a) {
   }
   if (a.cache_limit_mib >= 0) a.o.cache_limit_bytes = a.cache_limit_mib << 20;
   bool bundled = false;
-  a.o.model_dir = resolve_model_dir(a.model, &bundled);
+  a.o.diffusion_model_file = a.diffusion_model;
+  a.o.text_encoder_file = a.text_encoder;
+  a.o.vae_file = a.vae;
+  a.o.lora_strict = a.lora_strict;
+  // With component files, a folder only when one is named (--model or $ZIMAGE_MODEL): the
+  // files, the bundled tokenizer and Turbo's scheduler may be all a run needs.
+  if ((!a.diffusion_model.empty() || !a.text_encoder.empty() || !a.vae.empty()) && a.model.empty()) {
+    const char* env = std::getenv("ZIMAGE_MODEL");
+    a.o.model_dir = env && *env ? env : "";
+  } else {
+    a.o.model_dir = resolve_model_dir(a.model, &bundled);
+  }
   validate_generate_options(a.o);
 
   // Outputs: the format from the extension (or --format), every path checked now.
@@ -463,6 +477,9 @@ void run(GenerateArgs& a) {
   hooks.on_phase_end = [&](const std::string& p, double s) { prog.phase_end(p, s); };
   hooks.on_step = [&](int s, int n, double e) { prog.step(s, n, e); };
   hooks.on_load = [&](const std::string& c, int64_t d, int64_t t) { prog.load(c, d, t); };
+  hooks.on_notice = [&](const std::string& line) {
+    if (!a.quiet) std::fprintf(stderr, "warning: %s\n", line.c_str());
+  };
 
   std::signal(SIGINT, on_sigint);
   ModelCache cache;
@@ -547,6 +564,12 @@ void add_generate(CLI::App& app) {
                     "what to avoid (only used with --guidance > 0 / --cfg-scale > 1)"));
   reg(c->add_option("--model", a->model,
                     "diffusers-format Z-Image folder (default: $ZIMAGE_MODEL, else the bundled tiny random model)"));
+  reg(c->add_option("--diffusion-model", a->diffusion_model,
+                    "transformer weights file (diffusers, ComfyUI/original or all-in-one layout; replaces --model's)"));
+  reg(c->add_option("--text-encoder", a->text_encoder,
+                    "text encoder weights file (Qwen3, e.g. ComfyUI's qwen_3_4b.safetensors; replaces --model's)"));
+  reg(c->add_option("--vae", a->vae,
+                    "VAE weights file (diffusers or Flux AE ae.safetensors layout; replaces --model's)"));
   reg(c->add_option("-W,--width", a->o.width, "image width in pixels, a multiple of 16")->capture_default_str());
   reg(c->add_option("-H,--height", a->o.height, "image height in pixels, a multiple of 16")->capture_default_str());
   reg(c->add_option("--steps", a->o.steps, "denoising steps (Turbo: 8)")->capture_default_str());
@@ -597,9 +620,11 @@ void add_generate(CLI::App& app) {
                                "print a table of each phase's weights and peak memory; with FILE also write it as JSON"));
   mr->expected(0, 1);
   reg(c->add_option("--lora", a->loras,
-                    "apply a LoRA (diffusers/PEFT, kohya or ComfyUI keys) merged at load time: FILE or FILE:SCALE; "
-                    "repeatable, deltas add up")
+                    "apply a LoRA, LoHa or LoKr (diffusers/PEFT, kohya, ComfyUI, ai-toolkit or LyCORIS keys) merged "
+                    "at load time: FILE or FILE:SCALE; repeatable, each with its own strength, deltas add up")
           ->allow_extra_args(false));
+  reg(c->add_flag("--lora-strict", a->lora_strict,
+                  "fail when a LoRA tensor matches no transformer weight (default: one warning listing them)"));
   reg(c->add_option("--transformer-override", a->o.transformer_override,
                     "safetensors file whose tensors replace the transformer's of the same name (fine-tunes)"));
   reg(c->add_option("-b,--count,--batch-count", a->count,

@@ -8,6 +8,7 @@
 #include "cli/common.h"
 #include "core/check.h"
 #include "io/checkpoint.h"
+#include "io/layouts.h"
 #include "io/safetensors.h"
 
 namespace fs = std::filesystem;
@@ -56,6 +57,19 @@ void print_file(const std::string& path) {
     total += t->nbytes();
   }
   std::printf("  total %s\n", human_bytes(double(total)).c_str());
+  // Which Z-Image components the file holds, in which key layout.
+  std::vector<SourceTensor> src;
+  for (const auto& t : f.tensors()) src.push_back({t.name, t.shape});
+  try {
+    const FileLayout l = analyze_layout(src, path);
+    for (const auto& m : l.components) std::printf("  layout: %s\n", l.describe(m.component).c_str());
+    if (l.components.empty()) std::printf("  layout: no Z-Image component (a LoRA or another model?)\n");
+    if (!l.unclaimed.empty())
+      std::printf("  layout: %zu tensors of no Z-Image component (first: %s)\n", l.unclaimed.size(),
+                  f.tensors()[l.unclaimed[0]].name.c_str());
+  } catch (const Error& e) {
+    std::printf("  layout: %s\n", e.what());
+  }
 }
 
 // Parameter count and bytes per dtype of one component; `skip` prefixes are counted apart.
@@ -83,7 +97,7 @@ void print_store(const char* title, const std::string& dir, const std::string& s
 
 void print_folder(const std::string& dir) {
   ModelFolder m = open_model_folder(dir);
-  std::printf("%s: Z-Image pipeline\n", dir.c_str());
+  std::printf("%s: Z-Image pipeline (diffusers folder layout)\n", dir.c_str());
   const auto& te = m.text_encoder;
   print_store("text_encoder: Qwen3", m.text_encoder_dir,
               str_cat("hidden ", te.hidden_size, ", ", te.num_hidden_layers, " layers (zimage runs ",

@@ -178,6 +178,7 @@ const char* component_name(Component c) {
 }
 
 std::string layout_name(Component c, KeyLayout l) {
+  if (c == Component::TextEncoder) return "transformers Qwen3";  // one naming, with or without `model.`
   if (l == KeyLayout::Diffusers) return "diffusers";
   switch (c) {
     case Component::Transformer: return "original (ComfyUI)";

@@ -36,7 +36,8 @@ constexpr Component kAllComponents[] = {Component::Transformer, Component::TextE
 const char* component_name(Component c);  // "transformer", "text_encoder", "vae"
 
 enum class KeyLayout : uint8_t { Diffusers, Original };
-// "diffusers"; "original (ComfyUI)" for the transformer, "original (Flux AE)" for the VAE.
+// "diffusers"; "original (ComfyUI)" for the transformer, "original (Flux AE)" for the VAE;
+// "transformers Qwen3" for the text encoder (whose names are the same everywhere).
 std::string layout_name(Component c, KeyLayout l);
 
 // One tensor of a file as the mapping sees it: its name and shape (no data).

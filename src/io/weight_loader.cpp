@@ -62,7 +62,7 @@ Tensor WeightLoader::load_impl(const std::string& name, const Shape& shape, DTyp
     o.store->note_read(it->second);
   }
   if (!e.file) e = store_.find(name);
-  if (!e.file) {
+  if (!e.file || (!required && e.info->numel() == 0)) {
     if (required) missing_.push_back(name);
     return {};
   }

@@ -39,7 +39,7 @@ class WeightLoader {
   // Loads `name`, checked against `shape`, converted to `dt`. A missing or wrong-shape
   // tensor is recorded (see finish()) and an undefined Tensor returned.
   Tensor load(const std::string& name, const Shape& shape, DType dt);
-  // Like load(), but a missing tensor is not an error.
+  // Like load(), but a missing (or empty, 0-element) tensor is not an error.
   Tensor load_optional(const std::string& name, const Shape& shape, DType dt);
   bool has(const std::string& name) const;
 
@@ -61,6 +61,10 @@ class WeightLoader {
     std::function<void(const std::string&, const Shape&)> check;
   };
   void add_patch(Patch p) { patches_.push_back(std::move(p)); }
+
+  // One-line notices of the load (an optional tensor replaced by its default, ...).
+  void note(std::string line) { notes_.push_back(std::move(line)); }
+  const std::vector<std::string>& notes() const { return notes_; }
 
   // Check-only mode (the pre-flight check before any phase): load() checks that each tensor
   // exists (override first), has the expected shape and a dtype that converts to the requested
@@ -93,6 +97,7 @@ class WeightLoader {
   };
   std::vector<Override> overrides_;
   std::vector<Patch> patches_;
+  std::vector<std::string> notes_;
   int64_t bytes_ = 0;
   int64_t read_ = 0, total_ = 0;
   bool check_only_ = false;

@@ -116,6 +116,7 @@ struct Converter {
     if (a->info->numel() != 1) error(a->key, str_cat("is an alpha of shape ", shape_str(a->info->shape), ", not a scalar"));
     check_matrix(down);
     const float alpha = file.load(*a->info, DType::F32).f32()[0];
+    if (!std::isfinite(alpha)) error(a->key, str_cat("is an alpha of ", alpha, " (not a finite number)"));
     return double(alpha) / double(down.info->shape[0]);
   }
 
@@ -144,16 +145,10 @@ struct Converter {
     static constexpr std::string_view down_sfx = ".lora.down.weight", up_sfx = ".lora.up.weight";
     for (const std::string& name : names_ending(down_sfx)) {
       const std::string base = strip_suffix(name, down_sfx);
-      if (base.ends_with(".qkv")) {
-        drop(name), drop(base + std::string(up_sfx)), drop(base + ".alpha");
-        continue;
-      }
-      if (base.ends_with(".out") && !contains(base, ".to_out")) {
-        // Its alpha (renamed `.to_out.0.alpha` by normalize_out_key) stays, as in diffusers.
-        drop(name), drop(base + std::string(up_sfx));
-        continue;
-      }
+      // diffusers drops fused `qkv` and bare `out` entries here; zimage applies them (a fused
+      // qkv is split by split_fused_qkv, `out` is to_out.0, whose alpha normalize_out_key renamed).
       std::string module = base;
+      if (module.ends_with(".attention.out")) module = strip_suffix(module, ".out") + ".to_out.0";
       for (const char* proj : {".to.q", ".to.k", ".to.v"})  // ".to.q" → ".to_q"
         if (module.ends_with(proj)) module = strip_suffix(module, proj) + ".to_" + proj[4];
       Pair p{module, *take(name), {}, std::nullopt, 1.0};
@@ -220,7 +215,7 @@ std::string kohya_to_dots(const std::string& key) {
 // A bare `.out` directly before `.lora_down.weight`, `.lora_up.weight` or `.alpha` is to_out.0.
 std::string normalize_out_key(const std::string& k) {
   if (contains(k, ".to_out")) return k;
-  for (std::string_view sfx : {".lora_down.weight", ".lora_up.weight", ".alpha"}) {
+  for (std::string_view sfx : {".lora_down.weight", ".lora_up.weight", ".lora_A.weight", ".lora_B.weight", ".alpha"}) {
     const std::string tail = ".out" + std::string(sfx);
     if (k.ends_with(tail)) return strip_suffix(k, tail) + ".to_out.0" + std::string(sfx);
   }
@@ -248,10 +243,17 @@ void convert_non_diffusers(Converter& c) {
   for (const std::string& n : te) c.drop(n);
   c.rename([](const std::string& k) { return k.starts_with("transformer.") ? k.substr(12) : k; });
 
-  if (c.any([](const std::string& k) { return k.starts_with("diffusion_model."); }))
-    c.rename([](const std::string& k) { return k.starts_with("diffusion_model.") ? k.substr(16) : k; });
-  if (c.any([](const std::string& k) { return k.starts_with("lora_unet_"); }))
-    c.rename([](const std::string& k) { return kohya_to_dots(k.starts_with("lora_unet_") ? k.substr(10) : k); });
+  for (std::string_view prefix : {"model.diffusion_model.", "diffusion_model."})
+    c.rename([prefix](const std::string& k) { return k.starts_with(prefix) ? k.substr(prefix.size()) : k; });
+  for (std::string_view prefix : {"lora_unet_", "lycoris_"})
+    if (c.any([prefix](const std::string& k) { return k.starts_with(prefix); }))
+      c.rename([prefix](const std::string& k) { return kohya_to_dots(k.starts_with(prefix) ? k.substr(prefix.size()) : k); });
+  // Original-layout (ComfyUI) module names.
+  c.rename([](const std::string& k) {
+    if (k.starts_with("final_layer.")) return "all_final_layer.2-1." + k.substr(12);
+    if (k.starts_with("x_embedder.")) return "all_x_embedder.2-1." + k.substr(11);
+    return k;
+  });
   c.rename(normalize_out_key);
   if (c.any([](const std::string& k) { return contains(k, "default."); }))
     c.rename([](const std::string& k) { return replace_all(k, "default.", ""); });
@@ -282,8 +284,8 @@ void convert_peft(Converter& c) {
 // LyCORIS and other adapter kinds that are not plain LoRA.
 void reject_unsupported_kinds(const SafetensorsFile& f) {
   static const std::pair<const char*, const char*> kinds[] = {
-      {"dora_scale", "DoRA"}, {"lora_magnitude_vector", "DoRA"}, {"hada_", "LoHa"},
-      {"lokr_", "LoKr"},      {"oft_", "OFT/BOFT"},              {"lora_mid", "LoCon (Tucker)"}};
+      {"dora_scale", "DoRA"}, {"lora_magnitude_vector", "DoRA"}, {"oft_", "OFT/BOFT"},
+      {"lora_mid", "LoCon (Tucker)"}};
   for (const TensorInfo& t : f.tensors()) {
     const char* kind = nullptr;
     for (const auto& [needle, k] : kinds)
@@ -422,6 +424,7 @@ std::string LoraDelta::bias_target() const { return strip_suffix(target, ".weigh
 
 LoraFile load_lora(const LoraSpec& spec) {
   const SafetensorsFile f = SafetensorsFile::open(spec.path);
+  if (is_lycoris_file(f)) return load_lycoris(f, spec);
   reject_unsupported_kinds(f);
   KeyMap keys;
   for (const TensorInfo& t : f.tensors()) keys.emplace(t.name, Src{t.name, &t});
@@ -431,7 +434,7 @@ LoraFile load_lora(const LoraSpec& spec) {
   Converter c(f, std::move(keys));
   const bool convert = c.any([](const std::string& k) {
     return k.ends_with(".alpha") || k.starts_with("lora_unet_") || k.starts_with("diffusion_model.") ||
-           contains(k, "default.");
+           k.starts_with("model.diffusion_model.") || k.starts_with("lycoris_") || contains(k, "default.");
   });
   if (convert)
     convert_non_diffusers(c);
@@ -451,6 +454,7 @@ LoraFile load_lora(const LoraSpec& spec) {
       fail(str_cat("LoRA '", spec.path, "': keys '", it->second, "' and '", d.key, "' both target ", d.target));
     out.deltas.push_back(std::move(d));
   }
+  split_fused_qkv(out);
   return out;
 }
 
@@ -490,6 +494,25 @@ struct LoraSet::State {
           float* b = wt->f32();
           const float* db = d.bias.f32();
           for (int64_t i = 0; i < wt->numel(); ++i) b[i] += s * db[i];
+        }
+      } else if (d.kind != AdapterKind::LoRA) {
+        // LoHa / LoKr: the module's ΔW shape (its rows of a fused module), then, unless only
+        // checking, the dense ΔW added one target at a time.
+        const int64_t full_rows = d.kind == AdapterKind::LoHa ? d.w1a.dim(0)
+                                  : (d.w1.defined() ? d.w1.dim(0) : d.w1a.dim(0)) *
+                                        (d.w2.defined() ? d.w2.dim(0) : d.w2a.dim(0));
+        const int64_t in = d.kind == AdapterKind::LoHa ? d.w1b.dim(1)
+                           : (d.w1.defined() ? d.w1.dim(1) : d.w1b.dim(1)) *
+                                 (d.w2.defined() ? d.w2.dim(1) : d.w2b.dim(1));
+        const int64_t rows = d.rows < 0 ? full_rows : d.rows;
+        if (shape.size() != 2 || shape[0] != rows || shape[1] != in || d.row_begin + rows > full_rows)
+          fail(str_cat("LoRA '", f.path, "': key '", d.key, "' (", adapter_kind_name(d.kind), ") makes a delta of shape ",
+                       shape_str({rows, in}), " but ", name, " is ", shape_str(shape)));
+        if (wt) {
+          const Tensor full = d.dense();
+          const float* src = full.f32() + d.row_begin * in;
+          float* dst = wt->f32();
+          for (int64_t i = 0; i < rows * in; ++i) dst[i] += s * src[i];
         }
       } else {
         const int64_t out = d.B.dim(0), rank = d.A.dim(0), in = d.A.dim(1);
@@ -555,12 +578,31 @@ void LoraSet::check_applied() const {
       else if ((want & ~got) != 0) missed.push_back(str_cat(d.key, "' (lora_B.bias) → '", d.bias_target()));
     }
     if (missed.empty()) continue;
-    std::string hint;
-    for (const std::string& m : missed)
-      if (contains(m, ".qkv.")) hint = "; fused qkv LoRAs are not supported";
     fail(str_cat("LoRA '", f.path, "': ", missed.size(), " of ", f.deltas.size(),
-                 " LoRA targets match no transformer weight: ", some(missed), hint));
+                 " LoRA targets match no transformer weight: ", some(missed)));
   }
+}
+
+std::string LoraSet::unmatched_report() const {
+  if (empty()) return "";
+  std::lock_guard<std::mutex> lock(state_->mu);
+  std::string msg;
+  size_t total = 0;
+  for (size_t fi = 0; fi < state_->files.size(); ++fi) {
+    const LoraFile& f = state_->files[fi];
+    std::vector<std::string> keys = f.ignored;
+    for (size_t di = 0; di < f.deltas.size(); ++di) {
+      const LoraDelta& d = f.deltas[di];
+      const uint8_t want = d.bias.defined() ? 3 : 1, got = state_->applied[fi][di];
+      if ((want & ~got) != 0) keys.push_back(d.key);
+    }
+    if (keys.empty()) continue;
+    total += keys.size();
+    msg += str_cat(msg.empty() ? "" : "; ", "'", f.path, "': ", some(keys, 8));
+  }
+  if (total == 0) return "";
+  return str_cat("LoRA: ", total, " adapter tensor", total == 1 ? "" : "s", " match no transformer weight and ",
+                 total == 1 ? "is" : "are", " not applied: ", msg);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -37,15 +37,34 @@ struct LoraSpec {
 };
 LoraSpec parse_lora_arg(const std::string& arg);
 
-// One target weight's low-rank update, in diffusers names.
+// What kind of update a delta is (LyCORIS: github.com/KohakuBlueleaf/LyCORIS, and the
+// papers: LoHa = FedPara, Hyeon-Woo et al. 2022; LoKr = Yeh et al. 2023, "Navigating
+// Text-To-Image Customization: From LyCORIS Fine-Tuning to Model Evaluation").
+enum class AdapterKind : uint8_t {
+  LoRA,  // ΔW = B·A
+  LoHa,  // ΔW = (w1a·w1b) ⊙ (w2a·w2b)
+  LoKr,  // ΔW = kron(w1, w2), each factor full or low-rank (w1a·w1b, w2a·w2b)
+};
+const char* adapter_kind_name(AdapterKind k);
+
+// One target weight's update, in diffusers names.
 struct LoraDelta {
   std::string target;  // "layers.0.attention.to_q.weight"
-  std::string key;     // the file's own key for A (lora_A / lora_down), for messages
-  Tensor A;            // [r, in]  f32
-  Tensor B;            // [out, r] f32
+  std::string key;     // the file's own key for A (lora_A / lora_down / hada_w1_a / lokr_w1), for messages
+  AdapterKind kind = AdapterKind::LoRA;
+  Tensor A;            // LoRA: [r, in]  f32
+  Tensor B;            // LoRA: [out, r] f32 (the target's rows only, for a split fused qkv)
   Tensor bias;         // [out] f32 (lora_B.bias, PEFT files only) or undefined; target's ".bias"
-  float factor = 1.0f; // alpha / r, from .alpha keys and/or lora_adapter_metadata
+  // LoHa: w1a [out, r1], w1b [r1, in], w2a [out, r2], w2b [r2, in].
+  // LoKr: w1 [a, c] or w1a·w1b; w2 [b, d] or w2a·w2b; ΔW [a·b, c·d].
+  Tensor w1, w1a, w1b, w2, w2a, w2b;
+  // LoHa/LoKr of a fused module (attention.qkv): this target takes rows
+  // [row_begin, row_begin + rows) of the module's ΔW; rows = -1: all of them.
+  int64_t row_begin = 0, rows = -1;
+  float factor = 1.0f; // alpha / r (alpha / rank of the low-rank factor for LoHa/LoKr, 1 without)
   std::string bias_target() const;  // "layers.0.attention.to_q.bias"
+  // The whole module's ΔW·factor [out, in] for LoHa/LoKr (f32), before the row range.
+  Tensor dense() const;
 };
 
 struct LoraFile {
@@ -58,11 +77,27 @@ struct LoraFile {
   std::vector<std::string> ignored;
 };
 
+// The diffusers module path of an adapter's module name in any style: kohya / LyCORIS
+// (`lora_unet_layers_0_attention_to_q`, `lycoris_…`), ComfyUI / ai-toolkit
+// (`diffusion_model.layers.0.attention.to_q`), PEFT (`transformer.…`), original-layout names
+// (`attention.out` → `attention.to_out.0`). A fused `attention.qkv` stays as it is (see
+// split_fused_qkv).
+std::string lora_module_name(const std::string& module);
+
+// Replaces each delta on a fused `attention.qkv.weight` by three on to_q/to_k/to_v (the rows
+// of B, or of the dense ΔW), which is what applying it to ComfyUI's fused weight does.
+// diffusers drops (kohya) or cannot apply (others) such entries; zimage applies them.
+void split_fused_qkv(LoraFile& f);
+
 // Reads and converts one file. Throws zi::Error naming the file and key for: DoRA
 // (dora_scale, lora_magnitude_vector), LoHa/LoKr/OFT/LoCon-mid/full-diff tensors, a missing
 // half of a pair, mismatched A/B ranks, tensors that are not 2-D, a non-scalar alpha, a
 // rank that contradicts lora_adapter_metadata, a key no rule converts, or no delta at all.
 LoraFile load_lora(const LoraSpec& spec);
+// A LyCORIS file (LoHa `hada_*`, LoKr `lokr_*`, possibly with plain lora_down/lora_up
+// modules): one delta per module, alpha / rank scaling as LyCORIS and ComfyUI apply it.
+bool is_lycoris_file(const SafetensorsFile& f);
+LoraFile load_lycoris(const SafetensorsFile& f, const LoraSpec& spec);
 std::vector<LoraFile> load_loras(const std::vector<LoraSpec>& specs);
 
 // The LoRA files of one run and which of their deltas have been merged. Copies share state,
@@ -84,6 +119,11 @@ class LoraSet {
   // After the weights were loaded: throws zi::Error, per file, listing a few deltas whose
   // target never came through the loader (no such transformer weight).
   void check_applied() const;
+
+  // After the weights were loaded: one line listing, over every file, each adapter tensor
+  // that matched no weight (deltas whose target never came through the loader, and keys
+  // dropped on purpose: other components', fused kohya qkv); "" when everything applied.
+  std::string unmatched_report() const;
 
  private:
   struct State;

@@ -345,6 +345,17 @@ int64_t dit_ffn_chunk_rows(const PhaseContext& ctx) {
 int dit_ffn_hidden(const DitConfig& cfg) { return int(double(cfg.dim) / 3.0 * 8.0); }
 int dit_adaln_dim(const DitConfig& cfg) { return std::min(cfg.dim, kAdalnEmbedDim); }
 
+// The learned pad embeddings [1, D]. Fine-tuned single files sometimes lack them or store them
+// empty: zeros then, as diffusers initialises them, with a notice.
+Tensor load_pad_token(WeightLoader& ld, const std::string& name, int64_t D) {
+  Tensor t = ld.load_optional(name, {1, D}, DType::F32);
+  if (t.defined()) return t;
+  const TensorStore::Entry e = ld.store().find(name);
+  if (e.file && e.info->numel() > 0) return t;  // present; a check-only load reads nothing
+  ld.note(str_cat(name, " is missing from ", ld.store().where(), ": using zeros (as diffusers initialises it)"));
+  return Tensor::zeros({1, D}, DType::F32, Tag::DitWeights, ld.device());
+}
+
 ZImageDit load_zimage_dit(WeightLoader& ld, const DitConfig& cfg, DType wdt) {
   check_config(cfg);
   ZI_CHECK(wdt == DType::F32 || wdt == DType::BF16 || wdt == DType::F16,
@@ -365,8 +376,8 @@ ZImageDit load_zimage_dit(WeightLoader& ld, const DitConfig& cfg, DType wdt) {
   m.cap_norm = ld.load("cap_embedder.0.weight", {Cf}, f32);
   m.cap_w = ld.load("cap_embedder.1.weight", {D, Cf}, wdt);
   m.cap_b = ld.load("cap_embedder.1.bias", {D}, f32);
-  m.x_pad_token = ld.load("x_pad_token", {1, D}, f32);
-  m.cap_pad_token = ld.load("cap_pad_token", {1, D}, f32);
+  m.x_pad_token = load_pad_token(ld, "x_pad_token", D);
+  m.cap_pad_token = load_pad_token(ld, "cap_pad_token", D);
   m.final_adaln_w = ld.load(fl + "adaLN_modulation.1.weight", {D, A}, wdt);
   m.final_adaln_b = ld.load(fl + "adaLN_modulation.1.bias", {D}, f32);
   m.final_w = ld.load(fl + "linear.weight", {P, D}, wdt);

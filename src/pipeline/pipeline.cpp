@@ -9,6 +9,7 @@
 #include "backends/device.h"
 #include "core/torch_random.h"
 #include "io/checkpoint.h"
+#include "io/model_sources.h"
 #include "io/png.h"
 #include "io/safetensors.h"
 #include "io/weight_loader.h"
@@ -78,8 +79,14 @@ class DevicePhase {
   double* release_;
 };
 
-Embeddings run_encode(const PhaseContext& ctx, const ModelFolder& mf, const GenerateOptions& o, bool cfg,
+void notice(const GenerateHooks& h, const std::string& line) {
+  if (h.on_notice) h.on_notice(line);
+  else std::fprintf(stderr, "warning: %s\n", line.c_str());
+}
+
+Embeddings run_encode(const PhaseContext& ctx, const ModelSources& src, const GenerateOptions& o, bool cfg,
                       ModelCache* cache) {
+  const ModelFolder& mf = src.folder;
   Embeddings e;
   if (o.embeddings) {  // computed before (--count, --prompt-embeds): no encoder unless a negative is missing
     e.pos = o.embeddings->pos;
@@ -104,7 +111,9 @@ Embeddings run_encode(const PhaseContext& ctx, const ModelFolder& mf, const Gene
   if (cfg) (void)tokenize_zimage_prompt(*tok, o.negative_prompt, o.max_sequence_length);
   if (!enc) {
     const double t0 = now_s();
-    enc = std::make_unique<Qwen3Encoder>(load_text_encoder(mf, o.text_encoder_dtype, o.text_rope_dtype, ctx));
+    const TensorStore store = src.open(Component::TextEncoder);
+    enc = std::make_unique<Qwen3Encoder>(
+        load_text_encoder(store, mf.text_encoder, o.text_encoder_dtype, o.text_rope_dtype, ctx));
     e.load_seconds += now_s() - t0;
   }
   if (!e.pos.defined()) e.pos = encode_prompt(*enc, *tok, o.prompt, o.max_sequence_length, &e.ids);
@@ -113,10 +122,12 @@ Embeddings run_encode(const PhaseContext& ctx, const ModelFolder& mf, const Gene
 }
 
 // The transformer with LoRAs merged and override tensors applied while streaming in.
-// check_only: the pre-flight check (nothing read, see WeightLoader::set_check_only).
-ZImageDit load_transformer(const PhaseContext& ctx, const ModelFolder& mf, const GenerateOptions& o,
-                           bool check_only = false) {
-  TensorStore store = TensorStore::open_dir(mf.transformer_dir);
+// check_only: the pre-flight check (nothing read, see WeightLoader::set_check_only); its
+// notices are left to the run (hooks may be null then).
+ZImageDit load_transformer(const PhaseContext& ctx, const ModelSources& src, const GenerateOptions& o,
+                           const GenerateHooks* hooks, bool check_only = false) {
+  const ModelFolder& mf = src.folder;
+  TensorStore store = src.open(Component::Transformer);
   WeightLoader loader(store, Tag::DitWeights, "transformer", ctx);
   loader.set_check_only(check_only);
   std::vector<LoraSpec> specs;
@@ -130,14 +141,28 @@ ZImageDit load_transformer(const PhaseContext& ctx, const ModelFolder& mf, const
   }
   ZImageDit dit = load_zimage_dit(loader, mf.transformer, o.transformer_dtype);
   loader.finish();
-  if (!loras.empty()) loras.check_applied();
+  if (hooks)
+    for (const std::string& n : loader.notes()) notice(*hooks, n);
+  if (!loras.empty()) {
+    const std::string unmatched = loras.unmatched_report();
+    if (!unmatched.empty()) {
+      if (o.lora_strict) fail(unmatched + " (--lora-strict)");
+      if (hooks) notice(*hooks, unmatched);
+    }
+  }
   return dit;
 }
 
 // The denoising loop of spec §4.5–4.7 on latents [C, h, w] (f32, updated in place).
-void run_denoise(const PhaseContext& ctx, const ModelFolder& mf, const GenerateOptions& o, const Embeddings& emb, Tensor& latents,
+void run_denoise(const PhaseContext& ctx, const ModelSources& src, const GenerateOptions& o, const Embeddings& emb,
+                 Tensor& latents,
                  const GenerateHooks& hooks, ModelCache* cache, double* load_seconds) {
-  SchedulerConfig sc = parse_scheduler_config(read_text_file(mf.scheduler_config_path), mf.scheduler_config_path);
+  const ModelFolder& mf = src.folder;
+  SchedulerConfig sc;
+  if (mf.scheduler_config_path.empty())
+    sc.shift = 3.0;  // no folder: Z-Image-Turbo's scheduler_config.json (shift 3, no dynamic shifting)
+  else
+    sc = parse_scheduler_config(read_text_file(mf.scheduler_config_path), mf.scheduler_config_path);
   const int64_t C = latents.dim(0), h = latents.dim(1), w = latents.dim(2);
   const int64_t seq = (h / 2) * (w / 2);
   Schedule sched = make_schedule(sc, o.steps, seq);
@@ -145,7 +170,7 @@ void run_denoise(const PhaseContext& ctx, const ModelFolder& mf, const GenerateO
   std::unique_ptr<ZImageDit>& dit = cache ? cache->transformer : local;
   if (!dit) {
     const double t0 = now_s();
-    dit = std::make_unique<ZImageDit>(load_transformer(ctx, mf, o));
+    dit = std::make_unique<ZImageDit>(load_transformer(ctx, src, o, &hooks));
     *load_seconds = now_s() - t0;
   }
   const size_t n = size_t(latents.numel());
@@ -169,8 +194,10 @@ void run_denoise(const PhaseContext& ctx, const ModelFolder& mf, const GenerateO
   }
 }
 
-VaeDecoder load_vae(const PhaseContext& ctx, const ModelFolder& mf, const GenerateOptions& o, bool check_only = false) {
-  TensorStore store = TensorStore::open_dir(mf.vae_dir);
+VaeDecoder load_vae(const PhaseContext& ctx, const ModelSources& src, const GenerateOptions& o,
+                    bool check_only = false) {
+  const ModelFolder& mf = src.folder;
+  TensorStore store = src.open(Component::Vae);
   WeightLoader loader(store, Tag::VaeWeights, "vae", ctx);
   loader.set_check_only(check_only);
   VaeDecoder vae = load_vae_decoder(loader, mf.vae, o.vae_dtype);
@@ -178,13 +205,14 @@ VaeDecoder load_vae(const PhaseContext& ctx, const ModelFolder& mf, const Genera
   return vae;
 }
 
-Tensor run_decode(const PhaseContext& ctx, const ModelFolder& mf, const GenerateOptions& o, const Tensor& latents,
+Tensor run_decode(const PhaseContext& ctx, const ModelSources& src, const GenerateOptions& o, const Tensor& latents,
                   ModelCache* cache, double* load_seconds, int* tile_used) {
+  const ModelFolder& mf = src.folder;
   std::unique_ptr<VaeDecoder> local;
   std::unique_ptr<VaeDecoder>& vae = cache ? cache->vae : local;
   if (!vae) {
     const double t0 = now_s();
-    vae = std::make_unique<VaeDecoder>(load_vae(ctx, mf, o));
+    vae = std::make_unique<VaeDecoder>(load_vae(ctx, src, o));
     *load_seconds = now_s() - t0;
   }
   // z = latents / scaling_factor + shift_factor, in f32 like the reference.
@@ -247,11 +275,14 @@ void validate_generate_options(const GenerateOptions& o) {
 
 void preflight_generate(const GenerateOptions& o) {
   validate_generate_options(o);
-  ModelFolder mf = open_model_folder(o.model_dir);
-  (void)parse_scheduler_config(read_text_file(mf.scheduler_config_path), mf.scheduler_config_path);
+  const ModelSources src =
+      resolve_model_sources({o.model_dir, o.diffusion_model_file, o.text_encoder_file, o.vae_file});
+  const ModelFolder& mf = src.folder;
+  if (!mf.scheduler_config_path.empty())
+    (void)parse_scheduler_config(read_text_file(mf.scheduler_config_path), mf.scheduler_config_path);
   const bool need_encoder = !o.embeddings || (o.guidance > 0 && !o.embeddings->neg.defined());
   if (need_encoder) {
-    TensorStore store = TensorStore::open_dir(mf.text_encoder_dir);
+    TensorStore store = src.open(Component::TextEncoder);
     WeightLoader loader(store, Tag::TextWeights, "text_encoder");
     loader.set_check_only(true);
     (void)load_qwen3_encoder(loader, mf.text_encoder, o.text_encoder_dtype);
@@ -263,8 +294,13 @@ void preflight_generate(const GenerateOptions& o) {
       fail(str_cat("prompt embeddings must be [L, ", mf.transformer.cap_feat_dim, "] for this model, got ",
                    p.defined() ? shape_str(p.shape()) : std::string("none")));
   }
-  (void)load_transformer(PhaseContext{}, mf, o, /*check_only=*/true);
-  (void)load_vae(PhaseContext{}, mf, o, /*check_only=*/true);
+  (void)load_transformer(PhaseContext{}, src, o, nullptr, /*check_only=*/true);
+  (void)load_vae(PhaseContext{}, src, o, /*check_only=*/true);
+}
+
+std::vector<std::string> validate_model_inputs(const GenerateOptions& o) {
+  preflight_generate(o);
+  return resolve_model_sources({o.model_dir, o.diffusion_model_file, o.text_encoder_file, o.vae_file}).notices;
 }
 
 GenerateResult generate(const GenerateOptions& o, const GenerateHooks& hooks, ModelCache* cache) {
@@ -272,7 +308,10 @@ GenerateResult generate(const GenerateOptions& o, const GenerateHooks& hooks, Mo
   validate_generate_options(o);
   if (o.cache_limit_bytes >= 0) set_host_cache_limit(size_t(o.cache_limit_bytes));
   LoadProgressScope progress(hooks.on_load);
-  ModelFolder mf = open_model_folder(o.model_dir);
+  const ModelSources src =
+      resolve_model_sources({o.model_dir, o.diffusion_model_file, o.text_encoder_file, o.vae_file});
+  for (const std::string& n : src.notices) notice(hooks, n);
+  const ModelFolder& mf = src.folder;
   const int sf = mf.vae.scale_factor();
   const int64_t C = mf.transformer.in_channels;
   const int64_t h = 2 * (o.height / (sf * 2)), w = 2 * (o.width / (sf * 2));
@@ -296,7 +335,7 @@ GenerateResult generate(const GenerateOptions& o, const GenerateHooks& hooks, Mo
     if (hooks.on_phase_start) hooks.on_phase_start("encode");
     PhaseScope phase("encode");
     DevicePhase on(o.text_encoder_device, o.precision, "encode", &r.release_seconds[0]);
-    emb = run_encode(on.ctx, mf, o, cfg, cache);
+    emb = run_encode(on.ctx, src, o, cfg, cache);
     r.load_seconds[0] = emb.load_seconds;
   }
   if (hooks.on_phase_end) hooks.on_phase_end("encode", ms.finished_phases().back().seconds);
@@ -316,7 +355,7 @@ GenerateResult generate(const GenerateOptions& o, const GenerateHooks& hooks, Mo
     if (hooks.on_phase_start) hooks.on_phase_start("denoise");
     PhaseScope phase("denoise");
     DevicePhase on(o.transformer_device, o.precision, "denoise", &r.release_seconds[1]);
-    run_denoise(on.ctx, mf, o, emb, latents, hooks, cache, &r.load_seconds[1]);
+    run_denoise(on.ctx, src, o, emb, latents, hooks, cache, &r.load_seconds[1]);
     emb = Embeddings{};  // the captions are not needed past this point
   }
   if (hooks.on_phase_end) hooks.on_phase_end("denoise", ms.finished_phases().back().seconds);
@@ -325,7 +364,7 @@ GenerateResult generate(const GenerateOptions& o, const GenerateHooks& hooks, Mo
     if (hooks.on_phase_start) hooks.on_phase_start("decode");
     PhaseScope phase("decode");
     DevicePhase on(o.vae_device, o.precision, "decode", &r.release_seconds[2]);
-    r.decoded = run_decode(on.ctx, mf, o, latents, cache, &r.load_seconds[2], &r.vae_tile_used);
+    r.decoded = run_decode(on.ctx, src, o, latents, cache, &r.load_seconds[2], &r.vae_tile_used);
     latents = Tensor();
   }
   if (hooks.on_phase_end) hooks.on_phase_end("decode", ms.finished_phases().back().seconds);

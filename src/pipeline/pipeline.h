@@ -30,7 +30,10 @@ struct PromptEmbeddings {
 };
 
 struct GenerateOptions {
-  std::string model_dir;
+  std::string model_dir;  // diffusers folder; may be empty when the files below supply every component
+  // Per-component files in any layout of io/layouts.h (--diffusion-model, --text-encoder, --vae);
+  // see io/model_sources.h for how they combine with model_dir.
+  std::string diffusion_model_file, text_encoder_file, vae_file;
   std::string prompt;
   std::string negative_prompt;  // used only with guidance > 0 ("" like the reference)
   int width = 1024, height = 1024;
@@ -45,6 +48,7 @@ struct GenerateOptions {
   DType vae_dtype = DType::BF16;
   int vae_tile = 0;  // latent pixels per tile; 0: untiled; -1: pick from available memory
   std::vector<std::pair<std::string, float>> loras;  // (file, scale)
+  bool lora_strict = false;  // adapter tensors matching no weight: an error instead of a warning
   std::string transformer_override;
   // How the text encoder's RoPE frequencies are held. F32 is what transformers does when a
   // model is loaded in bf16; BF16 reproduces the bundled fixtures, whose maker cast the
@@ -88,6 +92,8 @@ struct GenerateHooks {
   // While a component's weights load: bytes read of its files so far, of total.
   std::function<void(const std::string& component, int64_t done, int64_t total)> on_load;
   const std::atomic<bool>* cancel = nullptr;
+  // One-line notices (stray tensors in a file, LoRA keys matching no weight). Default: stderr.
+  std::function<void(const std::string&)> on_notice;
 };
 
 struct GenerateResult {
@@ -109,6 +115,11 @@ struct GenerateResult {
 // Checks sizes, steps and guidance before anything is allocated; throws zi::UsageError
 // with the flag name (and, for absurd sizes, the memory that size would need).
 void validate_generate_options(const GenerateOptions& o);
+
+// Resolves and checks the model inputs (folder, component files and their layouts, LoRA
+// files) without reading weights; returns the notices a run would print (stray tensors, ...).
+// Throws zi::Error / zi::UsageError naming the file, tensor or flag.
+std::vector<std::string> validate_model_inputs(const GenerateOptions& o);
 
 // Everything a run will read, checked before any phase starts (issue 15), in well under a
 // second for the real model: the model folder and configs, every safetensors header (shard

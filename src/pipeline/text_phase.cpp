@@ -35,13 +35,18 @@ void check_ids_fit(const Qwen3Encoder& enc, const std::vector<int32_t>& ids) {
 
 }  // namespace
 
-Qwen3Encoder load_text_encoder(const ModelFolder& mf, DType wdt, DType rope_freq_dtype, const PhaseContext& ctx) {
-  const TensorStore store = TensorStore::open_dir(mf.text_encoder_dir);
+Qwen3Encoder load_text_encoder(const TensorStore& store, const Qwen3Config& cfg, DType wdt, DType rope_freq_dtype,
+                               const PhaseContext& ctx) {
   WeightLoader loader(store, Tag::TextWeights, "text_encoder", ctx);
-  Qwen3Encoder enc = load_qwen3_encoder(loader, mf.text_encoder, wdt);
+  Qwen3Encoder enc = load_qwen3_encoder(loader, cfg, wdt);
   loader.finish();
   enc.rope_freq_dtype = rope_freq_dtype;
-  return enc;  // the store (its mappings) closes here; the weights are owned copies
+  return enc;  // the weights are owned copies; the caller's store may close
+}
+
+Qwen3Encoder load_text_encoder(const ModelFolder& mf, DType wdt, DType rope_freq_dtype, const PhaseContext& ctx) {
+  const TensorStore store = TensorStore::open_dir(mf.text_encoder_dir);
+  return load_text_encoder(store, mf.text_encoder, wdt, rope_freq_dtype, ctx);
 }
 
 Tensor encode_prompt(const Qwen3Encoder& enc, const BpeTokenizer& tok, const std::string& prompt,

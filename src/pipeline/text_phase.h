@@ -8,6 +8,7 @@
 
 #include "core/tensor.h"
 #include "io/checkpoint.h"
+#include "io/safetensors.h"
 #include "models/qwen3_encoder.h"
 #include "text/bpe_tokenizer.h"
 
@@ -19,6 +20,9 @@ namespace zi {
 // `ctx`: the phase's device and activation dtype (the CPU by default).
 Qwen3Encoder load_text_encoder(const ModelFolder& mf, DType wdt, DType rope_freq_dtype = DType::F32,
                                const PhaseContext& ctx = {});
+// The same from any store (a single file through io/layouts.h).
+Qwen3Encoder load_text_encoder(const TensorStore& store, const Qwen3Config& cfg, DType wdt,
+                               DType rope_freq_dtype = DType::F32, const PhaseContext& ctx = {});
 
 // Prompt embeddings with an already loaded encoder and tokenizer: [L, hidden] f32, where
 // L ≤ max_sequence_length is the number of real (unpadded) tokens. `ids_out` receives the ids.
