@@ -22,6 +22,7 @@ int main(int argc, char** argv) {
   zi::cli::add_tokenize(app);
   zi::cli::add_inspect(app);
   zi::cli::add_make_random_model(app);
+  zi::cli::add_serve(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -1,0 +1,58 @@
+// The model side of zimage serve: the resident components (ModelCache), the batch runner
+// the scheduler calls, the PNG with the CLI's parameters chunk, and the batch size chosen
+// from free memory.
+#pragma once
+#include <memory>
+#include <string>
+
+#include "pipeline/pipeline.h"
+#include "server/scheduler.h"
+
+namespace zi::server {
+
+struct Residency {
+  bool text_encoder = true, transformer = true, vae = true;
+};
+// "all", "none", or a comma list of text-encoder, transformer, vae. Throws UsageError.
+Residency parse_residency(const std::string& s);
+std::string residency_str(const Residency& r);
+
+// The `parameters` text chunk of `zimage generate`'s PNGs for these options (one image).
+std::string parameters_text(const GenerateOptions& o, int width, int height);
+
+struct EngineOptions {
+  GenerateOptions defaults;  // model, dtypes, devices and the generate defaults
+  Residency resident;
+  int max_batch = 0;         // 0: from free memory (at most 16)
+  int64_t max_pixels = 1024 * 1024;
+};
+
+class Engine {
+ public:
+  explicit Engine(EngineOptions o);
+  ~Engine();
+  // Loads the resident components (once, before serving).
+  void load();
+  // The scheduler's BatchRunner.
+  std::vector<BatchOutcome> run(const BatchWork& w,
+                                const std::function<void(const std::string&, int, int, double)>& progress);
+  // Images per DiT batch: --max-batch, else what half of the free memory holds at the largest
+  // allowed size (the DiT's activations per image), from 1 to 16.
+  int max_batch() const;
+  const EngineOptions& options() const { return o_; }
+  std::string model_name() const;  // the model folder's name
+
+ private:
+  EngineOptions o_;
+  ModelCache cache_;
+};
+
+// Host and device memory for /metrics.
+struct MemoryFigures {
+  int64_t host_rss = 0, host_peak_rss = 0, host_available = 0, host_accounted = 0;
+  bool has_device = false;
+  int64_t device_free = 0, device_accounted = 0, device_accounted_peak = 0, device_reserved = 0;
+};
+MemoryFigures memory_figures();
+
+}  // namespace zi::server
