@@ -54,7 +54,8 @@ void run_serve(ServeArgs& a) {
   if (a.max_batch < 0 || a.max_batch > 64) throw UsageError(str_cat("--max-batch must be from 0 (auto) to 64, got ", a.max_batch));
   if (a.max_pixels < 256) throw UsageError(str_cat("--max-pixels must be at least 256, got ", a.max_pixels));
   if (a.max_n < 1) throw UsageError(str_cat("--max-n must be at least 1, got ", a.max_n));
-  if (a.max_steps < 1) throw UsageError(str_cat("--max-steps must be at least 1, got ", a.max_steps));
+  if (a.max_steps < 1 || a.max_steps > 1000)
+    throw UsageError(str_cat("--max-steps must be from 1 to 1000 (the pipeline's limit), got ", a.max_steps));
   if (a.batch_wait_ms < 0) throw UsageError(str_cat("--batch-wait-ms must not be negative, got ", a.batch_wait_ms));
   if (!(a.shutdown_timeout >= 0)) throw UsageError("--shutdown-timeout must not be negative");
 
@@ -170,10 +171,12 @@ void run_serve(ServeArgs& a) {
   if (!a.quiet)
     std::fprintf(stderr, "zimage serve: %s: no new requests; finishing queued work (at most %.0f s)\n",
                  sig == SIGTERM ? "SIGTERM" : "SIGINT", a.shutdown_timeout);
+  // New work is refused with 503 (and /health says so) while queued and running jobs finish;
+  // past the deadline they are cancelled. Then the listening socket closes.
   sched.stop_accepting();
-  http.stop();
   sched.drain(std::chrono::steady_clock::now() +
               std::chrono::milliseconds(int64_t(a.shutdown_timeout * 1000)));
+  http.stop();
   listener.join();
   if (!a.quiet) std::fprintf(stderr, "zimage serve: stopped\n");
 }

@@ -10,7 +10,9 @@
 
 #include <httplib.h>
 
+#include <atomic>
 #include <chrono>
+#include <thread>
 #include <cstdio>
 #include <ctime>
 
@@ -37,7 +39,8 @@ void send_error(httplib::Response& res, int status, const std::string& message, 
                      : status >= 500 ? "server_error"
                                      : "invalid_request_error";
   res.status = status;
-  res.set_content(error_json(message, field, type).dump(), kJson);
+  // Invalid UTF-8 echoed from a malformed body becomes U+FFFD instead of throwing.
+  res.set_content(error_json(message, field, type).dump(-1, ' ', false, json::error_handler_t::replace), kJson);
 }
 
 // Constant-time comparison of the key.
@@ -171,6 +174,7 @@ struct HttpServer::Impl {
   Engine& engine;
   httplib::Server svr;
   int port = 0;
+  std::atomic<int> streams{0};  // event streams open (stop() lets them send their last event)
 
   Impl(HttpOptions opt, Scheduler& s, Engine& e) : o(std::move(opt)), sched(s), engine(e) { routes(); }
 
@@ -403,6 +407,7 @@ struct HttpServer::Impl {
       res.set_header("Cache-Control", "no-cache");
       res.set_header("X-Accel-Buffering", "no");
       auto seen = std::make_shared<uint64_t>(0);
+      ++streams;
       res.set_chunked_content_provider("text/event-stream", [this, id, seen](size_t, httplib::DataSink& sink) {
         JobView v;
         if (!sched.wait_change(id, *seen, std::chrono::seconds(10), &v, false)) {
@@ -422,7 +427,7 @@ struct HttpServer::Impl {
         if (!sink.write(msg.data(), msg.size())) return false;
         if (terminal(v.state)) sink.done();
         return true;
-      });
+      }, [this](bool) { --streams; });
     });
   }
 
@@ -510,6 +515,13 @@ int HttpServer::bind() {
 }
 
 void HttpServer::listen() { impl_->svr.listen_after_bind(); }
-void HttpServer::stop() { impl_->svr.stop(); }
+void HttpServer::stop(std::chrono::milliseconds grace) {
+  // The library ends chunked responses as soon as it stops: give open event streams a moment
+  // to deliver their jobs' last event first.
+  const auto until = std::chrono::steady_clock::now() + grace;
+  while (impl_->streams.load() > 0 && std::chrono::steady_clock::now() < until)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  impl_->svr.stop();
+}
 
 }  // namespace zi::server

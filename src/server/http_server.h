@@ -1,6 +1,7 @@
 // The HTTP front of zimage serve (cpp-httplib): routes, API-key check, request limits, the
 // OpenAI / A1111 / jobs endpoints, server-sent progress events, /metrics and the web page.
 #pragma once
+#include <chrono>
 #include <memory>
 #include <string>
 
@@ -27,8 +28,9 @@ class HttpServer {
   int bind();
   // Serves until stop(); returns when every connection has finished.
   void listen();
-  // Stops accepting connections (thread-safe; requests in flight finish).
-  void stop();
+  // Closes the listening socket (thread-safe). Open event streams get up to `grace` to send
+  // their last event; synchronous requests in flight still get their reply.
+  void stop(std::chrono::milliseconds grace = std::chrono::milliseconds(2000));
 
  private:
   struct Impl;
