@@ -101,10 +101,19 @@ std::vector<BatchOutcome> Engine::run(const BatchWork& w,
   hooks.on_step = [&](int s, int n, double e, int) { progress("denoise", s, n, e); };
   std::vector<BatchOutcome> out(items.size());
   std::vector<BatchItemResult> res;
+  const bool gpu = cuda::available();
+  memory_stats(Device::CPU).reset_peaks();
+  if (gpu) memory_stats(Device::CUDA).reset_peaks();
   try {
     res = generate_batch(items, hooks, cache_);
   } catch (const std::exception& e) {
     for (auto& o : out) o.error = e.what();
+  }
+  {
+    std::lock_guard<std::mutex> lock(peaks_mu_);
+    auto& p = peaks_[int(items.size())];
+    p.first = std::max(p.first, memory_stats(Device::CPU).total().peak);
+    if (gpu) p.second = std::max(p.second, memory_stats(Device::CUDA).total().peak);
   }
   for (size_t i = 0; i < res.size(); ++i) {
     BatchOutcome& o = out[i];
@@ -146,6 +155,11 @@ std::vector<BatchOutcome> Engine::run(const BatchWork& w,
     }
   }
   return out;
+}
+
+std::map<int, std::pair<int64_t, int64_t>> Engine::peaks_by_batch_size() const {
+  std::lock_guard<std::mutex> lock(peaks_mu_);
+  return peaks_;
 }
 
 MemoryFigures memory_figures() {

@@ -2,7 +2,9 @@
 // the scheduler calls, the PNG with the CLI's parameters chunk, and the batch size chosen
 // from free memory.
 #pragma once
+#include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 
 #include "pipeline/pipeline.h"
@@ -42,9 +44,14 @@ class Engine {
   const EngineOptions& options() const { return o_; }
   std::string model_name() const;  // the model folder's name
 
+  // Peak accounted bytes (host, device) seen in batches of each size, for /metrics.
+  std::map<int, std::pair<int64_t, int64_t>> peaks_by_batch_size() const;
+
  private:
   EngineOptions o_;
   ModelCache cache_;
+  mutable std::mutex peaks_mu_;
+  std::map<int, std::pair<int64_t, int64_t>> peaks_;
 };
 
 // Host and device memory for /metrics.

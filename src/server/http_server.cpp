@@ -483,7 +483,12 @@ struct HttpServer::Impl {
     line("zimage_host_available_bytes", double(m.host_available));
     metric("zimage_host_accounted_bytes", "gauge", "Host bytes held by zimage's allocator (weights and activations)");
     line("zimage_host_accounted_bytes", double(m.host_accounted));
+    const auto peaks = engine.peaks_by_batch_size();
+    metric("zimage_batch_peak_host_bytes", "gauge", "Most host bytes held by zimage's allocator during a batch of this size");
+    for (const auto& [b, p] : peaks) line(str_cat("zimage_batch_peak_host_bytes{size=\"", b, "\"}"), double(p.first));
     if (m.has_device) {
+      metric("zimage_batch_peak_device_bytes", "gauge", "Most GPU bytes held during a batch of this size");
+      for (const auto& [b, p] : peaks) line(str_cat("zimage_batch_peak_device_bytes{size=\"", b, "\"}"), double(p.second));
       metric("zimage_device_free_bytes", "gauge", "Free GPU memory (driver free plus the pool's cache)");
       line("zimage_device_free_bytes", double(m.device_free));
       metric("zimage_device_accounted_bytes", "gauge", "GPU bytes held by zimage's allocator");
