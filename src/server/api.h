@@ -34,7 +34,6 @@ struct Limits {
 struct ImageRequest {
   GenerateOptions options;  // model, dtypes, devices and defaults from the server
   int n = 1;
-  bool want_url = false;  // never true: response_format "url" is rejected (see README)
 };
 
 // Parses a body into JSON: malformed → ApiError 400; not an object → 400.
