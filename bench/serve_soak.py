@@ -73,6 +73,7 @@ def main():
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--interval", type=float, default=5)
     ap.add_argument("--out", default="serve_soak.csv")
+    ap.add_argument("--server-args", default="", help="more `zimage serve` flags, e.g. '--device cuda'")
     a = ap.parse_args()
 
     proc = None
@@ -80,9 +81,14 @@ def main():
         base = a.url.rstrip("/")
     else:
         proc = subprocess.Popen([a.bin, "serve", "--port", "0", "--model", a.model, "--threads", a.threads, "-W",
-                                 str(a.size), "-H", str(a.size), "--steps", str(a.steps), "--max-queue", "64", "-q"],
+                                 str(a.size), "-H", str(a.size), "--steps", str(a.steps), "--max-queue", "64", "-q",
+                                 *a.server_args.split()],
                                 stderr=subprocess.PIPE)
-        line = proc.stderr.readline().decode()
+        line = ""
+        while proc.poll() is None:  # model loading can take a while
+            line = proc.stderr.readline().decode()
+            if "listening on" in line or not line:
+                break
         m = re.search(r"listening on http://[^:]+:(\d+)", line)
         if not m:
             print("server did not start: " + line, file=sys.stderr)

@@ -7,6 +7,10 @@
 #   with 16 clients (48 requests); images/s, latency p50/p95, batch sizes, and the device memory
 #   peak per batch size (server A's /metrics zimage_batch_peak_device_bytes).
 # Here first: bench/gpu/pack_carry.sh (carry .carry). There: OUT=$OUT bash bench/gpu/serve_bench.sh
+# Soak with device memory (>= 10 minutes, longer than one device command): in one call
+#   bash bench/gpu/serve_bench.sh soak-start     (leaves the model and a setsid'ed soak running)
+# and 11+ minutes later, in another call on the same warm machine,
+#   OUT=$OUT bash bench/gpu/serve_bench.sh soak-collect   (copies the CSV and the verdict to $OUT)
 # The load generator is bench/serve_load.py (Python standard library only).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -50,6 +54,19 @@ if [ ! -f "$M/model_index.json" ]; then
   CLEAN_MODEL=1
 fi
 stamp "model ready"
+
+if [ "${1:-}" = soak-start ]; then  # 512², 8 steps, 8 clients, 10 minutes; host RSS and GPU memory
+  rm -rf /tmp/zi-soak && mkdir -p /tmp/zi-soak
+  LD_LIBRARY_PATH="${ZLIB:+$ZLIB:}$LD_LIBRARY_PATH" setsid nohup python3 bench/serve_soak.py --bin "$BIN" --model "$M" \
+    --threads 0 --size 512 --steps 8 --clients 8 --minutes 10 --interval 10 --server-args "--device cuda" \
+    --out /tmp/zi-soak/serve_soak_gpu.csv > /tmp/zi-soak/serve_soak_gpu.json 2>&1 < /dev/null &
+  stamp "soak started (collect after 11 minutes: serve_bench.sh soak-collect)"
+  exit 0
+fi
+if [ "${1:-}" = soak-collect ]; then
+  cp /tmp/zi-soak/* "$OUT/" && cat "$OUT/serve_soak_gpu.json"
+  exit 0
+fi
 
 RESULTS="$OUT/serve_bench.jsonl"
 : > "$RESULTS"
