@@ -26,12 +26,12 @@ def test_32_clients_x_4_requests(server):
             try:
                 if k % 2 == 0:  # OpenAI shape
                     resp = s.post(server.url + "/v1/images/generations",
-                                  json={"prompt": prompt, "seed": seed, "size": "64x64", "steps": 2}, timeout=300)
+                                  json={"prompt": prompt, "seed": seed, "size": "32x32", "steps": 2}, timeout=300)
                     ok = resp.status_code == 200
                     b64 = resp.json()["data"][0]["b64_json"] if ok else None
                 else:  # A1111 shape
                     resp = s.post(server.url + "/sdapi/v1/txt2img",
-                                  json={"prompt": prompt, "seed": seed, "width": 64, "height": 64, "steps": 2},
+                                  json={"prompt": prompt, "seed": seed, "width": 32, "height": 32, "steps": 2},
                                   timeout=300)
                     ok = resp.status_code == 200
                     b64 = resp.json()["images"][0] if ok else None
@@ -54,7 +54,7 @@ def test_32_clients_x_4_requests(server):
     assert not errors, errors[:5]
     assert len(results) == CLIENTS * PER_CLIENT, "lost requests"
 
-    want = {p: cli_images(p, 100, count=SEEDS) for p in PROMPTS}
+    want = {p: cli_images(p, 100, count=SEEDS, size=32) for p in PROMPTS}
     for k, (prompt, seed, b64) in results.items():
         _, rgb, text = b64_pixels(b64)
         ref = want[prompt][seed - 100]
