@@ -101,7 +101,7 @@ std::vector<BatchOutcome> Engine::run(const BatchWork& w,
   hooks.on_step = [&](int s, int n, double e, int) { progress("denoise", s, n, e); };
   std::vector<BatchOutcome> out(items.size());
   std::vector<BatchItemResult> res;
-  const bool gpu = cuda::available();
+  const bool gpu = uses_gpu();
   memory_stats(Device::CPU).reset_peaks();
   if (gpu) memory_stats(Device::CUDA).reset_peaks();
   try {
@@ -162,13 +162,18 @@ std::map<int, std::pair<int64_t, int64_t>> Engine::peaks_by_batch_size() const {
   return peaks_;
 }
 
-MemoryFigures memory_figures() {
+bool Engine::uses_gpu() const {
+  const GenerateOptions& d = o_.defaults;
+  return d.text_encoder_device == Device::CUDA || d.transformer_device == Device::CUDA || d.vae_device == Device::CUDA;
+}
+
+MemoryFigures memory_figures(bool device) {
   MemoryFigures m;
   m.host_rss = current_rss_bytes();
   m.host_peak_rss = peak_rss_bytes();
   m.host_available = available_host_bytes();
   m.host_accounted = memory_stats(Device::CPU).total().current;
-  if (cuda::available()) {
+  if (device && cuda::available()) {
     m.has_device = true;
     m.device_free = cuda::memory_free_bytes();
     const Stat s = memory_stats(Device::CUDA).total();

@@ -43,6 +43,7 @@ class Engine {
   int max_batch() const;
   const EngineOptions& options() const { return o_; }
   std::string model_name() const;  // the model folder's name
+  bool uses_gpu() const;           // some component runs on CUDA
 
   // Peak accounted bytes (host, device) seen in batches of each size, for /metrics.
   std::map<int, std::pair<int64_t, int64_t>> peaks_by_batch_size() const;
@@ -60,6 +61,7 @@ struct MemoryFigures {
   bool has_device = false;
   int64_t device_free = 0, device_accounted = 0, device_accounted_peak = 0, device_reserved = 0;
 };
-MemoryFigures memory_figures();
+// Device figures only with `device` (querying them would otherwise start a CUDA context).
+MemoryFigures memory_figures(bool device);
 
 }  // namespace zi::server

@@ -239,6 +239,12 @@ struct HttpServer::Impl {
 
   void routes() {
     svr.set_payload_max_length(o.limits.max_body_bytes);
+    // SO_REUSEADDR only: the library's default adds SO_REUSEPORT, which would let a second
+    // server bind the same port and silently take half of its connections.
+    svr.set_socket_options([](socket_t sock) {
+      int yes = 1;
+      setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof yes);
+    });
     const int threads = o.threads > 0 ? o.threads : 2 * o.max_queue + 16;
     svr.new_task_queue = [threads] { return new httplib::ThreadPool(size_t(threads)); };
     svr.set_keep_alive_timeout(5);
@@ -433,7 +439,7 @@ struct HttpServer::Impl {
 
   std::string metrics() {
     const SchedulerStats s = sched.stats();
-    const MemoryFigures m = memory_figures();
+    const MemoryFigures m = memory_figures(engine.uses_gpu());
     std::string out;
     auto metric = [&](const char* name, const char* type, const char* help) {
       out += str_cat("# HELP ", name, " ", help, "\n# TYPE ", name, " ", type, "\n");

@@ -100,11 +100,13 @@ def test_a1111_get_endpoints(server):
 def test_health_and_metrics(server):
     h = requests.get(server.url + "/health")
     assert h.status_code == 200 and h.json()["status"] == "ok"
+    assert requests.post(server.url + "/v1/images/generations", json={"prompt": "m", "seed": 1}).status_code == 200
     m = server.metrics()
     for name in ("zimage_queue_depth", "zimage_images_total", "zimage_step_seconds_sum", "zimage_host_rss_bytes",
                  'zimage_phase_seconds_sum{phase="denoise"}', "zimage_max_batch"):
         assert name in m, name
-    assert m["zimage_host_rss_bytes"] > 0
+    assert m["zimage_host_rss_bytes"] > 0 and m["zimage_images_total"] >= 1
+    assert m['zimage_batch_peak_host_bytes{size="1"}'] > 0
 
 
 def test_job_events_and_result(server):
@@ -297,3 +299,12 @@ def test_sigterm_deadline_cancels(make_server):
     s.proc.send_signal(15)
     assert s.proc.wait(60) == 0
     assert time.time() - t0 < 20
+
+
+def test_port_in_use_is_an_error(server):
+    import subprocess
+    from conftest import BIN
+    r = subprocess.run([BIN, "serve", "--port", str(server.port), "--model", TINY, "-q"], capture_output=True,
+                       timeout=120)
+    assert r.returncode == 1
+    assert b"cannot listen on 127.0.0.1:%d" % server.port in r.stderr
