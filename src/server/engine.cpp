@@ -12,7 +12,8 @@
 #include "models/vae_decoder.h"
 #include "models/zimage_dit.h"
 #include "text/bpe_tokenizer.h"
-#include "server/png_memory.h"
+#include "io/image_codec.h"
+#include "pipeline/metadata.h"
 
 namespace zi::server {
 
@@ -42,19 +43,6 @@ std::string residency_str(const Residency& r) {
   add(r.transformer, "transformer");
   add(r.vae, "vae");
   return s.empty() ? "none" : s;
-}
-
-std::string parameters_text(const GenerateOptions& o, int w, int h) {
-  // The same text as `zimage generate` writes (src/cli/cmd_generate.cpp).
-  std::string s = o.prompt + "\n";
-  if (o.guidance > 0) s += "Negative prompt: " + o.negative_prompt + "\n";
-  s += str_cat("Steps: ", o.steps, ", Guidance: ", o.guidance, ", Seed: ", o.seed, ", Size: ", w, "x", h,
-               ", Max sequence length: ", o.max_sequence_length);
-  if (o.guidance > 0) s += str_cat(", CFG normalization: ", o.cfg_normalization, ", CFG truncation: ", o.cfg_truncation);
-  for (const auto& [f, sc] : o.loras) s += str_cat(", LoRA: ", f, ":", sc);
-  if (!o.transformer_override.empty()) s += ", Transformer override: " + o.transformer_override;
-  s += ", Model: " + o.model_dir + ", zimage " ZIMAGE_VERSION;
-  return s;
 }
 
 Engine::Engine(EngineOptions o) : o_(std::move(o)) {}
@@ -134,9 +122,17 @@ std::vector<BatchOutcome> Engine::run(const BatchWork& w,
     const GenerateResult& r = res[i].result;
     try {
       o.image.seed = items[i].options.seed;
-      o.image.parameters = parameters_text(items[i].options, r.width, r.height);
-      o.image.png = encode_png(r.rgb.data(), r.width, r.height,
-                               {{"parameters", o.image.parameters}, {"Software", "zimage " ZIMAGE_VERSION}});
+      // The same metadata as `zimage generate` writes (src/pipeline/metadata).
+      MetadataInput mi;
+      mi.options = &items[i].options;
+      mi.width = r.width;
+      mi.height = r.height;
+      mi.vae_tile_used = r.vae_tile_used;
+      const TextChunks meta = image_metadata(mi);
+      for (const auto& [k, v] : meta)
+        if (k == "parameters") o.image.parameters = v;
+      const std::vector<uint8_t> png = encode_image(ImageFormat::PNG, r.rgb.data(), r.width, r.height, {}, meta);
+      o.image.png.assign(png.begin(), png.end());
       o.ok = true;
     } catch (const std::exception& e) {
       o.error = e.what();

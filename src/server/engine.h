@@ -19,9 +19,6 @@ struct Residency {
 Residency parse_residency(const std::string& s);
 std::string residency_str(const Residency& r);
 
-// The `parameters` text chunk of `zimage generate`'s PNGs for these options (one image).
-std::string parameters_text(const GenerateOptions& o, int width, int height);
-
 struct EngineOptions {
   GenerateOptions defaults;  // model, dtypes, devices and the generate defaults
   Residency resident;

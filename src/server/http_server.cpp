@@ -17,7 +17,7 @@
 #include <ctime>
 
 #include "core/check.h"
-#include "server/png_memory.h"
+#include "server/base64.h"
 #include "server/web_page.h"
 
 namespace zi::server {
