@@ -9,7 +9,7 @@
 #include <memory>
 #include <thread>
 
-#include "backends/cuda/cuda_ops.h"
+#include "backends/device.h"
 #include "cli/common.h"
 #include "core/check.h"
 #include "core/parallel.h"
@@ -84,20 +84,20 @@ void run_serve(ServeArgs& a) {
     d.loras.emplace_back(spec.path, spec.scale);
   }
   d.transformer_override = a.transformer_override;
-  auto device = [](const std::string& v, const char* flag, Device dflt) {
+  auto parse_device = [](const std::string& v, const char* flag, Device dflt) {
     if (v.empty()) return dflt;
     if (v == "cpu") return Device::CPU;
     if (v == "cuda") {
-      if (!cuda::available())
-        throw UsageError(str_cat(flag, " cuda: no usable CUDA GPU (or this zimage was built without CUDA)"));
+      if (!device::gpu_available())
+        throw UsageError(str_cat(flag, " cuda: no usable CUDA GPU: ", device::gpu_unavailable_reason()));
       return Device::CUDA;
     }
     throw UsageError(str_cat(flag, " must be cpu or cuda, got '", v, "'"));
   };
-  const Device dev = device(a.device, "--device", cuda::available() ? Device::CUDA : Device::CPU);
+  const Device dev = parse_device(a.device, "--device", device::gpu_available() ? Device::CUDA : Device::CPU);
   d.transformer_device = dev;
-  d.text_encoder_device = device(a.te_device, "--text-encoder-device", dev);
-  d.vae_device = device(a.vae_device, "--vae-device", dev);
+  d.text_encoder_device = parse_device(a.te_device, "--text-encoder-device", dev);
+  d.vae_device = parse_device(a.vae_device, "--vae-device", dev);
   if (a.precision == "bf16") d.precision = DType::BF16;
   else if (a.precision == "f32") d.precision = DType::F32;
   else throw UsageError(str_cat("--precision must be bf16 or f32, got '", a.precision, "'"));

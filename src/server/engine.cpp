@@ -4,7 +4,7 @@
 #include <filesystem>
 #include <sstream>
 
-#include "backends/cuda/cuda_ops.h"
+#include "backends/device.h"
 #include "core/allocator.h"
 #include "core/check.h"
 #include "io/checkpoint.h"
@@ -71,7 +71,7 @@ int Engine::max_batch() const {
   const int64_t per_image =
       estimate_denoise_activation_bytes(c.dim, dit_ffn_hidden(c), side, side, o_.defaults.max_sequence_length);
   const bool gpu = o_.defaults.transformer_device == Device::CUDA;
-  const int64_t free_bytes = gpu ? cuda::memory_free_bytes() : available_host_bytes();
+  const int64_t free_bytes = gpu ? device::memory_free_bytes(Device::CUDA) : available_host_bytes();
   const int64_t b = free_bytes / 2 / std::max<int64_t>(per_image, 1);
   return int(std::clamp<int64_t>(b, 1, 16));
 }
@@ -146,7 +146,7 @@ std::vector<BatchOutcome> Engine::run(const BatchWork& w,
   if (!all_resident && (o_.defaults.transformer_device == Device::CUDA ||
                         o_.defaults.text_encoder_device == Device::CUDA || o_.defaults.vae_device == Device::CUDA)) {
     try {
-      cuda::trim_cache();
+      device::trim(Device::CUDA);
     } catch (...) {
     }
   }
@@ -163,19 +163,19 @@ bool Engine::uses_gpu() const {
   return d.text_encoder_device == Device::CUDA || d.transformer_device == Device::CUDA || d.vae_device == Device::CUDA;
 }
 
-MemoryFigures memory_figures(bool device) {
+MemoryFigures memory_figures(bool with_device) {
   MemoryFigures m;
   m.host_rss = current_rss_bytes();
   m.host_peak_rss = peak_rss_bytes();
   m.host_available = available_host_bytes();
   m.host_accounted = memory_stats(Device::CPU).total().current;
-  if (device && cuda::available()) {
+  if (with_device && device::gpu_available()) {
     m.has_device = true;
-    m.device_free = cuda::memory_free_bytes();
+    m.device_free = device::memory_free_bytes(Device::CUDA);
     const Stat s = memory_stats(Device::CUDA).total();
     m.device_accounted = s.current;
     m.device_accounted_peak = s.peak;
-    m.device_reserved = cuda::pool_stats().reserved_now;
+    m.device_reserved = device::pool_stats(Device::CUDA).reserved_now;
   }
   return m;
 }

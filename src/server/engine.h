@@ -59,6 +59,6 @@ struct MemoryFigures {
   int64_t device_free = 0, device_accounted = 0, device_accounted_peak = 0, device_reserved = 0;
 };
 // Device figures only with `device` (querying them would otherwise start a CUDA context).
-MemoryFigures memory_figures(bool device);
+MemoryFigures memory_figures(bool with_device);
 
 }  // namespace zi::server
