@@ -3,6 +3,9 @@
 // batch, every Turbo step, both CFG branches; plus batching, loader errors and weight dtypes.
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <cstring>
+
 #include <cstdio>
 #include <filesystem>
 #include <string>
@@ -142,6 +145,37 @@ TEST(Dit, BatchEqualsIndividualCallsExactly) {
   const std::vector<Tensor> batch = dit_forward_batch(m, xs, ts, caps);
   ASSERT_EQ(batch.size(), 2u);
   for (size_t i = 0; i < 2; ++i) EXPECT_EQ(test::max_abs_diff(batch[i], dit_forward(m, xs[i], ts[i], caps[i])), 0.0);
+}
+
+TEST(Dit, StackedBatchIsBitIdenticalToOneAtATime) {
+  // One timestep and one size: the items' rows are stacked through every linear layer and
+  // attention runs per item. Captions of different lengths (so different RoPE positions and
+  // padding); the result must be exactly dit_forward's, item by item, on the CPU.
+  const ZImageDit& m = tiny_bf16();
+  const SafetensorsFile f = SafetensorsFile::open(test::data_path("expected/components.safetensors"));
+  const Tensor x0 = f.load("dit.x0", DType::F32);
+  Tensor x1 = x0.clone();
+  for (int64_t i = 0; i < x1.numel(); ++i) x1.f32()[i] = 0.5f * x1.f32()[i] - 0.1f;
+  const Tensor cap0 = f.load("dit.cap0", DType::F32), cap1 = f.load("dit.cap1", DType::F32);
+  const Tensor cap2 = cap0.slice(0, 0, std::max<int64_t>(1, cap0.dim(0) / 3)).clone();
+  Tensor cap3 = Tensor::empty({40, cap0.dim(1)}, DType::F32);  // past one 32-token pad block
+  for (int64_t i = 0; i < cap3.numel(); ++i) cap3.f32()[i] = std::sin(0.37f * float(i));
+  const std::vector<Tensor> xs = {x0, x1, x0, x1};
+  const std::vector<Tensor> caps = {cap0, cap1, cap2, cap3};
+  const std::vector<float> ts(4, 0.6f);
+  for (int rep = 0; rep < 2; ++rep) {  // the second call reuses the cached stacked RoPE tables
+    const std::vector<Tensor> batch = dit_forward_batch(m, xs, ts, caps);
+    ASSERT_EQ(batch.size(), 4u);
+    for (size_t i = 0; i < 4; ++i) {
+      const Tensor one = dit_forward(m, xs[i], ts[i], caps[i]);
+      ASSERT_EQ(batch[i].shape(), one.shape());
+      EXPECT_EQ(std::memcmp(batch[i].raw(), one.raw(), size_t(one.numel()) * sizeof(float)), 0) << "item " << i;
+    }
+  }
+  // A batch of one, and a sub-batch, through the same path.
+  const std::vector<Tensor> two = dit_forward_batch(m, {x1, x0}, {0.6f, 0.6f}, {cap3, cap2});
+  EXPECT_EQ(test::max_abs_diff(two[0], dit_forward(m, x1, 0.6f, cap3)), 0.0);
+  EXPECT_EQ(test::max_abs_diff(two[1], dit_forward(m, x0, 0.6f, cap2)), 0.0);
 }
 
 TEST(Dit, F32WeightsGiveTheBf16Result) {

@@ -28,5 +28,6 @@ void add_tokenize(CLI::App& app);
 void add_inspect(CLI::App& app);
 void add_make_random_model(CLI::App& app);
 void add_convert(CLI::App& app);
+void add_serve(CLI::App& app);
 
 }  // namespace zi::cli

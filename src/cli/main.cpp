@@ -199,6 +199,7 @@ int main(int argc, char** argv) {
   zi::cli::add_inspect(app);
   zi::cli::add_make_random_model(app);
   zi::cli::add_convert(app);
+  zi::cli::add_serve(app);
   std::vector<std::string> args = join_negative_values(app, argc, argv);
   std::vector<char*> argv2;
   for (std::string& a : args) argv2.push_back(a.data());

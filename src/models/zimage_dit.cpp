@@ -257,8 +257,11 @@ Modulation modulation(const DitBlock& b, const Tensor& c) {
 
 // [S, D] → [S, D]: self-attention with per-head qk RMSNorm and RoPE (§3.8). `h` is taken by
 // value so its buffer is freed once q, k, v exist. No mask: at batch 1 the pad slots are
-// ordinary keys and queries, as in the reference.
-Tensor self_attention(const DitBlock& b, const DitConfig& c, Tensor h, const Rope& rope) {
+// ordinary keys and queries, as in the reference. `segs` (batches, dit_forward_batch): the rows
+// are several items' sequences one after another, of these lengths; each attends to itself
+// only, while the projections run as one GEMM over all rows.
+Tensor self_attention(const DitBlock& b, const DitConfig& c, Tensor h, const Rope& rope,
+                      const std::vector<int64_t>* segs = nullptr) {
   const int64_t S = h.dim(0), H = c.n_heads, hd = c.head_dim();
   auto project = [&](const Tensor& w, const Tensor& norm, bool rotate) {
     Tensor y = ops::linear(h, w).reshape({S, H, hd});  // [S, H, hd]
@@ -277,7 +280,20 @@ Tensor self_attention(const DitBlock& b, const DitConfig& c, Tensor h, const Rop
   Tensor k = project(b.to_k, b.norm_k, true);
   Tensor v = project(b.to_v, Tensor(), false);
   h = Tensor();
-  Tensor o = ops::attention(q, k, v, 1.0f / std::sqrt(float(hd)));  // [S, H, hd]
+  Tensor o;
+  if (!segs || segs->size() <= 1) {
+    o = ops::attention(q, k, v, 1.0f / std::sqrt(float(hd)));  // [S, H, hd]
+  } else {
+    std::vector<Tensor> parts;
+    int64_t r0 = 0;
+    for (int64_t len : *segs) {
+      parts.push_back(ops::attention(q.slice(0, r0, r0 + len), k.slice(0, r0, r0 + len), v.slice(0, r0, r0 + len),
+                                     1.0f / std::sqrt(float(hd))));
+      r0 += len;
+    }
+    ZI_CHECK(r0 == S, "[dit_forward_batch] segments cover ", r0, " of ", S, " rows");
+    o = ops::concat0(parts);
+  }
   q = k = v = Tensor();
   return ops::linear(o.reshape({S, H * hd}), b.to_out);  // [S, D]
 }
@@ -299,13 +315,13 @@ Tensor feed_forward(const DitBlock& b, float eps, const Tensor& x_rows, const Te
 // x [S, D] updated in place by one block (§3.9): sandwich-normalised attention and FFN, each
 // added through a tanh gate when the block is modulated by c [1, A], plainly otherwise.
 void block_forward(const DitBlock& b, const DitConfig& cfg, Tensor& x, const Tensor& c, const Rope& rope,
-                   int64_t ffn_chunk) {
+                   int64_t ffn_chunk, const std::vector<int64_t>* segs = nullptr) {
   const float eps = float(cfg.norm_eps);
   const bool mod = b.modulated();
   const Modulation md = mod ? modulation(b, c) : Modulation{};
 
   Tensor h = ops::rms_norm(x, b.attention_norm1, eps, mod ? &md.scale_msa : nullptr);  // [S, D]
-  Tensor a = self_attention(b, cfg, std::move(h), rope);                               // [S, D]
+  Tensor a = self_attention(b, cfg, std::move(h), rope, segs);                         // [S, D]
   ops::rms_norm_add_(x, a, b.attention_norm2, eps, mod ? &md.gate_msa : nullptr);    // x += gate ⊙ norm2(a)
   a = Tensor();
 
@@ -396,6 +412,15 @@ struct ZImageDit::RopeCache {
   int64_t ht = -1, wt = -1, nx = -1, lc = -1;
   Device device = Device::CPU;
   Rope x, cap, u;
+  // The last batch's tables, its items' rows stacked (dit_forward_batch): one batch runs all its
+  // steps with the same captions, so they are made once per batch.
+  struct Stacked {
+    int64_t ht = -1, wt = -1;
+    std::vector<int64_t> lcs;
+    Device device = Device::CPU;
+    Rope x, cap, u;
+  };
+  std::shared_ptr<Stacked> stacked;
 };
 
 namespace {
@@ -404,15 +429,45 @@ const ZImageDit::RopeCache& rope_tables(const ZImageDit& m, const Geometry& g) {
   const Device dev = m.ctx.device;
   auto& rc = m.rope_cache;
   if (!rc || rc->ht != g.ht || rc->wt != g.wt || rc->nx != g.nx || rc->lc != g.lc || rc->device != dev) {
+    std::shared_ptr<ZImageDit::RopeCache::Stacked> keep = rc ? rc->stacked : nullptr;
     rc.reset();  // the old tables go before the new ones are made
     auto n = std::make_shared<ZImageDit::RopeCache>();
     n->ht = g.ht, n->wt = g.wt, n->nx = g.nx, n->lc = g.lc, n->device = dev;
     n->x = make_rope(m.ctx, m.cfg, image_positions(g));
     n->cap = make_rope(m.ctx, m.cfg, caption_positions(g));
     n->u = Rope{ops::concat0({n->x.cos, n->cap.cos}), ops::concat0({n->x.sin, n->cap.sin})};
+    n->stacked = std::move(keep);
     rc = std::move(n);
   }
   return *rc;
+}
+
+// The RoPE tables of a batch: each item's image, caption and unified tables, stacked in item
+// order (items differ in caption length, hence in positions).
+const ZImageDit::RopeCache::Stacked& stacked_rope_tables(const ZImageDit& m, const std::vector<Geometry>& gs) {
+  const Device dev = m.ctx.device;
+  std::vector<int64_t> lcs;
+  for (const Geometry& g : gs) lcs.push_back(g.lc);
+  auto& rc = m.rope_cache;
+  if (!rc) rc = std::make_shared<ZImageDit::RopeCache>();
+  auto& st = rc->stacked;
+  if (!st || st->ht != gs[0].ht || st->wt != gs[0].wt || st->lcs != lcs || st->device != dev) {
+    st.reset();
+    auto n = std::make_shared<ZImageDit::RopeCache::Stacked>();
+    n->ht = gs[0].ht, n->wt = gs[0].wt, n->lcs = lcs, n->device = dev;
+    std::vector<Tensor> xc, xs, cc, cs, uc, us;
+    for (const Geometry& g : gs) {
+      Rope x = make_rope(m.ctx, m.cfg, image_positions(g));
+      Rope cap = make_rope(m.ctx, m.cfg, caption_positions(g));
+      xc.push_back(x.cos), xs.push_back(x.sin), cc.push_back(cap.cos), cs.push_back(cap.sin);
+      uc.push_back(x.cos), uc.push_back(cap.cos), us.push_back(x.sin), us.push_back(cap.sin);
+    }
+    n->x = Rope{ops::concat0(xc), ops::concat0(xs)};
+    n->cap = Rope{ops::concat0(cc), ops::concat0(cs)};
+    n->u = Rope{ops::concat0(uc), ops::concat0(us)};
+    st = std::move(n);
+  }
+  return *st;
 }
 
 }  // namespace
@@ -446,9 +501,58 @@ std::vector<Tensor> dit_forward_batch(const ZImageDit& m, const std::vector<Tens
                                       const std::vector<float>& t, const std::vector<Tensor>& caps) {
   ZI_CHECK(latents.size() == t.size() && latents.size() == caps.size(), "[dit_forward_batch] ", latents.size(),
            " latents, ", t.size(), " timesteps and ", caps.size(), " captions: counts must match");
+  const size_t B = latents.size();
+  bool stack = B > 1;
+  for (size_t i = 1; i < B && stack; ++i)
+    stack = t[i] == t[0] && latents[i].shape() == latents[0].shape();
   std::vector<Tensor> out;
-  out.reserve(latents.size());
-  for (size_t i = 0; i < latents.size(); ++i) out.push_back(dit_forward(m, latents[i], t[i], caps[i]));
+  out.reserve(B);
+  if (!stack) {  // different timesteps or sizes: one item at a time
+    for (size_t i = 0; i < B; ++i) out.push_back(dit_forward(m, latents[i], t[i], caps[i]));
+    return out;
+  }
+  // One timestep and one image size: the items' token sequences are stacked, so every linear
+  // layer, norm and modulation runs once over all rows (one GEMM per weight), and attention runs
+  // per item on its own rows. Every op involved is row-wise, so each item's result equals
+  // dit_forward's for it.
+  const DitConfig& cfg = m.cfg;
+  std::vector<Geometry> gs;
+  for (size_t i = 0; i < B; ++i) gs.push_back(geometry(cfg, latents[i], caps[i]));
+  const Tensor c = embed_timestep(m, t[0]);  // [1, A], shared
+  const ZImageDit::RopeCache::Stacked& rope = stacked_rope_tables(m, gs);
+  const int64_t chunk = dit_ffn_chunk_rows(m.ctx);  // the FFN is row-wise: chunks may span items
+  std::vector<int64_t> seg_x(B, gs[0].nx), seg_cap, seg_u;
+  for (const Geometry& g : gs) seg_cap.push_back(g.lc), seg_u.push_back(g.nx + g.lc);
+
+  std::vector<Tensor> parts;
+  for (size_t i = 0; i < B; ++i) parts.push_back(embed_image(m, latents[i], gs[i]));
+  Tensor x = ops::concat0(parts);  // [B·Nx, D]
+  parts.clear();
+  for (const DitBlock& b : m.noise_refiner) block_forward(b, cfg, x, c, rope.x, chunk, &seg_x);
+
+  for (size_t i = 0; i < B; ++i) parts.push_back(embed_caption(m, caps[i], gs[i]));
+  Tensor cap = ops::concat0(parts);  // [Σ Lc, D]
+  parts.clear();
+  for (const DitBlock& b : m.context_refiner) block_forward(b, cfg, cap, c, rope.cap, chunk, &seg_cap);
+
+  // Each item's unified sequence [image; caption], items one after another.
+  int64_t cap0 = 0;
+  for (size_t i = 0; i < B; ++i) {
+    parts.push_back(x.slice(0, int64_t(i) * gs[0].nx, int64_t(i + 1) * gs[0].nx));
+    parts.push_back(cap.slice(0, cap0, cap0 + gs[i].lc));
+    cap0 += gs[i].lc;
+  }
+  Tensor u = ops::concat0(parts);  // [Σ (Nx + Lc), D]
+  parts.clear();
+  x = cap = Tensor();
+  for (const DitBlock& b : m.layers) block_forward(b, cfg, u, c, rope.u, chunk, &seg_u);
+
+  int64_t r0 = 0;
+  for (size_t i = 0; i < B; ++i) {
+    Tensor o = final_layer(m, u.slice(0, r0, r0 + seg_u[i]), c, gs[i].n);  // [N, p·p·C]
+    out.push_back(unpatchify(ops::to_host_f32(o), gs[i], cfg.patch_size, cfg.in_channels));
+    r0 += seg_u[i];
+  }
   return out;
 }
 

@@ -70,7 +70,10 @@ ZImageDit load_zimage_dit(WeightLoader& loader, const DitConfig& cfg, DType wdt)
 Tensor dit_forward(const ZImageDit& m, const Tensor& latent, float t, const Tensor& cap_feats);
 
 // Several items with different caption lengths. Equal to calling dit_forward on each item
-// (the reference's batched call masks batch padding only, so items never interact).
+// (the reference's batched call masks batch padding only, so items never interact). Items of
+// one timestep and one latent size run stacked: their token rows go through every linear layer
+// as one GEMM and attention runs per item (on the CPU the result is bit-identical to
+// dit_forward's); otherwise the items run one after another.
 std::vector<Tensor> dit_forward_batch(const ZImageDit& m, const std::vector<Tensor>& latents,
                                       const std::vector<float>& t, const std::vector<Tensor>& caps);
 

@@ -1,6 +1,7 @@
 #include "pipeline/pipeline.h"
 
 #include <chrono>
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -378,6 +379,208 @@ GenerateResult generate(const GenerateOptions& o, const GenerateHooks& hooks, Mo
     for (const auto& p : r.gpu_phases) r.gpu_peak_bytes = std::max(r.gpu_peak_bytes, p.peak_bytes);
   }
   return r;
+}
+
+// ---- Batches (zimage serve) ----
+
+namespace {
+
+void check_batch_compatible(const GenerateOptions& a, const GenerateOptions& b) {
+  auto same = [](bool ok, const char* what) {
+    if (!ok) throw UsageError(str_cat("generate_batch: items differ in ", what));
+  };
+  same(a.model_dir == b.model_dir, "model");
+  same(a.width == b.width && a.height == b.height, "size");
+  same(a.steps == b.steps, "steps");
+  same(a.guidance == b.guidance && a.cfg_normalization == b.cfg_normalization &&
+           a.cfg_truncation == b.cfg_truncation,
+       "guidance settings");
+  same(a.text_encoder_dtype == b.text_encoder_dtype && a.transformer_dtype == b.transformer_dtype &&
+           a.vae_dtype == b.vae_dtype && a.text_rope_dtype == b.text_rope_dtype,
+       "dtypes");
+  same(a.loras == b.loras && a.transformer_override == b.transformer_override, "LoRAs");
+  same(a.text_encoder_device == b.text_encoder_device && a.transformer_device == b.transformer_device &&
+           a.vae_device == b.vae_device && a.precision == b.precision,
+       "devices");
+  same(a.vae_tile == b.vae_tile && a.max_sequence_length == b.max_sequence_length, "tiling or sequence length");
+}
+
+bool item_cancelled(const BatchItem& it) { return it.cancel && it.cancel->load(); }
+
+}  // namespace
+
+void preload_models(const GenerateOptions& o, ModelCache& cache, bool text_encoder, bool transformer, bool vae) {
+  validate_generate_options(o);
+  ModelFolder mf = open_model_folder(o.model_dir);
+  // Each model keeps the context it was loaded with (its device and activation dtype), the same
+  // one generate()'s phases make, so a later generate/generate_batch computes where it would have.
+  if (text_encoder) {
+    if (!cache.tokenizer) cache.tokenizer = std::make_unique<BpeTokenizer>(BpeTokenizer::load_dir(mf.tokenizer_dir));
+    if (!cache.text_encoder)
+      cache.text_encoder = std::make_unique<Qwen3Encoder>(load_text_encoder(
+          mf, o.text_encoder_dtype, o.text_rope_dtype, PhaseContext::on(o.text_encoder_device, o.precision)));
+  }
+  if (transformer && !cache.transformer)
+    cache.transformer =
+        std::make_unique<ZImageDit>(load_transformer(PhaseContext::on(o.transformer_device, o.precision), mf, o));
+  if (vae && !cache.vae)
+    cache.vae = std::make_unique<VaeDecoder>(load_vae(PhaseContext::on(o.vae_device, o.precision), mf, o));
+}
+
+std::vector<BatchItemResult> generate_batch(const std::vector<BatchItem>& items, const BatchHooks& hooks,
+                                            ModelCache& cache) {
+  const size_t B = items.size();
+  std::vector<BatchItemResult> res(B);
+  if (B == 0) return res;
+  const GenerateOptions& o0 = items[0].options;
+  for (const BatchItem& it : items) {
+    validate_generate_options(it.options);
+    check_batch_compatible(o0, it.options);
+  }
+  if (o0.cache_limit_bytes >= 0) set_host_cache_limit(size_t(o0.cache_limit_bytes));
+  ModelFolder mf = open_model_folder(o0.model_dir);
+  const int sf = mf.vae.scale_factor();
+  const int64_t C = mf.transformer.in_channels;
+  const int64_t h = 2 * (o0.height / (sf * 2)), w = 2 * (o0.width / (sf * 2));
+  const bool cfg = o0.guidance > 0;
+  MemoryStats& ms = memory_stats(Device::CPU);
+  ms.clear_phases();
+  const bool any_gpu = o0.text_encoder_device == Device::CUDA || o0.transformer_device == Device::CUDA ||
+                       o0.vae_device == Device::CUDA;
+  if (any_gpu) {
+    memory_stats(Device::CUDA).clear_phases();
+    if (o0.cache_limit_bytes >= 0) device::set_cache_limit(Device::CUDA, size_t(o0.cache_limit_bytes));
+  }
+  std::vector<char> live(B, 1);  // still running: not failed, not cancelled
+  auto drop_cancelled = [&] {
+    for (size_t i = 0; i < B; ++i)
+      if (live[i] && item_cancelled(items[i])) live[i] = 0, res[i].cancelled = true;
+  };
+  auto fail_all = [&](std::exception_ptr e) {
+    for (size_t i = 0; i < B; ++i)
+      if (live[i]) live[i] = 0, res[i].error = e;
+  };
+  std::vector<double> load(3, 0.0), release(3, 0.0);
+
+  std::vector<Embeddings> emb(B);
+  try {
+    if (hooks.on_phase_start) hooks.on_phase_start("encode");
+    PhaseScope phase("encode");
+    DevicePhase on(o0.text_encoder_device, o0.precision, "encode", &release[0]);
+    for (size_t i = 0; i < B; ++i) {
+      drop_cancelled();
+      if (!live[i]) continue;
+      try {
+        emb[i] = run_encode(on.ctx, mf, items[i].options, cfg, &cache);
+        load[0] += emb[i].load_seconds;
+      } catch (const std::bad_alloc&) {
+        throw;
+      } catch (const Error&) {  // this prompt (or the encoder) failed
+        live[i] = 0, res[i].error = std::current_exception();
+      }
+    }
+  } catch (...) {
+    fail_all(std::current_exception());
+  }
+  for (size_t i = 0; i < B; ++i) res[i].result.prompt_ids = emb[i].ids;
+  drop_cancelled();
+
+  std::vector<Tensor> latents(B);
+  for (size_t i = 0; i < B; ++i) {
+    if (!live[i]) continue;
+    latents[i] = Tensor::empty({C, h, w}, DType::F32);
+    torch_randn(items[i].options.seed, latents[i].f32(), latents[i].numel());
+  }
+  try {
+    if (std::count(live.begin(), live.end(), 1) > 0) {
+      if (hooks.on_phase_start) hooks.on_phase_start("denoise");
+      PhaseScope phase("denoise");
+      DevicePhase on(o0.transformer_device, o0.precision, "denoise", &release[1]);
+      SchedulerConfig sc =
+          parse_scheduler_config(read_text_file(mf.scheduler_config_path), mf.scheduler_config_path);
+      Schedule sched = make_schedule(sc, o0.steps, (h / 2) * (w / 2));
+      if (!cache.transformer) {
+        const double t0 = now_s();
+        cache.transformer = std::make_unique<ZImageDit>(load_transformer(on.ctx, mf, o0));
+        load[1] = now_s() - t0;
+      }
+      const ZImageDit& dit = *cache.transformer;
+      const size_t n = size_t(C * h * w);
+      const double t0 = now_s();
+      for (int s = 0; s < sched.steps(); ++s) {
+        drop_cancelled();
+        std::vector<size_t> act;
+        for (size_t i = 0; i < B; ++i)
+          if (live[i]) act.push_back(i);
+        if (act.empty()) break;
+        const float t = model_time(sched, s);
+        const bool cfg_now = cfg && cfg_active(o0.guidance, o0.cfg_truncation, t);
+        std::vector<Tensor> xs, caps, negs;
+        for (size_t i : act) {
+          xs.push_back(latents[i].reshape({C, 1, h, w}));
+          caps.push_back(emb[i].pos);
+          if (cfg_now) negs.push_back(emb[i].neg);
+        }
+        const std::vector<float> ts(act.size(), t);
+        std::vector<Tensor> pred = dit_forward_batch(dit, xs, ts, caps);
+        if (cfg_now) {
+          std::vector<Tensor> neg = dit_forward_batch(dit, xs, ts, negs);
+          for (size_t k = 0; k < act.size(); ++k) {
+            const GenerateOptions& o = items[act[k]].options;
+            Tensor pos = pred[k].clone();
+            cfg_combine(pred[k].f32(), pos.f32(), neg[k].f32(), n, o.guidance);
+            if (o.cfg_normalization > 0) cfg_normalize(pred[k].f32(), pos.f32(), n, o.cfg_normalization);
+          }
+        }
+        for (size_t k = 0; k < act.size(); ++k)
+          euler_step(latents[act[k]].f32(), pred[k].f32(), n, sched.sigmas[size_t(s)], sched.sigmas[size_t(s) + 1]);
+        if (hooks.on_step) hooks.on_step(s + 1, sched.steps(), now_s() - t0, int(act.size()));
+      }
+    }
+  } catch (...) {
+    fail_all(std::current_exception());
+  }
+  emb.clear();
+  drop_cancelled();
+
+  try {
+    if (std::count(live.begin(), live.end(), 1) > 0) {
+      if (hooks.on_phase_start) hooks.on_phase_start("decode");
+      PhaseScope phase("decode");
+      DevicePhase on(o0.vae_device, o0.precision, "decode", &release[2]);
+      for (size_t i = 0; i < B; ++i) {
+        drop_cancelled();
+        if (!live[i]) continue;
+        double l = 0;
+        GenerateResult& r = res[i].result;
+        r.decoded = run_decode(on.ctx, mf, items[i].options, latents[i], &cache, &l, &r.vae_tile_used);
+        load[2] += l;
+        latents[i] = Tensor();
+        r.width = int(w * sf);
+        r.height = int(h * sf);
+        r.rgb.resize(size_t(r.width) * size_t(r.height) * 3);
+        image_to_u8(r.decoded.f32(), 3, r.height, r.width, r.rgb.data());
+        r.decoded = Tensor();  // the server needs the pixels only
+      }
+    }
+  } catch (...) {
+    fail_all(std::current_exception());
+  }
+  const std::vector<PhaseRecord> phases = ms.finished_phases();
+  std::vector<PhaseRecord> gpu_phases;
+  if (any_gpu) gpu_phases = memory_stats(Device::CUDA).finished_phases();
+  const int64_t rss = peak_rss_bytes();
+  for (BatchItemResult& br : res) {
+    GenerateResult& r = br.result;
+    r.phases = phases;
+    for (const auto& p : phases) r.peak_bytes = std::max(r.peak_bytes, p.peak_bytes);
+    r.gpu_phases = gpu_phases;
+    for (const auto& p : gpu_phases) r.gpu_peak_bytes = std::max(r.gpu_peak_bytes, p.peak_bytes);
+    r.load_seconds = load;
+    r.release_seconds = release;
+    r.peak_rss_bytes = rss;
+  }
+  return res;
 }
 
 }  // namespace zi

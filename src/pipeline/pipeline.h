@@ -4,6 +4,7 @@
 #pragma once
 #include <atomic>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <memory>
 #include <string>
@@ -132,6 +133,36 @@ void preflight_generate(const GenerateOptions& o);
 // One image. With `cache`, components are taken from it (and loaded into it when absent)
 // instead of being loaded and freed per phase.
 GenerateResult generate(const GenerateOptions& o, const GenerateHooks& hooks = {}, ModelCache* cache = nullptr);
+
+// ---- Batches with resident models (zimage serve) ----
+// Several images of the same size, steps and guidance settings denoised together: each step
+// is one dit_forward_batch over every image still running. Each image's pixels are those
+// generate() gives for its options (its own prompt, negative prompt and seed).
+struct BatchItem {
+  GenerateOptions options;
+  const std::atomic<bool>* cancel = nullptr;  // this image only: dropped at the next step boundary
+};
+
+struct BatchItemResult {
+  GenerateResult result;      // valid when !cancelled and !error
+  bool cancelled = false;
+  std::exception_ptr error;   // this image failed (the others may have finished)
+};
+
+struct BatchHooks {
+  std::function<void(const std::string& phase)> on_phase_start;
+  // after each step, with the number of images still running
+  std::function<void(int step, int steps, double elapsed_seconds, int active)> on_step;
+};
+
+// Throws zi::UsageError when the items differ in what must be shared (model, size, steps,
+// guidance, cfg settings, dtypes, devices); per-image failures are reported in the results.
+// Components are taken from (and loaded into) `cache`; the caller decides what stays resident.
+std::vector<BatchItemResult> generate_batch(const std::vector<BatchItem>& items, const BatchHooks& hooks,
+                                            ModelCache& cache);
+
+// Loads the chosen components into `cache` now (zimage serve loads its resident models at start).
+void preload_models(const GenerateOptions& o, ModelCache& cache, bool text_encoder, bool transformer, bool vae);
 
 // The bytes of host memory the OS reports as available (MemAvailable).
 int64_t available_host_bytes();
