@@ -13,6 +13,7 @@
 # then on the GPU machine:  bench/gpu/compare_builds.sh [ROUNDS]   (default 2; logs in $OUT)
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+export ZIMAGE_MODEL=${ZIMAGE_MODEL:-$ROOT/models/tiny-zimage}  # make-random-model copies the bundled tokenizer
 cd "$ROOT"
 OLD_REV=${OLD_REV:-f56d15d}
 

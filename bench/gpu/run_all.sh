@@ -9,6 +9,7 @@
 # kernels; ZI_GTEST_FILTER narrows the tests). Logs go to $OUT.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+export ZIMAGE_MODEL=${ZIMAGE_MODEL:-$ROOT/models/tiny-zimage}  # make-random-model copies the bundled tokenizer
 cd "$ROOT"
 OUT=${OUT:-/tmp/zi-out}
 mkdir -p "$OUT"

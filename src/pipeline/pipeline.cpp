@@ -15,6 +15,7 @@
 #include "io/safetensors.h"
 #include "io/weight_loader.h"
 #include "models/lora.h"
+#include "ops/ops.h"
 #include "models/qwen3_encoder.h"
 #include "models/vae_decoder.h"
 #include "models/zimage_dit.h"
@@ -343,8 +344,9 @@ GenerateResult generate(const GenerateOptions& o, const GenerateHooks& hooks, Mo
   r.prompt_ids = emb.ids;
   {
     auto pe = std::make_shared<PromptEmbeddings>();
-    pe->pos = emb.pos;
-    pe->neg = emb.neg;
+    // Host f32 copies: the result outlives the phase, and must hold no device memory.
+    pe->pos = ops::to_host_f32(emb.pos);
+    if (emb.neg.defined()) pe->neg = ops::to_host_f32(emb.neg);
     pe->ids = emb.ids;
     r.embeddings = std::move(pe);
   }
