@@ -17,6 +17,7 @@
 #include "core/torch_random.h"
 #include "io/png.h"
 #include "models/lora.h"
+#include "pipeline/edit.h"
 #include "pipeline/memory_report.h"
 #include "pipeline/pipeline.h"
 
@@ -36,8 +37,10 @@ struct GenerateArgs {
   int count = 1;
   int64_t cache_limit_mib = -1;
   std::string device, te_device, vae_device, precision = "bf16";
+  std::string controlnet_dtype = "bf16";
   int threads = 0;
   bool quiet = false;
+  bool size_given = false;
 };
 
 DType parse_dtype_flag(const std::string& v, const char* flag) {
@@ -78,6 +81,13 @@ std::string parameters_text(const GenerateArgs& a, const std::string& model_dir,
   if (o.guidance > 0) s += str_cat(", CFG normalization: ", o.cfg_normalization, ", CFG truncation: ", o.cfg_truncation);
   for (const auto& [f, sc] : o.loras) s += str_cat(", LoRA: ", f, ":", sc);
   if (!o.transformer_override.empty()) s += ", Transformer override: " + o.transformer_override;
+  // Image-conditioned modes (issue 17).
+  if (!o.init_image.empty()) s += ", Init image: " + o.init_image;
+  if (!o.init_image.empty() && o.control_image.empty()) s += str_cat(", Strength: ", o.strength);
+  if (!o.mask_image.empty()) s += ", Mask: " + o.mask_image;
+  if (!o.control_image.empty())
+    s += str_cat(", Control image: ", o.control_image, ", ControlNet: ", o.controlnet, ", Control scale: ", o.control_scale,
+                 o.control_preprocess.empty() ? "" : ", Control preprocess: " + o.control_preprocess);
   s += ", Model: " + model_dir + ", zimage " ZIMAGE_VERSION;
   return s;
 }
@@ -132,9 +142,18 @@ void run(GenerateArgs& a) {
   else if (a.precision == "f32") a.o.precision = DType::F32;
   else throw UsageError(str_cat("--precision must be bf16 or f32, got '", a.precision, "'"));
   if (a.cache_limit_mib >= 0) a.o.cache_limit_bytes = a.cache_limit_mib << 20;
+  a.o.controlnet_dtype = parse_dtype_flag(a.controlnet_dtype, "--controlnet-dtype");
+  // Image-conditioned modes: without -W/-H the output takes the input image's size.
+  if (!a.size_given && (!a.o.init_image.empty() || !a.o.control_image.empty())) {
+    const bool init = !a.o.init_image.empty();
+    input_image_size(init ? a.o.init_image : a.o.control_image, init ? "--init-image" : "--control-image", &a.o.width,
+                     &a.o.height);
+  }
+  if (!a.o.init_image.empty() && a.o.control_image.empty() && a.o.strength < 0)
+    a.o.strength = a.o.mask_image.empty() ? 0.6 : 1.0;  // the reference pipelines' defaults, recorded in the PNG
   bool bundled = false;
   a.o.model_dir = resolve_model_dir(a.model, &bundled);
-  validate_generate_options(a.o);
+  check_generate_inputs(a.o);  // input images, mask and ControlNet too, before anything is printed or loaded
   if (bundled) notice_bundled_model(a.quiet);
   set_num_threads(a.threads);
 
@@ -256,8 +275,28 @@ void add_generate(CLI::App& app) {
   c->add_option("--precision", a->precision,
                 "activations on the GPU: bf16 (f32 accumulation) or f32 (for checking against the CPU)")
       ->capture_default_str();
+  // Image-conditioned modes (issue 17; pipeline/edit.h has the input rules).
+  c->add_option("--init-image", a->o.init_image,
+                "img2img: start from this PNG (the output takes its size; with --mask: inpaint it)");
+  c->add_option("--strength", a->o.strength,
+                "img2img/inpaint: how much of the image is redrawn, in (0, 1] (default 0.6 img2img, 1.0 inpaint)");
+  c->add_option("--mask", a->o.mask_image, "inpaint: PNG of the image's size, white repaints, black keeps");
+  c->add_flag("--mask-binarize", a->o.mask_binarize,
+              "accept grey mask pixels and threshold them at 50% like diffusers (default: grey is an error)");
+  c->add_option("--control-image", a->o.control_image,
+                "ControlNet condition (edges, depth, pose map...) as a PNG of the output size");
+  c->add_option("--controlnet", a->o.controlnet,
+                "Z-Image Fun ControlNet Union 2.0/2.1: diffusers folder or the published .safetensors file");
+  c->add_option("--control-scale", a->o.control_scale, "ControlNet conditioning scale")->capture_default_str();
+  c->add_option("--control-preprocess", a->o.control_preprocess,
+                "turn the control image into a condition first: canny (other maps: bring your own)");
+  c->add_option("--canny-low", a->o.canny_low, "Canny low threshold (gradient magnitude)")->capture_default_str();
+  c->add_option("--canny-high", a->o.canny_high, "Canny high threshold (gradient magnitude)")->capture_default_str();
+  c->add_option("--controlnet-dtype", a->controlnet_dtype, "ControlNet weights in memory: bf16, f16 or f32")
+      ->capture_default_str();
   c->add_flag("-q,--quiet", a->quiet, "print nothing but errors");
-  c->callback([a, mr] {
+  c->callback([a, mr, c] {
+    a->size_given = c->count("--width") > 0 || c->count("--height") > 0;
     a->memory_report_flag = mr->count() > 0;
     run(*a);
   });

@@ -303,6 +303,12 @@ void validate_generate_options(const GenerateOptions& o) {
     throw UsageError(str_cat("--canny-low/--canny-high must satisfy 0 <= low <= high, got ", o.canny_low, " and ", o.canny_high));
 }
 
+void check_generate_inputs(const GenerateOptions& o) {
+  validate_generate_options(o);
+  if (edit_mode(o) == EditMode::Text) return;
+  (void)prepare_edit_inputs(o, open_model_folder(o.model_dir));
+}
+
 GenerateResult generate(const GenerateOptions& o, const GenerateHooks& hooks, ModelCache* cache) {
   validate_generate_options(o);
   if (o.cache_limit_bytes >= 0) set_host_cache_limit(size_t(o.cache_limit_bytes));

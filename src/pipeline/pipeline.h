@@ -109,6 +109,11 @@ struct GenerateResult {
 // with the flag name (and, for absurd sizes, the memory that size would need).
 void validate_generate_options(const GenerateOptions& o);
 
+// validate_generate_options, then what needs files: the model folder's configs and, in the
+// image-conditioned modes, every input image and the ControlNet's shapes (pipeline/edit.h).
+// Throws zi::Error (exit 1) or UsageError (exit 2); generate() does the same checks itself.
+void check_generate_inputs(const GenerateOptions& o);
+
 // Activation bytes the denoise phase needs at its peak for a size (the DiT's largest
 // temporaries), used for the absurd-size check and the memory plan.
 int64_t estimate_denoise_activation_bytes(int64_t dim, int64_t ffn_hidden, int width, int height,

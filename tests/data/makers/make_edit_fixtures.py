@@ -68,11 +68,12 @@ def reinit(model, seed):
     return model
 
 
-def make_controlnet(layout, tr_cfg, seed):
+def make_controlnet(layout, tr_cfg, seed, places):
     # The real 2.x configs: control_layers_places every other layer (15 of 30), refiner places [0, 1],
-    # control_in_dim 33. The tiny transformer has 3 layers: places [0, 2].
+    # control_in_dim 33. The tiny transformer has 3 layers. The single file carries no config: zimage
+    # infers places k·(n_layers // N) = [0, 1] for its 2 layers; the folder's config says [0, 2].
     mode = {"2.0": "control_layers", "2.1": "control_noise_refiner"}[layout]
-    cn = ZImageControlNetModel(control_layers_places=[0, 2], control_refiner_layers_places=[0, 1], control_in_dim=33,
+    cn = ZImageControlNetModel(control_layers_places=places, control_refiner_layers_places=[0, 1], control_in_dim=33,
                                add_control_noise_refiner=mode, all_patch_size=(2,), all_f_patch_size=(1,), dim=tr_cfg.dim,
                                n_refiner_layers=tr_cfg.n_refiner_layers, n_heads=tr_cfg.n_heads, n_kv_heads=tr_cfg.n_kv_heads,
                                norm_eps=tr_cfg.norm_eps, qk_norm=tr_cfg.qk_norm)
@@ -192,7 +193,15 @@ def run_case(pipe, name, kwargs, meta):
         t[f"step{i}.latents_after"] = l
     t["image_float"] = torch.from_numpy(img.copy()).float()
     t["image_u8"] = torch.from_numpy((img * 255).round().clip(0, 255).astype("uint8").copy())
-    save_file({k: v.contiguous() for k, v in t.items()}, os.path.join(EXP, f"{name}.safetensors"))
+    # Keep the test data small: every tensor of step 0, then only each step's output and latents;
+    # no copies of the encoder's input image.
+    def keep(k):
+        if k.startswith("encode") and k.endswith(".in"):
+            return False
+        if k.startswith("step") and not k.startswith("step0."):
+            return k.endswith(".latents_after") or k.endswith(".out0") or k.endswith(".timestep")
+        return True
+    save_file({k: v.contiguous() for k, v in t.items() if keep(k)}, os.path.join(EXP, f"{name}.safetensors"))
     meta = dict(meta, steps_run=len(steps_lat))
     json.dump(meta, open(os.path.join(EXP, f"{name}.json"), "w"), ensure_ascii=False, indent=1)
     Image.fromarray(t["image_u8"].numpy()).save(os.path.join(EXP, f"{name}.png"))
@@ -279,9 +288,9 @@ def main():
                   num_inference_steps=4, guidance_scale=0.0, seed=5, height=64, width=64))
 
     # ControlNets: 2.0 as the published single file (control_noise_refiner.* present, before_proj zero), 2.1 as a folder
-    cn20 = make_controlnet("2.0", tr_cfg, 31)
+    cn20 = make_controlnet("2.0", tr_cfg, 31, [0, 1])
     sd = {k: v.contiguous() for k, v in cn20.state_dict().items()}
-    cn21_for_keys = make_controlnet("2.1", tr_cfg, 32)
+    cn21_for_keys = make_controlnet("2.1", tr_cfg, 32, [0, 2])
     for k, v in cn21_for_keys.state_dict().items():  # the 2.0 file carries a (zero) control_noise_refiner too
         if k.startswith("control_noise_refiner."):
             sd[k] = torch.zeros_like(v) if "before_proj" in k else v.contiguous()
@@ -306,8 +315,14 @@ def main():
                   control_image="inputs/control.png", controlnet="controlnet-2.1", layout="2.1", control_scale=0.9,
                   num_inference_steps=4, guidance_scale=0.0, seed=13, height=64, width=64))
 
-    # Canny reference on the init image's grey (PIL 'L') version
-    grey = np.array(init.convert("L"))
+    # Canny reference on a synthetic grey image: shapes of several contrasts, a ramp and noise
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[0:48, 0:64]
+    grey = 60.0 + 1.5 * xx
+    grey[8:30, 6:26] = 210
+    grey[np.hypot(yy - 28, xx - 44) < 11] = 140
+    grey[38:44, 10:50] = 95
+    grey = np.clip(grey + rng.normal(0, 6, grey.shape), 0, 255).astype(np.uint8)
     comp["canny.gray"] = torch.from_numpy(grey.copy())
     comp["canny.edges_100_200"] = torch.from_numpy(canny_ref(grey, 100, 200))
     comp["canny.edges_50_120"] = torch.from_numpy(canny_ref(grey, 50, 120))
