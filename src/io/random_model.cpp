@@ -595,6 +595,55 @@ uint64_t RandomModelPlan::num_bytes() const {
   return n;
 }
 
+RandomComponent random_controlnet_component(const std::string& layout, const std::string& transformer_config_json,
+                                            StDType dtype) {
+  ZI_CHECK(layout == "2.0" || layout == "2.1", "make-random-model: --controlnet must be 2.0 or 2.1, got '", layout, "'");
+  const DitConfig c = parse_dit_config(transformer_config_json, "transformer/config.json");
+  std::vector<int> places;
+  for (int i = 0; i < c.n_layers; i += 2) places.push_back(i);
+  json cfg = {{"_class_name", "ZImageControlNetModel"},
+              {"_diffusers_version", "0.42.1"},
+              {"control_layers_places", places},
+              {"control_refiner_layers_places", {0, 1}},
+              {"control_in_dim", 33},
+              {"add_control_noise_refiner", layout == "2.0" ? "control_layers" : "control_noise_refiner"},
+              {"all_patch_size", {c.patch_size}},
+              {"all_f_patch_size", {c.f_patch_size}},
+              {"dim", c.dim},
+              {"n_refiner_layers", c.n_refiner_layers},
+              {"n_heads", c.n_heads},
+              {"n_kv_heads", c.n_kv_heads},
+              {"norm_eps", c.norm_eps},
+              {"qk_norm", c.qk_norm}};
+  RandomComponent cn{"controlnet", "diffusion_pytorch_model", 1, dump(cfg), {}};
+  TensorList L{dtype, &cn.tensors};
+  const int64_t dim = c.dim, hd = c.head_dim(), ff = c.ffn_hidden(), adaln = std::min<int64_t>(dim, 256);
+  const int64_t patch = int64_t(c.patch_size) * c.patch_size * c.f_patch_size * 33;
+  L.linear(str_cat("control_all_x_embedder.", c.patch_size, "-", c.f_patch_size), dim, patch, true);
+  auto block = [&](const std::string& p, bool before) {
+    L.linear(p + ".attention.to_q", dim, dim, false);
+    L.linear(p + ".attention.to_k", dim, dim, false);
+    L.linear(p + ".attention.to_v", dim, dim, false);
+    L.linear(p + ".attention.to_out.0", dim, dim, false);
+    L.norm(p + ".attention.norm_q", hd, false);
+    L.norm(p + ".attention.norm_k", hd, false);
+    L.linear(p + ".feed_forward.w1", ff, dim, false);
+    L.linear(p + ".feed_forward.w2", dim, ff, false);
+    L.linear(p + ".feed_forward.w3", ff, dim, false);
+    L.norm(p + ".attention_norm1", dim, false);
+    L.norm(p + ".attention_norm2", dim, false);
+    L.norm(p + ".ffn_norm1", dim, false);
+    L.norm(p + ".ffn_norm2", dim, false);
+    L.linear(p + ".adaLN_modulation.0", 4 * dim, adaln, true);
+    if (before) L.linear(p + ".before_proj", dim, dim, true);
+    L.linear(p + ".after_proj", dim, dim, true);
+  };
+  for (size_t k = 0; k < places.size(); ++k) block(str_cat("control_layers.", k), k == 0);
+  if (layout == "2.1")
+    for (int k = 0; k < c.n_refiner_layers; ++k) block(str_cat("control_noise_refiner.", k), k == 0);
+  return cn;
+}
+
 RandomModelPlan random_model_plan(RandomPreset preset, std::optional<DType> dtype) {
   const bool turbo = preset == RandomPreset::Turbo;
   const StDType dit_dt = dtype ? st_of(*dtype) : turbo ? StDType::F32 : StDType::BF16;
@@ -691,7 +740,10 @@ MakeRandomModelResult make_random_model(const std::string& out_dir, const MakeRa
     if (opt.log) opt.log(s);
   };
   ZI_CHECK(!out_dir.empty(), "make-random-model: no output folder given");
-  const RandomModelPlan plan = random_model_plan(opt.preset, opt.dtype);
+  RandomModelPlan plan = random_model_plan(opt.preset, opt.dtype);
+  if (!opt.controlnet.empty())  // the ControlNet in the transformer's storage dtype
+    plan.components.push_back(random_controlnet_component(opt.controlnet, plan.component("transformer").config_json,
+                                                          plan.component("transformer").tensors.front().dtype));
 
   // The tokenizer files to copy (checked before anything is written).
   const fs::path tok_src(opt.tokenizer_src);
@@ -724,7 +776,8 @@ MakeRandomModelResult make_random_model(const std::string& out_dir, const MakeRa
   log(str_cat("make-random-model: ", random_preset_name(opt.preset), " preset, seed ", opt.seed, ", ",
               fmt("%.2f", double(plan.num_bytes()) / 1e9), " GB of weights into ", out_dir));
 
-  for (const char* d : {"scheduler", "text_encoder", "tokenizer", "transformer", "vae"}) {
+  for (const char* d : {"scheduler", "text_encoder", "tokenizer", "transformer", "vae", "controlnet"}) {
+    if (std::string(d) == "controlnet" && opt.controlnet.empty()) continue;
     fs::create_directories(root / d, ec);
     ZI_CHECK(!ec, "make-random-model: cannot create '", (root / d).string(), "': ", ec.message());
   }
