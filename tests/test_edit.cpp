@@ -99,6 +99,7 @@ TEST(Edit, Inpaint) { run_case("inpaint"); }
 TEST(Edit, ControlNet20SingleFile) { run_case("controlnet20"); }
 TEST(Edit, ControlNet21Folder) { run_case("controlnet21"); }
 TEST(Edit, ControlNetInpaint) { run_case("controlnet_inpaint"); }
+TEST(Edit, ControlNet10SingleFile) { run_case("controlnet10"); }  // the first Union release's layout
 
 TEST(Edit, StartStepLikeDiffusers) {
   EXPECT_EQ(img2img_start_step(4, 0.6), 1);
@@ -116,6 +117,21 @@ TEST(Edit, ControlNetLayoutsDetected) {
   ControlNetConfig b = inspect_controlnet(edit_path("controlnet-2.1"), mf.transformer);
   EXPECT_EQ(b.layout, ControlNetLayout::V2_1);
   EXPECT_EQ(b.layers_places, (std::vector<int>{0, 2}));
+  ControlNetConfig c = inspect_controlnet(edit_path("controlnet-1.0.safetensors"), mf.transformer);
+  EXPECT_EQ(c.layout, ControlNetLayout::V1);
+  EXPECT_EQ(c.control_in_dim, 16);
+}
+
+TEST(Edit, RandomControlNetFitsItsModel) {
+  // make-random-model --controlnet writes a ControlNet with the published config for the preset's transformer.
+  test::TempDir d;
+  const std::string m = d / "m";
+  ASSERT_EQ(std::system((std::string(ZI_BINARY) + " make-random-model --preset tiny --controlnet 2.0 -q " + m).c_str()), 0);
+  ModelFolder mf = open_model_folder(m);
+  ControlNetConfig c = inspect_controlnet(m + "/controlnet", mf.transformer);
+  EXPECT_EQ(c.layout, ControlNetLayout::V2_0);
+  EXPECT_EQ(c.layers_places, (std::vector<int>{0, 2}));
+  EXPECT_EQ(c.control_in_dim, 33);
 }
 
 TEST(Edit, CannyMatchesNumpyReference) {

@@ -72,8 +72,9 @@ def make_controlnet(layout, tr_cfg, seed, places):
     # The real 2.x configs: control_layers_places every other layer (15 of 30), refiner places [0, 1],
     # control_in_dim 33. The tiny transformer has 3 layers. The single file carries no config: zimage
     # infers places k·(n_layers // N) = [0, 1] for its 2 layers; the folder's config says [0, 2].
-    mode = {"2.0": "control_layers", "2.1": "control_noise_refiner"}[layout]
-    cn = ZImageControlNetModel(control_layers_places=places, control_refiner_layers_places=[0, 1], control_in_dim=33,
+    mode = {"1.0": None, "2.0": "control_layers", "2.1": "control_noise_refiner"}[layout]
+    cn = ZImageControlNetModel(control_layers_places=places, control_refiner_layers_places=None if layout == "1.0" else [0, 1],
+                               control_in_dim=16 if layout == "1.0" else 33,
                                add_control_noise_refiner=mode, all_patch_size=(2,), all_f_patch_size=(1,), dim=tr_cfg.dim,
                                n_refiner_layers=tr_cfg.n_refiner_layers, n_heads=tr_cfg.n_heads, n_kv_heads=tr_cfg.n_kv_heads,
                                norm_eps=tr_cfg.norm_eps, qk_norm=tr_cfg.qk_norm)
@@ -196,7 +197,7 @@ def run_case(pipe, name, kwargs, meta):
     # Keep the test data small: every tensor of step 0, then only each step's output and latents;
     # no copies of the encoder's input image.
     def keep(k):
-        if k.startswith("encode") and k.endswith(".in"):
+        if (k.startswith("encode") and k.endswith(".in")) or k == "image_float":  # image_u8 and the PNG hold the image
             return False
         if k.startswith("step") and not k.startswith("step0."):
             return k.endswith(".latents_after") or k.endswith(".out0") or k.endswith(".timestep")
@@ -307,6 +308,15 @@ def main():
                  dict(mode="controlnet", prompt=prompt, control_image="inputs/control.png",
                       controlnet="controlnet-2.0.safetensors" if layout == "2.0" else "controlnet-2.1", layout=layout,
                       control_scale=scale, num_inference_steps=4, guidance_scale=0.0, seed=seed, height=64, width=64))
+    # The first Union release (1.0 layout: control_in_dim 16, plain control refiner blocks), as a single file.
+    cn10 = make_controlnet("1.0", tr_cfg, 33, [0, 1])
+    save_file({k: v.contiguous() for k, v in cn10.state_dict().items()}, os.path.join(ROOT, "controlnet-1.0.safetensors"))
+    cn10.to(torch.float32)
+    p = ZImageControlNetPipeline(controlnet=cn10, **c)
+    run_case(p, "controlnet10", dict(prompt=prompt, control_image=control, controlnet_conditioning_scale=0.6, num_inference_steps=3,
+                                     guidance_scale=0.0, height=64, width=64),
+             dict(mode="controlnet", prompt=prompt, control_image="inputs/control.png", controlnet="controlnet-1.0.safetensors",
+                  layout="1.0", control_scale=0.6, num_inference_steps=3, guidance_scale=0.0, seed=14, height=64, width=64))
     p = ZImageControlNetInpaintPipeline(controlnet=cn21, **c)
     run_case(p, "controlnet_inpaint", dict(prompt=prompt, image=init, mask_image=mask, control_image=control,
                                            controlnet_conditioning_scale=0.9, num_inference_steps=4, guidance_scale=0.0,
