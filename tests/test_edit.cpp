@@ -211,7 +211,7 @@ TEST(Edit, BadInputsAreRefusedBeforeAnyPhase) {
   const std::string init = " --init-image " + in + "init.png";
   const std::string cn = " --controlnet " + edit_path("controlnet-2.1");
   expect_refused("--init-image " + in + "missing.png", 1, "missing.png");
-  expect_refused("--init-image " + edit_path("controlnet-2.1/config.json"), 1, "not a PNG");
+  expect_refused("--init-image " + edit_path("controlnet-2.1/config.json"), 1, "not a PNG, JPEG or WebP");
   expect_refused(init + " --mask " + in + "mask_small.png", 1, "the mask must have the image's size");
   expect_refused(init + " --mask " + in + "mask_grey.png", 1, "not black and white");
   expect_refused(init + " --strength 0", 2, "--strength must be in (0, 1]");

@@ -60,6 +60,8 @@ class SafetensorsFile {
   Tensor view(const TensorInfo& t) const;
   // A copy converted to `dt` (floats among themselves; I64 → I32 when values fit; BOOL → U8).
   Tensor load(const TensorInfo& t, DType dt, Tag tag = Tag::Activations) const;
+  // Throws what load(t, dt) would throw for the dtype pair, reading nothing.
+  void check_loadable(const TensorInfo& t, DType dt) const;
   // Convenience: load by name in its natural dtype (I64 → I32). Throws if absent.
   Tensor load(std::string_view name) const;
   Tensor load(std::string_view name, DType dt) const;

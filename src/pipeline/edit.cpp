@@ -10,7 +10,7 @@
 #include <fstream>
 
 #include "core/check.h"
-#include "io/png.h"
+#include "io/image_codec.h"
 #include "io/safetensors.h"
 #include "io/weight_loader.h"
 #include "models/vae_encoder.h"
@@ -37,26 +37,18 @@ EditMode edit_mode(const GenerateOptions& o) {
 
 namespace {
 
-// The file's bytes must start like a PNG; other formats get a clear message.
+// PNG, JPEG or WebP through the image codecs (io/image_codec.h), as RGB8.
 std::vector<uint8_t> read_rgb(const std::string& path, const char* flag, int* w, int* h) {
-  std::ifstream is(path, std::ios::binary);
-  if (!is) throw Error(str_cat(flag, " '", path, "': cannot open (", std::filesystem::exists(path) ? "unreadable" : "no such file", ")"));
-  unsigned char sig[12] = {};
-  is.read(reinterpret_cast<char*>(sig), sizeof sig);
-  const size_t got = size_t(is.gcount());
-  const bool png = got >= 8 && sig[0] == 0x89 && sig[1] == 'P' && sig[2] == 'N' && sig[3] == 'G';
-  if (!png) {
-    const bool jpeg = got >= 3 && sig[0] == 0xFF && sig[1] == 0xD8 && sig[2] == 0xFF;
-    const bool webp = got >= 12 && std::equal(sig, sig + 4, "RIFF") && std::equal(sig + 8, sig + 12, "WEBP");
-    if (jpeg || webp)
-      throw Error(str_cat(flag, " '", path, "': ", jpeg ? "JPEG" : "WebP", " input is not supported yet; convert it to PNG"));
-    throw Error(str_cat(flag, " '", path, "': not a PNG image"));
-  }
+  if (!std::filesystem::exists(path)) throw Error(str_cat(flag, " '", path, "': no such file"));
+  DecodedImage img;
   try {
-    return read_png_rgb(path, w, h);
+    img = read_image_file(path);
   } catch (const Error& e) {
-    throw Error(str_cat(flag, " '", path, "': ", e.what()));
+    throw Error(str_cat(flag, ": ", e.what()));
   }
+  *w = img.width;
+  *h = img.height;
+  return std::move(img.rgb);
 }
 
 void check_size(const char* flag, const std::string& path, int w, int h, const GenerateOptions& o) {

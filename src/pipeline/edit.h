@@ -7,8 +7,8 @@
 // milliseconds with nothing written.
 //
 // Input rules (the reference's VaeImageProcessor, with zimage's restrictions):
-//  * PNG files (8-bit; grey, palette and alpha are converted to RGB by libpng, alpha composited
-//    on black — PIL's convert("RGB") drops it instead, so give opaque images for exact results).
+//  * PNG, JPEG or WebP files, decoded to RGB8 by io/image_codec (give opaque images: how alpha
+//    is removed may differ from PIL's convert("RGB"), which drops it).
 //  * No resizing: every input image must be exactly the output size (-W × -H, multiples of
 //    16). diffusers resizes mismatched images with PIL's Lanczos filter; zimage refuses them.
 //  * RGB → [0, 1] as v / 255 in f32, then 2x − 1.
@@ -33,7 +33,7 @@ enum class EditMode { Text, Img2Img, Inpaint, ControlNet, ControlNetInpaint };
 const char* edit_mode_name(EditMode m);
 EditMode edit_mode(const GenerateOptions& o);
 
-// A PNG as float RGB [3, H, W] in [-1, 1]; w/h receive the size. `flag` names the option in errors.
+// An image file as float RGB [3, H, W] in [-1, 1]; w/h receive the size. `flag` names the option in errors.
 Tensor read_image_normalized(const std::string& path, const char* flag, int* w, int* h);
 // The size of an input image (reads it): for the CLI's default output size.
 void input_image_size(const std::string& path, const char* flag, int* w, int* h);
