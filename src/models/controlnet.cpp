@@ -222,9 +222,9 @@ ControlNetConfig inspect_controlnet(const std::string& path, const DitConfig& di
   return c;
 }
 
-ZImageControlNet load_controlnet(const ControlNetConfig& c, const DitConfig& dit, DType wdt) {
+ZImageControlNet load_controlnet(const PhaseContext& ctx, const ControlNetConfig& c, const DitConfig& dit, DType wdt) {
   TensorStore st = open_store(c);
-  WeightLoader ld(st, Tag::ControlNetWeights, "controlnet");
+  WeightLoader ld(st, Tag::ControlNetWeights, "controlnet", ctx);
   DitConfig bc = dit;  // the blocks have the transformer's sizes (checked by inspect_controlnet)
   bc.norm_eps = c.norm_eps;
   bc.qk_norm = c.qk_norm;
@@ -232,6 +232,7 @@ ZImageControlNet load_controlnet(const ControlNetConfig& c, const DitConfig& dit
   const int64_t D = c.dim;
   ZImageControlNet m;
   m.cfg = c;
+  m.ctx = ld.context();
   const int64_t P = int64_t(c.f_patch_size) * c.patch_size * c.patch_size * c.control_in_dim;
   const std::string xe = str_cat("control_all_x_embedder.", c.patch_size, "-", c.f_patch_size, ".");
   m.x_embed_w = ld.load(xe + "weight", {D, P}, wdt);

@@ -44,6 +44,7 @@ struct ControlBlock {
 
 struct ZImageControlNet {
   ControlNetConfig cfg;
+  PhaseContext ctx;  // where it was loaded and computes (the WeightLoader's)
   Tensor x_embed_w, x_embed_b;       // control_all_x_embedder.2-1.{weight,bias} [D, p·p·control_in_dim] / [D]
   std::vector<ControlBlock> layers;  // control_layers.{k}
   std::vector<ControlBlock> refiner; // control_noise_refiner.{k} (2.1: control blocks; 1.0: plain blocks; 2.0: none)
@@ -58,6 +59,6 @@ struct ZImageControlNet {
 ControlNetConfig inspect_controlnet(const std::string& path, const DitConfig& dit);
 
 // Loads the weights (matrices in `wdt`, norms and biases f32), tagged Tag::ControlNetWeights.
-ZImageControlNet load_controlnet(const ControlNetConfig& cfg, const DitConfig& dit, DType wdt);
+ZImageControlNet load_controlnet(const PhaseContext& ctx, const ControlNetConfig& cfg, const DitConfig& dit, DType wdt);
 
 }  // namespace zi

@@ -96,7 +96,7 @@ void attention(const MidAttention& a, Tensor& x, int groups) {
 
 // Downsample2D(padding=0): F.pad(x, (0, 1, 0, 1)) then a 3×3 conv with stride 2.
 // [C, H, W] → [C, H/2, W/2] (H, W even).
-Tensor downsample(const DownBlock& d, const Tensor& x) {
+Tensor downsample(const PhaseContext& ctx, const DownBlock& d, const Tensor& x) {
   const int64_t C = x.dim(0), H = x.dim(1), W = x.dim(2);
   Tensor hx = ops::to_host_f32(x);
   Tensor padded = Tensor::zeros({C, H + 1, W + 1}, DType::F32);
@@ -108,7 +108,7 @@ Tensor downsample(const DownBlock& d, const Tensor& x) {
         std::copy(s + (c * H + y) * W, s + (c * H + y + 1) * W, p + (c * (H + 1) + y) * (W + 1));
   }
   hx = Tensor();
-  Tensor full = ops::to_host_f32(ops::conv2d(ops::to_compute(padded), d.downsample_w, &d.downsample_b, 0));  // [C, H-1, W-1]
+  Tensor full = ops::to_host_f32(ops::conv2d(ops::to_compute(ctx, padded), d.downsample_w, &d.downsample_b, 0));  // [C, H-1, W-1]
   padded = Tensor();
   const int64_t Ho = H / 2, Wo = W / 2, Wf = full.dim(2), Hf = full.dim(1);
   Tensor out = Tensor::empty({full.dim(0), Ho, Wo}, DType::F32);
@@ -117,7 +117,7 @@ Tensor downsample(const DownBlock& d, const Tensor& x) {
   for (int64_t c = 0; c < full.dim(0); ++c)
     for (int64_t y = 0; y < Ho; ++y)
       for (int64_t xx = 0; xx < Wo; ++xx) o[(c * Ho + y) * Wo + xx] = f[(c * Hf + 2 * y) * Wf + 2 * xx];
-  return ops::to_compute(out);
+  return ops::to_compute(ctx, out);
 }
 
 }  // namespace
@@ -135,6 +135,7 @@ VaeEncoder load_vae_encoder(WeightLoader& ld, const VaeConfig& cfg, DType wdt) {
   const int64_t L2 = 2 * int64_t(cfg.latent_channels);
   const std::string e = "encoder.";
   VaeEncoder m;
+  m.ctx = ld.context();
   m.cfg = cfg;
   m.conv_in_w = ld.load(e + "conv_in.weight", {ch[0], cfg.in_channels, 3, 3}, wdt);
   m.conv_in_b = ld.load(e + "conv_in.bias", {ch[0]}, f32);
@@ -172,10 +173,10 @@ Tensor vae_encode_moments(const VaeEncoder& m, const Tensor& image) {
   ZI_CHECK(image.dim(1) > 0 && image.dim(2) > 0 && image.dim(1) % sf == 0 && image.dim(2) % sf == 0,
            "[vae_encode] image size ", image.desc(), " is not a multiple of ", sf);
   const int groups = m.cfg.norm_num_groups;
-  Tensor x = ops::conv2d(ops::to_compute(image.contiguous()), m.conv_in_w, &m.conv_in_b, 1);
+  Tensor x = ops::conv2d(ops::to_compute(m.ctx, image.contiguous()), m.conv_in_w, &m.conv_in_b, 1);
   for (const DownBlock& d : m.down_blocks) {
     for (const ResnetBlock& r : d.resnets) x = resnet(r, std::move(x), groups);
-    if (d.downsample_w.defined()) x = downsample(d, x);
+    if (d.downsample_w.defined()) x = downsample(m.ctx, d, x);
   }
   x = resnet(m.mid_res0, std::move(x), groups);
   if (m.mid_attn.to_q_w.defined()) attention(m.mid_attn, x, groups);

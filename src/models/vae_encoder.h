@@ -23,6 +23,7 @@ struct DownBlock {
 
 struct VaeEncoder {
   VaeConfig cfg;
+  PhaseContext ctx;  // where it was loaded and computes (the WeightLoader's)
   Tensor conv_in_w, conv_in_b;      // encoder.conv_in.*      [C0, in_channels, 3, 3] / [C0]
   std::vector<DownBlock> down_blocks;
   ResnetBlock mid_res0, mid_res1;   // encoder.mid_block.resnets.{0,1}

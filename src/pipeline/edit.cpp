@@ -176,10 +176,10 @@ Tensor masked(const Tensor& image, const Tensor& mask) {
 
 }  // namespace
 
-EditLatents encode_edit_inputs(const EditInputs& in, const ModelFolder& mf, DType vae_dtype) {
+EditLatents encode_edit_inputs(const PhaseContext& ctx, const EditInputs& in, const ModelFolder& mf, DType vae_dtype) {
   EditLatents out;
   TensorStore store = TensorStore::open_dir(mf.vae_dir);
-  WeightLoader loader(store, Tag::VaeEncoderWeights, "vae encoder");
+  WeightLoader loader(store, Tag::VaeEncoderWeights, "vae encoder", ctx);
   VaeEncoder enc = load_vae_encoder(loader, mf.vae, vae_dtype);
   loader.finish();
   out.encoder_weight_bytes = loader.bytes_loaded();

@@ -61,7 +61,7 @@ struct EditLatents {
 };
 
 // Runs the VAE encoder (loaded and freed here) on what the mode needs.
-EditLatents encode_edit_inputs(const EditInputs& in, const ModelFolder& mf, DType vae_dtype);
+EditLatents encode_edit_inputs(const PhaseContext& ctx, const EditInputs& in, const ModelFolder& mf, DType vae_dtype);
 
 // img2img / inpaint: first denoising step index for `strength` (diffusers get_timesteps:
 // t_start = int(max(N − min(N·strength, N), 0))).
