@@ -5,7 +5,7 @@
 # one profiled 1024² image (ZI_CUDA_PROFILE=1: GPU time per op), then diffusers eager and
 # torch.compile on the same card, and one table last (summarize.py). About 2.5 minutes on an H200.
 # Here first: bench/gpu/pack_carry.sh, and .carry/diffusers_src.tar.xz (diffusers' src/ tree).
-# Use: bench/gpu/run_all.sh [tests|kernels|bench|vaetile|firstuse|diffusers|all]...  (default: all; bench includes
+# Use: bench/gpu/run_all.sh [tests|kernels|bench|vaetile|firstuse|controlnet|diffusers|all]...  (default: all; bench includes
 # kernels; ZI_GTEST_FILTER narrows the tests). Logs go to $OUT.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -116,6 +116,40 @@ if want firstuse; then  # one image per process: the 2nd process reuses the 1st 
   done
   wc -l "$ZIMAGE_CACHE_DIR"/*.txt; unset ZIMAGE_CACHE_DIR
   stamp "first use done"
+fi
+
+if want controlnet; then  # issue 17: a random Fun ControlNet Union 2.1 (published config) at 1024², 8 steps, beside plain t2i
+  M=/tmp/zrmc
+  rm -rf "$M"
+  z "$BIN/zimage" make-random-model --preset turbo --dtype bf16 --controlnet 2.1 -q "$M" > "$OUT/make_model_cn.log" 2>&1 ||
+    cat "$OUT/make_model_cn.log"
+  python3 -c "
+import numpy as np, zlib, struct
+a = np.zeros((1024, 1024, 3), np.uint8); a[100:104, :] = 255; a[:, 500:504] = 255
+raw = b''.join(b'\\x00' + a[y].tobytes() for y in range(1024))
+chunk = lambda t, d: struct.pack('>I', len(d)) + t + d + struct.pack('>I', zlib.crc32(t + d) & 0xffffffff)
+open('/tmp/zi_control.png', 'wb').write(b'\\x89PNG\\r\\n\\x1a\\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', 1024, 1024, 8, 2, 0, 0, 0))
+                                   + chunk(b'IDAT', zlib.compress(raw)) + chunk(b'IEND', b''))"
+  z "$BIN/zimage" generate --model "$M" -p "$PROMPT" -W 1024 -H 1024 --steps 8 --seed 1 --count 2 --device cuda \
+    -o "$OUT/zimage_t2i.png" > "$OUT/zimage_t2i.log" 2>&1
+  echo "rc=$?" >> "$OUT/zimage_t2i.log"
+  z "$BIN/zimage" generate --model "$M" -p "$PROMPT" -W 1024 -H 1024 --steps 8 --seed 1 --count 2 --device cuda \
+    --control-image /tmp/zi_control.png --controlnet "$M/controlnet" --control-scale 0.75 --memory-report \
+    -o "$OUT/zimage_cn.png" > "$OUT/zimage_cn.log" 2>&1
+  echo "rc=$?" >> "$OUT/zimage_cn.log"
+  for f in t2i cn; do echo "== zimage $f"; grep -E "^  (encode|vae-encode|denoise|decode|weights)|rc=|error" "$OUT/zimage_$f.log" | tail -8; done
+  rm -f "$OUT"/zimage_t2i*.png "$OUT"/zimage_cn*.png
+  rm -rf "$M"
+  stamp "zimage controlnet done"
+  if [ -f .carry/diffusers_src.tar.xz ]; then
+    mkdir -p /tmp/diffusers && tar -C /tmp/diffusers -xJf .carry/diffusers_src.tar.xz
+    export DIFFUSERS_SRC=/tmp/diffusers/src
+  fi
+  PYTHONUNBUFFERED=1 timeout 400 python3 bench/gpu/bench_diffusers.py models/tiny-zimage/tokenizer controlnet \
+    > "$OUT/diffusers_cn.log" 2>&1
+  echo "rc=$?" >> "$OUT/diffusers_cn.log"
+  grep -E "RESULT|Error|error" "$OUT/diffusers_cn.log" | tail -6
+  stamp "diffusers controlnet done"
 fi
 
 if want diffusers; then

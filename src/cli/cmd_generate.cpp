@@ -27,6 +27,7 @@
 #include "io/image_codec.h"
 #include "io/safetensors.h"
 #include "models/lora.h"
+#include "pipeline/edit.h"
 #include "pipeline/memory_report.h"
 #include "pipeline/metadata.h"
 #include "pipeline/pipeline.h"
@@ -51,6 +52,7 @@ struct GenerateArgs {
   int count = 1;
   int64_t cache_limit_mib = -1;
   std::string device, te_device, vae_device, precision = "bf16";
+  std::string controlnet_dtype = "bf16";
   int threads = 0;
   bool quiet = false;
   // issue 15
@@ -387,6 +389,15 @@ void run(GenerateArgs& a) {
     a.o.vae_device = parse_device(a.vae_device, "--vae-device", dev);
   }
   if (a.cache_limit_mib >= 0) a.o.cache_limit_bytes = a.cache_limit_mib << 20;
+  a.o.controlnet_dtype = parse_dtype_flag(a.controlnet_dtype, "--controlnet-dtype");
+  // Image-conditioned modes: without -W/-H the output takes the input image's size.
+  if (!a.given("width") && !a.given("height") && (!a.o.init_image.empty() || !a.o.control_image.empty())) {
+    const bool init = !a.o.init_image.empty();
+    input_image_size(init ? a.o.init_image : a.o.control_image, init ? "--init-image" : "--control-image", &a.o.width,
+                     &a.o.height);
+  }
+  if (!a.o.init_image.empty() && a.o.control_image.empty() && a.o.strength < 0)
+    a.o.strength = a.o.mask_image.empty() ? 0.6 : 1.0;  // the reference pipelines' defaults, recorded in the PNG
   bool bundled = false;
   a.o.diffusion_model_file = a.diffusion_model;
   a.o.text_encoder_file = a.text_encoder;
@@ -639,6 +650,25 @@ void add_generate(CLI::App& app) {
   reg(c->add_option("--precision", a->precision,
                     "activations on the GPU: bf16 (f32 accumulation) or f32 (for checking against the CPU)")
           ->capture_default_str());
+  // Image-conditioned modes (issue 17; pipeline/edit.h has the input rules).
+  reg(c->add_option("--init-image", a->o.init_image,
+                    "img2img: start from this PNG/JPEG/WebP (the output takes its size; with --mask: inpaint it)"));
+  reg(c->add_option("--strength", a->o.strength,
+                "img2img/inpaint: how much of the image is redrawn, in (0, 1] (default 0.6 img2img, 1.0 inpaint)"));
+  reg(c->add_option("--mask", a->o.mask_image, "inpaint: PNG of the image's size, white repaints, black keeps"));
+  reg(c->add_flag("--mask-binarize", a->o.mask_binarize,
+              "accept grey mask pixels and threshold them at 50% like diffusers (default: grey is an error)"));
+  reg(c->add_option("--control-image", a->o.control_image,
+                "ControlNet condition (edges, depth, pose map...) as a PNG of the output size"));
+  reg(c->add_option("--controlnet", a->o.controlnet,
+                "Z-Image Fun ControlNet Union 2.0/2.1: diffusers folder or the published .safetensors file"));
+  reg(c->add_option("--control-scale", a->o.control_scale, "ControlNet conditioning scale")->capture_default_str());
+  reg(c->add_option("--control-preprocess", a->o.control_preprocess,
+                "turn the control image into a condition first: canny (other maps: bring your own)"));
+  reg(c->add_option("--canny-low", a->o.canny_low, "Canny low threshold (gradient magnitude)")->capture_default_str());
+  reg(c->add_option("--canny-high", a->o.canny_high, "Canny high threshold (gradient magnitude)")->capture_default_str());
+  reg(c->add_option("--controlnet-dtype", a->controlnet_dtype, "ControlNet weights in memory: bf16, f16 or f32")
+      ->capture_default_str());
   reg(c->add_flag("--json-progress", a->json_progress,
                   "progress as one JSON object per line on stderr (events: start, phase_start, load, step, "
                   "phase_end, image, wrote)"));

@@ -23,6 +23,7 @@ struct MakeRandomArgs {
   std::string dtype;
   int threads = 0;
   bool quiet = false;
+  std::string controlnet;
 };
 
 std::atomic<bool> g_make_random_cancel{false};
@@ -42,6 +43,9 @@ void run_make_random_model(const MakeRandomArgs& a) {
   if (a.out_dir.empty()) throw UsageError("make-random-model: OUT_DIR must not be empty");
   set_num_threads(a.threads);
   o.seed = a.seed;
+  if (!a.controlnet.empty() && a.controlnet != "2.0" && a.controlnet != "2.1")
+    throw UsageError(str_cat("make-random-model: --controlnet must be 2.0 or 2.1, got '", a.controlnet, "'"));
+  o.controlnet = a.controlnet;
   o.tokenizer_src = resolve_model_dir("") + "/tokenizer";
   if (!a.quiet) o.log = [](const std::string& s) { std::fprintf(stderr, "%s\n", s.c_str()); };
   o.check_cancel = [] {
@@ -86,6 +90,9 @@ void add_make_random_model(CLI::App& app) {
                 "text encoder and VAE bf16; tiny bf16)")
       ->type_name("DT");
   c->add_option("--threads", a->threads, "Threads generating the weights (0: all cores)")->type_name("N");
+  c->add_option("--controlnet", a->controlnet,
+                "Also write OUT_DIR/controlnet: a random Fun ControlNet Union 2.0 or 2.1 with the published config")
+      ->type_name("2.0|2.1");
   c->add_flag("-q,--quiet", a->quiet, "No progress lines on stderr");
   c->callback([a] { run_make_random_model(*a); });
 }

@@ -19,6 +19,8 @@ const char* tag_name(Tag t) {
     case Tag::TextWeights: return "weights/text_encoder";
     case Tag::DitWeights: return "weights/transformer";
     case Tag::VaeWeights: return "weights/vae";
+    case Tag::VaeEncoderWeights: return "weights/vae_encoder";
+    case Tag::ControlNetWeights: return "weights/controlnet";
     case Tag::Activations: return "activations";
     case Tag::Workspace: return "workspace";
     case Tag::Count_: break;
@@ -26,7 +28,10 @@ const char* tag_name(Tag t) {
   return "?";
 }
 
-bool is_weights(Tag t) { return t == Tag::TextWeights || t == Tag::DitWeights || t == Tag::VaeWeights; }
+bool is_weights(Tag t) {
+  return t == Tag::TextWeights || t == Tag::DitWeights || t == Tag::VaeWeights || t == Tag::VaeEncoderWeights ||
+         t == Tag::ControlNetWeights;
+}
 
 static double now_seconds() {
   using namespace std::chrono;

@@ -20,6 +20,8 @@ enum class Tag : uint8_t {
   TextWeights,
   DitWeights,
   VaeWeights,
+  VaeEncoderWeights,  // the VAE encoder (img2img, inpainting, ControlNet conditions)
+  ControlNetWeights,
   Activations,
   Workspace,
   Count_

@@ -151,9 +151,9 @@ void normal_fill_16(float* d) {
 
 }  // namespace
 
-void torch_randn(uint64_t seed, float* out, int64_t numel) {
+void TorchGenerator::randn(float* out, int64_t numel) {
   ZI_CHECK(numel >= 0, "[torch_randn] negative element count ", numel);
-  TorchMt19937 g(seed);
+  TorchMt19937& g = g_;
   if (numel >= 16) {
     for (int64_t i = 0; i < numel; ++i) out[i] = uniform_f32(g);
     for (int64_t i = 0; i + 16 <= numel; i += 16) normal_fill_16(out + i);
@@ -165,22 +165,25 @@ void torch_randn(uint64_t seed, float* out, int64_t numel) {
     return;
   }
   // at::normal_distribution<double> with the generator's cached second sample.
-  bool have_cached = false;
-  double cached = 0.0;
   for (int64_t i = 0; i < numel; ++i) {
-    if (have_cached) {
-      out[i] = float(cached);
-      have_cached = false;
+    if (have_cached_) {
+      out[i] = float(cached_);
+      have_cached_ = false;
       continue;
     }
     const double u1 = uniform_f64(g);
     const double u2 = uniform_f64(g);
     const double r = std::sqrt(-2.0 * std::log1p(-u2));
     const double theta = 2.0 * 3.14159265358979323846 * u1;
-    cached = r * std::sin(theta);
-    have_cached = true;
+    cached_ = r * std::sin(theta);
+    have_cached_ = true;
     out[i] = float(r * std::cos(theta));
   }
+}
+
+void torch_randn(uint64_t seed, float* out, int64_t numel) {
+  TorchGenerator g(seed);
+  g.randn(out, numel);
 }
 
 std::vector<float> torch_randn(uint64_t seed, int64_t numel) {

@@ -28,6 +28,11 @@ std::vector<float> torch_randn(uint64_t seed, int64_t numel);
 // Same, written into `out` (numel floats).
 void torch_randn(uint64_t seed, float* out, int64_t numel);
 
+// A generator whose draws continue one stream, like several torch.randn calls on one
+// torch.Generator('cpu') (the pipelines that sample the VAE posterior draw that sample first,
+// then the noise). randn(out, n) equals the next n values torch.randn would return.
+class TorchGenerator;
+
 // A fresh seed from std::random_device, for runs without --seed. Kept below 2^53 so it
 // prints, parses and round-trips through JSON/double without loss.
 uint64_t random_seed();
@@ -43,6 +48,17 @@ class TorchMt19937 {
   void twist();
   uint32_t state_[624];
   int index_;
+};
+
+class TorchGenerator {
+ public:
+  explicit TorchGenerator(uint64_t seed) : g_(seed) {}
+  void randn(float* out, int64_t numel);
+
+ private:
+  TorchMt19937 g_;
+  bool have_cached_ = false;  // the generator's cached second normal (numel < 16 path)
+  double cached_ = 0.0;
 };
 
 }  // namespace zi

@@ -13,6 +13,7 @@
 
 #include "core/check.h"
 #include "core/parallel.h"
+#include "models/controlnet.h"
 #include "ops/ops.h"
 
 namespace zi {
@@ -359,6 +360,10 @@ int64_t dit_ffn_chunk_rows(const PhaseContext& ctx) {
 }
 
 int dit_ffn_hidden(const DitConfig& cfg) { return int(double(cfg.dim) / 3.0 * 8.0); }
+
+DitBlock load_dit_block(WeightLoader& ld, const std::string& prefix, const DitConfig& cfg, DType wdt, bool modulated) {
+  return load_block(ld, prefix, cfg, wdt, modulated);
+}
 int dit_adaln_dim(const DitConfig& cfg) { return std::min(cfg.dim, kAdalnEmbedDim); }
 
 // The learned pad embeddings [1, D]. Fine-tuned single files sometimes lack them or store them
@@ -495,6 +500,104 @@ Tensor dit_forward(const ZImageDit& m, const Tensor& latent, float t, const Tens
   Tensor out = final_layer(m, u, c, g.n);  // [N, p·p·C]  (steps 8–9)
   u = Tensor();
   return unpatchify(ops::to_host_f32(out), g, cfg.patch_size, cfg.in_channels);  // [C, 1, Hl, Wl] on the host
+}
+
+// ---------------------------------------------------------------------------------------
+// ControlNet (diffusers ZImageControlNetModel.forward, then the transformer with
+// controlnet_block_samples). Batch 1, so no masks; the pad slots are attended as in dit_forward.
+
+namespace {
+
+// One control block on its running state `c` [S, D]: the first block starts from
+// before_proj(c) + x; returns the hint after_proj(c).
+Tensor control_block(const ControlBlock& cb, const DitConfig& cfg, Tensor& c, const Tensor* x, const Tensor& temb,
+                     const Rope& rope, int64_t chunk) {
+  if (cb.before_w.defined()) {
+    Tensor y = ops::linear(c, cb.before_w, &cb.before_b);
+    ops::add_(y, *x);
+    c = std::move(y);
+  }
+  block_forward(cb.b, cfg, c, temb, rope, chunk);
+  if (!cb.after_w.defined()) return Tensor();
+  return ops::linear(c, cb.after_w, &cb.after_b);
+}
+
+}  // namespace
+
+Tensor dit_forward_control(const ZImageDit& m, const Tensor& latent, float t, const Tensor& cap_feats,
+                           const ZImageControlNet& cn, const Tensor& control, float scale) {
+  const DitConfig& cfg = m.cfg;
+  const ControlNetConfig& cc = cn.cfg;
+  const Geometry g = geometry(cfg, latent, cap_feats);
+  ZI_CHECK(control.ndim() == 4 && control.dim(0) == cc.control_in_dim && control.dim(1) == 1 &&
+               control.dim(2) == latent.dim(2) && control.dim(3) == latent.dim(3),
+           "[dit_forward_control] control context must be [", cc.control_in_dim, ", 1, ", latent.dim(2), ", ",
+           latent.dim(3), "], got ", control.desc());
+  const Tensor c = embed_timestep(m, t);  // [1, A], shared with the ControlNet (from_transformer)
+  const ZImageDit::RopeCache& rope = rope_tables(m, g);
+  const int64_t chunk = dit_ffn_chunk_rows(m.ctx);
+
+  Tensor x = embed_image(m, latent, g);  // [Nx, D]
+  // Control context: patch embedding with the ControlNet's embedder, x_pad_token in the pad slots.
+  Tensor ctx = append_pad_rows(ops::linear(ops::to_compute(m.ctx, patchify(control, g, cfg.patch_size)), cn.x_embed_w, &cn.x_embed_b),
+                               m.x_pad_token, g.nx);  // [Nx, D]
+
+  // 2.0 / 2.1: control blocks on the image tokens give the noise refiner's hints; 1.0: plain
+  // refiner blocks on the control context.
+  std::vector<Tensor> refiner_hints;
+  if (cc.layout == ControlNetLayout::V1) {
+    for (const ControlBlock& b : cn.refiner) block_forward(b.b, cfg, ctx, c, rope.x, chunk);
+  } else {
+    const std::vector<ControlBlock>& blocks = cc.layout == ControlNetLayout::V2_0 ? cn.layers : cn.refiner;
+    for (const ControlBlock& b : blocks) {
+      Tensor h = control_block(b, cfg, ctx, &x, c, rope.x, chunk);
+      if (refiner_hints.size() < cc.refiner_places.size()) {
+        ops::scale_(h, scale);
+        refiner_hints.push_back(std::move(h));
+      }
+    }
+  }
+
+  // Caption stream: the same for the transformer and the ControlNet.
+  Tensor cap = embed_caption(m, cap_feats, g);  // [Lc, D]
+  for (const DitBlock& b : m.context_refiner) block_forward(b, cfg, cap, c, rope.cap, chunk);
+
+  // The ControlNet's own image stream: the transformer's noise refiner with the hints added
+  // (the transformer's stream gets none of them).
+  Tensor xc;
+  if (!refiner_hints.empty()) xc = x.clone();
+  for (size_t i = 0; i < m.noise_refiner.size(); ++i) {
+    block_forward(m.noise_refiner[i], cfg, x, c, rope.x, chunk);
+    if (xc.defined()) {
+      block_forward(m.noise_refiner[i], cfg, xc, c, rope.x, chunk);
+      for (size_t k = 0; k < cc.refiner_places.size(); ++k)
+        if (size_t(cc.refiner_places[k]) == i) ops::add_(xc, refiner_hints[k]);
+    }
+  }
+  refiner_hints.clear();
+  Tensor uc = ops::concat0({xc.defined() ? xc : x, cap});  // the ControlNet's unified sequence
+  xc = Tensor();
+  Tensor cu = ops::concat0({ctx, cap});  // the control context, unified with the captions
+  ctx = Tensor();
+  Tensor u = ops::concat0({x, cap});
+  x = cap = Tensor();
+
+  // Main layers; the control layer whose place is i runs just before its hint is needed.
+  size_t k = 0;
+  for (size_t i = 0; i < m.layers.size(); ++i) {
+    block_forward(m.layers[i], cfg, u, c, rope.u, chunk);
+    if (k < cn.layers.size() && size_t(cc.layers_places[k]) == i) {
+      Tensor h = control_block(cn.layers[k], cfg, cu, &uc, c, rope.u, chunk);
+      if (k == 0) uc = Tensor();  // only the first control block reads it
+      ops::scale_(h, scale);
+      ops::add_(u, h);
+      ++k;
+    }
+  }
+  cu = Tensor();
+  Tensor out = final_layer(m, u, c, g.n);
+  u = Tensor();
+  return unpatchify(ops::to_host_f32(out), g, cfg.patch_size, cfg.in_channels);
 }
 
 std::vector<Tensor> dit_forward_batch(const ZImageDit& m, const std::vector<Tensor>& latents,

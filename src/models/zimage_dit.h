@@ -53,6 +53,8 @@ struct ZImageDit {
   mutable std::shared_ptr<RopeCache> rope_cache;
 };
 
+struct ZImageControlNet;  // models/controlnet.h
+
 // Sizes derived from the config exactly as the reference derives them.
 int dit_ffn_hidden(const DitConfig& cfg);  // int(dim / 3 * 8) in floating point: 10240 (tiny: 170)
 int dit_adaln_dim(const DitConfig& cfg);   // min(dim, 256)
@@ -65,9 +67,19 @@ int64_t dit_ffn_chunk_rows(const PhaseContext& ctx);
 // wrong-shape and unexpected tensors all at once.
 ZImageDit load_zimage_dit(WeightLoader& loader, const DitConfig& cfg, DType wdt);
 
+// One block's keys under `prefix` (e.g. "layers.3."); used by the ControlNet's blocks too.
+DitBlock load_dit_block(WeightLoader& loader, const std::string& prefix, const DitConfig& cfg, DType wdt, bool modulated);
+
 // One item: latent [C, 1, Hl, Wl] f32, t = 1 − σ (the model multiplies by t_scale),
 // cap_feats [L, cap_feat_dim] f32 → velocity [C, 1, Hl, Wl] f32 (≈ x₀ − ε, spec §3.11).
 Tensor dit_forward(const ZImageDit& m, const Tensor& latent, float t, const Tensor& cap_feats);
+
+// dit_forward with a Fun ControlNet Union (ZImageControlNetPipeline / ZImageControlNetModel):
+// control [control_in_dim, 1, Hl, Wl] f32, the control context (condition latents, and for
+// inpainting the mask and masked-image latents); its hints, times `scale`, are added to the
+// unified stream after the transformer layers of control_layers_places.
+Tensor dit_forward_control(const ZImageDit& m, const Tensor& latent, float t, const Tensor& cap_feats,
+                           const ZImageControlNet& cn, const Tensor& control, float scale);
 
 // Several items with different caption lengths. Equal to calling dit_forward on each item
 // (the reference's batched call masks batch padding only, so items never interact). Items of

@@ -19,6 +19,12 @@ std::string memory_report_json(const GenerateResult& r) {
                            {"peak_bytes", p.peak_bytes},
                            {"end_bytes", p.end_bytes},
                            {"seconds", p.seconds}});
+  // Components loaded during the run with their own weight bytes (the transformer, and in the
+  // image-conditioned modes the VAE encoder and the ControlNet).
+  if (!r.component_weights.empty()) {
+    j["components"] = nlohmann::json::object();
+    for (const auto& [n, b] : r.component_weights) j["components"][n] = b;
+  }
   j["peak_bytes"] = r.peak_bytes;
   if (!r.gpu_phases.empty()) j["gpu_peak_bytes"] = r.gpu_peak_bytes;
   j["peak_rss_bytes"] = r.peak_rss_bytes;
@@ -33,6 +39,11 @@ void print_memory_report(const GenerateResult& r, const std::string& json_path) 
   for (const auto& p : all)
     std::fprintf(stderr, "  %-9s %-6s %12.1f %11.1f %11.1f %9.2f\n", p.name.c_str(), device_name(p.device),
                  mib(p.weights_bytes), mib(p.peak_bytes), mib(p.end_bytes), p.seconds);
+  if (!r.component_weights.empty()) {
+    std::fprintf(stderr, "  weights:");
+    for (const auto& [n, b] : r.component_weights) std::fprintf(stderr, " %s %.1f MiB", n.c_str(), mib(b));
+    std::fprintf(stderr, "\n");
+  }
   std::fprintf(stderr, "  peak (max over phases) %.1f MiB; process peak RSS %.1f MiB\n", mib(r.peak_bytes),
                mib(r.peak_rss_bytes));
   if (!r.gpu_phases.empty()) std::fprintf(stderr, "  GPU peak (max over phases) %.1f MiB\n", mib(r.gpu_peak_bytes));

@@ -7,6 +7,7 @@
 namespace zi {
 
 // JSON: {"phases":[{"name","device","weights_bytes","peak_bytes","end_bytes","seconds"}...],
+//        "components":{"transformer":N,"vae_encoder":N,"controlnet":N} (those loaded),
 //        "peak_bytes":N,"peak_rss_bytes":N}
 std::string memory_report_json(const GenerateResult& r);
 // Prints the table on stderr and, when `json_path` is not empty, writes the JSON there.

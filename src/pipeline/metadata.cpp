@@ -85,6 +85,14 @@ std::string a1111_parameters(const MetadataInput& in) {
   }
   if (!o.transformer_override.empty())
     s += ", Transformer override: " + a1111_value(shown_path(o.transformer_override, in.full_paths));
+  // Image-conditioned modes (issue 17).
+  if (!o.init_image.empty()) s += ", Init image: " + a1111_value(shown_path(o.init_image, in.full_paths));
+  if (!o.init_image.empty() && o.control_image.empty() && o.strength > 0) s += str_cat(", Denoising strength: ", o.strength);
+  if (!o.mask_image.empty()) s += ", Mask: " + a1111_value(shown_path(o.mask_image, in.full_paths));
+  if (!o.control_image.empty())
+    s += ", Control image: " + a1111_value(shown_path(o.control_image, in.full_paths)) +
+         ", ControlNet: " + a1111_value(shown_path(o.controlnet, in.full_paths)) + str_cat(", Control scale: ", o.control_scale) +
+         (o.control_preprocess.empty() ? std::string() : ", Control preprocess: " + o.control_preprocess);
   if (!in.prompt_embeds_file.empty()) s += ", Prompt embeddings: " + a1111_value(shown_path(in.prompt_embeds_file, in.full_paths));
   s += ", Version: zimage " ZIMAGE_VERSION;
   return s;
@@ -120,6 +128,19 @@ std::string reproduction_json(const MetadataInput& in) {
   for (const auto& [f, sc] : o.loras) loras.push_back({{"file", shown_path(f, in.full_paths)}, {"scale", sc}});
   j["loras"] = loras;
   j["transformer_override"] = shown_path(o.transformer_override, in.full_paths);
+  if (!o.init_image.empty() || !o.control_image.empty()) {  // image-conditioned modes (issue 17)
+    j["init_image"] = shown_path(o.init_image, in.full_paths);
+    j["mask"] = shown_path(o.mask_image, in.full_paths);
+    j["mask_binarize"] = o.mask_binarize;
+    j["strength"] = o.strength;
+    j["control_image"] = shown_path(o.control_image, in.full_paths);
+    j["controlnet"] = shown_path(o.controlnet, in.full_paths);
+    j["control_scale"] = o.control_scale;
+    j["control_preprocess"] = o.control_preprocess;
+    j["canny_low"] = o.canny_low;
+    j["canny_high"] = o.canny_high;
+    j["controlnet_dtype"] = dtype_name(o.controlnet_dtype);
+  }
   return j.dump();
 }
 
@@ -177,6 +198,18 @@ void apply_reproduction_json(const std::string& text, GenerateOptions* o, std::s
     }
   }
   get("transformer_override", &o->transformer_override);
+  // Image-conditioned modes (issue 17).
+  get("init_image", &o->init_image);
+  get("mask", &o->mask_image);
+  get("mask_binarize", &o->mask_binarize);
+  get("strength", &o->strength);
+  get("control_image", &o->control_image);
+  get("controlnet", &o->controlnet);
+  get("control_scale", &o->control_scale);
+  get("control_preprocess", &o->control_preprocess);
+  get("canny_low", &o->canny_low);
+  get("canny_high", &o->canny_high);
+  o->controlnet_dtype = dtype_field(j, "controlnet_dtype", o->controlnet_dtype);
 }
 
 }  // namespace zi

@@ -14,11 +14,14 @@
 #include "io/png.h"
 #include "io/safetensors.h"
 #include "io/weight_loader.h"
+#include "models/controlnet.h"
 #include "models/lora.h"
 #include "ops/ops.h"
 #include "models/qwen3_encoder.h"
 #include "models/vae_decoder.h"
+#include "models/vae_encoder.h"
 #include "models/zimage_dit.h"
+#include "pipeline/edit.h"
 #include "pipeline/memory_plan.h"
 #include "pipeline/text_phase.h"
 #include "scheduler/flow_match_euler.h"
@@ -155,10 +158,24 @@ ZImageDit load_transformer(const PhaseContext& ctx, const ModelSources& src, con
   return dit;
 }
 
+// What an image-conditioned mode adds to the denoising loop (pipeline/edit.h).
+struct DenoiseExtras {
+  int start = 0;                       // img2img / inpaint: first step (strength)
+  const Tensor* image_latents = nullptr;  // inpaint: clean latents [C, h, w] re-noised for the blend
+  const Tensor* noise = nullptr;          // inpaint: the noise they are re-noised with
+  const Tensor* mask_latent = nullptr;    // inpaint: [h, w], 1 = repaint
+  const ControlNetConfig* controlnet = nullptr;  // ControlNet modes: loaded in the denoise phase
+  const Tensor* control = nullptr;        // the control context [control_in_dim, 1, h, w]
+  float control_scale = 1.0f;
+  std::vector<std::pair<std::string, int64_t>>* component_weights = nullptr;
+};
+
+int64_t tag_bytes(const PhaseContext& ctx, Tag t) { return memory_stats(ctx.device).tag(t).current; }
+
 // The denoising loop of spec §4.5–4.7 on latents [C, h, w] (f32, updated in place).
 void run_denoise(const PhaseContext& ctx, const ModelSources& src, const GenerateOptions& o, const Embeddings& emb,
-                 Tensor& latents,
-                 const GenerateHooks& hooks, ModelCache* cache, double* load_seconds) {
+                 Tensor& latents, const GenerateHooks& hooks, ModelCache* cache, double* load_seconds,
+                 const DenoiseExtras& ex = {}) {
   const ModelFolder& mf = src.folder;
   SchedulerConfig sc;
   if (mf.scheduler_config_path.empty())
@@ -172,27 +189,50 @@ void run_denoise(const PhaseContext& ctx, const ModelSources& src, const Generat
   std::unique_ptr<ZImageDit>& dit = cache ? cache->transformer : local;
   if (!dit) {
     const double t0 = now_s();
+    const int64_t before = tag_bytes(ctx, Tag::DitWeights);
     dit = std::make_unique<ZImageDit>(load_transformer(ctx, src, o, &hooks));
     *load_seconds = now_s() - t0;
+    if (ex.component_weights) ex.component_weights->emplace_back("transformer", tag_bytes(ctx, Tag::DitWeights) - before);
   }
+  // The ControlNet is resident during this phase only (kept by --keep-models' cache).
+  std::unique_ptr<ZImageControlNet> cn_local;
+  std::unique_ptr<ZImageControlNet>& cn = cache ? cache->controlnet : cn_local;
+  if (ex.controlnet && !cn) {
+    const double t0 = now_s();
+    const int64_t before = tag_bytes(ctx, Tag::ControlNetWeights);
+    cn = std::make_unique<ZImageControlNet>(load_controlnet(ctx, *ex.controlnet, mf.transformer, o.controlnet_dtype));
+    *load_seconds += now_s() - t0;
+    if (ex.component_weights) ex.component_weights->emplace_back("controlnet", tag_bytes(ctx, Tag::ControlNetWeights) - before);
+  }
+  auto forward = [&](const Tensor& x, float t, const Tensor& cap) {
+    if (ex.controlnet) return dit_forward_control(*dit, x, t, cap, *cn, *ex.control, ex.control_scale);
+    return dit_forward(*dit, x, t, cap);
+  };
   const size_t n = size_t(latents.numel());
   const double t0 = now_s();
-  for (int i = 0; i < sched.steps(); ++i) {
+  for (int i = ex.start; i < sched.steps(); ++i) {
     check_cancel(hooks);
     const float t = model_time(sched, i);
     const bool cfg = emb.neg.defined() && cfg_active(o.guidance, o.cfg_truncation, t);
     Tensor x = latents.reshape({C, 1, h, w});
-    Tensor pred = dit_forward(*dit, x, t, emb.pos);  // [C, 1, h, w]
+    Tensor pred = forward(x, t, emb.pos);  // [C, 1, h, w]
     if (cfg) {
       check_cancel(hooks);
-      Tensor neg = dit_forward(*dit, x, t, emb.neg);
+      Tensor neg = forward(x, t, emb.neg);
       Tensor pos = pred.clone();
       cfg_combine(pred.f32(), pos.f32(), neg.f32(), n, o.guidance);
       if (o.cfg_normalization > 0) cfg_normalize(pred.f32(), pos.f32(), n, o.cfg_normalization);
     }
     euler_step(latents.f32(), pred.f32(), n, sched.sigmas[size_t(i)], sched.sigmas[size_t(i) + 1]);
-    if (hooks.on_latents) hooks.on_latents(i, latents);
-    if (hooks.on_step) hooks.on_step(i + 1, sched.steps(), now_s() - t0);
+    if (ex.mask_latent) {  // inpainting: keep the unmasked region at the image, noised to the next level
+      Tensor proper = ex.image_latents->clone();
+      if (i + 1 < sched.steps())
+        scale_noise(proper.f32(), ex.image_latents->f32(), ex.noise->f32(), n, sched.sigmas[size_t(i) + 1]);
+      inpaint_blend(latents.f32(), proper.f32(), ex.mask_latent->f32(), C, h * w);
+    }
+    const int k = i - ex.start;  // steps are numbered from the first one that runs, like the reference's callback
+    if (hooks.on_latents) hooks.on_latents(k, latents);
+    if (hooks.on_step) hooks.on_step(k + 1, sched.steps() - ex.start, now_s() - t0);
   }
 }
 
@@ -273,6 +313,27 @@ void validate_generate_options(const GenerateOptions& o) {
     throw UsageError(str_cat("--vae-tile must be at least 128 pixels, got ", o.vae_tile * 8));
   for (const auto& [path, scale] : o.loras)
     if (!std::isfinite(scale)) throw UsageError(str_cat("--lora ", path, ": scale must be finite"));
+  // Image-conditioned modes (pipeline/edit.h).
+  if (o.strength != -1 && !(o.strength > 0 && o.strength <= 1))
+    throw UsageError(str_cat("--strength must be in (0, 1], got ", o.strength));
+  if (o.strength != -1 && o.init_image.empty())
+    throw UsageError("--strength needs --init-image");
+  if (!o.mask_image.empty() && o.init_image.empty()) throw UsageError("--mask needs --init-image (the image to inpaint)");
+  if (!o.control_image.empty() && o.controlnet.empty())
+    throw UsageError("--control-image needs --controlnet (a Z-Image Fun ControlNet Union folder or file)");
+  if (!o.controlnet.empty() && o.control_image.empty()) throw UsageError("--controlnet needs --control-image");
+  if (!o.control_image.empty() && !o.init_image.empty() && o.mask_image.empty())
+    throw UsageError("--control-image with --init-image needs --mask (ControlNet inpainting); ControlNet img2img is not supported");
+  if (!o.control_image.empty() && o.strength != -1)
+    throw UsageError("--strength does not apply with --control-image (the ControlNet pipelines start from noise)");
+  if (!std::isfinite(o.control_scale)) throw UsageError(str_cat("--control-scale must be finite, got ", o.control_scale));
+  if (!o.control_preprocess.empty() && o.control_preprocess != "canny")
+    throw UsageError(str_cat("--control-preprocess must be 'canny' (other preprocessors are not built in), got '",
+                             o.control_preprocess, "'"));
+  if (!o.control_preprocess.empty() && o.control_image.empty())
+    throw UsageError("--control-preprocess needs --control-image");
+  if (!(o.canny_low >= 0 && o.canny_high >= o.canny_low && std::isfinite(o.canny_high)))
+    throw UsageError(str_cat("--canny-low/--canny-high must satisfy 0 <= low <= high, got ", o.canny_low, " and ", o.canny_high));
 }
 
 void preflight_generate(const GenerateOptions& o) {
@@ -298,6 +359,16 @@ void preflight_generate(const GenerateOptions& o) {
   }
   (void)load_transformer(PhaseContext{}, src, o, nullptr, /*check_only=*/true);
   (void)load_vae(PhaseContext{}, src, o, /*check_only=*/true);
+  // Image-conditioned modes (issue 17): the input images, the mask's levels, the ControlNet's
+  // config and shapes against the transformer, and the VAE encoder's tensors.
+  if (edit_mode(o) != EditMode::Text) {
+    (void)prepare_edit_inputs(o, mf);
+    TensorStore store = TensorStore::open_dir(mf.vae_dir);
+    WeightLoader loader(store, Tag::VaeEncoderWeights, "vae encoder", PhaseContext{});
+    loader.set_check_only(true);
+    (void)load_vae_encoder(loader, mf.vae, o.vae_dtype);
+    loader.finish();
+  }
 }
 
 std::vector<std::string> validate_model_inputs(const GenerateOptions& o) {
@@ -314,6 +385,8 @@ GenerateResult generate(const GenerateOptions& o, const GenerateHooks& hooks, Mo
       resolve_model_sources({o.model_dir, o.diffusion_model_file, o.text_encoder_file, o.vae_file});
   for (const std::string& n : src.notices) notice(hooks, n);
   const ModelFolder& mf = src.folder;
+  // Every input image and the ControlNet's shapes are checked before any phase runs.
+  const EditInputs edit = prepare_edit_inputs(o, mf);
   const int sf = mf.vae.scale_factor();
   const int64_t C = mf.transformer.in_channels;
   const int64_t h = 2 * (o.height / (sf * 2)), w = 2 * (o.width / (sf * 2));
@@ -329,8 +402,11 @@ GenerateResult generate(const GenerateOptions& o, const GenerateHooks& hooks, Mo
     memory_stats(Device::CUDA).clear_phases();
     if (o.cache_limit_bytes >= 0) device::set_cache_limit(Device::CUDA, size_t(o.cache_limit_bytes));
   }
-  r.load_seconds.assign(3, 0.0);
-  r.release_seconds.assign(3, 0.0);
+  const bool encodes = edit.needs_encoder();
+  const size_t nphases = encodes ? 4 : 3;
+  const size_t ienc = 1, iden = encodes ? 2 : 1, idec = encodes ? 3 : 2;
+  r.load_seconds.assign(nphases, 0.0);
+  r.release_seconds.assign(nphases, 0.0);
 
   Embeddings emb;
   {
@@ -352,13 +428,52 @@ GenerateResult generate(const GenerateOptions& o, const GenerateHooks& hooks, Mo
   }
   check_cancel(hooks);
 
+  // The VAE encoder's own phase (image-conditioned modes): loaded, run on the inputs, freed.
+  EditLatents el;
+  if (encodes) {
+    if (hooks.on_phase_start) hooks.on_phase_start("vae-encode");
+    PhaseScope phase("vae-encode");
+    DevicePhase on(o.vae_device, o.precision, "vae-encode", &r.release_seconds[ienc]);
+    el = encode_edit_inputs(on.ctx, edit, mf, o.vae_dtype);
+    r.component_weights.emplace_back("vae_encoder", el.encoder_weight_bytes);
+  }
+  check_cancel(hooks);
+
   Tensor latents = Tensor::empty({C, h, w}, DType::F32);
-  torch_randn(o.seed, latents.f32(), latents.numel());
+  DenoiseExtras ex;
+  ex.component_weights = &r.component_weights;
+  Tensor image_latents, noise;
+  if (edit.mode == EditMode::Img2Img || edit.mode == EditMode::Inpaint) {
+    // One generator: the posterior sample draws first, then the noise (prepare_latents).
+    TorchGenerator gen(o.seed);
+    Tensor eps = Tensor::empty({C, h, w}, DType::F32);
+    gen.randn(eps.f32(), eps.numel());
+    image_latents = vae_latents_from_moments(el.image_moments, mf.vae, eps.f32());
+    noise = Tensor::empty({C, h, w}, DType::F32);
+    gen.randn(noise.f32(), noise.numel());
+    SchedulerConfig sc = parse_scheduler_config(read_text_file(mf.scheduler_config_path), mf.scheduler_config_path);
+    Schedule sched = make_schedule(sc, o.steps, (h / 2) * (w / 2));
+    ex.start = img2img_start_step(o.steps, edit.strength);
+    ZI_CHECK(ex.start < o.steps, "--strength ", edit.strength, " leaves no denoising step at --steps ", o.steps);
+    scale_noise(latents.f32(), image_latents.f32(), noise.f32(), size_t(latents.numel()), sched.sigmas[size_t(ex.start)]);
+    if (edit.mode == EditMode::Inpaint) {
+      ex.image_latents = &image_latents;
+      ex.noise = &noise;
+      ex.mask_latent = &el.mask_latent;
+    }
+  } else {
+    torch_randn(o.seed, latents.f32(), latents.numel());
+  }
+  if (edit.mode == EditMode::ControlNet || edit.mode == EditMode::ControlNetInpaint) {
+    ex.controlnet = &edit.controlnet;
+    ex.control = &el.control;
+    ex.control_scale = float(o.control_scale);
+  }
   {
     if (hooks.on_phase_start) hooks.on_phase_start("denoise");
     PhaseScope phase("denoise");
-    DevicePhase on(o.transformer_device, o.precision, "denoise", &r.release_seconds[1]);
-    run_denoise(on.ctx, src, o, emb, latents, hooks, cache, &r.load_seconds[1]);
+    DevicePhase on(o.transformer_device, o.precision, "denoise", &r.release_seconds[iden]);
+    run_denoise(on.ctx, src, o, emb, latents, hooks, cache, &r.load_seconds[iden], ex);
     emb = Embeddings{};  // the captions are not needed past this point
   }
   if (hooks.on_phase_end) hooks.on_phase_end("denoise", ms.finished_phases().back().seconds);
@@ -366,8 +481,8 @@ GenerateResult generate(const GenerateOptions& o, const GenerateHooks& hooks, Mo
   {
     if (hooks.on_phase_start) hooks.on_phase_start("decode");
     PhaseScope phase("decode");
-    DevicePhase on(o.vae_device, o.precision, "decode", &r.release_seconds[2]);
-    r.decoded = run_decode(on.ctx, src, o, latents, cache, &r.load_seconds[2], &r.vae_tile_used);
+    DevicePhase on(o.vae_device, o.precision, "decode", &r.release_seconds[idec]);
+    r.decoded = run_decode(on.ctx, src, o, latents, cache, &r.load_seconds[idec], &r.vae_tile_used);
     latents = Tensor();
   }
   if (hooks.on_phase_end) hooks.on_phase_end("decode", ms.finished_phases().back().seconds);
@@ -413,20 +528,23 @@ bool item_cancelled(const BatchItem& it) { return it.cancel && it.cancel->load()
 
 void preload_models(const GenerateOptions& o, ModelCache& cache, bool text_encoder, bool transformer, bool vae) {
   validate_generate_options(o);
-  ModelFolder mf = open_model_folder(o.model_dir);
+  const ModelSources src =
+      resolve_model_sources({o.model_dir, o.diffusion_model_file, o.text_encoder_file, o.vae_file});
+  const ModelFolder& mf = src.folder;
   // Each model keeps the context it was loaded with (its device and activation dtype), the same
   // one generate()'s phases make, so a later generate/generate_batch computes where it would have.
   if (text_encoder) {
     if (!cache.tokenizer) cache.tokenizer = std::make_unique<BpeTokenizer>(BpeTokenizer::load_dir(mf.tokenizer_dir));
     if (!cache.text_encoder)
-      cache.text_encoder = std::make_unique<Qwen3Encoder>(load_text_encoder(
-          mf, o.text_encoder_dtype, o.text_rope_dtype, PhaseContext::on(o.text_encoder_device, o.precision)));
+      cache.text_encoder = std::make_unique<Qwen3Encoder>(
+          load_text_encoder(src.open(Component::TextEncoder), mf.text_encoder, o.text_encoder_dtype, o.text_rope_dtype,
+                            PhaseContext::on(o.text_encoder_device, o.precision)));
   }
   if (transformer && !cache.transformer)
     cache.transformer =
-        std::make_unique<ZImageDit>(load_transformer(PhaseContext::on(o.transformer_device, o.precision), mf, o));
+        std::make_unique<ZImageDit>(load_transformer(PhaseContext::on(o.transformer_device, o.precision), src, o, nullptr));
   if (vae && !cache.vae)
-    cache.vae = std::make_unique<VaeDecoder>(load_vae(PhaseContext::on(o.vae_device, o.precision), mf, o));
+    cache.vae = std::make_unique<VaeDecoder>(load_vae(PhaseContext::on(o.vae_device, o.precision), src, o));
 }
 
 std::vector<BatchItemResult> generate_batch(const std::vector<BatchItem>& items, const BatchHooks& hooks,
@@ -440,7 +558,9 @@ std::vector<BatchItemResult> generate_batch(const std::vector<BatchItem>& items,
     check_batch_compatible(o0, it.options);
   }
   if (o0.cache_limit_bytes >= 0) set_host_cache_limit(size_t(o0.cache_limit_bytes));
-  ModelFolder mf = open_model_folder(o0.model_dir);
+  const ModelSources src =
+      resolve_model_sources({o0.model_dir, o0.diffusion_model_file, o0.text_encoder_file, o0.vae_file});
+  const ModelFolder& mf = src.folder;
   const int sf = mf.vae.scale_factor();
   const int64_t C = mf.transformer.in_channels;
   const int64_t h = 2 * (o0.height / (sf * 2)), w = 2 * (o0.width / (sf * 2));
@@ -473,7 +593,7 @@ std::vector<BatchItemResult> generate_batch(const std::vector<BatchItem>& items,
       drop_cancelled();
       if (!live[i]) continue;
       try {
-        emb[i] = run_encode(on.ctx, mf, items[i].options, cfg, &cache);
+        emb[i] = run_encode(on.ctx, src, items[i].options, cfg, &cache);
         load[0] += emb[i].load_seconds;
       } catch (const std::bad_alloc&) {
         throw;
@@ -498,12 +618,15 @@ std::vector<BatchItemResult> generate_batch(const std::vector<BatchItem>& items,
       if (hooks.on_phase_start) hooks.on_phase_start("denoise");
       PhaseScope phase("denoise");
       DevicePhase on(o0.transformer_device, o0.precision, "denoise", &release[1]);
-      SchedulerConfig sc =
-          parse_scheduler_config(read_text_file(mf.scheduler_config_path), mf.scheduler_config_path);
+      SchedulerConfig sc;
+      if (mf.scheduler_config_path.empty())
+        sc.shift = 3.0;  // no folder: Z-Image-Turbo's scheduler settings, as in run_denoise
+      else
+        sc = parse_scheduler_config(read_text_file(mf.scheduler_config_path), mf.scheduler_config_path);
       Schedule sched = make_schedule(sc, o0.steps, (h / 2) * (w / 2));
       if (!cache.transformer) {
         const double t0 = now_s();
-        cache.transformer = std::make_unique<ZImageDit>(load_transformer(on.ctx, mf, o0));
+        cache.transformer = std::make_unique<ZImageDit>(load_transformer(on.ctx, src, o0, nullptr));
         load[1] = now_s() - t0;
       }
       const ZImageDit& dit = *cache.transformer;
@@ -555,7 +678,7 @@ std::vector<BatchItemResult> generate_batch(const std::vector<BatchItem>& items,
         if (!live[i]) continue;
         double l = 0;
         GenerateResult& r = res[i].result;
-        r.decoded = run_decode(on.ctx, mf, items[i].options, latents[i], &cache, &l, &r.vae_tile_used);
+        r.decoded = run_decode(on.ctx, src, items[i].options, latents[i], &cache, &l, &r.vae_tile_used);
         load[2] += l;
         latents[i] = Tensor();
         r.width = int(w * sf);

@@ -62,6 +62,18 @@ struct GenerateOptions {
   Device transformer_device = Device::CPU;
   Device vae_device = Device::CPU;
   DType precision = DType::BF16;
+
+  // Image-conditioned modes (pipeline/edit.h). All empty: text-to-image.
+  std::string init_image;      // --init-image: img2img, or inpainting with mask_image
+  std::string mask_image;      // --mask: white repaints
+  bool mask_binarize = false;  // --mask-binarize: accept grey masks, threshold at 0.5 like diffusers
+  double strength = -1;        // --strength in (0, 1]; -1: the reference's default (img2img 0.6, inpaint 1.0)
+  std::string control_image;   // --control-image
+  std::string controlnet;      // --controlnet: diffusers folder or single .safetensors file
+  double control_scale = 0.75; // --control-scale (diffusers' default controlnet_conditioning_scale)
+  std::string control_preprocess;  // --control-preprocess: "" or "canny"
+  double canny_low = 100, canny_high = 200;
+  DType controlnet_dtype = DType::BF16;
   std::shared_ptr<const PromptEmbeddings> embeddings;  // see PromptEmbeddings; null: encode the prompt
   bool skip_preflight = false;  // the caller already ran preflight_generate() on these options
 };
@@ -69,6 +81,7 @@ struct GenerateOptions {
 struct Qwen3Encoder;
 struct ZImageDit;
 struct VaeDecoder;
+struct ZImageControlNet;
 class BpeTokenizer;
 
 // Components kept resident between generate() calls (--keep-models, library users). Each is
@@ -83,6 +96,7 @@ struct ModelCache {
   std::unique_ptr<Qwen3Encoder> text_encoder;
   std::unique_ptr<ZImageDit> transformer;
   std::unique_ptr<VaeDecoder> vae;
+  std::unique_ptr<ZImageControlNet> controlnet;
 };
 
 struct GenerateHooks {
@@ -102,11 +116,12 @@ struct GenerateResult {
   std::vector<uint8_t> rgb;          // height·width·3, HWC
   Tensor decoded;                    // [3, H, W] f32, the decoder output in ≈[-1, 1]
   std::vector<int32_t> prompt_ids;   // the tokenized, templated prompt
-  std::vector<PhaseRecord> phases;   // encode, denoise, decode
+  std::vector<PhaseRecord> phases;   // encode, [vae-encode,] denoise, decode
+  std::vector<std::pair<std::string, int64_t>> component_weights;  // bytes of each component loaded, in load order
   int64_t peak_bytes = 0;            // max over the phases (accounted, CPU)
   std::vector<PhaseRecord> gpu_phases;  // the phases that ran on CUDA, from the GPU's accounting
   int64_t gpu_peak_bytes = 0;           // max over gpu_phases
-  std::vector<double> load_seconds;     // per phase (encode, denoise, decode): weight loading
+  std::vector<double> load_seconds;     // per phase (as `phases`): weight loading
   std::vector<double> release_seconds;  // per phase: returning the freed GPU memory to the driver
   int64_t peak_rss_bytes = 0;
   int vae_tile_used = 0;  // latent pixels per decode tile (0: untiled), what "auto" resolved to
@@ -126,7 +141,8 @@ std::vector<std::string> validate_model_inputs(const GenerateOptions& o);
 // second for the real model: the model folder and configs, every safetensors header (shard
 // completeness, truncation), each component's tensor names, shapes and dtypes against its
 // config (nothing is read or allocated), LoRA files and their shapes against the transformer,
-// the override file. Throws the same zi::Error the load would throw later. generate() runs it
+// the override file; in the image-conditioned modes also the input images, the mask and the
+// ControlNet against the transformer (pipeline/edit.h). Throws the same zi::Error the load would throw later. generate() runs it
 // first unless options.skip_preflight.
 void preflight_generate(const GenerateOptions& o);
 

@@ -19,6 +19,7 @@
 #include "io/checkpoint.h"
 #include "io/weight_loader.h"
 #include "models/qwen3_encoder.h"
+#include "models/vae_encoder.h"
 #include "models/vae_decoder.h"
 #include "models/zimage_dit.h"
 
@@ -267,45 +268,15 @@ void dit_tensors(const DitConfig& c, TensorList L) {
   add_bound(L, bound);
 }
 
-// diffusers ResnetBlock2D (no time embedding).
-void resnet(TensorList& L, const std::string& p, int64_t in, int64_t out) {
-  L.norm(p + ".norm1", in, true);
-  L.conv(p + ".conv1", out, in, 3);
-  L.norm(p + ".norm2", out, true);
-  L.conv(p + ".conv2", out, out, 3);
-  if (in != out) L.conv(p + ".conv_shortcut", out, in, 1);
-}
-
-void mid_block(TensorList& L, const std::string& p, int64_t c, bool attention) {
-  resnet(L, p + ".resnets.0", c, c);
-  if (attention) {
-    const std::string a = p + ".attentions.0";
-    L.norm(a + ".group_norm", c, true);
-    L.linear(a + ".to_q", c, c, true);
-    L.linear(a + ".to_k", c, c, true);
-    L.linear(a + ".to_v", c, c, true);
-    L.linear(a + ".to_out.0", c, c, true);
-  }
-  resnet(L, p + ".resnets.1", c, c);
-}
-
-// Spec §5.5 (encoder, which no loader binds yet: listed here, derived from block_out_channels
-// like diffusers' Encoder) and §5.4 (decoder: what load_vae_decoder binds).
+// Spec §5.5 (encoder: what load_vae_encoder binds, quant_conv included when the config uses it)
+// and §5.4 (decoder: what load_vae_decoder binds).
 void vae_tensors(const VaeConfig& c, TensorList L) {
-  const auto& ch = c.block_out_channels;
-  const int n = int(ch.size());
-  // Encoder.
-  L.conv("encoder.conv_in", ch[0], c.in_channels, 3);
-  for (int i = 0; i < n; ++i) {
-    int64_t in = i == 0 ? ch[0] : ch[i - 1], out = ch[i];
-    for (int j = 0; j < c.layers_per_block; ++j)
-      resnet(L, str_cat("encoder.down_blocks.", i, ".resnets.", j), j == 0 ? in : out, out);
-    if (i < n - 1) L.conv(str_cat("encoder.down_blocks.", i, ".downsamplers.0.conv"), out, out, 3);
+  {  // Encoder.
+    std::vector<BoundTensor> bound;
+    WeightLoader rec = WeightLoader::recorder(&bound, "vae");
+    (void)load_vae_encoder(rec, c, DType::BF16);
+    add_bound(L, bound);
   }
-  mid_block(L, "encoder.mid_block", ch[n - 1], c.mid_block_add_attention);
-  L.norm("encoder.conv_norm_out", ch[n - 1], true);
-  L.conv("encoder.conv_out", 2 * int64_t(c.latent_channels), ch[n - 1], 3);
-  if (c.use_quant_conv) L.conv("quant_conv", 2 * int64_t(c.latent_channels), 2 * int64_t(c.latent_channels), 1);
   // Decoder.
   std::vector<BoundTensor> bound;
   WeightLoader rec = WeightLoader::recorder(&bound, "vae");
@@ -569,6 +540,55 @@ uint64_t RandomModelPlan::num_bytes() const {
   return n;
 }
 
+RandomComponent random_controlnet_component(const std::string& layout, const std::string& transformer_config_json,
+                                            StDType dtype) {
+  ZI_CHECK(layout == "2.0" || layout == "2.1", "make-random-model: --controlnet must be 2.0 or 2.1, got '", layout, "'");
+  const DitConfig c = parse_dit_config(transformer_config_json, "transformer/config.json");
+  std::vector<int> places;
+  for (int i = 0; i < c.n_layers; i += 2) places.push_back(i);
+  json cfg = {{"_class_name", "ZImageControlNetModel"},
+              {"_diffusers_version", "0.42.1"},
+              {"control_layers_places", places},
+              {"control_refiner_layers_places", {0, 1}},
+              {"control_in_dim", 33},
+              {"add_control_noise_refiner", layout == "2.0" ? "control_layers" : "control_noise_refiner"},
+              {"all_patch_size", {c.patch_size}},
+              {"all_f_patch_size", {c.f_patch_size}},
+              {"dim", c.dim},
+              {"n_refiner_layers", c.n_refiner_layers},
+              {"n_heads", c.n_heads},
+              {"n_kv_heads", c.n_kv_heads},
+              {"norm_eps", c.norm_eps},
+              {"qk_norm", c.qk_norm}};
+  RandomComponent cn{"controlnet", "diffusion_pytorch_model", 1, dump(cfg), {}};
+  TensorList L{dtype, &cn.tensors};
+  const int64_t dim = c.dim, hd = c.head_dim(), ff = c.ffn_hidden(), adaln = std::min<int64_t>(dim, 256);
+  const int64_t patch = int64_t(c.patch_size) * c.patch_size * c.f_patch_size * 33;
+  L.linear(str_cat("control_all_x_embedder.", c.patch_size, "-", c.f_patch_size), dim, patch, true);
+  auto block = [&](const std::string& p, bool before) {
+    L.linear(p + ".attention.to_q", dim, dim, false);
+    L.linear(p + ".attention.to_k", dim, dim, false);
+    L.linear(p + ".attention.to_v", dim, dim, false);
+    L.linear(p + ".attention.to_out.0", dim, dim, false);
+    L.norm(p + ".attention.norm_q", hd, false);
+    L.norm(p + ".attention.norm_k", hd, false);
+    L.linear(p + ".feed_forward.w1", ff, dim, false);
+    L.linear(p + ".feed_forward.w2", dim, ff, false);
+    L.linear(p + ".feed_forward.w3", ff, dim, false);
+    L.norm(p + ".attention_norm1", dim, false);
+    L.norm(p + ".attention_norm2", dim, false);
+    L.norm(p + ".ffn_norm1", dim, false);
+    L.norm(p + ".ffn_norm2", dim, false);
+    L.linear(p + ".adaLN_modulation.0", 4 * dim, adaln, true);
+    if (before) L.linear(p + ".before_proj", dim, dim, true);
+    L.linear(p + ".after_proj", dim, dim, true);
+  };
+  for (size_t k = 0; k < places.size(); ++k) block(str_cat("control_layers.", k), k == 0);
+  if (layout == "2.1")
+    for (int k = 0; k < c.n_refiner_layers; ++k) block(str_cat("control_noise_refiner.", k), k == 0);
+  return cn;
+}
+
 RandomModelPlan random_model_plan(RandomPreset preset, std::optional<DType> dtype) {
   const bool turbo = preset == RandomPreset::Turbo;
   const StDType dit_dt = dtype ? st_of(*dtype) : turbo ? StDType::F32 : StDType::BF16;
@@ -665,7 +685,10 @@ MakeRandomModelResult make_random_model(const std::string& out_dir, const MakeRa
     if (opt.log) opt.log(s);
   };
   ZI_CHECK(!out_dir.empty(), "make-random-model: no output folder given");
-  const RandomModelPlan plan = random_model_plan(opt.preset, opt.dtype);
+  RandomModelPlan plan = random_model_plan(opt.preset, opt.dtype);
+  if (!opt.controlnet.empty())  // the ControlNet in the transformer's storage dtype
+    plan.components.push_back(random_controlnet_component(opt.controlnet, plan.component("transformer").config_json,
+                                                          plan.component("transformer").tensors.front().dtype));
 
   // The tokenizer files to copy (checked before anything is written).
   const fs::path tok_src(opt.tokenizer_src);
@@ -698,7 +721,8 @@ MakeRandomModelResult make_random_model(const std::string& out_dir, const MakeRa
   log(str_cat("make-random-model: ", random_preset_name(opt.preset), " preset, seed ", opt.seed, ", ",
               fmt("%.2f", double(plan.num_bytes()) / 1e9), " GB of weights into ", out_dir));
 
-  for (const char* d : {"scheduler", "text_encoder", "tokenizer", "transformer", "vae"}) {
+  for (const char* d : {"scheduler", "text_encoder", "tokenizer", "transformer", "vae", "controlnet"}) {
+    if (std::string(d) == "controlnet" && opt.controlnet.empty()) continue;
     fs::create_directories(root / d, ec);
     ZI_CHECK(!ec, "make-random-model: cannot create '", (root / d).string(), "': ", ec.message());
   }

@@ -85,7 +85,15 @@ struct MakeRandomModelOptions {
   size_t chunk_bytes = size_t(16) << 20;       // generation/write buffer (two are used)
   std::function<void(const std::string&)> log;  // progress lines (no newline); null: silent
   std::function<void()> check_cancel;           // called between chunks; may throw to abort
+  // "2.0" or "2.1": also write controlnet/ (config.json + weights), a Fun ControlNet Union of that
+  // layout with the published config (control layers at every other transformer layer, refiner
+  // places [0, 1], control_in_dim 33) sized for the preset's transformer. "": none.
+  std::string controlnet;
 };
+
+// The controlnet/ component of make_random_model (layout "2.0" or "2.1") for a transformer config.
+RandomComponent random_controlnet_component(const std::string& layout, const std::string& transformer_config_json,
+                                            StDType dtype);
 
 struct MakeRandomModelResult {
   uint64_t bytes = 0;     // weight bytes written (all shards, headers included)
