@@ -34,6 +34,7 @@ void reset_pool_peaks() {}
 void upload_convert(const void*, DType, int64_t, Tensor&) { no_cuda(); }
 UploadStats upload_stats() { return {}; }
 void linear(const Tensor&, const Tensor&, const Tensor*, Tensor&) { no_cuda(); }
+void linear_quant(const Tensor&, const Tensor&, const Tensor*, Tensor&) { no_cuda(); }
 void gemm_nn(int64_t, int64_t, int64_t, const void*, int64_t, const void*, int64_t, void*, int64_t, DType) { no_cuda(); }
 void rms_norm_(Tensor&, const Tensor&, float) { no_cuda(); }
 void layer_norm_(Tensor&, float) { no_cuda(); }

@@ -91,7 +91,15 @@ Tensor to_host_f32(const Tensor& t) {
 
 Tensor linear(const Tensor& x_in, const Tensor& w_in, const Tensor* bias) {
   const Device d = device_of("linear", x_in);
-  Tensor x = act_input("linear", x_in, d), w = weight_input("linear", "weight", w_in, d);
+  Tensor x = act_input("linear", x_in, d), w;
+  if (is_quantized(w_in.dtype())) {  // weight formats: contiguous [N, K] as loaded
+    require_device("linear", w_in, d);
+    ZI_CHECK(w_in.is_contiguous() && w_in.ndim() == 2, "[linear] a ", dtype_name(w_in.dtype()),
+             " weight must be a contiguous [N, K], got ", w_in.desc());
+    w = w_in;
+  } else {
+    w = weight_input("linear", "weight", w_in, d);
+  }
   ZI_CHECK(w.ndim() == 2, "[linear] weight must be [N, K], got ", w.desc());
   ZI_CHECK(x.ndim() >= 1 && x.dim(-1) == w.dim(1) && w.dim(1) > 0, "[linear] x ", x.desc(),
            " does not match weight ", w.desc(), " (x's last dim must equal K = w.dim(1) > 0)");
@@ -105,8 +113,13 @@ Tensor linear(const Tensor& x_in, const Tensor& w_in, const Tensor* bias) {
   Tensor y = Tensor::empty(os, x.dtype(), Tag::Activations, d);
   if (cuda(d)) {
     cuda::OpTimer prof("linear");
-    cuda::linear(x, w, bias ? &b : nullptr, y);
-  } else cpu::linear(x, w, bias ? &b : nullptr, y);
+    if (is_quantized(w.dtype())) cuda::linear_quant(x, w, bias ? &b : nullptr, y);
+    else cuda::linear(x, w, bias ? &b : nullptr, y);
+  } else if (is_quantized(w.dtype())) {
+    cpu::linear_quant(x, w, bias ? &b : nullptr, y);
+  } else {
+    cpu::linear(x, w, bias ? &b : nullptr, y);
+  }
   return y;
 }
 
