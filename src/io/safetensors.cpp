@@ -1,6 +1,7 @@
 #include "io/safetensors.h"
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -318,13 +319,105 @@ void write_safetensors(const std::string& path, const std::vector<std::pair<std:
   }
 }
 
+uint64_t SafetensorsWriter::Entry::nbytes() const {
+  return uint64_t(shape_numel(shape)) * uint64_t(st_dtype_bits(dtype)) / 8;
+}
+
+SafetensorsWriter::SafetensorsWriter(std::string path, std::vector<Entry> entries,
+                                     const std::map<std::string, std::string>& metadata)
+    : path_(std::move(path)), tmp_(path_ + ".tmp"), entries_(std::move(entries)) {
+  json h = json::object();
+  if (!metadata.empty()) h["__metadata__"] = metadata;
+  uint64_t off = 0;
+  for (const Entry& e : entries_) {
+    ZI_CHECK(!h.contains(e.name), "[SafetensorsWriter] ", path_, ": tensor '", e.name, "' twice");
+    json j;
+    j["dtype"] = st_dtype_name(e.dtype);
+    j["shape"] = e.shape;
+    j["data_offsets"] = {off, off + e.nbytes()};
+    off += e.nbytes();
+    h[e.name] = j;
+  }
+  std::string text = h.dump();
+  while ((8 + text.size()) % 8) text += ' ';
+  f_ = std::fopen(tmp_.c_str(), "wb");
+  ZI_CHECK(f_, "cannot write '", tmp_, "': ", std::strerror(errno));
+  const uint64_t n = text.size();
+  if (std::fwrite(&n, 8, 1, f_) != 1 || std::fwrite(text.data(), 1, text.size(), f_) != text.size()) {
+    std::fclose(f_);
+    f_ = nullptr;
+    std::remove(tmp_.c_str());
+    fail(str_cat("cannot write '", tmp_, "': ", std::strerror(errno)));
+  }
+  while (at_ < entries_.size() && entries_[at_].nbytes() == 0) ++at_;
+}
+
+SafetensorsWriter::~SafetensorsWriter() {
+  if (f_) {
+    std::fclose(f_);
+    std::remove(tmp_.c_str());
+  }
+}
+
+const SafetensorsWriter::Entry& SafetensorsWriter::next() const {
+  ZI_CHECK(at_ < entries_.size(), "[SafetensorsWriter] ", path_, ": every tensor is written");
+  return entries_[at_];
+}
+
+void SafetensorsWriter::write(const void* data, size_t bytes) {
+  ZI_CHECK(f_, "[SafetensorsWriter] ", path_, ": already finished");
+  const Entry& e = next();
+  ZI_CHECK(written_ + bytes <= e.nbytes(), "[SafetensorsWriter] ", path_, ": tensor '", e.name, "' is ", e.nbytes(),
+           " bytes, got more");
+  if (bytes && std::fwrite(data, 1, bytes, f_) != bytes) fail(str_cat("cannot write '", tmp_, "': ", std::strerror(errno)));
+  written_ += bytes;
+  if (written_ == e.nbytes()) {
+    written_ = 0;
+    ++at_;
+    while (at_ < entries_.size() && entries_[at_].nbytes() == 0) ++at_;
+  }
+}
+
+void SafetensorsWriter::finish() {
+  ZI_CHECK(f_, "[SafetensorsWriter] ", path_, ": already finished");
+  ZI_CHECK(at_ == entries_.size(), "[SafetensorsWriter] ", path_, ": tensor '", entries_[at_].name,
+           "' was not written");
+  const bool ok = std::fflush(f_) == 0;
+  const bool closed = std::fclose(f_) == 0;
+  f_ = nullptr;
+  std::error_code ec;
+  if (!ok || !closed) {
+    std::remove(tmp_.c_str());
+    fail(str_cat("cannot write '", path_, "': ", std::strerror(errno)));
+  }
+  fs::rename(tmp_, path_, ec);
+  if (ec) {
+    std::remove(tmp_.c_str());
+    fail(str_cat("cannot write '", path_, "': ", ec.message()));
+  }
+}
+
 // ---- TensorStore ----------------------------------------------------------------------
 
 TensorStore TensorStore::open_file(const std::string& path) {
   TensorStore s;
   s.where_ = path;
-  s.files_.push_back(std::make_unique<SafetensorsFile>(SafetensorsFile::open(path)));
+  s.files_.push_back(std::make_shared<SafetensorsFile>(SafetensorsFile::open(path)));
   for (const auto& t : s.files_.back()->tensors()) s.map_[t.name] = Entry{s.files_.back().get(), &t};
+  return s;
+}
+
+TensorStore TensorStore::from_infos(std::string where, std::shared_ptr<SafetensorsFile> file,
+                                    std::vector<TensorInfo> infos) {
+  TensorStore s;
+  s.where_ = std::move(where);
+  s.files_.push_back(std::move(file));
+  for (TensorInfo& t : infos) {
+    s.owned_.push_back(std::make_unique<TensorInfo>(std::move(t)));
+    const TensorInfo* ti = s.owned_.back().get();
+    ZI_CHECK(s.map_.emplace(ti->name, Entry{s.files_.back().get(), ti}).second, s.where_, ": two tensors named '",
+             ti->name, "'");
+  }
   return s;
 }
 
@@ -353,7 +446,7 @@ TensorStore TensorStore::open_index(const std::string& index_path) {
       fs::path p = dir / shard;
       ZI_CHECK(fs::exists(p), index_path, ": shard '", shard, "' (for tensor '", it.key(), "') is missing");
       shard_ix[shard] = s.files_.size();
-      s.files_.push_back(std::make_unique<SafetensorsFile>(SafetensorsFile::open(p.string())));
+      s.files_.push_back(std::make_shared<SafetensorsFile>(SafetensorsFile::open(p.string())));
     }
   }
   // Every tensor of every shard, with duplicates across shards refused.

@@ -2,6 +2,7 @@
 // (*.safetensors.index.json). Spec §6.5–6.7.
 #pragma once
 #include <cstdint>
+#include <cstdio>
 #include <map>
 #include <memory>
 #include <set>
@@ -77,6 +78,34 @@ class SafetensorsFile {
 void write_safetensors(const std::string& path, const std::vector<std::pair<std::string, Tensor>>& tensors,
                        const std::map<std::string, std::string>& metadata = {});
 
+// Writes a safetensors file tensor by tensor with bounded memory: the header first (every
+// name, dtype and shape, in order), then each tensor's bytes in the same order. Atomic: the
+// data goes to PATH.tmp, renamed to PATH by finish(); destroying an unfinished writer removes it.
+class SafetensorsWriter {
+ public:
+  struct Entry {
+    std::string name;
+    StDType dtype = StDType::F32;
+    Shape shape;
+    uint64_t nbytes() const;
+  };
+  SafetensorsWriter(std::string path, std::vector<Entry> entries, const std::map<std::string, std::string>& metadata = {});
+  ~SafetensorsWriter();
+  SafetensorsWriter(const SafetensorsWriter&) = delete;
+  SafetensorsWriter& operator=(const SafetensorsWriter&) = delete;
+  // The next tensor's bytes (in pieces if wanted: `bytes` may be less than the tensor).
+  void write(const void* data, size_t bytes);
+  const Entry& next() const;  // the tensor being written
+  void finish();
+
+ private:
+  std::string path_, tmp_;
+  std::vector<Entry> entries_;
+  size_t at_ = 0;
+  uint64_t written_ = 0;  // of entries_[at_]
+  std::FILE* f_ = nullptr;
+};
+
 // The tensors of one component: a single .safetensors file or shards named by an index.
 // Records which tensor names were read, so tests can prove what was never touched.
 class TensorStore {
@@ -85,6 +114,10 @@ class TensorStore {
   static TensorStore open_dir(const std::string& dir);
   static TensorStore open_index(const std::string& index_path);
   static TensorStore open_file(const std::string& path);
+  // Tensors of an already opened file under other names or as row ranges (io/layouts.h):
+  // each TensorInfo's byte range lies inside one of `file`'s tensors.
+  static TensorStore from_infos(std::string where, std::shared_ptr<SafetensorsFile> file,
+                                std::vector<TensorInfo> infos);
 
   struct Entry {
     const SafetensorsFile* file;
@@ -94,7 +127,7 @@ class TensorStore {
   Entry find(std::string_view name) const;
   bool contains(std::string_view name) const { return find(name).file != nullptr; }
   std::vector<std::string> names() const;  // sorted
-  const std::vector<std::unique_ptr<SafetensorsFile>>& files() const { return files_; }
+  const std::vector<std::shared_ptr<SafetensorsFile>>& files() const { return files_; }
   std::string where() const { return where_; }  // the directory or file, for messages
 
   void note_read(const std::string& name) const { reads_.insert(name); }
@@ -102,7 +135,8 @@ class TensorStore {
 
  private:
   std::string where_;
-  std::vector<std::unique_ptr<SafetensorsFile>> files_;
+  std::vector<std::shared_ptr<SafetensorsFile>> files_;
+  std::vector<std::unique_ptr<TensorInfo>> owned_;  // from_infos()
   std::unordered_map<std::string, Entry> map_;
   mutable std::set<std::string> reads_;
 };
