@@ -46,6 +46,14 @@ DType parse_dtype_flag(const std::string& v, const char* flag) {
   return d;
 }
 
+// --transformer-dtype / --text-encoder-dtype: also the weight formats made at load time.
+DType parse_weight_dtype_flag(const std::string& v, const char* flag) {
+  DType d;
+  if (!parse_weight_dtype(v, &d))
+    throw UsageError(str_cat(flag, " must be f32, bf16, f16, q8_0, q4_0 or fp8, got '", v, "'"));
+  return d;
+}
+
 // A one-line progress bar on stderr (only when stderr is a terminal).
 void print_progress(int step, int steps, double elapsed) {
   const int width = 30;
@@ -95,8 +103,8 @@ void run(GenerateArgs& a) {
     a.o.seed = random_seed();
   }
   a.o.vae_dtype = parse_dtype_flag(a.vae_dtype, "--vae-dtype");
-  a.o.transformer_dtype = parse_dtype_flag(a.dit_dtype, "--transformer-dtype");
-  a.o.text_encoder_dtype = parse_dtype_flag(a.te_dtype, "--text-encoder-dtype");
+  a.o.transformer_dtype = parse_weight_dtype_flag(a.dit_dtype, "--transformer-dtype");
+  a.o.text_encoder_dtype = parse_weight_dtype_flag(a.te_dtype, "--text-encoder-dtype");
   if (a.vae_tile.empty() || a.vae_tile == "0" || a.vae_tile == "off") a.o.vae_tile = 0;
   else if (a.vae_tile == "auto") a.o.vae_tile = -1;
   else {
