@@ -227,8 +227,8 @@ GgufParsed parse_gguf(const uint8_t* data, uint64_t size, const std::string& pat
 }
 
 std::string qwen3_name_from_llama(std::string_view n) {
-  if (n == "token_embd.weight") return "model.embed_tokens.weight";
-  if (n == "output_norm.weight") return "model.norm.weight";
+  if (n == "token_embd.weight") return "embed_tokens.weight";
+  if (n == "output_norm.weight") return "norm.weight";
   if (n == "output.weight") return "lm_head.weight";
   if (!n.starts_with("blk.")) return "";
   size_t i = 4;
@@ -250,7 +250,7 @@ std::string qwen3_name_from_llama(std::string_view n) {
       {"ffn_down.weight", "mlp.down_proj.weight"},
   };
   for (const auto& [from, to] : kMap)
-    if (rest == from) return str_cat("model.layers.", std::stoi(num), ".", to);
+    if (rest == from) return str_cat("layers.", std::stoi(num), ".", to);
   return "";
 }
 

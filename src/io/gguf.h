@@ -43,8 +43,8 @@ struct GgufParsed {
 GgufParsed parse_gguf(const uint8_t* data, uint64_t size, const std::string& path);
 bool is_gguf(const uint8_t* data, uint64_t size);
 
-// llama.cpp's Qwen3 names → transformers names (token_embd.weight → model.embed_tokens.weight,
-// blk.N.attn_q.weight → model.layers.N.self_attn.q_proj.weight, …); "" for a name it does not know.
+// llama.cpp's Qwen3 names → the transformers Qwen3Model names (token_embd.weight → embed_tokens.weight,
+// blk.N.attn_q.weight → layers.N.self_attn.q_proj.weight, …); "" for a name it does not know.
 std::string qwen3_name_from_llama(std::string_view name);
 
 }  // namespace zi

@@ -103,7 +103,12 @@ Qwen3Encoder load_qwen3_encoder(WeightLoader& loader, const Qwen3Config& cfg, DT
   const std::string p = detect_prefix(loader);
   Qwen3Encoder m;
   m.cfg = cfg;
-  m.embed_tokens = loader.load(p + "embed_tokens.weight", {cfg.vocab_size, cfg.hidden_size}, storage_dtype(wdt));
+  // The embedding is a matrix like ggml's token_embd: kept or made in the weight format on the
+  // CPU (rows dequantized at lookup); on the GPU it is dequantized to bf16 at load.
+  if (loader.device() == Device::CPU)
+    m.embed_tokens = loader.load_matrix(p + "embed_tokens.weight", {cfg.vocab_size, cfg.hidden_size}, wdt);
+  else
+    m.embed_tokens = loader.load(p + "embed_tokens.weight", {cfg.vocab_size, cfg.hidden_size}, storage_dtype(wdt));
   const int n_used = cfg.num_hidden_layers - 1;  // hidden_states[-2] = output of layer N−2
   m.layers.reserve(size_t(n_used));
   for (int i = 0; i < n_used; ++i) m.layers.push_back(load_layer(loader, str_cat(p, "layers.", i, "."), cfg, wdt));

@@ -9,6 +9,7 @@
 #include "backends/cpu/cpu_ops.h"
 #include "backends/cuda/cuda_ops.h"
 #include "core/check.h"
+#include "core/quant.h"
 
 namespace zi::ops {
 namespace {
@@ -491,6 +492,16 @@ Tensor concat0(const std::vector<Tensor>& parts_in) {
 
 Tensor embedding(const Tensor& table_in, const std::vector<int32_t>& ids) {
   const Device d = device_of("embedding", table_in);
+  if (is_quantized(table_in.dtype())) {  // weight formats (CPU): each row dequantized
+    ZI_CHECK(!cuda(d) && table_in.ndim() == 2 && table_in.is_contiguous(), "[embedding] a ",
+             dtype_name(table_in.dtype()), " table must be a contiguous [V, D] host tensor, got ", table_in.desc());
+    for (int32_t id : ids)
+      ZI_CHECK(id >= 0 && id < table_in.dim(0), "[embedding] id ", id, " outside the table ", table_in.desc());
+    Tensor out = Tensor::empty({int64_t(ids.size()), table_in.dim(1)}, DType::F32, Tag::Activations, d);
+    for (size_t i = 0; i < ids.size(); ++i)
+      quant::dequantize_rows(table_in, ids[i], ids[i] + 1, out.data<float>() + int64_t(i) * table_in.dim(1));
+    return out;
+  }
   Tensor table = weight_input("embedding", "table", table_in, d);
   ZI_CHECK(table.ndim() == 2, "[embedding] table must be [V, D], got ", table.desc());
   for (int32_t id : ids)
