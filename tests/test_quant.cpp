@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <random>
+#include <unistd.h>
 
 #include "backends/cpu/cpu_ops.h"
 #include "core/parallel.h"
@@ -110,7 +111,7 @@ TEST(Quant, Fp8MatchesTorch) {
 // rounding of the GEMM's blocking); the int8 path is within the activation quantization error;
 // both are bit-identical for 1 and 2 threads.
 TEST(Quant, LinearPaths) {
-  const int64_t M = 37, K = 512, N = 96;
+  const int64_t M = 37, K = 544, N = 96;  // K = 17 blocks: the int8 kernel's half-vector tail
   Tensor x = randn({M, K}, 1.0f, 1), w = randn({N, K}, 0.05f, 2);
   Tensor bias = randn({N}, 0.1f, 3);
   for (DType t : {DType::Q8_0, DType::Q4_0, DType::Q5_0, DType::F8_E4M3}) {
@@ -155,4 +156,204 @@ TEST(Quant, QwenNamesFromLlama) {
   EXPECT_EQ(qwen3_name_from_llama("blk.3.attn_k_norm.weight"), "layers.3.self_attn.k_norm.weight");
   EXPECT_EQ(qwen3_name_from_llama("blk.x.attn_q.weight"), "");
   EXPECT_EQ(qwen3_name_from_llama("something"), "");
+}
+
+// A GGUF transformer (ComfyUI names, Q8_0) and text encoder (llama.cpp names, Q4_0) made by the
+// gguf package from the tiny model give the image of zimage's own load-time quantization.
+TEST(Quant, GgufTinyModelEqualsLoadTimeQuantization) {
+  const std::string tiny = ZI_TINY_MODEL;
+  const fs::path dir = fs::temp_directory_path() / ("zi_gguf_model_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir / "transformer");
+  fs::create_directories(dir / "text_encoder");
+  for (const char* d : {"scheduler", "tokenizer", "vae"}) fs::create_directory_symlink(fs::path(tiny) / d, dir / d);
+  fs::copy_file(fs::path(tiny) / "model_index.json", dir / "model_index.json");
+  fs::copy_file(fs::path(tiny) / "transformer/config.json", dir / "transformer/config.json");
+  fs::copy_file(fs::path(tiny) / "text_encoder/config.json", dir / "text_encoder/config.json");
+  fs::create_symlink(kDir + "tiny_dit_q8_0.gguf", dir / "transformer/tiny_dit_q8_0.gguf");
+  fs::create_symlink(kDir + "tiny_te_q4_0.gguf", dir / "text_encoder/tiny_te_q4_0.gguf");
+
+  GenerateOptions o;
+  o.prompt = "a red fox in the snow";
+  o.width = o.height = 64;
+  o.steps = 2;
+  o.seed = 7;
+  o.model_dir = dir.string();
+  GenerateResult g = generate(o);  // default dtypes: the files' formats are kept
+  o.model_dir = tiny;
+  o.transformer_dtype = DType::Q8_0;
+  o.text_encoder_dtype = DType::Q4_0;
+  GenerateResult own = generate(o);
+  fs::remove_all(dir);
+  ASSERT_EQ(g.rgb.size(), own.rgb.size());
+  EXPECT_TRUE(g.rgb == own.rgb);
+  EXPECT_TRUE(bit_equal(g.decoded, own.decoded));
+  // ... and the quantization did change the image (the test can fail).
+  o.transformer_dtype = o.text_encoder_dtype = DType::BF16;
+  GenerateResult bf = generate(o);
+  EXPECT_FALSE(bit_equal(bf.decoded, own.decoded));
+}
+
+namespace {
+
+// A small valid GGUF image built by hand: 2 metadata pairs, tensors "a" (F32 [2, 4]) and
+// "b" (Q8_0 [1, 32]), alignment 32.
+struct GgufImage {
+  std::string bytes;
+  size_t pos_version = 4, pos_ntensors = 8, pos_nkv = 16, pos_align_value = 0;
+  size_t pos_a_ndims = 0, pos_a_type = 0, pos_a_offset = 0, pos_b_offset = 0, pos_b_type = 0, pos_b_ne0 = 0;
+  size_t data_start = 0;
+  template <class T>
+  void put(T v) { bytes.append(reinterpret_cast<const char*>(&v), sizeof(T)); }
+  void str(const std::string& s) { put<uint64_t>(s.size()); bytes += s; }
+  GgufImage() {
+    bytes = "GGUF";
+    put<uint32_t>(3);
+    put<uint64_t>(2);
+    put<uint64_t>(2);
+    str("general.architecture");
+    put<uint32_t>(8);
+    str("test");
+    str("general.alignment");
+    put<uint32_t>(4);
+    pos_align_value = bytes.size();
+    put<uint32_t>(32);
+    str("a");
+    pos_a_ndims = bytes.size();
+    put<uint32_t>(2);
+    put<uint64_t>(4);
+    put<uint64_t>(2);
+    pos_a_type = bytes.size();
+    put<uint32_t>(0);
+    pos_a_offset = bytes.size();
+    put<uint64_t>(0);
+    str("b");
+    put<uint32_t>(2);
+    pos_b_ne0 = bytes.size();
+    put<uint64_t>(32);
+    put<uint64_t>(1);
+    pos_b_type = bytes.size();
+    put<uint32_t>(8);
+    pos_b_offset = bytes.size();
+    put<uint64_t>(32);
+    while (bytes.size() % 32) bytes += '\0';
+    data_start = bytes.size();
+    for (int i = 0; i < 8; ++i) put<float>(float(i));
+    bytes.append(32 - 32, '\0');
+    const uint16_t d = f32_to_f16(0.5f);
+    put<uint16_t>(d);
+    for (int i = 0; i < 32; ++i) put<int8_t>(int8_t(i - 16));
+  }
+  template <class T>
+  GgufImage& set(size_t pos, T v) {
+    std::memcpy(&bytes[pos], &v, sizeof(T));
+    return *this;
+  }
+};
+
+std::string gguf_error(const std::string& bytes) {
+  const std::string path = (fs::temp_directory_path() / ("zi_bad_" + std::to_string(::getpid()) + ".gguf")).string();
+  {
+    std::ofstream os(path, std::ios::binary);
+    os.write(bytes.data(), std::streamsize(bytes.size()));
+  }
+  std::string msg;
+  try {
+    SafetensorsFile f = SafetensorsFile::open(path);
+    for (const TensorInfo& t : f.tensors()) (void)f.load(t, DType::F32);
+  } catch (const Error& e) {
+    msg = e.what();
+  }
+  fs::remove(path);
+  return msg;
+}
+
+}  // namespace
+
+TEST(Gguf, ValidImageReads) {
+  GgufImage g;
+  EXPECT_EQ(gguf_error(g.bytes), "");
+  GgufParsed p = parse_gguf(reinterpret_cast<const uint8_t*>(g.bytes.data()), g.bytes.size(), "x.gguf");
+  ASSERT_EQ(p.tensors.size(), 2u);
+  EXPECT_EQ(p.tensors[0].shape, (Shape{2, 4}));
+  EXPECT_EQ(p.tensors[1].format, DType::Q8_0);
+  EXPECT_EQ(p.metadata.at("general.architecture"), "test");
+  EXPECT_EQ(p.data_start, g.data_start);
+}
+
+// Every kind of malformed file gives one line naming the file and what is wrong.
+TEST(Gguf, MalformedFilesGiveOneLineErrors) {
+  struct Case {
+    std::string bytes, expect;
+  };
+  std::vector<Case> cases;
+  auto mk = [] { return GgufImage(); };
+  {
+    auto g = mk();
+    g.bytes[0] = 'X';
+    cases.push_back({g.bytes, "header length"});  // no GGUF magic: read as a safetensors file
+  }
+  cases.push_back({mk().set<uint32_t>(4, 1).bytes, "GGUF version 1"});
+  cases.push_back({mk().set<uint32_t>(4, 4).bytes, "GGUF version 4"});
+  cases.push_back({mk().set<uint64_t>(8, uint64_t(1) << 60).bytes, "tensor count"});
+  cases.push_back({mk().set<uint64_t>(16, uint64_t(1) << 60).bytes, "metadata count"});
+  cases.push_back({mk().set<uint64_t>(24, uint64_t(1) << 40).bytes, "string of"});
+  {
+    auto g = mk();
+    cases.push_back({g.set<uint32_t>(g.pos_align_value, 24).bytes, "alignment 24"});
+  }
+  {
+    auto g = mk();
+    cases.push_back({g.set<uint32_t>(g.pos_align_value, 0).bytes, "alignment 0"});
+  }
+  {
+    auto g = mk();
+    cases.push_back({g.set<uint32_t>(g.pos_a_ndims, 0).bytes, "0 dimensions"});
+  }
+  {
+    auto g = mk();
+    cases.push_back({g.set<uint32_t>(g.pos_a_type, 99).bytes, "unknown ggml type id 99"});
+  }
+  {
+    auto g = mk();
+    cases.push_back({g.set<uint64_t>(g.pos_a_offset, 8).bytes, "not a multiple of the alignment"});
+  }
+  {
+    auto g = mk();
+    cases.push_back({g.set<uint64_t>(g.pos_b_offset, 1 << 20).bytes, "runs past the end of the data"});
+  }
+  {
+    auto g = mk();
+    cases.push_back({g.set<uint64_t>(g.pos_b_offset, 0).bytes, "overlaps"});
+  }
+  {
+    auto g = mk();
+    cases.push_back({g.set<uint64_t>(g.pos_b_ne0, 48).bytes, "not a multiple of Q8_0's block"});
+  }
+  {
+    auto g = mk();
+    cases.push_back({g.set<uint32_t>(g.pos_b_type, 10).bytes, "Q2_K"});  // known to ggml, not to zimage
+  }
+  {
+    auto g = mk();
+    cases.push_back({g.bytes.substr(0, g.bytes.size() - 5), "runs past the end of the data"});  // truncated data
+  }
+  {
+    auto g = mk();
+    cases.push_back({g.bytes.substr(0, 90), "truncated"});  // truncated header
+  }
+  {
+    auto g = mk();
+    // the second tensor renamed to "a": a duplicate
+    const size_t pos = g.bytes.find(std::string("\x01\0\0\0\0\0\0\0b", 9));
+    ASSERT_NE(pos, std::string::npos);
+    g.bytes[pos + 8] = 'a';
+    cases.push_back({g.bytes, "appears twice"});
+  }
+  for (const Case& c : cases) {
+    const std::string msg = gguf_error(c.bytes);
+    EXPECT_NE(msg.find(c.expect), std::string::npos) << "expected '" << c.expect << "' in: " << msg;
+    EXPECT_EQ(msg.find('\n'), std::string::npos) << msg;
+    EXPECT_NE(msg.find(".gguf"), std::string::npos) << msg;  // names the file
+  }
 }

@@ -109,18 +109,22 @@ ZI_VNNI void tile_vnni(const uint8_t* xu, const float* dxe, const int8_t* w8, co
     for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
   const int64_t K4 = K / 4;
   for (int64_t k = k0; k < k1; k += 64) {
+    // K is a multiple of 32: a last step of one block loads half vectors (the rest zero).
+    const bool half = k + 64 > k1;
+    const __mmask64 mb = half ? __mmask64(0xFFFFFFFFull) : ~__mmask64(0);
+    const __mmask16 ml = half ? __mmask16(0x00FF) : __mmask16(0xFFFF);
     __m512i xv[4];
     __m512 xs[4];
     for (int i = 0; i < 4; ++i) {
       const int ii = i < mr ? i : 0;
-      xv[i] = _mm512_loadu_si512(xu + ii * K + k);
-      xs[i] = _mm512_loadu_ps(dxe + ii * K4 + k / 4);
+      xv[i] = _mm512_maskz_loadu_epi8(mb, xu + ii * K + k);
+      xs[i] = _mm512_maskz_loadu_ps(ml, dxe + ii * K4 + k / 4);
     }
     for (int j = 0; j < 4; ++j) {
       if (j >= nr) break;
-      const __m512i wv = _mm512_loadu_si512(w8 + j * K + k);
-      const __m512i cv = _mm512_loadu_si512(negc + j * K4 + k / 4);
-      const __m512 ws = _mm512_loadu_ps(dwe + j * K4 + k / 4);
+      const __m512i wv = _mm512_maskz_loadu_epi8(mb, w8 + j * K + k);
+      const __m512i cv = _mm512_maskz_loadu_epi32(ml, negc + j * K4 + k / 4);
+      const __m512 ws = _mm512_maskz_loadu_ps(ml, dwe + j * K4 + k / 4);
       for (int i = 0; i < 4; ++i) {
         const __m512 f = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(cv, xv[i], wv));
         acc[i][j] = _mm512_fmadd_ps(f, _mm512_mul_ps(xs[i], ws), acc[i][j]);
