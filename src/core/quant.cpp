@@ -4,7 +4,6 @@
 // also what gguf.quants computes in NumPy, so dequantized values are bit-identical.
 #include "core/quant.h"
 
-#include <omp.h>
 
 #include <array>
 #include <cmath>
