@@ -17,6 +17,8 @@
 #include "io/safetensors.h"
 #include "ops/ops.h"
 #include "pipeline/pipeline.h"
+#include <nlohmann/json.hpp>
+#include "fixture_cases.h"
 
 using namespace zi;
 namespace fs = std::filesystem;
@@ -355,5 +357,42 @@ TEST(Gguf, MalformedFilesGiveOneLineErrors) {
     EXPECT_NE(msg.find(c.expect), std::string::npos) << "expected '" << c.expect << "' in: " << msg;
     EXPECT_EQ(msg.find('\n'), std::string::npos) << msg;
     EXPECT_NE(msg.find(".gguf"), std::string::npos) << msg;  // names the file
+  }
+}
+
+// The quality table of BENCHMARKS.md (tiny fixture cases): each weight format for both the
+// transformer and the text encoder against bf16 weights: the final latents' relative L2 and the
+// image's PSNR. Bounds are loose (the tiny model's random weights amplify errors), they catch
+// a broken format, not a small regression.
+TEST(Quant, QualityOnFixtureCases) {
+  struct Row {
+    DType t;
+    double max_rel, min_psnr;
+  };
+  const Row rows[] = {{DType::Q8_0, 0.05, 30}, {DType::Q5_0, 0.2, 20}, {DType::Q4_0, 0.5, 14}, {DType::F8_E4M3, 0.2, 20}};
+  for (const char* name : {"turbo", "cfg"}) {
+    GenerateOptions o = test::fixture_case_options(ZI_TEST_DATA, ZI_TINY_MODEL, name);
+    auto run = [&](DType t, Tensor* lat) {
+      GenerateOptions oo = o;
+      oo.transformer_dtype = oo.text_encoder_dtype = t;
+      GenerateHooks h;
+      h.on_latents = [&](int, const Tensor& l) { *lat = ops::to_host_f32(l).clone(); };
+      return generate(oo, h);
+    };
+    Tensor lb;
+    GenerateResult base = run(DType::BF16, &lb);
+    for (const Row& r : rows) {
+      Tensor lq;
+      GenerateResult q = run(r.t, &lq);
+      double se = 0;
+      for (size_t i = 0; i < q.rgb.size(); ++i) se += (double(q.rgb[i]) - base.rgb[i]) * (double(q.rgb[i]) - base.rgb[i]);
+      const double mse = se / double(q.rgb.size());
+      const double psnr = mse > 0 ? 10 * std::log10(255.0 * 255.0 / mse) : 99.0;
+      const double rel = rel_l2(lq, lb);
+      std::printf("quality %-6s %-5s latents rel L2 %.4f  image PSNR %.2f dB\n", name, dtype_name(r.t), rel, psnr);
+      EXPECT_LT(rel, r.max_rel) << name << " " << dtype_name(r.t);
+      EXPECT_GT(psnr, r.min_psnr) << name << " " << dtype_name(r.t);
+      EXPECT_GT(rel, 0.0);
+    }
   }
 }

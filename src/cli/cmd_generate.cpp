@@ -50,7 +50,7 @@ DType parse_dtype_flag(const std::string& v, const char* flag) {
 DType parse_weight_dtype_flag(const std::string& v, const char* flag) {
   DType d;
   if (!parse_weight_dtype(v, &d))
-    throw UsageError(str_cat(flag, " must be f32, bf16, f16, q8_0, q4_0 or fp8, got '", v, "'"));
+    throw UsageError(str_cat(flag, " must be f32, bf16, f16, q8_0, q5_0, q4_0 or fp8, got '", v, "'"));
   return d;
 }
 

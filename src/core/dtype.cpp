@@ -80,6 +80,7 @@ bool parse_weight_dtype(std::string_view s, DType* out) {
   for (char c : s) l += char(std::tolower(static_cast<unsigned char>(c)));
   if (l == "q8_0" || l == "int8" || l == "q8") *out = DType::Q8_0;
   else if (l == "q4_0" || l == "q4" || l == "int4") *out = DType::Q4_0;
+  else if (l == "q5_0") *out = DType::Q5_0;
   else if (l == "fp8" || l == "f8" || l == "f8_e4m3" || l == "fp8_e4m3") *out = DType::F8_E4M3;
   else return false;
   return true;

@@ -27,7 +27,7 @@ inline bool is_float_dtype(DType t) { return t == DType::F32 || t == DType::BF16
 const char* dtype_name(DType t);  // "f32", "bf16", ...
 // Parses "f32" | "bf16" | "f16" (case-insensitive); returns false if unknown.
 bool parse_dtype(std::string_view s, DType* out);
-// parse_dtype plus the weight formats made at load time: "q8_0", "q4_0", "fp8" (e4m3).
+// parse_dtype plus the weight formats made at load time: "q8_0", "q5_0", "q4_0", "fp8" (e4m3).
 bool parse_weight_dtype(std::string_view s, DType* out);
 
 inline float bf16_to_f32(uint16_t h) {
