@@ -13,6 +13,8 @@
 //            reduced per 1024-wide K chunk in a fixed order.
 // Both are deterministic for any thread count: panels and chunks do not depend on it.
 #include <cblas.h>
+// GCC 12's AVX-512 masked-load intrinsics start from an "undefined" vector it then reports.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 #include <omp.h>
 
