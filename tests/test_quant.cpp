@@ -15,6 +15,7 @@
 #include "core/quant.h"
 #include "io/gguf.h"
 #include "io/safetensors.h"
+#include "io/weight_loader.h"
 #include "ops/ops.h"
 #include "pipeline/pipeline.h"
 #include <nlohmann/json.hpp>
@@ -394,5 +395,33 @@ TEST(Quant, QualityOnFixtureCases) {
       EXPECT_GT(psnr, r.min_psnr) << name << " " << dtype_name(r.t);
       EXPECT_GT(rel, 0.0);
     }
+  }
+}
+
+// ComfyUI fp8 safetensors: F8_E4M3 weights kept in fp8 for a block matrix, with the per-tensor
+// `scale_weight` multiplying the values; without one the scale is 1; other loads widen.
+TEST(Quant, ComfyFp8Safetensors) {
+  const std::string path = (fs::temp_directory_path() / ("zi_fp8_" + std::to_string(::getpid()) + ".safetensors")).string();
+  Tensor w8 = Tensor::empty({4, 32}, DType::F8_E4M3);
+  for (int i = 0; i < 128; ++i) w8.data<uint8_t>()[i] = uint8_t((i * 37) % 126);
+  Tensor u8 = Tensor::empty({4, 32}, DType::F8_E4M3);
+  std::memcpy(u8.raw(), w8.raw(), 128);
+  Tensor sc = Tensor::from_vector({0.25f}, {});
+  write_safetensors(path, {{"a.weight", w8}, {"a.scale_weight", sc}, {"b.weight", u8}});
+  TensorStore store = TensorStore::open_file(path);
+  WeightLoader ld(store, Tag::DitWeights, "test");
+  Tensor a = ld.load_matrix("a.weight", {4, 32}, DType::BF16);
+  Tensor b = ld.load_matrix("b.weight", {4, 32}, DType::BF16);
+  Tensor bf = ld.load("b.weight", {4, 32}, DType::F32);
+  EXPECT_NO_THROW(ld.finish());
+  fs::remove(path);
+  ASSERT_EQ(a.dtype(), DType::F8_E4M3);
+  ASSERT_NE(a.row_scale(), nullptr);
+  Tensor ad = quant::dequantize(a), bd = quant::dequantize(b);
+  for (int i = 0; i < 128; ++i) {
+    const float v = quant::e4m3_to_f32(uint8_t((i * 37) % 126));
+    EXPECT_EQ(ad.f32()[i], v * 0.25f);
+    EXPECT_EQ(bd.f32()[i], v);
+    EXPECT_EQ(bf.f32()[i], v);
   }
 }
