@@ -36,6 +36,10 @@ Tensor WeightLoader::load_matrix(const std::string& name, const Shape& shape, DT
   return load_impl(name, shape, dt, true, true);
 }
 
+namespace {
+bool is_float_st(StDType t) { return t == StDType::F32 || t == StDType::BF16 || t == StDType::F16; }
+}  // namespace
+
 DType storage_dtype(DType wdt) { return is_quantized(wdt) ? DType::BF16 : wdt; }
 
 Tensor WeightLoader::load_impl(const std::string& name, const Shape& shape, DType dt, bool required, bool matrix) {
@@ -92,6 +96,11 @@ Tensor WeightLoader::load_impl(const std::string& name, const Shape& shape, DTyp
           std::fill_n(sc.data<float>(), shape[0], fp8_s);
           q.set_row_scale(std::move(sc));
         }
+      } else if (!patched && !e.info->quantized() && is_float_st(e.info->dtype) &&
+                 reinterpret_cast<uintptr_t>(e.file->data(*e.info)) % 4 == 0) {
+        // Straight from the mapping, row by row: no f32 copy of the tensor at all (the Qwen3
+        // embedding would be 1.6 GB in f32).
+        q = quant::quantize(e.file->view(*e.info), dt, tag_);
       } else {
         Tensor staging = e.file->load(*e.info, DType::F32, Tag::Workspace);
         if (fp8_s != 1.0f)
