@@ -621,3 +621,155 @@ TEST_F(Cli, TokenizeInvalidUtf8) {
   RunResult r = run_zimage({"tokenize", "--model", test::tiny_model(), "--", "ab\xE2\x82"});
   expect_error(r, 1, {"UTF-8"});
 }
+
+// ---- issue 15: checks before work -------------------------------------------------------------
+// Each case used to fail only after the earlier phases had run. Now it fails before the first
+// phase: with --json-progress the run prints a "phase_start" event when a phase begins, and
+// none may appear.
+
+namespace {
+
+void expect_no_phase(const RunResult& r) {
+  EXPECT_EQ(r.err.find("phase_start"), std::string::npos) << "a phase started before the error:\n" << r.err;
+  EXPECT_EQ(r.err.find("encode..."), std::string::npos) << r.err;
+}
+
+// The first lora_A-like tensor of a LoRA file made twice as wide: its delta no longer fits.
+void write_bad_lora(const std::string& from, const std::string& to) {
+  std::vector<RawTensor> ts = read_raw(from);
+  for (auto& t : ts)
+    if (t.name.find("lora_A") != std::string::npos || t.name.find("lora_down") != std::string::npos) {
+      t.shape.back() *= 2;
+      t.bytes += t.bytes;
+      break;
+    }
+  write_raw_safetensors(to, ts);
+}
+
+}  // namespace
+
+TEST_F(Cli, TruncatedTransformerFailsBeforeAnyPhase) {
+  ModelCopy m(tmp.path);
+  const std::string p = m.file(kDit);
+  fs::resize_file(p, fs::file_size(p) - 100);
+  RunResult r = generate(m.dir(), {"--json-progress"});
+  expect_fails(r, 1, {"transformer/diffusion_pytorch_model.safetensors", "truncated"});
+  expect_no_phase(r);
+}
+
+TEST_F(Cli, MissingVaeFileFailsBeforeAnyPhase) {
+  ModelCopy m(tmp.path);
+  m.remove("vae/diffusion_pytorch_model.safetensors");
+  RunResult r = generate(m.dir(), {"--json-progress"});
+  expect_fails(r, 1, {"vae"});
+  expect_no_phase(r);
+}
+
+TEST_F(Cli, TruncatedVaeFailsBeforeAnyPhase) {
+  ModelCopy m(tmp.path);
+  const std::string p = m.file("vae/diffusion_pytorch_model.safetensors");
+  fs::resize_file(p, fs::file_size(p) - 100);
+  RunResult r = generate(m.dir(), {"--json-progress"});
+  expect_fails(r, 1, {"vae/diffusion_pytorch_model.safetensors", "truncated"});
+  expect_no_phase(r);
+}
+
+TEST_F(Cli, MissingLoraFailsBeforeAnyPhase) {
+  RunResult r = generate(test::tiny_model(), {"--json-progress", "--lora", tmp / "nope.safetensors:0.5"});
+  expect_fails(r, 1, {"nope.safetensors"});
+  expect_no_phase(r);
+}
+
+TEST_F(Cli, LoraOfWrongShapeFailsBeforeAnyPhase) {
+  const std::string bad = tmp / "bad_lora.safetensors";
+  write_bad_lora(test::data_path("loras/tiny_lora_peft.safetensors"), bad);
+  RunResult r = generate(test::tiny_model(), {"--json-progress", "--transformer-dtype", "f32", "--lora", bad});
+  expect_fails(r, 1, {"bad_lora.safetensors"});
+  expect_no_phase(r);
+}
+
+TEST_F(Cli, MissingOverrideFailsBeforeAnyPhase) {
+  RunResult r = generate(test::tiny_model(), {"--json-progress", "--transformer-override", tmp / "ov.safetensors"});
+  expect_fails(r, 1, {"ov.safetensors"});
+  expect_no_phase(r);
+}
+
+TEST_F(Cli, OverrideOfWrongShapeFailsBeforeAnyPhase) {
+  std::vector<RawTensor> ts = read_raw(test::data_path("loras/tiny_transformer_override.safetensors"));
+  ASSERT_FALSE(ts.empty());
+  ts[0].shape.back() *= 2;
+  ts[0].bytes += ts[0].bytes;
+  const std::string bad = tmp / "bad_ov.safetensors";
+  write_raw_safetensors(bad, ts);
+  RunResult r = generate(test::tiny_model(), {"--json-progress", "--transformer-override", bad});
+  expect_fails(r, 1, {"transformer", ts[0].name});
+  expect_no_phase(r);
+}
+
+TEST_F(Cli, EmptyOutputFailsBeforeAnyPhase) {
+  RunResult r = generate(test::tiny_model(), {"--json-progress", "-o", ""});
+  expect_error(r, 2, {"-o/--output", "empty"});
+  expect_no_phase(r);
+}
+
+TEST_F(Cli, ProcOutputFailsBeforeAnyPhase) {
+  RunResult r = generate(test::tiny_model(), {"--json-progress", "-o", "/proc/zimage_cli_test.png"});
+  expect_error(r, 1, {"cannot write '/proc/zimage_cli_test.png'"});
+  expect_no_phase(r);
+}
+
+TEST_F(Cli, UnwritableMemoryReportFailsBeforeAnyPhase) {
+  RunResult r = generate(test::tiny_model(), {"--json-progress", "--memory-report", tmp / "no/such/r.json"});
+  expect_fails(r, 1, {"no/such/r.json"});
+  expect_no_phase(r);
+  RunResult r2 = generate(test::tiny_model(), {"--json-progress", "--memory-report", "/proc/zimage_report.json"});
+  expect_fails(r2, 1, {"/proc/zimage_report.json"});
+  expect_no_phase(r2);
+}
+
+TEST_F(Cli, TwoOutputsOnOnePathAreRefused) {
+  RunResult r = generate(test::tiny_model(), {"--json-progress", "--memory-report", out});
+  expect_fails(r, 2, {"two outputs", "image.png", "--memory-report"});
+  expect_no_phase(r);
+  // --count with a pattern that names every image the same.
+  RunResult r2 = run_zimage({"generate", "--model", test::tiny_model(), "-p", "x", "-W", "32", "-H", "32", "--steps",
+                             "1", "-b", "2", "--output-dir", out_dir.string(), "--name-pattern", "same.png"});
+  expect_error(r2, 2, {"two outputs", "same.png"});
+}
+
+TEST_F(Cli, UnknownExtensionIsRefused) {
+  out = (out_dir / "image.gif").string();
+  expect_fails(generate(test::tiny_model()), 2, {"image.gif", ".png", ".jpg", ".webp"});
+}
+
+TEST_F(Cli, SizeLimitMessageStatesRealMemory) {
+  RunResult r = generate(test::tiny_model(), {"-W", "8208", "-H", "64"});
+  expect_fails(r, 2, {"8192"});
+  EXPECT_EQ(r.err.find("about 0 GiB"), std::string::npos) << r.err;
+}
+
+// ---- issue 15: parser messages ---------------------------------------------------------------
+
+TEST_F(Cli, NearMissFlagGetsASuggestionAndTheSubcommandHelp) {
+  RunResult r = generate(test::tiny_model(), {"--stesp", "3"});
+  expect_fails(r, 2, {"'--stesp'", "did you mean '--steps'", "zimage generate --help"});
+  RunResult r2 = generate(test::tiny_model(), {"--negative-promt", "x"});
+  expect_fails(r2, 2, {"did you mean '--negative-prompt'"});
+}
+
+TEST_F(Cli, UnknownCommandGetsASuggestion) {
+  RunResult r = run_zimage({"gen", "-p", "x"});
+  expect_error(r, 2, {"unknown command 'gen'", "did you mean 'generate'", "zimage --help"});
+}
+
+TEST_F(Cli, MissingValueNamesTheFlag) {
+  RunResult r = run_zimage({"generate", "--model", test::tiny_model(), "-p", "x", "--steps"});
+  expect_error(r, 2, {"--steps", "zimage generate --help"});
+}
+
+TEST_F(Cli, VersionListsBackendsAndFormats) {
+  RunResult r = run_zimage({"--version"});
+  EXPECT_EQ(r.exit_code, 0);
+  for (const char* s : {"zimage ", "backends: cpu", "PNG", "JPEG", "WebP", "bundled model:"})
+    EXPECT_NE(r.out.find(s), std::string::npos) << s << " not in " << r.out;
+}

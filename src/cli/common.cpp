@@ -12,21 +12,32 @@ namespace fs = std::filesystem;
 
 namespace zi::cli {
 
-static std::string bundled_model_dir() {
-  // Next to the build tree (build/zimage -> ../models/tiny-zimage), or the source tree.
+// The bundled tiny model, found relative to the binary itself (no compiled-in path), first hit:
+//   1. <bindir>/../share/zimage/models/tiny-zimage   (cmake --install: bin/zimage + share/zimage)
+//   2. <dir>/models/tiny-zimage for each folder above the binary (build/zimage in a checkout)
+// "" when neither exists.
+std::string bundled_model_dir_or_empty() {
   std::error_code ec;
   fs::path exe = fs::read_symlink("/proc/self/exe", ec);
-  if (!ec) {
-    for (fs::path p = exe.parent_path(); !p.empty() && p != p.root_path(); p = p.parent_path()) {
-      fs::path cand = p / "models" / "tiny-zimage";
-      if (fs::exists(cand / "model_index.json")) return cand.string();
-    }
+  if (ec) return "";
+  fs::path installed = exe.parent_path().parent_path() / "share" / "zimage" / "models" / "tiny-zimage";
+  if (fs::exists(installed / "model_index.json", ec)) return installed.lexically_normal().string();
+  for (fs::path p = exe.parent_path(); !p.empty(); p = p.parent_path()) {
+    fs::path cand = p / "models" / "tiny-zimage";
+    if (fs::exists(cand / "model_index.json", ec)) return cand.string();
+    if (p == p.root_path()) break;
   }
-#ifdef ZIMAGE_SOURCE_DIR
-  return std::string(ZIMAGE_SOURCE_DIR) + "/models/tiny-zimage";
-#else
-  return "models/tiny-zimage";
-#endif
+  return "";
+}
+
+static std::string bundled_model_dir() {
+  std::string d = bundled_model_dir_or_empty();
+  if (d.empty())
+    throw UsageError(
+        "no model given and the bundled tiny model was not found next to the binary "
+        "(looked in <bindir>/../share/zimage/models/tiny-zimage and models/tiny-zimage above the binary); "
+        "pass --model DIR or set ZIMAGE_MODEL");
+  return d;
 }
 
 std::string resolve_model_dir(const std::string& flag, bool* bundled) {

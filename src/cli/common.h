@@ -17,6 +17,8 @@ struct Interrupted : std::runtime_error {
 // --model, else $ZIMAGE_MODEL, else the bundled tiny random-weight model.
 // `bundled` is set when the bundled model was chosen.
 std::string resolve_model_dir(const std::string& flag, bool* bundled = nullptr);
+// The bundled tiny model's folder found relative to the binary, or "" (see common.cpp).
+std::string bundled_model_dir_or_empty();
 // One line on stderr telling the user the bundled model draws noise, unless quiet.
 void notice_bundled_model(bool quiet);
 

@@ -2,6 +2,7 @@
 
 #include <cblas.h>
 #include <omp.h>
+
 #include <thread>
 
 namespace zi {
@@ -13,7 +14,9 @@ void set_num_threads(int n) {
   if (n <= 0) n = 1;
   g_threads = n;
   omp_set_num_threads(n);
-  openblas_set_num_threads(n);
+  // Every sgemm runs single-threaded inside our own fixed tiling (backends/cpu): OpenBLAS's
+  // pool is never used, so its threads neither spin nor change results with the count.
+  openblas_set_num_threads(1);
 }
 
 int num_threads() { return g_threads > 0 ? g_threads : omp_get_max_threads(); }

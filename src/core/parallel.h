@@ -1,10 +1,13 @@
-// Threading: OpenMP for our kernels, OpenBLAS's own pool for GEMMs, both sized by --threads.
+// Threading: OpenMP for our kernels, sized by --threads; OpenBLAS is called single-threaded
+// on tiles whose sizes never depend on the thread count, so every reduction has a fixed order
+// and results are bit-identical for any --threads. The zimage binary starts OpenMP with a
+// passive wait policy (idle workers sleep instead of spinning; see cli/main.cpp).
 #pragma once
 #include <cstdint>
 
 namespace zi {
 
-// Sets the number of threads for our kernels and for OpenBLAS. n <= 0: all cores.
+// Sets the number of threads for our kernels (OpenBLAS stays at 1). n <= 0: all cores.
 void set_num_threads(int n);
 int num_threads();
 

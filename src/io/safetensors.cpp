@@ -249,6 +249,19 @@ Tensor SafetensorsFile::view(const TensorInfo& t) const {
   return Tensor::view_of(data(t), t.shape, dt, file_);
 }
 
+void SafetensorsFile::check_loadable(const TensorInfo& t, DType dt) const {
+  DType sd;
+  if (st_to_dtype(t.dtype, &sd)) {
+    const bool sf = sd == DType::F32 || sd == DType::BF16 || sd == DType::F16;
+    const bool df = dt == DType::F32 || dt == DType::BF16 || dt == DType::F16;
+    if (sd == dt || (sf && df)) return;
+  } else if ((t.dtype == StDType::I64 && dt == DType::I32) || (t.dtype == StDType::BOOL && dt == DType::U8) ||
+             (t.dtype == StDType::F64 && dt == DType::F32)) {
+    return;
+  }
+  fail(str_cat(tensor_ctx(path(), t.name), "cannot convert ", st_dtype_name(t.dtype), " to ", dtype_name(dt)));
+}
+
 Tensor SafetensorsFile::load(const TensorInfo& t, DType dt, Tag tag) const {
   std::string ctx = tensor_ctx(path(), t.name);
   const uint8_t* src = data(t);

@@ -70,6 +70,8 @@ class SafetensorsFile {
   // F8_E4M3/F8_E5M2 and GGUF block formats dequantized to a float dt, or kept as they are when
   // dt is their own format).
   Tensor load(const TensorInfo& t, DType dt, Tag tag = Tag::Activations) const;
+  // Throws what load(t, dt) would throw for the dtype pair, reading nothing.
+  void check_loadable(const TensorInfo& t, DType dt) const;
   // Convenience: load by name in its natural dtype (I64 → I32). Throws if absent.
   Tensor load(std::string_view name) const;
   Tensor load(std::string_view name, DType dt) const;

@@ -11,8 +11,20 @@
 
 namespace zi {
 
+namespace {
+thread_local WeightLoader::ProgressFn t_progress;
+}
+
+LoadProgressScope::LoadProgressScope(WeightLoader::ProgressFn fn) : prev_(std::move(t_progress)) {
+  t_progress = std::move(fn);
+}
+LoadProgressScope::~LoadProgressScope() { t_progress = std::move(prev_); }
+
 WeightLoader::WeightLoader(const TensorStore& store, Tag tag, std::string component)
-    : store_(store), tag_(tag), device_(current_compute().device), component_(std::move(component)) {}
+    : store_(store), tag_(tag), device_(current_compute().device), component_(std::move(component)) {
+  for (const auto& f : store_.files())
+    for (const TensorInfo& t : f->tensors()) total_ += int64_t(t.nbytes());
+}
 
 bool WeightLoader::has(const std::string& name) const { return store_.contains(name); }
 
@@ -60,6 +72,12 @@ Tensor WeightLoader::load_impl(const std::string& name, const Shape& shape, DTyp
   }
   if (e.info->shape != shape) {
     wrong_.push_back(str_cat(name, " is ", shape_str(e.info->shape), ", expected ", shape_str(shape)));
+    return {};
+  }
+  if (check_only_) {
+    e.file->check_loadable(*e.info, dt);  // the error the load would give
+    for (const auto& p : patches_)
+      if (p.check && p.wants(name)) p.check(name, shape);
     return {};
   }
   store_.note_read(name);
@@ -144,6 +162,8 @@ Tensor WeightLoader::load_impl(const std::string& name, const Shape& shape, DTyp
   if (device_ != out.device()) out = out.to_device(device_, tag_);
   e.file->release(*e.info);
   bytes_ += int64_t(out.nbytes());
+  read_ += int64_t(e.info->nbytes());
+  if (t_progress) t_progress(component_, read_, total_);
   return out;
 }
 

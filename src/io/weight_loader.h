@@ -51,8 +51,20 @@ class WeightLoader {
   struct Patch {
     std::function<bool(const std::string&)> wants;
     std::function<void(const std::string&, Tensor& f32)> apply;
+    // Check-only mode: the patch's checks against the weight's shape, no arithmetic.
+    std::function<void(const std::string&, const Shape&)> check;
   };
   void add_patch(Patch p) { patches_.push_back(std::move(p)); }
+
+  // Check-only mode (the pre-flight check before any phase): load() checks that each tensor
+  // exists (override first), has the expected shape and a dtype that converts to the requested
+  // one, runs the patches' checks, and returns an undefined Tensor; nothing is read or
+  // allocated. finish() then reports exactly what a real load would.
+  void set_check_only(bool on) { check_only_ = on; }
+
+  // Called after each tensor with the bytes read so far and the total of the store (progress
+  // display); set for the current thread by LoadProgressScope.
+  using ProgressFn = std::function<void(const std::string& component, int64_t done, int64_t total)>;
 
   int64_t bytes_loaded() const { return bytes_; }
   const std::string& component() const { return component_; }
@@ -75,6 +87,20 @@ class WeightLoader {
   std::vector<Override> overrides_;
   std::vector<Patch> patches_;
   int64_t bytes_ = 0;
+  int64_t read_ = 0, total_ = 0;
+  bool check_only_ = false;
+};
+
+// Routes every WeightLoader's progress on this thread to `fn` while alive.
+class LoadProgressScope {
+ public:
+  explicit LoadProgressScope(WeightLoader::ProgressFn fn);
+  ~LoadProgressScope();
+  LoadProgressScope(const LoadProgressScope&) = delete;
+  LoadProgressScope& operator=(const LoadProgressScope&) = delete;
+
+ private:
+  WeightLoader::ProgressFn prev_;
 };
 
 }  // namespace zi

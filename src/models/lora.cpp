@@ -1,5 +1,7 @@
 #include "models/lora.h"
 
+#include "core/parallel.h"
+
 #include <cblas.h>
 
 #include <algorithm>
@@ -473,7 +475,10 @@ struct LoraSet::State {
   std::vector<std::vector<uint8_t>> applied;  // [file][delta]: bit 0 weight, bit 1 bias
   std::mutex mu;
 
-  void apply(const std::string& name, Tensor& w) {
+  void apply(const std::string& name, Tensor& w) { apply_or_check(name, &w, w.shape()); }
+  // check only (w == nullptr): the shape checks and the bookkeeping, no arithmetic (the
+  // pre-flight check of generate(), which reads no weights).
+  void apply_or_check(const std::string& name, Tensor* wt, const Shape& shape) {
     auto it = by_target.find(name);
     if (it == by_target.end()) return;
     for (const Use& u : it->second) {
@@ -481,20 +486,30 @@ struct LoraSet::State {
       const LoraDelta& d = f.deltas[u.delta];
       const float s = f.scale * d.factor;
       if (u.bias) {
-        if (w.shape() != d.bias.shape())
+        if (shape != d.bias.shape())
           fail(str_cat("LoRA '", f.path, "': key '", d.key, "' has a bias delta of shape ", shape_str(d.bias.shape()),
-                       " but ", name, " is ", shape_str(w.shape())));
-        float* b = w.f32();
-        const float* db = d.bias.f32();
-        for (int64_t i = 0; i < w.numel(); ++i) b[i] += s * db[i];
+                       " but ", name, " is ", shape_str(shape)));
+        if (wt) {
+          float* b = wt->f32();
+          const float* db = d.bias.f32();
+          for (int64_t i = 0; i < wt->numel(); ++i) b[i] += s * db[i];
+        }
       } else {
         const int64_t out = d.B.dim(0), rank = d.A.dim(0), in = d.A.dim(1);
-        if (w.ndim() != 2 || w.dim(0) != out || w.dim(1) != in)
+        if (shape.size() != 2 || shape[0] != out || shape[1] != in)
           fail(str_cat("LoRA '", f.path, "': key '", d.key, "' makes a delta of shape ", shape_str({out, in}),
-                       " but ", name, " is ", shape_str(w.shape())));
-        // W[out, in] += s · B[out, r] · A[r, in], in place.
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(out), int(in), int(rank), s, d.B.f32(), int(rank),
-                    d.A.f32(), int(in), 1.0f, w.f32(), int(in));
+                       " but ", name, " is ", shape_str(shape)));
+        // W[out, in] += s · B[out, r] · A[r, in], in place: row blocks of a fixed size, one
+        // single-threaded sgemm each, so the merged weights do not depend on --threads.
+        if (wt) {
+        float* wp = wt->f32();
+        const float* bp = d.B.f32();
+        const float* ap = d.A.f32();
+        parallel_for(out, 64, [&](int64_t r0, int64_t r1) {
+          cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(r1 - r0), int(in), int(rank), s, bp + r0 * rank,
+                      int(rank), ap, int(in), 1.0f, wp + r0 * in, int(in));
+        });
+        }
       }
       std::lock_guard<std::mutex> lock(mu);
       applied[u.file][u.delta] |= u.bias ? 2 : 1;
@@ -528,7 +543,8 @@ std::vector<std::string> LoraSet::attach(WeightLoader& loader) const {
   for (const auto& kv : st->by_target) targets.push_back(kv.first);
   std::sort(targets.begin(), targets.end());
   loader.add_patch({[st](const std::string& name) { return st->by_target.count(name) > 0; },
-                    [st](const std::string& name, Tensor& w) { st->apply(name, w); }});
+                    [st](const std::string& name, Tensor& w) { st->apply(name, w); },
+                    [st](const std::string& name, const Shape& shape) { st->apply_or_check(name, nullptr, shape); }});
   return targets;
 }
 

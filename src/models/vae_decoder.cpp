@@ -482,8 +482,8 @@ int64_t conv_workspace(int64_t cin, int64_t cout, int64_t k, int64_t H, int64_t 
   constexpr int64_t kColBytesPerThread = int64_t(8) << 20;  // backends/cpu/conv.cpp
   const int64_t ckk = cin * k * k, row_bytes = ckk * W * kF32;
   const int64_t max_rows = std::max<int64_t>(1, kColBytesPerThread / row_bytes);
-  int64_t blocks = std::max<int64_t>((H + max_rows - 1) / max_rows, T);
-  blocks = std::min((blocks + T - 1) / T * T, H);
+  int64_t blocks = std::max<int64_t>((H + max_rows - 1) / max_rows, 16);  // not T: see conv_im2col
+  blocks = std::min(blocks, H);
   const int64_t rows = (H + blocks - 1) / blocks;
   blocks = (H + rows - 1) / rows;
   return widened + std::min(T, blocks) * rows * row_bytes;

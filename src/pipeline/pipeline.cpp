@@ -13,6 +13,7 @@
 #include "io/safetensors.h"
 #include "io/weight_loader.h"
 #include "models/lora.h"
+#include "models/qwen3_encoder.h"
 #include "models/vae_decoder.h"
 #include "models/zimage_dit.h"
 #include "pipeline/text_phase.h"
@@ -77,6 +78,13 @@ class DevicePhase {
 
 Embeddings run_encode(const ModelFolder& mf, const GenerateOptions& o, bool cfg, ModelCache* cache) {
   Embeddings e;
+  if (o.embeddings) {  // computed before (--count, --prompt-embeds): no encoder unless a negative is missing
+    e.pos = o.embeddings->pos;
+    e.neg = o.embeddings->neg;
+    e.ids = o.embeddings->ids;
+    if (!cfg) e.neg = Tensor();
+    if (!cfg || e.neg.defined()) return e;
+  }
   // Both prompts go through one loaded encoder, released at the end of this function
   // unless the cache keeps it.
   std::unique_ptr<BpeTokenizer> tok_local;
@@ -89,22 +97,24 @@ Embeddings run_encode(const ModelFolder& mf, const GenerateOptions& o, bool cfg,
     e.load_seconds += now_s() - t0;
   }
   // Tokenize before loading weights: a bad prompt fails fast.
-  (void)tokenize_zimage_prompt(*tok, o.prompt, o.max_sequence_length);
+  if (!e.pos.defined()) (void)tokenize_zimage_prompt(*tok, o.prompt, o.max_sequence_length);
   if (cfg) (void)tokenize_zimage_prompt(*tok, o.negative_prompt, o.max_sequence_length);
   if (!enc) {
     const double t0 = now_s();
     enc = std::make_unique<Qwen3Encoder>(load_text_encoder(mf, o.text_encoder_dtype, o.text_rope_dtype));
     e.load_seconds += now_s() - t0;
   }
-  e.pos = encode_prompt(*enc, *tok, o.prompt, o.max_sequence_length, &e.ids);
+  if (!e.pos.defined()) e.pos = encode_prompt(*enc, *tok, o.prompt, o.max_sequence_length, &e.ids);
   if (cfg) e.neg = encode_prompt(*enc, *tok, o.negative_prompt, o.max_sequence_length);
   return e;
 }
 
 // The transformer with LoRAs merged and override tensors applied while streaming in.
-ZImageDit load_transformer(const ModelFolder& mf, const GenerateOptions& o) {
+// check_only: the pre-flight check (nothing read, see WeightLoader::set_check_only).
+ZImageDit load_transformer(const ModelFolder& mf, const GenerateOptions& o, bool check_only = false) {
   TensorStore store = TensorStore::open_dir(mf.transformer_dir);
   WeightLoader loader(store, Tag::DitWeights, "transformer");
+  loader.set_check_only(check_only);
   std::vector<LoraSpec> specs;
   for (const auto& [path, scale] : o.loras) specs.push_back({path, scale});
   LoraSet loras(load_loras(specs));
@@ -155,16 +165,17 @@ void run_denoise(const ModelFolder& mf, const GenerateOptions& o, const Embeddin
   }
 }
 
-VaeDecoder load_vae(const ModelFolder& mf, const GenerateOptions& o) {
+VaeDecoder load_vae(const ModelFolder& mf, const GenerateOptions& o, bool check_only = false) {
   TensorStore store = TensorStore::open_dir(mf.vae_dir);
   WeightLoader loader(store, Tag::VaeWeights, "vae");
+  loader.set_check_only(check_only);
   VaeDecoder vae = load_vae_decoder(loader, mf.vae, o.vae_dtype);
   loader.finish();
   return vae;
 }
 
 Tensor run_decode(const ModelFolder& mf, const GenerateOptions& o, const Tensor& latents, ModelCache* cache,
-                  double* load_seconds) {
+                  double* load_seconds, int* tile_used) {
   std::unique_ptr<VaeDecoder> local;
   std::unique_ptr<VaeDecoder>& vae = cache ? cache->vae : local;
   if (!vae) {
@@ -185,6 +196,7 @@ Tensor run_decode(const ModelFolder& mf, const GenerateOptions& o, const Tensor&
     const int64_t budget = avail / 2;
     tile = vae_decode_peak_bytes(mf.vae, h, w) <= budget ? 0 : vae_pick_tile(mf.vae, h, w, budget);
   }
+  *tile_used = tile > 0 && (tile < h || tile < w) ? tile : 0;
   if (tile > 0 && (tile < h || tile < w)) return vae_decode_tiled(*vae, z, tile, /*overlap: unused, seams are exact*/ 0);
   return vae_decode(*vae, z);
 }
@@ -219,8 +231,10 @@ void validate_generate_options(const GenerateOptions& o) {
   if (o.width > 8192 || o.height > 8192) {
     int64_t need = estimate_denoise_activation_bytes(3840, 10240, o.width, o.height, 512);
     throw UsageError(str_cat("--width/--height of ", o.width, "x", o.height,
-                             " is beyond the model's 8192-pixel limit (it would need about ", need >> 30,
-                             " GiB of activations for the real model)"));
+                             " is beyond the model's 8192-pixel limit (it would need about ",
+                             need >= (int64_t(1) << 30) ? str_cat(std::round(double(need) / double(1 << 30) * 10) / 10, " GiB")
+                                                        : str_cat(std::max<int64_t>(1, need >> 20), " MiB"),
+                             " of activations for the real model)"));
   }
   if (o.steps <= 0) throw UsageError(str_cat("--steps must be at least 1, got ", o.steps));
   if (o.steps > 1000) throw UsageError(str_cat("--steps must be at most 1000, got ", o.steps));
@@ -242,9 +256,33 @@ void validate_generate_options(const GenerateOptions& o) {
     if (!std::isfinite(scale)) throw UsageError(str_cat("--lora ", path, ": scale must be finite"));
 }
 
+void preflight_generate(const GenerateOptions& o) {
+  validate_generate_options(o);
+  ModelFolder mf = open_model_folder(o.model_dir);
+  (void)parse_scheduler_config(read_text_file(mf.scheduler_config_path), mf.scheduler_config_path);
+  const bool need_encoder = !o.embeddings || (o.guidance > 0 && !o.embeddings->neg.defined());
+  if (need_encoder) {
+    TensorStore store = TensorStore::open_dir(mf.text_encoder_dir);
+    WeightLoader loader(store, Tag::TextWeights, "text_encoder");
+    loader.set_check_only(true);
+    (void)load_qwen3_encoder(loader, mf.text_encoder, o.text_encoder_dtype);
+    loader.finish();
+  }
+  if (o.embeddings) {
+    const Tensor& p = o.embeddings->pos;
+    if (!p.defined() || p.ndim() != 2 || p.dim(1) != mf.transformer.cap_feat_dim)
+      fail(str_cat("prompt embeddings must be [L, ", mf.transformer.cap_feat_dim, "] for this model, got ",
+                   p.defined() ? shape_str(p.shape()) : std::string("none")));
+  }
+  (void)load_transformer(mf, o, /*check_only=*/true);
+  (void)load_vae(mf, o, /*check_only=*/true);
+}
+
 GenerateResult generate(const GenerateOptions& o, const GenerateHooks& hooks, ModelCache* cache) {
+  if (!o.skip_preflight) preflight_generate(o);
   validate_generate_options(o);
   if (o.cache_limit_bytes >= 0) set_host_cache_limit(size_t(o.cache_limit_bytes));
+  LoadProgressScope progress(hooks.on_load);
   ModelFolder mf = open_model_folder(o.model_dir);
   const int sf = mf.vae.scale_factor();
   const int64_t C = mf.transformer.in_channels;
@@ -272,7 +310,15 @@ GenerateResult generate(const GenerateOptions& o, const GenerateHooks& hooks, Mo
     emb = run_encode(mf, o, cfg, cache);
     r.load_seconds[0] = emb.load_seconds;
   }
+  if (hooks.on_phase_end) hooks.on_phase_end("encode", ms.finished_phases().back().seconds);
   r.prompt_ids = emb.ids;
+  {
+    auto pe = std::make_shared<PromptEmbeddings>();
+    pe->pos = emb.pos;
+    pe->neg = emb.neg;
+    pe->ids = emb.ids;
+    r.embeddings = std::move(pe);
+  }
   check_cancel(hooks);
 
   Tensor latents = Tensor::empty({C, h, w}, DType::F32);
@@ -284,14 +330,16 @@ GenerateResult generate(const GenerateOptions& o, const GenerateHooks& hooks, Mo
     run_denoise(mf, o, emb, latents, hooks, cache, &r.load_seconds[1]);
     emb = Embeddings{};  // the captions are not needed past this point
   }
+  if (hooks.on_phase_end) hooks.on_phase_end("denoise", ms.finished_phases().back().seconds);
   check_cancel(hooks);
   {
     if (hooks.on_phase_start) hooks.on_phase_start("decode");
     PhaseScope phase("decode");
     DevicePhase on(o.vae_device, o.precision, "decode", &r.release_seconds[2]);
-    r.decoded = run_decode(mf, o, latents, cache, &r.load_seconds[2]);
+    r.decoded = run_decode(mf, o, latents, cache, &r.load_seconds[2], &r.vae_tile_used);
     latents = Tensor();
   }
+  if (hooks.on_phase_end) hooks.on_phase_end("decode", ms.finished_phases().back().seconds);
   r.rgb.resize(size_t(r.width) * size_t(r.height) * 3);
   image_to_u8(r.decoded.f32(), 3, r.height, r.width, r.rgb.data());
   r.phases = ms.finished_phases();

@@ -20,6 +20,14 @@ struct Cancelled : Error {
   Cancelled() : Error("cancelled") {}
 };
 
+// Prompt embeddings computed once and reused (--count, generate --prompt-embeds): when set in
+// GenerateOptions, the encode phase uses them instead of the text encoder (which is then not
+// loaded at all, unless guidance needs a negative prompt and `neg` is undefined).
+struct PromptEmbeddings {
+  Tensor pos, neg;  // [L, hidden] f32; neg undefined without CFG
+  std::vector<int32_t> ids;
+};
+
 struct GenerateOptions {
   std::string model_dir;
   std::string prompt;
@@ -48,6 +56,8 @@ struct GenerateOptions {
   Device transformer_device = Device::CPU;
   Device vae_device = Device::CPU;
   DType precision = DType::BF16;
+  std::shared_ptr<const PromptEmbeddings> embeddings;  // see PromptEmbeddings; null: encode the prompt
+  bool skip_preflight = false;  // the caller already ran preflight_generate() on these options
 };
 
 struct Qwen3Encoder;
@@ -73,6 +83,9 @@ struct GenerateHooks {
   std::function<void(const std::string& phase)> on_phase_start;
   std::function<void(int step, int steps, double elapsed_seconds)> on_step;  // after each step
   std::function<void(int step, const Tensor& latents)> on_latents;          // [16, h, w] after step
+  std::function<void(const std::string& phase, double seconds)> on_phase_end;
+  // While a component's weights load: bytes read of its files so far, of total.
+  std::function<void(const std::string& component, int64_t done, int64_t total)> on_load;
   const std::atomic<bool>* cancel = nullptr;
 };
 
@@ -88,11 +101,21 @@ struct GenerateResult {
   std::vector<double> load_seconds;     // per phase (encode, denoise, decode): weight loading
   std::vector<double> release_seconds;  // per phase: returning the freed GPU memory to the driver
   int64_t peak_rss_bytes = 0;
+  int vae_tile_used = 0;  // latent pixels per decode tile (0: untiled), what "auto" resolved to
+  std::shared_ptr<const PromptEmbeddings> embeddings;  // what the encode phase produced (reuse: --count)
 };
 
 // Checks sizes, steps and guidance before anything is allocated; throws zi::UsageError
 // with the flag name (and, for absurd sizes, the memory that size would need).
 void validate_generate_options(const GenerateOptions& o);
+
+// Everything a run will read, checked before any phase starts (issue 15), in well under a
+// second for the real model: the model folder and configs, every safetensors header (shard
+// completeness, truncation), each component's tensor names, shapes and dtypes against its
+// config (nothing is read or allocated), LoRA files and their shapes against the transformer,
+// the override file. Throws the same zi::Error the load would throw later. generate() runs it
+// first unless options.skip_preflight.
+void preflight_generate(const GenerateOptions& o);
 
 // Activation bytes the denoise phase needs at its peak for a size (the DiT's largest
 // temporaries), used for the absurd-size check and the memory plan.

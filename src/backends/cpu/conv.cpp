@@ -57,8 +57,10 @@ void conv_im2col(const ConvShape& s, const float* x, const float* w, const float
   const int64_t ckk = s.Cin * s.kh * s.kw, plane = s.Ho * s.Wo;
   const int64_t row_bytes = ckk * s.Wo * 4;
   const int64_t max_rows = std::max<int64_t>(1, kColBytesPerThread / row_bytes);
-  int64_t n_blocks = std::max<int64_t>((s.Ho + max_rows - 1) / max_rows, T);
-  n_blocks = std::min((n_blocks + T - 1) / T * T, s.Ho);
+  // Blocks depend on the shape only (not on T): each output element is reduced by one
+  // single-threaded sgemm of the same shape whatever the thread count.
+  int64_t n_blocks = std::max<int64_t>((s.Ho + max_rows - 1) / max_rows, 16);
+  n_blocks = std::min(n_blocks, s.Ho);
   const int64_t rows = (s.Ho + n_blocks - 1) / n_blocks;
   n_blocks = (s.Ho + rows - 1) / rows;
   const int nthreads = int(std::min<int64_t>(T, n_blocks));
@@ -87,12 +89,18 @@ void conv2d(const Tensor& x, const Tensor& w, const Tensor* bias, int pad, Tenso
   const int64_t plane = s.Ho * s.Wo;
   if (s.kh == 1 && s.kw == 1 && pad == 0) {
     // A 1×1 convolution is one GEMM on the input as it lies: [Cout, Cin] · [Cin, H·W].
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(s.Cout), int(plane), int(s.Cin), 1.0f,
-                wt.data<float>(), int(s.Cin), x.data<float>(), int(plane), 0.0f, out.data<float>(), int(plane));
-    if (bp) {
-      float* o = out.data<float>();
-      parallel_for(s.Cout, 1, [&](int64_t c0, int64_t c1) { add_bias_planes(o + c0 * plane, bp + c0, c1 - c0, plane, 0, plane); });
-    }
+    // Column chunks of a fixed width (not a function of the thread count), one
+    // single-threaded sgemm each.
+    const int64_t chunk = 1024;
+    float* o = out.data<float>();
+    const float* xp = x.data<float>();
+    const float* wp = wt.data<float>();
+    BlasSingleThread single;
+    parallel_for(plane, chunk, [&](int64_t c0, int64_t c1) {
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(s.Cout), int(c1 - c0), int(s.Cin), 1.0f, wp,
+                  int(s.Cin), xp + c0, int(plane), 0.0f, o + c0, int(plane));
+      if (bp) add_bias_planes(o, bp, s.Cout, plane, c0, c1 - c0);
+    });
     return;
   }
   conv_im2col(s, x.data<float>(), wt.data<float>(), bp, out.data<float>());

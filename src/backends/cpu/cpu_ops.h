@@ -38,7 +38,9 @@ class BlasSingleThread {
 //   BlasThreads  sgemm on OpenBLAS's own threads: f32 one call; bf16/f16 per 16 MB panel
 //                of w, widened by all threads (OpenMP) first
 //   Panels       OpenMP over column panels of y, single-threaded sgemm per panel; bf16/f16
-//                panels are widened into a per-thread f32 buffer first
+//                panels are widened into a per-thread f32 buffer first. Auto takes Panels: its
+//                tiles depend on the shapes only, so results do not depend on the thread count
+//                (BlasThreads' split does; it is kept for the benchmark)
 enum class GemmPath { Auto, BlasThreads, Panels };
 void linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y, GemmPath path = GemmPath::Auto);
 

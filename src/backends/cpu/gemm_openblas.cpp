@@ -5,6 +5,7 @@
 //     panel into its own f32 buffer [P, K] and runs a single-threaded sgemm on it, so the
 //     two thread pools never alternate and the widened panel is used while in cache.
 // Either way the result equals an f32 GEMM on the widened weights; w is never widened whole.
+// Auto takes Panels, whose tiling does not depend on the thread count (see linear_panels).
 #include <cblas.h>
 #include <omp.h>
 
@@ -18,12 +19,6 @@ namespace {
 
 constexpr int64_t kPanelRows = 256;  // rows of w widened at a time (256×10240 f32 = 10 MB)
 constexpr int64_t kBlasPanelBytes = int64_t(16) << 20;  // widened panel of the BlasThreads path
-// GemmPath::Auto: f32 weights, or bf16/f16 with at least kBlasMinRows rows of x, take
-// BlasThreads; smaller bf16/f16 GEMMs take Panels. Measured on 2 cores (bench_gemm): at
-// M = 4128 the widened BlasThreads path runs as fast as f32 sgemm and ~15% faster than
-// Panels; at M = 288 a panel's sgemm is short, the switches between our OpenMP widening
-// and OpenBLAS's spinning pool dominate, and Panels is ~25% faster.
-constexpr int64_t kBlasMinRows = 1024;
 
 ZI_CPU_CLONES void add_bias_rows(float* y, int64_t rows, int64_t ld, const float* b, int64_t n) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -32,24 +27,19 @@ ZI_CPU_CLONES void add_bias_rows(float* y, int64_t rows, int64_t ld, const float
   }
 }
 
-// Panel width: about kPanelRows, but with a panel count that divides evenly among the
-// threads so that the last round does not leave cores idle.
-int64_t panel_rows(int64_t N, int T) {
-  int64_t np = (N + kPanelRows - 1) / kPanelRows;
-  np = (np + T - 1) / T * T;
-  int64_t p = (N + np - 1) / np;
-  p = (p + 15) / 16 * 16;
-  return std::min(p, N);
-}
+// The output is cut into tiles whose sizes depend on M and N only, never on the thread count:
+// each tile is one single-threaded sgemm, so every output element is reduced in the same
+// order whatever --threads is (bit-identical images for any thread count). Panel width:
+// about kPanelRows; small N: rows of x are split as well so that there are at least
+// kMinTasks tiles (the duplicated widening is small because the weight is small).
+constexpr int64_t kMinTasks = 16;
 
 void linear_panels(const float* x, const Tensor& w, const float* bias, float* y, int64_t M, int64_t N, int64_t K) {
   const int T = std::max(1, num_threads());
-  const int64_t P = panel_rows(N, T);
+  const int64_t P = std::min<int64_t>(N, kPanelRows);
   const int64_t n_panels = (N + P - 1) / P;
-  // Few panels (small N): split the rows of x as well so every thread has work; the
-  // duplicated widening is small because the weight is small.
   const int64_t m_chunks =
-      n_panels >= T ? 1 : std::min<int64_t>((T + n_panels - 1) / n_panels, std::max<int64_t>(1, M / 16));
+      n_panels >= kMinTasks ? 1 : std::min<int64_t>((kMinTasks + n_panels - 1) / n_panels, std::max<int64_t>(1, M / 32));
   const int64_t m_step = (M + m_chunks - 1) / m_chunks;
   const int64_t tasks = n_panels * m_chunks;
   const int nthreads = int(std::min<int64_t>(T, tasks));
@@ -113,8 +103,10 @@ void linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y, Gem
   if (M == 0 || N == 0) return;
   Tensor b = bias ? widen_vector(*bias) : Tensor();
   const float* bp = bias ? b.data<float>() : nullptr;
-  if (path == GemmPath::Auto)
-    path = w.dtype() == DType::F32 || M >= kBlasMinRows ? GemmPath::BlasThreads : GemmPath::Panels;
+  // Auto is Panels: its tiles do not depend on the thread count, so results are the same for
+  // any --threads. BlasThreads (OpenBLAS's own threading, whose split does depend on it) is
+  // kept for the benchmark only.
+  if (path == GemmPath::Auto) path = GemmPath::Panels;
   if (path == GemmPath::BlasThreads) {
     linear_blas_threads(x.data<float>(), w, bp, y.data<float>(), M, N, K);
   } else {
