@@ -250,11 +250,22 @@ Tensor SafetensorsFile::view(const TensorInfo& t) const {
 }
 
 void SafetensorsFile::check_loadable(const TensorInfo& t, DType dt) const {
+  const bool df = dt == DType::F32 || dt == DType::BF16 || dt == DType::F16;
+  // Weight formats: a stored one loads as itself or dequantized to a float type; one made at
+  // load time (dt a format) needs a float source with whole blocks per row.
+  if (t.quantized() || t.dtype == StDType::F8_E4M3 || t.dtype == StDType::F8_E5M2) {
+    const DType fmt = t.quantized() ? t.format : DType::F8_E4M3;
+    ZI_CHECK(!t.shape.empty() && t.shape.back() > 0 && t.shape.back() % dtype_block(fmt) == 0,
+             tensor_ctx(path(), t.name), "shape ", shape_str(t.shape), " does not hold whole ", t.format_name(),
+             " blocks");
+    if (df || (dt == fmt && t.dtype != StDType::F8_E5M2) || is_quantized(dt)) return;
+    fail(str_cat(tensor_ctx(path(), t.name), "cannot convert ", t.format_name(), " to ", dtype_name(dt)));
+  }
+  if (is_quantized(dt)) dt = DType::F32;  // made from the f32 values
   DType sd;
   if (st_to_dtype(t.dtype, &sd)) {
     const bool sf = sd == DType::F32 || sd == DType::BF16 || sd == DType::F16;
-    const bool df = dt == DType::F32 || dt == DType::BF16 || dt == DType::F16;
-    if (sd == dt || (sf && df)) return;
+    if (sd == dt || (sf && (dt == DType::F32 || dt == DType::BF16 || dt == DType::F16))) return;
   } else if ((t.dtype == StDType::I64 && dt == DType::I32) || (t.dtype == StDType::BOOL && dt == DType::U8) ||
              (t.dtype == StDType::F64 && dt == DType::F32)) {
     return;
