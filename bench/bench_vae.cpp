@@ -15,6 +15,7 @@
 #include "io/safetensors.h"
 #include "io/weight_loader.h"
 #include "models/vae_decoder.h"
+#include "pipeline/memory_plan.h"
 
 using namespace zi;
 

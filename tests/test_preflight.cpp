@@ -12,7 +12,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
-#include "io/random_model.h"
+#include "tools/random_model.h"
 #include "pipeline/pipeline.h"
 #include "test_util.h"
 

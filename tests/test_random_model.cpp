@@ -15,7 +15,7 @@
 
 #include "core/check.h"
 #include "io/checkpoint.h"
-#include "io/random_model.h"
+#include "tools/random_model.h"
 #include "io/safetensors.h"
 #include "test_util.h"
 

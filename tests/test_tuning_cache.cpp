@@ -1,11 +1,11 @@
-// io/tuning_cache.h: measured choices persist across instances (processes), the last value of a
+// core/tuning_cache.h: measured choices persist across instances (processes), the last value of a
 // key wins, junk lines and unusable places are ignored, ZIMAGE_CACHE_DIR chooses or disables it.
 #include <gtest/gtest.h>
 
 #include <cstdlib>
 #include <fstream>
 
-#include "io/tuning_cache.h"
+#include "core/tuning_cache.h"
 #include "test_util.h"
 
 using namespace zi;

@@ -98,13 +98,13 @@ int main() {
     Tensor o = Tensor::empty({S, H, D}, DType::BF16, Tag::Activations, Device::CUDA);
     const double flops = 4.0 * double(S) * double(S) * double(D) * double(H);
     const float scale = 1.0f / std::sqrt(float(D));
-    for (int variant : {1, 2, 3, 4, 5}) {
-      cuda::set_flash_variant(variant);
+    for (bool portable : {false, true}) {  // the rule's kernel (W on Hopper), the portable one (C)
+      cuda::set_portable_attention(portable);
       const double ms = median_ms([&] { cuda::attention(q, k, v, scale, false, -1, o); });
-      const std::string name = std::string("attn_flash_") + "ABCHW"[variant - 1] + "_S4128_H30_D128";
-      report(name.c_str(), ms, flops / ms / 1e9, "TFLOP/s");
+      report(portable ? "attn_flash_portable_S4128_H30_D128" : "attn_flash_rule_S4128_H30_D128", ms,
+             flops / ms / 1e9, "TFLOP/s");
     }
-    cuda::set_flash_variant(0);
+    cuda::set_portable_attention(false);
     cuda::set_force_blocked_attention(true);
     const double bms = median_ms([&] { cuda::attention(q, k, v, scale, false, -1, o); }, 3);
     cuda::set_force_blocked_attention(false);

@@ -18,7 +18,7 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
-#include "backends/cuda/cuda_ops.h"
+#include "backends/device.h"
 #include "cli/common.h"
 #include "core/check.h"
 #include "core/parallel.h"
@@ -311,7 +311,7 @@ void run(GenerateArgs& a) {
     a.o = o;
     if (!a.given("device") && !a.given("text-encoder-device") && !a.given("vae-device") &&
         (a.o.transformer_device == Device::CUDA || a.o.text_encoder_device == Device::CUDA ||
-         a.o.vae_device == Device::CUDA) && !cuda::available()) {
+         a.o.vae_device == Device::CUDA) && !device::gpu_available()) {
       if (!a.quiet) std::fprintf(stderr, "warning: the image was made on a GPU; no usable GPU here, running on the CPU (pixels may differ slightly)\n");
       a.o.transformer_device = a.o.text_encoder_device = a.o.vae_device = Device::CPU;
     }
@@ -379,14 +379,14 @@ void run(GenerateArgs& a) {
     if (v.empty()) return dflt;
     if (v == "cpu") return Device::CPU;
     if (v == "cuda") {
-      if (!cuda::available())
-        throw UsageError(str_cat(flag, " cuda: no usable CUDA GPU (or this zimage was built without CUDA)"));
+      if (!device::gpu_available())
+        throw UsageError(str_cat(flag, " cuda: no usable CUDA GPU: ", device::gpu_unavailable_reason()));
       return Device::CUDA;
     }
     throw UsageError(str_cat(flag, " must be cpu or cuda, got '", v, "'"));
   };
   if (!from_image || a.given("device") || a.given("text-encoder-device") || a.given("vae-device")) {
-    const Device dev = parse_device(a.device, "--device", cuda::available() ? Device::CUDA : Device::CPU);
+    const Device dev = parse_device(a.device, "--device", device::gpu_available() ? Device::CUDA : Device::CPU);
     a.o.transformer_device = dev;
     a.o.text_encoder_device = parse_device(a.te_device, "--text-encoder-device", dev);
     a.o.vae_device = parse_device(a.vae_device, "--vae-device", dev);
@@ -520,10 +520,10 @@ void run(GenerateArgs& a) {
         std::fprintf(stderr, ")\n");
       }
       if (!r.gpu_phases.empty()) {
-        const cuda::PoolStats ps = cuda::pool_stats();
-        const cuda::UploadStats us = cuda::upload_stats();
+        const device::PoolStats ps = device::pool_stats(Device::CUDA);
+        const device::UploadStats us = device::upload_stats();
         std::fprintf(stderr, "  gpu %s: accounted peak %.1f MiB, pool reserved high %.1f MiB; uploaded %.2f GB at %.2f GB/s\n",
-                     cuda::device_description().c_str(), double(r.gpu_peak_bytes) / (1 << 20),
+                     device::description(Device::CUDA).c_str(), double(r.gpu_peak_bytes) / (1 << 20),
                      double(ps.reserved_high) / (1 << 20), double(us.bytes) / 1e9,
                      us.seconds > 0 ? double(us.bytes) / 1e9 / us.seconds : 0.0);
       }

@@ -1,6 +1,6 @@
 // `zimage make-random-model`: writes a diffusers-layout Z-Image folder with random weights
 // (turbo: the real Z-Image-Turbo shapes, ~33 GB; tiny: the bundled tiny model's shapes).
-// The logic lives in io/random_model.
+// The logic lives in tools/random_model.
 #include <CLI/CLI.hpp>
 #include <atomic>
 #include <csignal>
@@ -11,7 +11,7 @@
 #include "cli/common.h"
 #include "core/check.h"
 #include "core/parallel.h"
-#include "io/random_model.h"
+#include "tools/random_model.h"
 
 namespace zi::cli {
 namespace {

@@ -1,6 +1,5 @@
 // zimage command line: argument parsing and dispatch only. Each subcommand lives in its
 // own cmd_*.cpp file and registers itself through one add_* function below.
-#include <cblas.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
@@ -13,7 +12,7 @@
 #include <string>
 #include <vector>
 
-#include "backends/cuda/cuda_ops.h"
+#include "backends/device.h"
 #include "cli/common.h"
 #include "core/check.h"
 #include "io/image_codec.h"
@@ -38,7 +37,7 @@ std::string version_text() {
   std::string backends = "cpu (OpenMP, OpenBLAS)";
 #ifdef ZIMAGE_HAVE_CUDA
   backends += ", cuda (sm_90; cuDNN loaded at run time when present)";
-  backends += zi::cuda::available() ? " - a GPU is usable here" : " - no usable GPU here";
+  backends += zi::device::gpu_available() ? " - a GPU is usable here" : " - no usable GPU here";
 #endif
   return zi::str_cat("zimage ", ZIMAGE_VERSION, "\nbackends: ", backends, "\nimage formats: ", zi::image_codec_versions(),
                      "\nbundled model: ", zi::cli::bundled_model_dir_or_empty().empty() ? "not found" : zi::cli::bundled_model_dir_or_empty(),

@@ -1,13 +1,14 @@
 #include "core/parallel.h"
 
-#include <cblas.h>
 #include <omp.h>
 
 #include <thread>
 
 namespace zi {
 
-static int g_threads = 0;
+namespace {
+int g_threads = 0;
+}  // namespace
 
 void set_num_threads(int n) {
   if (n <= 0) n = int(std::thread::hardware_concurrency());
@@ -16,7 +17,7 @@ void set_num_threads(int n) {
   omp_set_num_threads(n);
   // Every sgemm runs single-threaded inside our own fixed tiling (backends/cpu): OpenBLAS's
   // pool is never used, so its threads neither spin nor change results with the count.
-  openblas_set_num_threads(1);
+  set_blas_threads(1);
 }
 
 int num_threads() { return g_threads > 0 ? g_threads : omp_get_max_threads(); }

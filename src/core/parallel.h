@@ -10,6 +10,9 @@ namespace zi {
 // Sets the number of threads for our kernels (OpenBLAS stays at 1). n <= 0: all cores.
 void set_num_threads(int n);
 int num_threads();
+// The BLAS library's own thread count; defined by the CPU backend (backends/cpu/common.cpp),
+// which owns the BLAS library.
+void set_blas_threads(int n);
 
 // Runs fn(begin, end) over [0, n) split into chunks of at least `grain` items, in parallel.
 template <class F>

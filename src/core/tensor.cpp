@@ -2,6 +2,7 @@
 
 #include <cstring>
 
+#include "backends/device.h"
 #include "core/check.h"
 
 namespace zi {
@@ -32,35 +33,7 @@ Shape contiguous_strides(const Shape& shape) {
 }
 
 Storage::~Storage() {
-  if (owned && data) device_free(device, data, bytes, tag);
-}
-
-void* device_alloc(Device d, size_t bytes, Tag tag);  // CUDA part defined in the backend
-void* cuda_device_alloc(size_t bytes, Tag tag);
-void cuda_device_free(void* p, size_t bytes, Tag tag);
-// Device data movement, defined by the CUDA backend (stubs in no_cuda.cpp). Copies between
-// a host and a device pointer are complete when they return.
-void cuda_memcpy(void* dst, Device dd, const void* src, Device sd, size_t bytes);
-void cuda_memset0(void* p, size_t bytes);
-void cuda_copy_strided(const Tensor& src, const Tensor& dst);  // same dtype; dst contiguous
-void cuda_convert(const void* src, DType st, void* dst, DType dt, size_t n);
-
-namespace {
-Compute g_compute;
-}
-
-const Compute& current_compute() { return g_compute; }
-ComputeScope::ComputeScope(Compute c) : saved_(g_compute) { g_compute = c; }
-ComputeScope::~ComputeScope() { g_compute = saved_; }
-
-void* device_alloc(Device d, size_t bytes, Tag tag) {
-  if (d == Device::CPU) return host_alloc(bytes, tag);
-  return cuda_device_alloc(bytes, tag);
-}
-
-void device_free(Device d, void* p, size_t bytes, Tag tag) {
-  if (d == Device::CPU) host_free(p, bytes, tag);
-  else cuda_device_free(p, bytes, tag);
+  if (owned && data) device::free(device, data, bytes, tag);
 }
 
 Tensor Tensor::empty(const Shape& shape, DType dt, Tag tag, Device dev) {
@@ -74,7 +47,7 @@ Tensor Tensor::empty(const Shape& shape, DType dt, Tag tag, Device dev) {
   t.storage_->device = dev;
   t.storage_->tag = tag;
   t.storage_->owned = true;
-  t.storage_->data = device_alloc(dev, t.storage_->bytes, tag);
+  t.storage_->data = device::alloc(dev, t.storage_->bytes, tag);
   t.dtype_ = dt;
   t.shape_ = shape;
   t.strides_ = contiguous_strides(shape);
@@ -83,8 +56,7 @@ Tensor Tensor::empty(const Shape& shape, DType dt, Tag tag, Device dev) {
 
 Tensor Tensor::zeros(const Shape& shape, DType dt, Tag tag, Device dev) {
   Tensor t = empty(shape, dt, tag, dev);
-  if (dev == Device::CUDA) cuda_memset0(t.raw(), t.nbytes());
-  else std::memset(t.raw(), 0, t.nbytes());
+  device::zero(dev, t.raw(), t.nbytes());
   return t;
 }
 
@@ -173,9 +145,9 @@ Tensor Tensor::permute(const std::vector<int>& order) const {
 Tensor Tensor::contiguous(Tag tag) const {
   if (is_contiguous()) return *this;
   ZI_CHECK(!is_quantized(dtype_), "[contiguous] cannot rearrange a ", dtype_name(dtype_), " tensor ", desc());
-  if (device() == Device::CUDA) {
-    Tensor out = empty(shape_, dtype_, tag, Device::CUDA);
-    cuda_copy_strided(*this, out);
+  if (device() != Device::CPU) {
+    Tensor out = empty(shape_, dtype_, tag, device());
+    device::copy_strided_gpu(*this, out);
     return out;
   }
   Tensor out = empty(shape_, dtype_, tag);
@@ -204,8 +176,7 @@ Tensor Tensor::contiguous(Tag tag) const {
 Tensor Tensor::clone(Tag tag) const {
   if (!is_contiguous()) return contiguous(tag);
   Tensor out = empty(shape_, dtype_, tag, device());
-  if (device() == Device::CUDA) cuda_memcpy(out.raw(), Device::CUDA, raw(), Device::CUDA, nbytes());
-  else std::memcpy(out.raw(), raw(), nbytes());
+  device::copy(out.raw(), device(), raw(), device(), nbytes());
   if (row_scale_) out.row_scale_ = std::make_shared<Tensor>(row_scale_->clone(tag));
   return out;
 }
@@ -216,8 +187,7 @@ Tensor Tensor::to(DType dt, Tag tag) const {
   Tensor src = contiguous(tag);
   if (dt == dtype_) return src.storage_ == storage_ ? clone(tag) : src;
   Tensor out = empty(shape_, dt, tag, device());
-  if (device() == Device::CUDA) cuda_convert(src.raw(), dtype_, out.raw(), dt, size_t(numel()));
-  else convert(src.raw(), dtype_, out.raw(), dt, size_t(numel()));
+  device::convert(device(), src.raw(), dtype_, out.raw(), dt, size_t(numel()));
   return out;
 }
 
@@ -227,7 +197,7 @@ Tensor Tensor::to_device(Device d, Tag tag) const {
   Tensor src = contiguous(tag);
   if (d == device()) return src;
   Tensor out = empty(shape_, dtype_, tag, d);
-  cuda_memcpy(out.raw(), d, src.raw(), src.device(), nbytes());
+  device::copy(out.raw(), d, src.raw(), src.device(), nbytes());
   if (row_scale_) out.row_scale_ = std::make_shared<Tensor>(row_scale_->to_device(d, tag));
   return out;
 }

@@ -30,27 +30,20 @@ struct Storage {
   ~Storage();
 };
 
-// Device allocation hooks; the CPU one is host_alloc, the CUDA one lives in the backend.
-void* device_alloc(Device d, size_t bytes, Tag tag);
-void device_free(Device d, void* p, size_t bytes, Tag tag);
-
-// Where a phase computes: the device of new activations and their dtype (always F32 on the
-// CPU; F32 or BF16 on CUDA). Set by the pipeline for each phase (ComputeScope); the models
-// read it where host data enters (ops::to_compute) and the weight loader loads onto its device.
-struct Compute {
+// Where and how a phase computes, passed explicitly: the pipeline makes one per phase and hands
+// it to the WeightLoader (weights load onto its device), the load_* functions keep it in the
+// model, and the *_forward functions compute with it (ops::to_compute puts host data there).
+struct PhaseContext {
   Device device = Device::CPU;
-  DType act = DType::F32;
-};
-const Compute& current_compute();
-class ComputeScope {
- public:
-  explicit ComputeScope(Compute c);
-  ~ComputeScope();
-  ComputeScope(const ComputeScope&) = delete;
-  ComputeScope& operator=(const ComputeScope&) = delete;
-
- private:
-  Compute saved_;
+  DType act = DType::F32;      // activation dtype: F32 on the CPU; F32 or BF16 on CUDA
+  int64_t ffn_chunk_rows = 0;  // DiT feed-forward rows per chunk; 0: the device's default
+  // The context of a phase on `d` with activations in `precision` (the CPU computes in f32).
+  static PhaseContext on(Device d, DType precision = DType::F32) {
+    PhaseContext c;
+    c.device = d;
+    c.act = d == Device::CPU ? DType::F32 : precision;
+    return c;
+  }
 };
 
 class Tensor {

@@ -3,7 +3,7 @@
 #include <algorithm>
 #include <set>
 
-#include "backends/cuda/cuda_ops.h"
+#include "backends/device.h"
 #include "core/check.h"
 #include "core/quant.h"
 
@@ -20,10 +20,17 @@ LoadProgressScope::LoadProgressScope(WeightLoader::ProgressFn fn) : prev_(std::m
 }
 LoadProgressScope::~LoadProgressScope() { t_progress = std::move(prev_); }
 
-WeightLoader::WeightLoader(const TensorStore& store, Tag tag, std::string component)
-    : store_(store), tag_(tag), device_(current_compute().device), component_(std::move(component)) {
+WeightLoader::WeightLoader(const TensorStore& store, Tag tag, std::string component, PhaseContext ctx)
+    : store_(store), tag_(tag), ctx_(ctx), component_(std::move(component)) {
   for (const auto& f : store_.files())
     for (const TensorInfo& t : f->tensors()) total_ += int64_t(t.nbytes());
+}
+
+WeightLoader WeightLoader::recorder(std::vector<BoundTensor>* out, std::string component) {
+  static const TensorStore empty;
+  WeightLoader l(empty, Tag::Workspace, std::move(component));
+  l.record_ = out;
+  return l;
 }
 
 bool WeightLoader::has(const std::string& name) const { return store_.contains(name); }
@@ -56,6 +63,10 @@ DType storage_dtype(DType wdt) { return is_quantized(wdt) ? DType::BF16 : wdt; }
 
 Tensor WeightLoader::load_impl(const std::string& name, const Shape& shape, DType dt, bool required, bool matrix) {
   used_.push_back(name);
+  if (record_) {
+    record_->push_back({name, shape, dt});
+    return {};
+  }
   TensorStore::Entry e{nullptr, nullptr};
   // An override's tensor replaces the base one.
   for (auto& o : overrides_) {
@@ -127,7 +138,7 @@ Tensor WeightLoader::load_impl(const std::string& name, const Shape& shape, DTyp
           if (p.wants(name)) p.apply(name, staging);
         q = quant::quantize(staging, dt, tag_);
       }
-      if (device_ != q.device()) q = q.to_device(device_, tag_);
+      if (ctx_.device != q.device()) q = q.to_device(ctx_.device, tag_);
       e.file->release(*e.info);
       bytes_ += int64_t(q.nbytes()) + (q.row_scale() ? int64_t(q.row_scale()->nbytes()) : 0);
       return q;
@@ -140,9 +151,9 @@ Tensor WeightLoader::load_impl(const std::string& name, const Shape& shape, DTyp
   const bool float_src = st_to_dtype(e.info->dtype, &sdt) &&
                          (sdt == DType::F32 || sdt == DType::BF16 || sdt == DType::F16);
   const bool float_dst = dt == DType::F32 || dt == DType::BF16 || dt == DType::F16;
-  if (!patched && device_ == Device::CUDA && float_src && float_dst) {
+  if (!patched && ctx_.device == Device::CUDA && float_src && float_dst) {
     out = Tensor::empty(shape, dt, tag_, Device::CUDA);
-    cuda::upload_convert(e.file->data(*e.info), sdt, out.numel(), out);
+    device::upload_convert(e.file->data(*e.info), sdt, out.numel(), out);
   } else if (!patched) {
     out = e.file->load(*e.info, dt, tag_);
   } else {
@@ -159,7 +170,7 @@ Tensor WeightLoader::load_impl(const std::string& name, const Shape& shape, DTyp
       out = staging.to(dt, tag_);
     }
   }
-  if (device_ != out.device()) out = out.to_device(device_, tag_);
+  if (ctx_.device != out.device()) out = out.to_device(ctx_.device, tag_);
   e.file->release(*e.info);
   bytes_ += int64_t(out.nbytes());
   read_ += int64_t(e.info->nbytes());

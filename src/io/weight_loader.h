@@ -16,15 +16,29 @@ namespace zi {
 // bf16 when wdt is a weight format (embeddings, the embedders and final layers stay float).
 DType storage_dtype(DType wdt);
 
+// A tensor a binding asked for (WeightLoader::recorder).
+struct BoundTensor {
+  std::string name;
+  Shape shape;
+  DType dtype;
+};
+
 class WeightLoader {
  public:
+  // A loader in dry-run mode: every load() appends (name, shape, dtype) to `out` and returns an
+  // undefined tensor; has() is false. Running a load_* function through it lists exactly the
+  // tensors that binding reads, in its order: the one table of tensor names (make-random-model
+  // writes its files from it).
+  static WeightLoader recorder(std::vector<BoundTensor>* out, std::string component);
+
   // `component` names the component in messages ("transformer", "vae", ...). Tensors are
-  // loaded onto the device of current_compute() (see set_device).
-  WeightLoader(const TensorStore& store, Tag tag, std::string component);
-  // Where loaded tensors go. CUDA: streamed from the mapping through a pinned staging ring
-  // and converted on the device (cuda::upload_convert); never whole in host memory.
-  void set_device(Device d) { device_ = d; }
-  Device device() const { return device_; }
+  // loaded onto the device of `ctx`, the phase's context, which the load_* functions keep in
+  // the model they bind. On a GPU: streamed from the mapping through a pinned staging ring
+  // and converted on the device (device::upload_convert); never whole in host memory.
+  WeightLoader(const TensorStore& store, Tag tag, std::string component, PhaseContext ctx = {});
+  const PhaseContext& context() const { return ctx_; }
+  void set_device(Device d) { ctx_.device = d; }
+  Device device() const { return ctx_.device; }
 
   // Loads `name`, checked against `shape`, converted to `dt`. A missing or wrong-shape
   // tensor is recorded (see finish()) and an undefined Tensor returned.
@@ -74,7 +88,8 @@ class WeightLoader {
   Tensor load_impl(const std::string& name, const Shape& shape, DType dt, bool required, bool matrix);
   const TensorStore& store_;
   Tag tag_;
-  Device device_ = Device::CPU;
+  PhaseContext ctx_;
+  std::vector<BoundTensor>* record_ = nullptr;
   std::string component_;
   std::vector<std::string> ignored_;
   std::vector<std::string> missing_, wrong_;

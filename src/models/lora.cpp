@@ -1,9 +1,5 @@
 #include "models/lora.h"
 
-#include "core/parallel.h"
-
-#include <cblas.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -17,6 +13,7 @@
 #include <unordered_map>
 
 #include "core/check.h"
+#include "ops/ops.h"
 
 namespace zi {
 
@@ -499,16 +496,13 @@ struct LoraSet::State {
         if (shape.size() != 2 || shape[0] != out || shape[1] != in)
           fail(str_cat("LoRA '", f.path, "': key '", d.key, "' makes a delta of shape ", shape_str({out, in}),
                        " but ", name, " is ", shape_str(shape)));
-        // W[out, in] += s · B[out, r] · A[r, in], in place: row blocks of a fixed size, one
-        // single-threaded sgemm each, so the merged weights do not depend on --threads.
+        // W[out, in] += s · B[out, r] · A[r, in]: B · A = linear(B, Aᵀ), Aᵀ [in, r] (the CPU
+        // backend's fixed tiling: the merged weights do not depend on --threads).
+        (void)rank;
         if (wt) {
-        float* wp = wt->f32();
-        const float* bp = d.B.f32();
-        const float* ap = d.A.f32();
-        parallel_for(out, 64, [&](int64_t r0, int64_t r1) {
-          cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(r1 - r0), int(in), int(rank), s, bp + r0 * rank,
-                      int(rank), ap, int(in), 1.0f, wp + r0 * in, int(in));
-        });
+          Tensor delta = ops::linear(d.B, d.A.permute({1, 0}).contiguous(Tag::Workspace));
+          ops::scale_(delta, s);
+          ops::add_(*wt, delta);
         }
       }
       std::lock_guard<std::mutex> lock(mu);

@@ -103,6 +103,7 @@ Qwen3Encoder load_qwen3_encoder(WeightLoader& loader, const Qwen3Config& cfg, DT
   const std::string p = detect_prefix(loader);
   Qwen3Encoder m;
   m.cfg = cfg;
+  m.ctx = loader.context();
   // The embedding is a matrix like ggml's token_embd: kept or made in the weight format on the
   // CPU (rows dequantized at lookup); on the GPU it is dequantized to bf16 at load.
   if (loader.device() == Device::CPU)
@@ -159,9 +160,9 @@ Tensor qwen3_encode(const Qwen3Encoder& m, const std::vector<int32_t>& ids) {
   const int64_t S = int64_t(ids.size());
   Tensor cos, sin;
   qwen3_rope_tables(S, c.head_dim, c.rope_theta, m.rope_freq_dtype, &cos, &sin);  // [S, D/2]
-  cos = ops::to_device(cos);  // where the phase computes (the weights' device)
-  sin = ops::to_device(sin);
-  Tensor h = ops::embedding(m.embed_tokens, ids);               // [S, hidden] f32
+  cos = ops::to_device(m.ctx, cos);  // where the phase computes (the weights' device)
+  sin = ops::to_device(m.ctx, sin);
+  Tensor h = ops::embedding(m.embed_tokens, ids, m.ctx.act);               // [S, hidden] f32
   for (const Qwen3Layer& layer : m.layers) decoder_layer(c, layer, h, cos, sin);
   return h;
 }

@@ -30,6 +30,7 @@ struct Qwen3Layer {
 
 struct Qwen3Encoder {
   Qwen3Config cfg;
+  PhaseContext ctx;  // where it was loaded and computes (the WeightLoader's)
   Tensor embed_tokens;             // [model.]embed_tokens.weight [vocab, hidden] wdt
   std::vector<Qwen3Layer> layers;  // layers 0 .. num_hidden_layers−2 (what hidden_states[-2] needs)
   // Precision of the RoPE inverse frequencies (not a checkpoint tensor). transformers computes

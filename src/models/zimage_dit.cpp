@@ -124,7 +124,7 @@ Tensor embed_timestep(const ZImageDit& m, float t) {
     e[size_t(k)] = std::cos(tau * freq);                                     // cosine half first
     e[size_t(half + k)] = std::sin(tau * freq);
   }
-  Tensor h = ops::linear(ops::to_compute(Tensor::from_vector(e, {1, kTimeFreqDim})), m.t_mlp0_w, &m.t_mlp0_b);  // [1, 1024]
+  Tensor h = ops::linear(ops::to_compute(m.ctx, Tensor::from_vector(e, {1, kTimeFreqDim})), m.t_mlp0_w, &m.t_mlp0_b);  // [1, 1024]
   ops::silu_(h);
   return ops::linear(h, m.t_mlp2_w, &m.t_mlp2_b);  // [1, A]
 }
@@ -174,13 +174,13 @@ Tensor append_pad_rows(Tensor x, const Tensor& pad_token, int64_t total) {
 
 // [Nx, D]: patch embedding, then x_pad_token in the Nx − N pad slots (§3.10 step 2).
 Tensor embed_image(const ZImageDit& m, const Tensor& latent, const Geometry& g) {
-  Tensor x = ops::linear(ops::to_compute(patchify(latent, g, m.cfg.patch_size)), m.x_embed_w, &m.x_embed_b);  // [N, D]
+  Tensor x = ops::linear(ops::to_compute(m.ctx, patchify(latent, g, m.cfg.patch_size)), m.x_embed_w, &m.x_embed_b);  // [N, D]
   return append_pad_rows(std::move(x), m.x_pad_token, g.nx);
 }
 
 // [Lc, D]: RMSNorm (norm_eps) → Linear on the L real rows, then cap_pad_token (step 4).
 Tensor embed_caption(const ZImageDit& m, const Tensor& cap_feats, const Geometry& g) {
-  Tensor y = ops::to_compute(cap_feats, /*fresh=*/true);  // [L, cap_feat_dim], a copy normalised in place
+  Tensor y = ops::to_compute(m.ctx, cap_feats, /*fresh=*/true);  // [L, cap_feat_dim], a copy normalised in place
   ops::rms_norm_(y, m.cap_norm, float(m.cfg.norm_eps));
   Tensor x = ops::linear(y, m.cap_w, &m.cap_b);  // [L, D]
   return append_pad_rows(std::move(x), m.cap_pad_token, g.lc);
@@ -210,7 +210,7 @@ struct Rope {
 
 // §3.7, matching torch's table: ω = 1/θ^(2k/d) and the angle p·ω in float64, the angle rounded
 // to f32, then cos/sin evaluated in f32 on the rounded angle (torch.polar on complex64).
-Rope make_rope(const DitConfig& c, const std::vector<Pos>& pos) {
+Rope make_rope(const PhaseContext& ctx, const DitConfig& c, const std::vector<Pos>& pos) {
   std::vector<double> omega;
   std::vector<int> axis;
   for (int a = 0; a < 3; ++a)
@@ -235,7 +235,7 @@ Rope make_rope(const DitConfig& c, const std::vector<Pos>& pos) {
         sn[s * half + j] = std::sin(angle);
       }
   });
-  return Rope{ops::to_device(r.cos), ops::to_device(r.sin)};  // where the phase computes
+  return Rope{ops::to_device(ctx, r.cos), ops::to_device(ctx, r.sin)};  // where the phase computes
 }
 
 // The four modulation vectors of a block, each [D]: scale = 1 + s, gate = tanh(g), split in
@@ -299,7 +299,8 @@ Tensor feed_forward(const DitBlock& b, float eps, const Tensor& x_rows, const Te
 
 // x [S, D] updated in place by one block (§3.9): sandwich-normalised attention and FFN, each
 // added through a tanh gate when the block is modulated by c [1, A], plainly otherwise.
-void block_forward(const DitBlock& b, const DitConfig& cfg, Tensor& x, const Tensor& c, const Rope& rope) {
+void block_forward(const DitBlock& b, const DitConfig& cfg, Tensor& x, const Tensor& c, const Rope& rope,
+                   int64_t ffn_chunk) {
   const float eps = float(cfg.norm_eps);
   const bool mod = b.modulated();
   const Modulation md = mod ? modulation(b, c) : Modulation{};
@@ -309,10 +310,9 @@ void block_forward(const DitBlock& b, const DitConfig& cfg, Tensor& x, const Ten
   ops::rms_norm_add_(x, a, b.attention_norm2, eps, mod ? &md.gate_msa : nullptr);    // x += gate ⊙ norm2(a)
   a = Tensor();
 
-  // The FFN is row-wise, so row chunks bound its hidden without changing the result.
-  // On the GPU the whole sequence is one chunk: the hidden is small next to device memory and
-  // larger GEMMs run faster.
-  const int64_t S = x.dim(0), chunk = x.device() == Device::CUDA ? std::max<int64_t>(S, 1) : kFfnChunkRows;
+  // The FFN is row-wise, so row chunks bound its hidden without changing the result
+  // (ffn_chunk 0: the whole sequence in one chunk).
+  const int64_t S = x.dim(0), chunk = ffn_chunk > 0 ? ffn_chunk : std::max<int64_t>(S, 1);
   for (int64_t r0 = 0; r0 < S; r0 += chunk) {
     Tensor rows = x.slice(0, r0, std::min(S, r0 + chunk));  // a view into x
     Tensor f = feed_forward(b, eps, rows, mod ? &md.scale_mlp : nullptr);
@@ -336,6 +336,13 @@ Tensor final_layer(const ZImageDit& m, const Tensor& x, const Tensor& c, int64_t
 
 }  // namespace
 
+int64_t dit_ffn_chunk_rows(const PhaseContext& ctx) {
+  // On the GPU the whole sequence is one chunk: the hidden is small next to device memory and
+  // larger GEMMs run faster.
+  if (ctx.ffn_chunk_rows > 0) return ctx.ffn_chunk_rows;
+  return ctx.device == Device::CPU ? kFfnChunkRows : 0;
+}
+
 int dit_ffn_hidden(const DitConfig& cfg) { return int(double(cfg.dim) / 3.0 * 8.0); }
 int dit_adaln_dim(const DitConfig& cfg) { return std::min(cfg.dim, kAdalnEmbedDim); }
 
@@ -352,6 +359,7 @@ ZImageDit load_zimage_dit(WeightLoader& ld, const DitConfig& cfg, DType wdt) {
   const std::string fl = "all_final_layer." + patch_key(cfg) + ".";
   ZImageDit m;
   m.cfg = cfg;
+  m.ctx = ld.context();
   m.x_embed_w = ld.load(xe + "weight", {D, P}, wdt);
   m.x_embed_b = ld.load(xe + "bias", {D}, f32);
   m.t_mlp0_w = ld.load("t_embedder.mlp.0.weight", {kTimeMidDim, kTimeFreqDim}, wdt);
@@ -386,14 +394,14 @@ struct ZImageDit::RopeCache {
 namespace {
 
 const ZImageDit::RopeCache& rope_tables(const ZImageDit& m, const Geometry& g) {
-  const Device dev = current_compute().device;
+  const Device dev = m.ctx.device;
   auto& rc = m.rope_cache;
   if (!rc || rc->ht != g.ht || rc->wt != g.wt || rc->nx != g.nx || rc->lc != g.lc || rc->device != dev) {
     rc.reset();  // the old tables go before the new ones are made
     auto n = std::make_shared<ZImageDit::RopeCache>();
     n->ht = g.ht, n->wt = g.wt, n->nx = g.nx, n->lc = g.lc, n->device = dev;
-    n->x = make_rope(m.cfg, image_positions(g));
-    n->cap = make_rope(m.cfg, caption_positions(g));
+    n->x = make_rope(m.ctx, m.cfg, image_positions(g));
+    n->cap = make_rope(m.ctx, m.cfg, caption_positions(g));
     n->u = Rope{ops::concat0({n->x.cos, n->cap.cos}), ops::concat0({n->x.sin, n->cap.sin})};
     rc = std::move(n);
   }
@@ -407,19 +415,20 @@ Tensor dit_forward(const ZImageDit& m, const Tensor& latent, float t, const Tens
   const Geometry g = geometry(cfg, latent, cap_feats);
   const Tensor c = embed_timestep(m, t);  // [1, A]
   const ZImageDit::RopeCache& rope = rope_tables(m, g);
+  const int64_t chunk = dit_ffn_chunk_rows(m.ctx);
 
   // Image stream, refined alone with modulation (§3.10 steps 2–3).
   Tensor x = embed_image(m, latent, g);  // [Nx, D]
-  for (const DitBlock& b : m.noise_refiner) block_forward(b, cfg, x, c, rope.x);
+  for (const DitBlock& b : m.noise_refiner) block_forward(b, cfg, x, c, rope.x, chunk);
 
   // Caption stream, refined alone without modulation (steps 4–5).
   Tensor cap = embed_caption(m, cap_feats, g);  // [Lc, D]
-  for (const DitBlock& b : m.context_refiner) block_forward(b, cfg, cap, c, rope.cap);
+  for (const DitBlock& b : m.context_refiner) block_forward(b, cfg, cap, c, rope.cap, chunk);
 
   // Unified sequence, image tokens first, then caption tokens (step 6).
   Tensor u = ops::concat0({x, cap});  // [Nx + Lc, D]
   x = cap = Tensor();
-  for (const DitBlock& b : m.layers) block_forward(b, cfg, u, c, rope.u);  // step 7
+  for (const DitBlock& b : m.layers) block_forward(b, cfg, u, c, rope.u, chunk);  // step 7
 
   Tensor out = final_layer(m, u, c, g.n);  // [N, p·p·C]  (steps 8–9)
   u = Tensor();

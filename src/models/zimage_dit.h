@@ -34,6 +34,7 @@ struct DitBlock {
 
 struct ZImageDit {
   DitConfig cfg;
+  PhaseContext ctx;  // where it was loaded and computes (the WeightLoader's)
   Tensor x_embed_w, x_embed_b;          // all_x_embedder.2-1.{weight,bias}             [D, 64] / [D]
   Tensor t_mlp0_w, t_mlp0_b;            // t_embedder.mlp.0.{weight,bias}               [1024, 256] / [1024]
   Tensor t_mlp2_w, t_mlp2_b;            // t_embedder.mlp.2.{weight,bias}               [A, 1024] / [A]
@@ -55,6 +56,9 @@ struct ZImageDit {
 // Sizes derived from the config exactly as the reference derives them.
 int dit_ffn_hidden(const DitConfig& cfg);  // int(dim / 3 * 8) in floating point: 10240 (tiny: 170)
 int dit_adaln_dim(const DitConfig& cfg);   // min(dim, 256)
+// FFN rows per chunk in a phase: ctx.ffn_chunk_rows, else 1024 on the CPU (bounds the hidden),
+// 0 (the whole sequence) on the GPU.
+int64_t dit_ffn_chunk_rows(const PhaseContext& ctx);
 
 // Binds every key of spec §3.2 through `loader`: matrices in `wdt` (bf16/f16/f32), norms,
 // biases and pad tokens in f32. The caller calls loader.finish(), which reports missing,

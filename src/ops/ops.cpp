@@ -1,7 +1,8 @@
 // The one dispatch point of ops.h: every op checks its arguments here (shapes, dtypes,
 // devices, contiguity, with a "[op] ..." message), allocates its result, and calls the
-// backend of the tensors' device: cpu:: (f32 activations) or cuda:: (f32 or bf16; the
-// result has the activation's dtype).
+// backend of the tensors' device through ZI_OP: cpu:: (f32 activations) or cuda:: (f32 or
+// bf16; the result has the activation's dtype). Both backends declare every op, fused ones
+// included, with one signature (backends/cpu/cpu_ops.h, backends/cuda/cuda_ops.h).
 #include "ops/ops.h"
 
 #include <algorithm>
@@ -64,24 +65,38 @@ void require_same_shape(const char* op, const Tensor& a, const Tensor& b) {
   ZI_CHECK(a.shape() == b.shape(), "[", op, "] shape mismatch: ", a.desc(), " vs ", b.desc());
 }
 
-bool cuda(Device d) { return d == Device::CUDA; }
+// The one dispatch point: runs the backend function `fn` of device d, cpu::fn or cuda::fn (the two
+// backends give every op the same signature), the CUDA one timed as `op` under ZI_CUDA_PROFILE=1.
+// A CPU-only build has no GPU tensors (their allocation fails), so it calls the CPU backend only.
+#ifdef ZIMAGE_HAVE_CUDA
+#define ZI_OP(op, d, fn, ...)       \
+  do {                              \
+    if ((d) == Device::CUDA) {      \
+      cuda::OpTimer zi_prof_(op);   \
+      cuda::fn(__VA_ARGS__);        \
+    } else {                        \
+      cpu::fn(__VA_ARGS__);         \
+    }                               \
+  } while (0)
+#else
+#define ZI_OP(op, d, fn, ...) ((void)(op), (void)(d), cpu::fn(__VA_ARGS__))
+#endif
 
 }  // namespace
 
-Tensor to_compute(const Tensor& t, bool fresh) {
+Tensor to_compute(const PhaseContext& c, const Tensor& t, bool fresh) {
   ZI_CHECK(t.defined() && is_float(t.dtype()), "[to_compute] needs a float tensor, got ",
            t.defined() ? t.desc() : std::string("undefined"));
-  const Compute& c = current_compute();
-  const DType act = c.device == Device::CUDA ? c.act : DType::F32;
+  const DType act = c.device == Device::CPU ? DType::F32 : c.act;
   Tensor out = t.to_device(c.device);
   if (out.dtype() != act) return out.to(act);
   if (fresh && out.raw() == t.raw()) return out.clone();
   return out;
 }
 
-Tensor to_device(const Tensor& t) {
+Tensor to_device(const PhaseContext& c, const Tensor& t) {
   ZI_CHECK(t.defined(), "[to_device] undefined tensor");
-  return t.to_device(current_compute().device);
+  return t.to_device(c.device);
 }
 
 Tensor to_host_f32(const Tensor& t) {
@@ -112,15 +127,10 @@ Tensor linear(const Tensor& x_in, const Tensor& w_in, const Tensor* bias) {
   Shape os = x.shape();
   os.back() = w.dim(0);
   Tensor y = Tensor::empty(os, x.dtype(), Tag::Activations, d);
-  if (cuda(d)) {
-    cuda::OpTimer prof("linear");
-    if (is_quantized(w.dtype())) cuda::linear_quant(x, w, bias ? &b : nullptr, y);
-    else cuda::linear(x, w, bias ? &b : nullptr, y);
-  } else if (is_quantized(w.dtype())) {
-    cpu::linear_quant(x, w, bias ? &b : nullptr, y);
-  } else {
-    cpu::linear(x, w, bias ? &b : nullptr, y);
-  }
+  if (is_quantized(w.dtype()))
+    ZI_OP("linear_quant", d, linear_quant, x, w, bias ? &b : nullptr, y);
+  else
+    ZI_OP("linear", d, linear, x, w, bias ? &b : nullptr, y);
   return y;
 }
 
@@ -130,10 +140,7 @@ void rms_norm_(Tensor& x, const Tensor& weight, float eps) {
   Tensor w = weight_input("rms_norm_", "weight", weight, d);
   ZI_CHECK(x.ndim() >= 1 && x.dim(-1) > 0, "[rms_norm_] bad input ", x.desc());
   require_vector("rms_norm_", "weight", w, x.dim(-1));
-  if (cuda(d)) {
-    cuda::OpTimer prof("rms_norm_");
-    cuda::rms_norm_(x, w, eps);
-  } else cpu::rms_norm_(x, w, eps);
+  ZI_OP("rms_norm_", d, rms_norm_, x, w, eps);
 }
 
 Tensor rms_norm(const Tensor& x_in, const Tensor& weight, float eps, const Tensor* scale) {
@@ -147,15 +154,8 @@ Tensor rms_norm(const Tensor& x_in, const Tensor& weight, float eps, const Tenso
     s = weight_input("rms_norm", "scale", *scale, d);
     require_vector("rms_norm", "scale", s, x.dim(-1));
   }
-  if (cuda(d)) {
-    Tensor y = Tensor::empty(x.shape(), x.dtype(), Tag::Activations, d);
-    cuda::OpTimer prof("rms_norm");
-    cuda::rms_norm(x, w, eps, scale ? &s : nullptr, y);
-    return y;
-  }
-  Tensor y = x.clone();
-  cpu::rms_norm_(y, w, eps);
-  if (scale) cpu::mul_rows_(y, s);
+  Tensor y = Tensor::empty(x.shape(), x.dtype(), Tag::Activations, d);
+  ZI_OP("rms_norm", d, rms_norm, x, w, eps, scale ? &s : nullptr, y);
   return y;
 }
 
@@ -173,24 +173,14 @@ void rms_norm_add_(Tensor& x, Tensor& y, const Tensor& weight, float eps, const 
     g = weight_input("rms_norm_add_", "gate", *gate, d);
     require_vector("rms_norm_add_", "gate", g, x.dim(-1));
   }
-  if (cuda(d)) {
-    cuda::OpTimer prof("rms_norm_add_");
-    cuda::rms_norm_add_(x, y, w, eps, gate ? &g : nullptr);
-    return;
-  }
-  cpu::rms_norm_(y, w, eps);
-  if (gate) cpu::add_gated_(x, g, y);
-  else cpu::add_(x, y);
+  ZI_OP("rms_norm_add_", d, rms_norm_add_, x, y, w, eps, gate ? &g : nullptr);
 }
 
 void layer_norm_(Tensor& x, float eps) {
   const Device d = device_of("layer_norm_", x);
   require_act_inplace("layer_norm_", x);
   ZI_CHECK(x.ndim() >= 1 && x.dim(-1) > 0, "[layer_norm_] bad input ", x.desc());
-  if (cuda(d)) {
-    cuda::OpTimer prof("layer_norm_");
-    cuda::layer_norm_(x, eps);
-  } else cpu::layer_norm_(x, eps);
+  ZI_OP("layer_norm_", d, layer_norm_, x, eps);
 }
 
 static void group_norm_impl(const char* op, Tensor& x, int groups, const Tensor& weight, const Tensor& bias, float eps,
@@ -203,13 +193,7 @@ static void group_norm_impl(const char* op, Tensor& x, int groups, const Tensor&
   Tensor w = weight_input(op, "weight", weight, d), b = weight_input(op, "bias", bias, d);
   require_vector(op, "weight", w, x.dim(0));
   require_vector(op, "bias", b, x.dim(0));
-  if (cuda(d)) {
-    cuda::OpTimer prof(silu ? "group_norm_silu_" : "group_norm_");
-    cuda::group_norm_(x, groups, w, b, eps, silu);
-  } else {
-    cpu::group_norm_(x, groups, w, b, eps);
-    if (silu) cpu::silu_(x);
-  }
+  ZI_OP(op, d, group_norm_, x, groups, w, b, eps, silu);
 }
 
 void group_norm_(Tensor& x, int groups, const Tensor& weight, const Tensor& bias, float eps) {
@@ -231,10 +215,7 @@ std::vector<double> group_region_sums(const Tensor& x, int groups, int64_t y0, i
            "] bad region rows [", y0, ", ", y1, ") cols [", x0, ", ", x1, ") of ", x.desc());
   ZI_CHECK(mean.empty() || mean.size() == size_t(groups), "[", op, "] ", mean.size(), " means for ", groups, " groups");
   std::vector<double> out;
-  if (cuda(d)) {
-    cuda::OpTimer prof(op);
-    cuda::group_region_sums(x, groups, y0, y1, x0, x1, mean, out);
-  } else cpu::group_region_sums(x, groups, y0, y1, x0, x1, mean, out);
+  ZI_OP(op, d, group_region_sums, x, groups, y0, y1, x0, x1, mean, out);
   return out;
 }
 
@@ -250,10 +231,7 @@ void group_norm_given_(Tensor& x, int groups, const std::vector<float>& mean, co
   Tensor w = weight_input(op, "weight", weight, d), b = weight_input(op, "bias", bias, d);
   require_vector(op, "weight", w, x.dim(0));
   require_vector(op, "bias", b, x.dim(0));
-  if (cuda(d)) {
-    cuda::OpTimer prof(op);
-    cuda::group_norm_given_(x, groups, mean, rstd, w, b);
-  } else cpu::group_norm_given_(x, groups, mean, rstd, w, b);
+  ZI_OP(op, d, group_norm_given_, x, groups, mean, rstd, w, b);
 }
 
 void paste_(Tensor& dst, const Tensor& src, int64_t y0, int64_t x0) {
@@ -265,28 +243,19 @@ void paste_(Tensor& dst, const Tensor& src, int64_t y0, int64_t x0) {
   ZI_CHECK(dst.ndim() == 3 && src.ndim() == 3 && src.dim(0) == dst.dim(0) && y0 >= 0 && x0 >= 0 &&
                y0 + src.dim(1) <= dst.dim(1) && x0 + src.dim(2) <= dst.dim(2),
            "[", op, "] ", src.desc(), " does not fit into ", dst.desc(), " at (", y0, ", ", x0, ")");
-  if (cuda(d)) {
-    cuda::OpTimer prof(op);
-    cuda::paste_(dst, src, y0, x0);
-  } else cpu::paste_(dst, src, y0, x0);
+  ZI_OP(op, d, paste_, dst, src, y0, x0);
 }
 
 void silu_(Tensor& x) {
   const Device d = device_of("silu_", x);
   require_act_inplace("silu_", x);
-  if (cuda(d)) {
-    cuda::OpTimer prof("silu_");
-    cuda::silu_(x);
-  } else cpu::silu_(x);
+  ZI_OP("silu_", d, silu_, x);
 }
 
 void tanh_(Tensor& x) {
   const Device d = device_of("tanh_", x);
   require_act_inplace("tanh_", x);
-  if (cuda(d)) {
-    cuda::OpTimer prof("tanh_");
-    cuda::tanh_(x);
-  } else cpu::tanh_(x);
+  ZI_OP("tanh_", d, tanh_, x);
 }
 
 Tensor silu_mul(const Tensor& a_in, const Tensor& b_in) {
@@ -295,10 +264,7 @@ Tensor silu_mul(const Tensor& a_in, const Tensor& b_in) {
   require_same_shape("silu_mul", a, b);
   ZI_CHECK(a.dtype() == b.dtype(), "[silu_mul] dtypes differ: ", a.desc(), " vs ", b.desc());
   Tensor out = Tensor::empty(a.shape(), a.dtype(), Tag::Activations, d);
-  if (cuda(d)) {
-    cuda::OpTimer prof("silu_mul");
-    cuda::silu_mul(a, b, out);
-  } else cpu::silu_mul(a, b, out);
+  ZI_OP("silu_mul", d, silu_mul, a, b, out);
   return out;
 }
 
@@ -307,10 +273,7 @@ void add_(Tensor& x, const Tensor& y_in) {
   require_act_inplace("add_", x);
   Tensor y = act_input("add_", y_in, d);
   require_same_shape("add_", x, y);
-  if (cuda(d)) {
-    cuda::OpTimer prof("add_");
-    cuda::add_(x, y);
-  } else cpu::add_(x, y);
+  ZI_OP("add_", d, add_, x, y);
 }
 
 void mul_(Tensor& x, const Tensor& y_in) {
@@ -318,28 +281,19 @@ void mul_(Tensor& x, const Tensor& y_in) {
   require_act_inplace("mul_", x);
   Tensor y = act_input("mul_", y_in, d);
   require_same_shape("mul_", x, y);
-  if (cuda(d)) {
-    cuda::OpTimer prof("mul_");
-    cuda::mul_(x, y);
-  } else cpu::mul_(x, y);
+  ZI_OP("mul_", d, mul_, x, y);
 }
 
 void scale_(Tensor& x, float s) {
   const Device d = device_of("scale_", x);
   require_act_inplace("scale_", x);
-  if (cuda(d)) {
-    cuda::OpTimer prof("scale_");
-    cuda::scale_(x, s);
-  } else cpu::scale_(x, s);
+  ZI_OP("scale_", d, scale_, x, s);
 }
 
 void add_scalar_(Tensor& x, float s) {
   const Device d = device_of("add_scalar_", x);
   require_act_inplace("add_scalar_", x);
-  if (cuda(d)) {
-    cuda::OpTimer prof("add_scalar_");
-    cuda::add_scalar_(x, s);
-  } else cpu::add_scalar_(x, s);
+  ZI_OP("add_scalar_", d, add_scalar_, x, s);
 }
 
 void mul_rows_(Tensor& x, const Tensor& v_in) {
@@ -348,10 +302,7 @@ void mul_rows_(Tensor& x, const Tensor& v_in) {
   Tensor v = weight_input("mul_rows_", "v", v_in, d);
   ZI_CHECK(x.ndim() >= 1 && x.dim(-1) > 0, "[mul_rows_] bad input ", x.desc());
   require_vector("mul_rows_", "v", v, x.dim(-1));
-  if (cuda(d)) {
-    cuda::OpTimer prof("mul_rows_");
-    cuda::mul_rows_(x, v);
-  } else cpu::mul_rows_(x, v);
+  ZI_OP("mul_rows_", d, mul_rows_, x, v);
 }
 
 void add_gated_(Tensor& x, const Tensor& v_in, const Tensor& y_in) {
@@ -361,10 +312,7 @@ void add_gated_(Tensor& x, const Tensor& v_in, const Tensor& y_in) {
   ZI_CHECK(x.ndim() >= 1 && x.dim(-1) > 0, "[add_gated_] bad input ", x.desc());
   require_same_shape("add_gated_", x, y);
   require_vector("add_gated_", "gate", v, x.dim(-1));
-  if (cuda(d)) {
-    cuda::OpTimer prof("add_gated_");
-    cuda::add_gated_(x, v, y);
-  } else cpu::add_gated_(x, v, y);
+  ZI_OP("add_gated_", d, add_gated_, x, v, y);
 }
 
 // Shared checks of both RoPE forms: x [S, H, D] with D even, cos/sin [S, D/2] f32.
@@ -385,28 +333,17 @@ void rms_norm_rope_pairs_(Tensor& x, const Tensor& weight, float eps, const Tens
   const Device d = check_rope("rms_norm_rope_pairs_", x, cos, sin);
   Tensor w = weight_input("rms_norm_rope_pairs_", "weight", weight, d);
   require_vector("rms_norm_rope_pairs_", "weight", w, x.dim(2));
-  if (cuda(d)) {
-    cuda::OpTimer prof("rms_norm_rope_pairs_");
-    cuda::rms_norm_rope_pairs_(x, w, eps, cos, sin);
-    return;
-  }
-  Tensor rows = x.reshape({x.dim(0) * x.dim(1), x.dim(2)});
-  cpu::rms_norm_(rows, w, eps);
-  cpu::rope_pairs_(x, cos, sin);
+  ZI_OP("rms_norm_rope_pairs_", d, rms_norm_rope_pairs_, x, w, eps, cos, sin);
 }
 
 void rope_halves_(Tensor& x, const Tensor& cos, const Tensor& sin) {
-  if (cuda(check_rope("rope_halves_", x, cos, sin))) {
-    cuda::OpTimer prof("rope_halves_");
-    cuda::rope_halves_(x, cos, sin);
-  } else cpu::rope_halves_(x, cos, sin);
+  const Device d = check_rope("rope_halves_", x, cos, sin);
+  ZI_OP("rope_halves_", d, rope_halves_, x, cos, sin);
 }
 
 void rope_pairs_(Tensor& x, const Tensor& cos, const Tensor& sin) {
-  if (cuda(check_rope("rope_pairs_", x, cos, sin))) {
-    cuda::OpTimer prof("rope_pairs_");
-    cuda::rope_pairs_(x, cos, sin);
-  } else cpu::rope_pairs_(x, cos, sin);
+  const Device d = check_rope("rope_pairs_", x, cos, sin);
+  ZI_OP("rope_pairs_", d, rope_pairs_, x, cos, sin);
 }
 
 Tensor attention(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, float scale, bool causal,
@@ -425,10 +362,7 @@ Tensor attention(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, flo
   ZI_CHECK(kv_len >= -1 && kv_len <= k.dim(0), "[attention] kv_len ", kv_len, " outside [-1, ", k.dim(0),
            "] for k ", k.desc());
   Tensor out = Tensor::empty(q.shape(), q.dtype(), Tag::Activations, d);
-  if (cuda(d)) {
-    cuda::OpTimer prof("attention");
-    cuda::attention(q, k, v, scale, causal, kv_len, out);
-  } else cpu::attention(q, k, v, scale, causal, kv_len, out);
+  ZI_OP("attention", d, attention, q, k, v, scale, causal, kv_len, out);
   return out;
 }
 
@@ -447,10 +381,7 @@ Tensor conv2d(const Tensor& x_in, const Tensor& w_in, const Tensor* bias, int pa
     require_vector("conv2d", "bias", b, w.dim(0));
   }
   Tensor out = Tensor::empty({w.dim(0), ho, wo}, x.dtype(), Tag::Activations, d);
-  if (cuda(d)) {
-    cuda::OpTimer prof("conv2d");
-    cuda::conv2d(x, w, bias ? &b : nullptr, pad, out);
-  } else cpu::conv2d(x, w, bias ? &b : nullptr, pad, out);
+  ZI_OP("conv2d", d, conv2d, x, w, bias ? &b : nullptr, pad, out);
   return out;
 }
 
@@ -459,10 +390,7 @@ Tensor upsample_nearest2x(const Tensor& x_in) {
   Tensor x = act_input("upsample_nearest2x", x_in, d);
   ZI_CHECK(x.ndim() == 3, "[upsample_nearest2x] x must be [C, H, W], got ", x.desc());
   Tensor out = Tensor::empty({x.dim(0), 2 * x.dim(1), 2 * x.dim(2)}, x.dtype(), Tag::Activations, d);
-  if (cuda(d)) {
-    cuda::OpTimer prof("upsample_nearest2x");
-    cuda::upsample_nearest2x(x, out);
-  } else cpu::upsample_nearest2x(x, out);
+  ZI_OP("upsample_nearest2x", d, upsample_nearest2x, x, out);
   return out;
 }
 
@@ -483,17 +411,14 @@ Tensor concat0(const std::vector<Tensor>& parts_in) {
     parts.push_back(p.contiguous(Tag::Workspace));
   }
   Tensor out = Tensor::empty(os, parts_in[0].dtype(), Tag::Activations, d);
-  if (cuda(d)) {
-    cuda::OpTimer prof("concat0");
-    cuda::concat0(parts, out);
-  } else cpu::concat0(parts, out);
+  ZI_OP("concat0", d, concat0, parts, out);
   return out;
 }
 
-Tensor embedding(const Tensor& table_in, const std::vector<int32_t>& ids) {
+Tensor embedding(const Tensor& table_in, const std::vector<int32_t>& ids, DType act_in) {
   const Device d = device_of("embedding", table_in);
   if (is_quantized(table_in.dtype())) {  // weight formats (CPU): each row dequantized
-    ZI_CHECK(!cuda(d) && table_in.ndim() == 2 && table_in.is_contiguous(), "[embedding] a ",
+    ZI_CHECK(d == Device::CPU && table_in.ndim() == 2 && table_in.is_contiguous(), "[embedding] a ",
              dtype_name(table_in.dtype()), " table must be a contiguous [V, D] host tensor, got ", table_in.desc());
     for (int32_t id : ids)
       ZI_CHECK(id >= 0 && id < table_in.dim(0), "[embedding] id ", id, " outside the table ", table_in.desc());
@@ -507,12 +432,11 @@ Tensor embedding(const Tensor& table_in, const std::vector<int32_t>& ids) {
   for (int32_t id : ids)
     ZI_CHECK(id >= 0 && id < table.dim(0), "[embedding] id ", id, " outside the table ", table.desc());
   // On the GPU the rows come out in the phase's activation dtype; on the CPU in f32.
-  const DType act = cuda(d) && current_compute().device == Device::CUDA ? current_compute().act : DType::F32;
+  const DType act = d == Device::CPU ? DType::F32 : act_in;
+  ZI_CHECK(act == DType::F32 || act == DType::BF16, "[embedding] activations must be f32 or bf16, got ",
+           dtype_name(act));
   Tensor out = Tensor::empty({int64_t(ids.size()), table.dim(1)}, act, Tag::Activations, d);
-  if (cuda(d)) {
-    cuda::OpTimer prof("embedding");
-    cuda::embedding(table, ids, out);
-  } else cpu::embedding(table, ids, out);
+  ZI_OP("embedding", d, embedding, table, ids, out);
   return out;
 }
 

@@ -1,5 +1,7 @@
 // Every op the models use, one line each. Models call these and nothing else; the
-// dispatch to a backend (cpu or cuda, by the device of the operands) happens in ops.cpp only.
+// dispatch to a backend (cpu or cuda, by the device of the operands) happens in ops.cpp only
+// (ZI_OP). A new op: declare it here, check its arguments in ops.cpp, implement it in
+// backends/cpu/ and backends/cuda/ with one signature, add its row to tests/test_ops_table.cpp.
 //
 // Conventions: activations are contiguous f32 tensors on the CPU, f32 or bf16 on CUDA (the
 // result has the activation's dtype; bf16 ops compute in f32 and round once). Weight operands
@@ -14,11 +16,11 @@
 
 namespace zi::ops {
 
-// Host data entering a model: a copy on current_compute()'s device in its activation dtype
-// (f32 on the CPU). May return `t` itself when nothing changes, unless `fresh`.
-Tensor to_compute(const Tensor& t, bool fresh = false);
+// Host data entering a model: a copy on the phase's device in its activation dtype (f32 on
+// the CPU). May return `t` itself when nothing changes, unless `fresh`.
+Tensor to_compute(const PhaseContext& c, const Tensor& t, bool fresh = false);
 // The same, keeping the dtype (RoPE tables stay f32).
-Tensor to_device(const Tensor& t);
+Tensor to_device(const PhaseContext& c, const Tensor& t);
 // A host f32 copy (or `t` itself when it already is one): results leaving a model.
 Tensor to_host_f32(const Tensor& t);
 
@@ -85,7 +87,8 @@ Tensor upsample_nearest2x(const Tensor& x);
 
 // Concatenates along dimension 0 (all other dimensions equal).
 Tensor concat0(const std::vector<Tensor>& parts);
-// out[i, :] = table[ids[i], :] widened to f32. table [V, D] (f32/bf16/f16) → [n, D].
-Tensor embedding(const Tensor& table, const std::vector<int32_t>& ids);
+// out[i, :] = table[ids[i], :] in the activation dtype `act` (f32; bf16 on the GPU only).
+// table [V, D] (f32/bf16/f16) → [n, D].
+Tensor embedding(const Tensor& table, const std::vector<int32_t>& ids, DType act = DType::F32);
 
 }  // namespace zi::ops

@@ -6,7 +6,7 @@
 #include <cstring>
 #include <fstream>
 
-#include "backends/cuda/cuda_ops.h"
+#include "backends/device.h"
 #include "core/torch_random.h"
 #include "io/checkpoint.h"
 #include "io/png.h"
@@ -16,6 +16,7 @@
 #include "models/qwen3_encoder.h"
 #include "models/vae_decoder.h"
 #include "models/zimage_dit.h"
+#include "pipeline/memory_plan.h"
 #include "pipeline/text_phase.h"
 #include "scheduler/flow_match_euler.h"
 #include "text/bpe_tokenizer.h"
@@ -42,41 +43,43 @@ struct Embeddings {
   double load_seconds = 0;
 };
 
-// A phase on a device: where its weights load and its activations live (ComputeScope), and,
-// on CUDA, a phase scope of the GPU's accounting. Its end waits for the GPU, so the phase's
-// time is the work's, not the queue's.
+// A phase on a device: its context (where its weights load and its activations live, passed
+// to the load_* functions) and, off the CPU, a phase scope of that device's accounting. Its end
+// waits for the device, so the phase's time is the work's, not the queue's.
 class DevicePhase {
  public:
   // release_seconds (optional): set to the time the phase's end spends giving the freed weights'
   // memory back to the driver (after the GPU finished the phase's work).
   DevicePhase(Device d, DType precision, const std::string& name, double* release_seconds = nullptr)
-      : d_(d), name_(name), release_(release_seconds), scope_(Compute{d, d == Device::CUDA ? precision : DType::F32}) {
-    if (d == Device::CUDA) memory_stats(Device::CUDA).begin_phase(name);
+      : ctx(PhaseContext::on(d, precision)), name_(name), release_(release_seconds) {
+    if (d != Device::CPU) memory_stats(d).begin_phase(name);
   }
   ~DevicePhase() {
-    if (d_ != Device::CUDA) return;
+    const Device d = ctx.device;
+    if (d == Device::CPU) return;
     try {
-      cuda::synchronize();
+      device::synchronize(d);
       const double t0 = now_s();
-      cuda::trim_cache();  // the phase's weights are gone: give their blocks back to the driver
+      device::trim(d);  // the phase's weights are gone: give their blocks back to the driver
       if (release_) *release_ = now_s() - t0;
-      const std::string prof = cuda::profile_report();  // empty unless ZI_CUDA_PROFILE=1
+      const std::string prof = device::profile_report(d);  // empty unless ZI_CUDA_PROFILE=1
       if (!prof.empty()) std::fprintf(stderr, "[%s] %s", name_.c_str(), prof.c_str());
     } catch (...) {  // a failing GPU was already reported by the op that saw it
     }
-    memory_stats(Device::CUDA).end_phase();
+    memory_stats(d).end_phase();
   }
   DevicePhase(const DevicePhase&) = delete;
   DevicePhase& operator=(const DevicePhase&) = delete;
 
+  const PhaseContext ctx;
+
  private:
-  Device d_;
   std::string name_;
   double* release_;
-  ComputeScope scope_;
 };
 
-Embeddings run_encode(const ModelFolder& mf, const GenerateOptions& o, bool cfg, ModelCache* cache) {
+Embeddings run_encode(const PhaseContext& ctx, const ModelFolder& mf, const GenerateOptions& o, bool cfg,
+                      ModelCache* cache) {
   Embeddings e;
   if (o.embeddings) {  // computed before (--count, --prompt-embeds): no encoder unless a negative is missing
     e.pos = o.embeddings->pos;
@@ -101,7 +104,7 @@ Embeddings run_encode(const ModelFolder& mf, const GenerateOptions& o, bool cfg,
   if (cfg) (void)tokenize_zimage_prompt(*tok, o.negative_prompt, o.max_sequence_length);
   if (!enc) {
     const double t0 = now_s();
-    enc = std::make_unique<Qwen3Encoder>(load_text_encoder(mf, o.text_encoder_dtype, o.text_rope_dtype));
+    enc = std::make_unique<Qwen3Encoder>(load_text_encoder(mf, o.text_encoder_dtype, o.text_rope_dtype, ctx));
     e.load_seconds += now_s() - t0;
   }
   if (!e.pos.defined()) e.pos = encode_prompt(*enc, *tok, o.prompt, o.max_sequence_length, &e.ids);
@@ -111,9 +114,10 @@ Embeddings run_encode(const ModelFolder& mf, const GenerateOptions& o, bool cfg,
 
 // The transformer with LoRAs merged and override tensors applied while streaming in.
 // check_only: the pre-flight check (nothing read, see WeightLoader::set_check_only).
-ZImageDit load_transformer(const ModelFolder& mf, const GenerateOptions& o, bool check_only = false) {
+ZImageDit load_transformer(const PhaseContext& ctx, const ModelFolder& mf, const GenerateOptions& o,
+                           bool check_only = false) {
   TensorStore store = TensorStore::open_dir(mf.transformer_dir);
-  WeightLoader loader(store, Tag::DitWeights, "transformer");
+  WeightLoader loader(store, Tag::DitWeights, "transformer", ctx);
   loader.set_check_only(check_only);
   std::vector<LoraSpec> specs;
   for (const auto& [path, scale] : o.loras) specs.push_back({path, scale});
@@ -131,7 +135,7 @@ ZImageDit load_transformer(const ModelFolder& mf, const GenerateOptions& o, bool
 }
 
 // The denoising loop of spec §4.5–4.7 on latents [C, h, w] (f32, updated in place).
-void run_denoise(const ModelFolder& mf, const GenerateOptions& o, const Embeddings& emb, Tensor& latents,
+void run_denoise(const PhaseContext& ctx, const ModelFolder& mf, const GenerateOptions& o, const Embeddings& emb, Tensor& latents,
                  const GenerateHooks& hooks, ModelCache* cache, double* load_seconds) {
   SchedulerConfig sc = parse_scheduler_config(read_text_file(mf.scheduler_config_path), mf.scheduler_config_path);
   const int64_t C = latents.dim(0), h = latents.dim(1), w = latents.dim(2);
@@ -141,7 +145,7 @@ void run_denoise(const ModelFolder& mf, const GenerateOptions& o, const Embeddin
   std::unique_ptr<ZImageDit>& dit = cache ? cache->transformer : local;
   if (!dit) {
     const double t0 = now_s();
-    dit = std::make_unique<ZImageDit>(load_transformer(mf, o));
+    dit = std::make_unique<ZImageDit>(load_transformer(ctx, mf, o));
     *load_seconds = now_s() - t0;
   }
   const size_t n = size_t(latents.numel());
@@ -165,22 +169,22 @@ void run_denoise(const ModelFolder& mf, const GenerateOptions& o, const Embeddin
   }
 }
 
-VaeDecoder load_vae(const ModelFolder& mf, const GenerateOptions& o, bool check_only = false) {
+VaeDecoder load_vae(const PhaseContext& ctx, const ModelFolder& mf, const GenerateOptions& o, bool check_only = false) {
   TensorStore store = TensorStore::open_dir(mf.vae_dir);
-  WeightLoader loader(store, Tag::VaeWeights, "vae");
+  WeightLoader loader(store, Tag::VaeWeights, "vae", ctx);
   loader.set_check_only(check_only);
   VaeDecoder vae = load_vae_decoder(loader, mf.vae, o.vae_dtype);
   loader.finish();
   return vae;
 }
 
-Tensor run_decode(const ModelFolder& mf, const GenerateOptions& o, const Tensor& latents, ModelCache* cache,
-                  double* load_seconds, int* tile_used) {
+Tensor run_decode(const PhaseContext& ctx, const ModelFolder& mf, const GenerateOptions& o, const Tensor& latents,
+                  ModelCache* cache, double* load_seconds, int* tile_used) {
   std::unique_ptr<VaeDecoder> local;
   std::unique_ptr<VaeDecoder>& vae = cache ? cache->vae : local;
   if (!vae) {
     const double t0 = now_s();
-    vae = std::make_unique<VaeDecoder>(load_vae(mf, o));
+    vae = std::make_unique<VaeDecoder>(load_vae(ctx, mf, o));
     *load_seconds = now_s() - t0;
   }
   // z = latents / scaling_factor + shift_factor, in f32 like the reference.
@@ -192,7 +196,7 @@ Tensor run_decode(const ModelFolder& mf, const GenerateOptions& o, const Tensor&
   int tile = o.vae_tile;
   if (tile < 0) {
     // Auto: untiled when the whole decode fits in half of the memory available where it runs.
-    const int64_t avail = o.vae_device == Device::CUDA ? cuda::memory_free_bytes() : available_host_bytes();
+    const int64_t avail = device::memory_free_bytes(ctx.device);
     const int64_t budget = avail / 2;
     tile = vae_decode_peak_bytes(mf.vae, h, w) <= budget ? 0 : vae_pick_tile(mf.vae, h, w, budget);
   }
@@ -203,22 +207,7 @@ Tensor run_decode(const ModelFolder& mf, const GenerateOptions& o, const Tensor&
 
 }  // namespace
 
-int64_t available_host_bytes() {
-  std::ifstream is("/proc/meminfo");
-  std::string key;
-  int64_t kb = 0;
-  std::string unit;
-  while (is >> key >> kb >> unit)
-    if (key == "MemAvailable:") return kb * 1024;
-  return int64_t(4) << 30;
-}
-
-int64_t estimate_denoise_activation_bytes(int64_t dim, int64_t ffn_hidden, int width, int height,
-                                          int caption_len) {
-  const int64_t tokens = int64_t(width / 16) * int64_t(height / 16) + 32 + caption_len + 32;
-  // Residual stream, normed copy, q, k, v, attention output: ~6 × [S, dim]; FFN: 3 × [S, ffn].
-  return 4 * tokens * (8 * dim + 3 * ffn_hidden);
-}
+int64_t available_host_bytes() { return device::memory_free_bytes(Device::CPU); }
 
 void validate_generate_options(const GenerateOptions& o) {
   auto size_ok = [](int v, const char* flag) {
@@ -274,8 +263,8 @@ void preflight_generate(const GenerateOptions& o) {
       fail(str_cat("prompt embeddings must be [L, ", mf.transformer.cap_feat_dim, "] for this model, got ",
                    p.defined() ? shape_str(p.shape()) : std::string("none")));
   }
-  (void)load_transformer(mf, o, /*check_only=*/true);
-  (void)load_vae(mf, o, /*check_only=*/true);
+  (void)load_transformer(PhaseContext{}, mf, o, /*check_only=*/true);
+  (void)load_vae(PhaseContext{}, mf, o, /*check_only=*/true);
 }
 
 GenerateResult generate(const GenerateOptions& o, const GenerateHooks& hooks, ModelCache* cache) {
@@ -297,7 +286,7 @@ GenerateResult generate(const GenerateOptions& o, const GenerateHooks& hooks, Mo
                        o.vae_device == Device::CUDA;
   if (any_gpu) {
     memory_stats(Device::CUDA).clear_phases();
-    if (o.cache_limit_bytes >= 0) cuda::set_cache_limit(size_t(o.cache_limit_bytes));
+    if (o.cache_limit_bytes >= 0) device::set_cache_limit(Device::CUDA, size_t(o.cache_limit_bytes));
   }
   r.load_seconds.assign(3, 0.0);
   r.release_seconds.assign(3, 0.0);
@@ -307,7 +296,7 @@ GenerateResult generate(const GenerateOptions& o, const GenerateHooks& hooks, Mo
     if (hooks.on_phase_start) hooks.on_phase_start("encode");
     PhaseScope phase("encode");
     DevicePhase on(o.text_encoder_device, o.precision, "encode", &r.release_seconds[0]);
-    emb = run_encode(mf, o, cfg, cache);
+    emb = run_encode(on.ctx, mf, o, cfg, cache);
     r.load_seconds[0] = emb.load_seconds;
   }
   if (hooks.on_phase_end) hooks.on_phase_end("encode", ms.finished_phases().back().seconds);
@@ -327,7 +316,7 @@ GenerateResult generate(const GenerateOptions& o, const GenerateHooks& hooks, Mo
     if (hooks.on_phase_start) hooks.on_phase_start("denoise");
     PhaseScope phase("denoise");
     DevicePhase on(o.transformer_device, o.precision, "denoise", &r.release_seconds[1]);
-    run_denoise(mf, o, emb, latents, hooks, cache, &r.load_seconds[1]);
+    run_denoise(on.ctx, mf, o, emb, latents, hooks, cache, &r.load_seconds[1]);
     emb = Embeddings{};  // the captions are not needed past this point
   }
   if (hooks.on_phase_end) hooks.on_phase_end("denoise", ms.finished_phases().back().seconds);
@@ -336,7 +325,7 @@ GenerateResult generate(const GenerateOptions& o, const GenerateHooks& hooks, Mo
     if (hooks.on_phase_start) hooks.on_phase_start("decode");
     PhaseScope phase("decode");
     DevicePhase on(o.vae_device, o.precision, "decode", &r.release_seconds[2]);
-    r.decoded = run_decode(mf, o, latents, cache, &r.load_seconds[2], &r.vae_tile_used);
+    r.decoded = run_decode(on.ctx, mf, o, latents, cache, &r.load_seconds[2], &r.vae_tile_used);
     latents = Tensor();
   }
   if (hooks.on_phase_end) hooks.on_phase_end("decode", ms.finished_phases().back().seconds);

@@ -12,6 +12,7 @@
 #include "core/allocator.h"
 #include "core/check.h"
 #include "core/tensor.h"
+#include "pipeline/memory_plan.h"  // the peak estimates (estimate_denoise_activation_bytes, ...)
 
 namespace zi {
 
@@ -116,11 +117,6 @@ void validate_generate_options(const GenerateOptions& o);
 // the override file. Throws the same zi::Error the load would throw later. generate() runs it
 // first unless options.skip_preflight.
 void preflight_generate(const GenerateOptions& o);
-
-// Activation bytes the denoise phase needs at its peak for a size (the DiT's largest
-// temporaries), used for the absurd-size check and the memory plan.
-int64_t estimate_denoise_activation_bytes(int64_t dim, int64_t ffn_hidden, int width, int height,
-                                          int caption_len);
 
 // One image. With `cache`, components are taken from it (and loaded into it when absent)
 // instead of being loaded and freed per phase.

@@ -35,9 +35,9 @@ void check_ids_fit(const Qwen3Encoder& enc, const std::vector<int32_t>& ids) {
 
 }  // namespace
 
-Qwen3Encoder load_text_encoder(const ModelFolder& mf, DType wdt, DType rope_freq_dtype) {
+Qwen3Encoder load_text_encoder(const ModelFolder& mf, DType wdt, DType rope_freq_dtype, const PhaseContext& ctx) {
   const TensorStore store = TensorStore::open_dir(mf.text_encoder_dir);
-  WeightLoader loader(store, Tag::TextWeights, "text_encoder");
+  WeightLoader loader(store, Tag::TextWeights, "text_encoder", ctx);
   Qwen3Encoder enc = load_qwen3_encoder(loader, mf.text_encoder, wdt);
   loader.finish();
   enc.rope_freq_dtype = rope_freq_dtype;

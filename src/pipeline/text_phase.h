@@ -16,7 +16,9 @@ namespace zi {
 // Opens mf.text_encoder_dir, loads the encoder (tagged Tag::TextWeights, matrices in `wdt`)
 // and checks that the checkpoint holds exactly the expected tensors. For --keep-models.
 // `rope_freq_dtype`: see Qwen3Encoder::rope_freq_dtype (BF16 reproduces the bundled fixtures).
-Qwen3Encoder load_text_encoder(const ModelFolder& mf, DType wdt, DType rope_freq_dtype = DType::F32);
+// `ctx`: the phase's device and activation dtype (the CPU by default).
+Qwen3Encoder load_text_encoder(const ModelFolder& mf, DType wdt, DType rope_freq_dtype = DType::F32,
+                               const PhaseContext& ctx = {});
 
 // Prompt embeddings with an already loaded encoder and tokenizer: [L, hidden] f32, where
 // L ≤ max_sequence_length is the number of real (unpadded) tokens. `ids_out` receives the ids.

@@ -6,6 +6,10 @@
 #include "backends/cpu/cpu_ops.h"
 #include "core/check.h"
 
+namespace zi {
+void set_blas_threads(int n) { openblas_set_num_threads(n); }
+}  // namespace zi
+
 namespace zi::cpu {
 namespace {
 

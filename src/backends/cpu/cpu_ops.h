@@ -52,41 +52,9 @@ enum class QuantPath { Auto, Dequant, Int8 };
 bool quant_int8_available(DType t);
 void linear_quant(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y, QuantPath path = QuantPath::Auto);
 
-// norm.cpp
-void rms_norm_(Tensor& x, const Tensor& weight, float eps);
-void layer_norm_(Tensor& x, float eps);
+// Every other op (norm.cpp, fused.cpp, elementwise.cpp, rope.cpp, attention.cpp, conv.cpp; the
+// plain GroupNorm without the silu flag is norm.cpp's own):
 void group_norm_(Tensor& x, int groups, const Tensor& weight, const Tensor& bias, float eps);
-// The tiled VAE decode's GroupNorm pieces (ops.h): per-group sums over a sub-rectangle, and a
-// GroupNorm with given statistics; dst[:, y0:, x0:] = src.
-void group_region_sums(const Tensor& x, int groups, int64_t y0, int64_t y1, int64_t x0, int64_t x1,
-                       const std::vector<double>& mean, std::vector<double>& out);
-void group_norm_given_(Tensor& x, int groups, const std::vector<float>& mean, const std::vector<float>& rstd,
-                       const Tensor& weight, const Tensor& bias);
-void paste_(Tensor& dst, const Tensor& src, int64_t y0, int64_t x0);
-
-// elementwise.cpp
-void silu_(Tensor& x);
-void tanh_(Tensor& x);
-void silu_mul(const Tensor& a, const Tensor& b, Tensor& out);
-void add_(Tensor& x, const Tensor& y);
-void mul_(Tensor& x, const Tensor& y);
-void scale_(Tensor& x, float s);
-void add_scalar_(Tensor& x, float s);
-void mul_rows_(Tensor& x, const Tensor& v);
-void add_gated_(Tensor& x, const Tensor& v, const Tensor& y);
-void concat0(const std::vector<Tensor>& parts, Tensor& out);
-void embedding(const Tensor& table, const std::vector<int32_t>& ids, Tensor& out);
-
-// rope.cpp
-void rope_halves_(Tensor& x, const Tensor& cos, const Tensor& sin);
-void rope_pairs_(Tensor& x, const Tensor& cos, const Tensor& sin);
-
-// attention.cpp
-void attention(const Tensor& q, const Tensor& k, const Tensor& v, float scale, bool causal, int64_t kv_len,
-               Tensor& out);
-
-// conv.cpp
-void conv2d(const Tensor& x, const Tensor& w, const Tensor* bias, int pad, Tensor& out);
-void upsample_nearest2x(const Tensor& x, Tensor& out);
+#include "backends/op_signatures.inc"
 
 }  // namespace zi::cpu

@@ -1,8 +1,9 @@
 // Scaled dot-product attention on the GPU, two paths:
-//  flash    bf16, head_dim 64 or 128, five kernels (A–C below, and H and W: the Hopper kernels
-//           of attention_sm90a.cu for head_dim 128 without a causal mask on compute capability 9.0);
-//           the fastest is picked by timing at the first large call. Variant A: one block of 4 warps owns 64 queries of one head and
-//           streams 64-key tiles of K and V through shared memory (cp.async, two stages,
+//  flash    bf16, head_dim 64 or 128, two kernels chosen by rule: W (attention_sm90a.cu: wgmma +
+//           TMA, warp-specialised) for head_dim 128 without a causal mask on compute capability
+//           9.0, where it runs 2× faster than any other; elsewhere the portable kernel below
+//           (variant C of bench/gpu/experiments/): blocks of 4 warps own 128 queries of one head
+//           and stream 64-key tiles of K and V through shared memory (cp.async, two stages,
 //           XOR-swizzled rows so ldmatrix is conflict-free). S = QKᵀ and O += PV run on
 //           mma.sync m16n8k16 with f32 accumulators; the softmax is online (running max and
 //           sum per row, in f32, exp2 with the scale folded in). No S×S buffer exists.
@@ -29,7 +30,6 @@ bool g_force_blocked = false;
 // ---- flash path -------------------------------------------------------------------------------
 
 constexpr int kBM = 64, kBN = 64, kThreads = 128;
-constexpr int kFlashVariants = 5;
 
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
@@ -74,149 +74,6 @@ __device__ __forceinline__ void load_tile(bf16* tile, const bf16* src, int64_t s
     const bool ok = row0 + r < valid;
     const bf16* g = ok ? src + int64_t(row0 + r) * stride + c * 8 : src;
     cp_async16(tile + swz<D>(r, c), g, ok ? 16 : 0);
-  }
-}
-
-// Resident blocks per SM the register budget is capped for: 3 × 4 warps with 64 KB of shared
-// memory each (D = 128) instead of 2, so one block's softmax overlaps another's MMAs.
-template <int D>
-__global__ void __launch_bounds__(kThreads, 3) flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
-                                                      const bf16* __restrict__ v, bf16* __restrict__ o, int Sq,
-                                                      int Hq, int Hkv, int kv, int causal, float scale_log2) {
-  extern __shared__ __align__(128) uint8_t smem[];
-  bf16* sK = reinterpret_cast<bf16*>(smem);  // [2][64, D]
-  bf16* sV = sK + 2 * kBN * D;               // [2][64, D]
-  bf16* sQ = sK + kBN * D;  // [64, D]: K's second stage, free until the loop's first prefetch
-  const int h = blockIdx.y, hk = h / (Hq / Hkv);
-  const int q0 = blockIdx.x * kBM;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t qs = int64_t(Hq) * D, ks = int64_t(Hkv) * D;
-  const bf16* qh = q + int64_t(h) * D;
-  const bf16* kh = k + int64_t(hk) * D;
-  const bf16* vh = v + int64_t(hk) * D;
-  const int kend = causal ? min(kv, q0 + kBM) : kv;  // keys any row of this block sees
-  const int nblk = (kend + kBN - 1) / kBN;
-
-  load_tile<D>(sQ, qh, qs, q0, Sq);
-  if (nblk > 0) {
-    load_tile<D>(sK, kh, ks, 0, kend);
-    load_tile<D>(sV, vh, ks, 0, kend);
-  }
-  cp_async_commit();
-  cp_async_wait_all();
-  __syncthreads();
-
-  uint32_t qf[D / 16][4];
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk)
-    ldmatrix_x4(qf[kk], sQ + swz<D>(warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, kk * 2 + (lane >> 4)));
-  __syncthreads();  // every warp holds its Q fragments before the first prefetch overwrites sQ
-
-  float acc[D / 8][4];
-#pragma unroll
-  for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-  const int row[2] = {q0 + warp * 16 + (lane >> 2), q0 + warp * 16 + (lane >> 2) + 8};
-
-  for (int j = 0; j < nblk; ++j) {
-    const int st = j & 1, k0 = j * kBN;
-    if (j + 1 < nblk) {
-      load_tile<D>(sK + (st ^ 1) * kBN * D, kh, ks, k0 + kBN, kend);
-      load_tile<D>(sV + (st ^ 1) * kBN * D, vh, ks, k0 + kBN, kend);
-    }
-    cp_async_commit();
-    const bf16* tK = sK + st * kBN * D;
-    const bf16* tV = sV + st * kBN * D;
-
-    float s[kBN / 8][4];
-#pragma unroll
-    for (int nt = 0; nt < kBN / 8; ++nt) {
-      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
-#pragma unroll
-      for (int kk2 = 0; kk2 < D / 32; ++kk2) {
-        uint32_t b[4];
-        ldmatrix_x4(b, tK + swz<D>(nt * 8 + (lane & 7), kk2 * 4 + (lane >> 3)));
-        mma_bf16(s[nt], qf[2 * kk2], b[0], b[1]);
-        mma_bf16(s[nt], qf[2 * kk2 + 1], b[2], b[3]);
-      }
-    }
-
-    // Mask (only blocks that reach past kv or cross the diagonal), then the online softmax
-    // update of both rows this thread holds. The max is taken on raw scores (scale > 0), and
-    // p = 2^(s·scale·log2 e − m) is one FFMA and one MUFU op.
-    if (causal || k0 + kBN > kend) {
-#pragma unroll
-      for (int nt = 0; nt < kBN / 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int key = k0 + nt * 8 + (lane & 3) * 2 + (e & 1);
-          if (key >= kend || (causal && key > row[e >> 1])) s[nt][e] = -INFINITY;
-        }
-    }
-    float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int nt = 0; nt < kBN / 8; ++nt) {
-      mx[0] = fmaxf(mx[0], fmaxf(s[nt][0], s[nt][1]));
-      mx[1] = fmaxf(mx[1], fmaxf(s[nt][2], s[nt][3]));
-    }
-    float alpha[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-      const float mnew = fmaxf(m[r], mx[r] * scale_log2);
-      const float base = mnew == -INFINITY ? 0.0f : mnew;
-      alpha[r] = ex2(m[r] - base);  // m = −inf gives 0: nothing accumulated yet
-      m[r] = mnew;
-      l[r] *= alpha[r];
-#pragma unroll
-      for (int nt = 0; nt < kBN / 8; ++nt) {
-        const float p0 = ex2(fmaf(s[nt][2 * r], scale_log2, -base));
-        const float p1 = ex2(fmaf(s[nt][2 * r + 1], scale_log2, -base));
-        s[nt][2 * r] = p0;
-        s[nt][2 * r + 1] = p1;
-        l[r] += p0 + p1;
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-      acc[i][0] *= alpha[0];
-      acc[i][1] *= alpha[0];
-      acc[i][2] *= alpha[1];
-      acc[i][3] *= alpha[1];
-    }
-
-    // O += P · V: P's accumulators become A fragments in registers.
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) {
-      const uint32_t a[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
-                             pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                             pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-      for (int nt2 = 0; nt2 < D / 16; ++nt2) {
-        uint32_t b[4];
-        ldmatrix_x4_trans(b, tV + swz<D>(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, nt2 * 2 + (lane >> 4)));
-        mma_bf16(acc[2 * nt2], a, b[0], b[1]);
-        mma_bf16(acc[2 * nt2 + 1], a, b[2], b[3]);
-      }
-    }
-    cp_async_wait_all();
-    __syncthreads();
-  }
-
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-  }
-  const float inv[2] = {l[0] > 0 ? 1.0f / l[0] : 0.0f, l[1] > 0 ? 1.0f / l[1] : 0.0f};
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    if (row[r] >= Sq) continue;
-    bf16* orow = o + int64_t(row[r]) * qs + int64_t(h) * D + (lane & 3) * 2;
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i)
-      *reinterpret_cast<uint32_t*>(orow + i * 8) = pack_bf16(acc[i][2 * r] * inv[r], acc[i][2 * r + 1] * inv[r]);
   }
 }
 
@@ -387,9 +244,7 @@ __global__ void __launch_bounds__(kThreads, 2) flash_fwd2(const bf16* __restrict
     }
 }
 
-int g_flash_variant = 0;  // 0: pick by measurement at the first large call; 1 A, 2 B, 3 C, 4 H, 5 W
-int g_flash_chosen = 0;   // the variant the measurement picked (0: not measured yet)
-float g_flash_ms[kFlashVariants + 1] = {};
+bool g_portable_only = false;  // tests: the portable kernel even where the Hopper one applies
 
 template <int D, bool kSkip = false>
 void launch_flash2(const Tensor& q, const Tensor& k, const Tensor& v, float scale, bool causal, int kv, Tensor& out) {
@@ -403,21 +258,6 @@ void launch_flash2(const Tensor& q, const Tensor& k, const Tensor& v, float scal
   const dim3 grid(unsigned(cdiv(Sq, 2 * kBM)), unsigned(Hq));
   flash_fwd2<D, kSkip><<<grid, kThreads, smem, stream()>>>(q.data<bf16>(), k.data<bf16>(), v.data<bf16>(), out.data<bf16>(),
                                                     Sq, Hq, Hkv, kv, causal ? 1 : 0, scale * 1.4426950408889634f);
-  ZI_CUDA_LAUNCHED();
-}
-
-template <int D>
-void launch_flash(const Tensor& q, const Tensor& k, const Tensor& v, float scale, bool causal, int kv, Tensor& out) {
-  const int Sq = int(q.dim(0)), Hq = int(q.dim(1)), Hkv = int(k.dim(1));
-  const size_t smem = size_t(4 * kBN) * D * 2;  // K and V, two stages each (Q borrows K's second)
-  static bool configured = false;
-  if (!configured) {
-    ZI_CUDA(cudaFuncSetAttribute(flash_fwd<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    configured = true;
-  }
-  const dim3 grid(unsigned(cdiv(Sq, kBM)), unsigned(Hq));
-  flash_fwd<D><<<grid, kThreads, smem, stream()>>>(q.data<bf16>(), k.data<bf16>(), v.data<bf16>(), out.data<bf16>(),
-                                                   Sq, Hq, Hkv, kv, causal ? 1 : 0, scale * 1.4426950408889634f);
   ZI_CUDA_LAUNCHED();
 }
 
@@ -530,7 +370,7 @@ void attention_blocked(const Tensor& q, const Tensor& k, const Tensor& v, float 
 }  // namespace
 
 void set_force_blocked_attention(bool on) { g_force_blocked = on; }
-void set_flash_variant(int v) { g_flash_variant = v; }
+void set_portable_attention(bool on) { g_portable_only = on; }
 
 const char* attention_path(const Tensor& q, const Tensor& k) { return flash_ok(q, k) ? "flash" : "blocked"; }
 
@@ -539,62 +379,11 @@ void attention(const Tensor& q, const Tensor& k, const Tensor& v, float scale, b
   const int64_t kv = kv_len < 0 ? k.dim(0) : kv_len;
   if (q.dim(0) == 0 || q.dim(1) == 0) return;
   if (flash_ok(q, k) && aligned16(v) && aligned16(out)) {  // 16-byte loads/stores, TMA
+    // By rule: the Hopper kernel (W) where it applies, the portable mma.sync one (C) elsewhere.
     const bool d128 = q.dim(2) == 128;
-    const bool sm90 = d128 && !causal && kv > 0 && flash_sm90_available();  // variant H
-    auto run = [&](int variant) {
-      switch (variant) {
-        case 2:
-          if (d128) launch_flash2<128>(q, k, v, scale, causal, int(kv), out);
-          else launch_flash2<64>(q, k, v, scale, causal, int(kv), out);
-          break;
-        case 3:
-          if (d128) launch_flash2<128, true>(q, k, v, scale, causal, int(kv), out);
-          else launch_flash2<64, true>(q, k, v, scale, causal, int(kv), out);
-          break;
-        case 5:
-          if (sm90 && flash_sm90w_available()) {
-            flash_sm90w(q, k, v, scale, int(kv), out);
-            break;
-          }
-          [[fallthrough]];
-        case 4:
-          if (sm90) flash_sm90(q, k, v, scale, int(kv), out);
-          else if (d128) launch_flash2<128, true>(q, k, v, scale, causal, int(kv), out);
-          else launch_flash<64>(q, k, v, scale, causal, int(kv), out);
-          break;
-        default:
-          if (d128) launch_flash<128>(q, k, v, scale, causal, int(kv), out);
-          else launch_flash<64>(q, k, v, scale, causal, int(kv), out);
-      }
-    };
-    // Measured once, at the first call large enough to fill the GPU: every variant once to warm
-    // up, then each timed once; the fastest is kept (its run last, so `out` holds its result).
-    int variant = g_flash_variant;
-    if (variant == 0 && g_flash_chosen == 0 && q.dim(0) * q.dim(1) >= 64 * 1024) {
-      cudaEvent_t e[kFlashVariants + 1];
-      for (auto& x : e) ZI_CUDA(cudaEventCreate(&x));
-      for (int vi = 1; vi <= kFlashVariants; ++vi) run(vi);
-      ZI_CUDA(cudaEventRecord(e[0], stream()));
-      for (int vi = 1; vi <= kFlashVariants; ++vi) {
-        run(vi);
-        ZI_CUDA(cudaEventRecord(e[vi], stream()));
-      }
-      ZI_CUDA(cudaEventSynchronize(e[kFlashVariants]));
-      int best = 1;
-      for (int vi = 1; vi <= kFlashVariants; ++vi) {
-        ZI_CUDA(cudaEventElapsedTime(&g_flash_ms[vi], e[vi - 1], e[vi]));
-        if (g_flash_ms[vi] < g_flash_ms[best]) best = vi;
-      }
-      for (auto& x : e) ZI_CUDA(cudaEventDestroy(x));
-      g_flash_chosen = best;
-      if (std::getenv("ZI_CUDA_PROFILE"))
-        std::fprintf(stderr, "[cuda] profile: flash variants A %.3f B %.3f C %.3f H %.3f W %.3f ms (Sq %lld, %lld heads) -> %c\n",
-                     g_flash_ms[1], g_flash_ms[2], g_flash_ms[3], g_flash_ms[4], g_flash_ms[5], (long long)q.dim(0),
-                     (long long)q.dim(1), "ABCHW"[best - 1]);
-      if (best != kFlashVariants) run(best);  // the output of the last run is the result
-      return;
-    }
-    run(variant ? variant : (g_flash_chosen ? g_flash_chosen : 1));
+    if (d128 && !causal && kv > 0 && !g_portable_only && flash_sm90w_available()) flash_sm90w(q, k, v, scale, int(kv), out);
+    else if (d128) launch_flash2<128, true>(q, k, v, scale, causal, int(kv), out);
+    else launch_flash2<64, true>(q, k, v, scale, causal, int(kv), out);
     return;
   }
   attention_blocked(q, k, v, scale, causal, kv, out);

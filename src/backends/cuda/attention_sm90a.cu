@@ -1,11 +1,11 @@
 // Flash attention on Hopper's warpgroup MMA (wgmma, sm_90a), head_dim 128, non-causal: the
-// DiT's attention (S = 4096 image + caption tokens, 30 heads). Two kernels, picked by timing
-// with the mma.sync ones of attention.cu (variants H and W there):
-//  H  256 threads = two warpgroups, each owning 64 of the block's 128 query rows; all threads
-//     load K/V tiles with cp.async (two stages) and meet at one barrier per key tile.
-//  W  H warp-specialised: a producer warpgroup issues TMA loads signalled on mbarriers, and the
-//     two consumer warpgroups never meet; they take turns issuing their MMAs ("ping-pong"),
-//     so one's softmax runs while the other's products occupy the tensor cores.
+// DiT's attention (S = 4096 image + caption tokens, 30 heads). Kernel W, which attention.cu runs
+// wherever it applies (584–590 TFLOP/s on H200/H100 against 219–273 for the mma.sync kernels
+// and 376–383 for its predecessor H, now bench/gpu/experiments/03_flash_h_wgmma.cu):
+//  W  two consumer warpgroups, each owning 64 of the block's 128 query rows, and a producer
+//     warpgroup that issues TMA loads signalled on mbarriers; the consumers never meet; they
+//     take turns issuing their MMAs ("ping-pong"), so one's softmax runs while the other's
+//     products occupy the tensor cores.
 // Shared: keys and values stream in tiles of 128 rows, laid out the way wgmma reads them with
 // its 128-byte swizzle: a [128, 128] bf16 tile is two [128, 64] halves of 128-byte rows whose
 // 16-byte chunks are XORed with (row & 7) (what TMA's 128-byte swizzle writes, too). S = Q·Kᵀ
@@ -236,76 +236,6 @@ __device__ __forceinline__ void store_rows(const float (&acc)[64], const float (
 }
 #endif  // ZI_SM90A
 
-// ---- variant H: all 256 threads load (cp.async) and compute; one barrier per key tile ----------
-
-__global__ void __launch_bounds__(kThreads, 1)
-    flash_sm90_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
-                      bf16* __restrict__ o, int Sq, int Hq, int Hkv, int kv, float scale_log2) {
-#ifdef ZI_SM90A
-  extern __shared__ __align__(1024) uint8_t smem[];
-  const uint32_t base = (smem_addr(smem) + 1023u) & ~1023u;
-  const uint32_t sQ = base, sK = base + kTile, sV = base + 3 * kTile;
-  const int wg = int(threadIdx.x) >> 7, warp = (int(threadIdx.x) >> 5) & 3, lane = int(threadIdx.x) & 31;
-  const int h = int(blockIdx.y), hk = h / (Hq / Hkv), q0 = int(blockIdx.x) * kBM;
-  const int64_t qs = int64_t(Hq) * kD, ks = int64_t(Hkv) * kD;
-  const bf16* qh = q + int64_t(h) * kD;
-  const bf16* kh = k + int64_t(hk) * kD;
-  const bf16* vh = v + int64_t(hk) * kD;
-  const int nblk = (kv + kBN - 1) / kBN;
-
-  load_tile(sQ, qh, qs, q0, Sq);
-  load_tile(sK, kh, ks, 0, kv);
-  if (nblk > 1) load_tile(sK + kTile, kh, ks, kBN, kv);
-  load_tile(sV, vh, ks, 0, kv);
-  cp_commit();
-  cp_wait_all();
-  fence_async_smem();
-  __syncthreads();
-
-  float s[64], acc[64];
-  uint32_t p[8][4];
-#pragma unroll
-  for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, alpha[2];
-  const uint32_t qrows = sQ + uint32_t(wg) * 64 * 128;  // this warpgroup's 64 rows of Q
-
-  // Key tile 0. Stages: K_j and V_j live in stage j % 2.
-  mma_qk(s, qrows, sK);
-  wg_wait<0>();
-  reg_fence(s);
-  softmax_tile(s, m, l, alpha, 0, kv, lane, scale_log2);
-  to_bf16(s, p);
-  __syncthreads();  // both warpgroups are done with K_0
-
-  for (int j = 1; j < nblk; ++j) {
-    // K_j and V_{j−1} are resident and visible. Issue S_j and P_{j−1}·V_{j−1}, then, while the
-    // tensor cores run them, the loads of K_{j+1} (into K_{j−1}'s stage) and V_j (into
-    // V_{j−2}'s): both stages were released by the barrier that ended the previous round.
-    mma_qk(s, qrows, sK + uint32_t(j & 1) * kTile);
-    mma_pv(acc, p, sV + uint32_t((j - 1) & 1) * kTile);
-    if (j + 1 < nblk) load_tile(sK + uint32_t((j + 1) & 1) * kTile, kh, ks, (j + 1) * kBN, kv);
-    load_tile(sV + uint32_t(j & 1) * kTile, vh, ks, j * kBN, kv);
-    cp_commit();
-    wg_wait<1>();  // S_j is done; P_{j−1}·V_{j−1} may still run
-    reg_fence(s);
-    softmax_tile(s, m, l, alpha, j * kBN, kv, lane, scale_log2);
-    wg_wait<0>();
-    reg_fence(acc);
-    reg_fence(p);
-    rescale(acc, alpha);
-    to_bf16(s, p);
-    cp_wait_all();
-    fence_async_smem();
-    __syncthreads();  // K_j and V_{j−1} are free in both warpgroups; K_{j+1}, V_j are visible
-  }
-  mma_pv(acc, p, sV + uint32_t((nblk - 1) & 1) * kTile);
-  wg_wait<0>();
-  reg_fence(acc);
-  reg_fence(p);
-  store_rows(acc, l, o, q0 + wg * 64 + warp * 16, Sq, qs, h, lane);
-#endif  // ZI_SM90A
-}
-
 // ---- variant W: warp-specialised --------------------------------------------------------------
 // A third warpgroup is the producer (it gives its registers to the consumers: setmaxnreg 24 and
 // 240): one thread issues TMA loads of Q, then K_j and V_j into two
@@ -466,20 +396,6 @@ bool flash_sm90_available() {
 }
 
 bool flash_sm90w_available() { return flash_sm90_available() && encode_tiled() != nullptr; }
-
-void flash_sm90(const Tensor& q, const Tensor& k, const Tensor& v, float scale, int kv, Tensor& out) {
-  const int Sq = int(q.dim(0)), Hq = int(q.dim(1)), Hkv = int(k.dim(1));
-  static const bool configured = [] {
-    ZI_CUDA(cudaFuncSetAttribute(flash_sm90_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSmem)));
-    return true;
-  }();
-  (void)configured;
-  const dim3 grid(unsigned(cdiv(Sq, kBM)), unsigned(Hq));
-  flash_sm90_kernel<<<grid, kThreads, kSmem, stream()>>>(q.data<bf16>(), k.data<bf16>(), v.data<bf16>(),
-                                                          out.data<bf16>(), Sq, Hq, Hkv, kv,
-                                                          scale * 1.4426950408889634f);
-  ZI_CUDA_LAUNCHED();
-}
 
 void flash_sm90w(const Tensor& q, const Tensor& k, const Tensor& v, float scale, int kv, Tensor& out) {
   const int Sq = int(q.dim(0)), Hq = int(q.dim(1)), Hkv = int(k.dim(1));

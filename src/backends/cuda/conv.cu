@@ -18,7 +18,7 @@
 
 #include "backends/cuda/common.cuh"
 #include "backends/cuda/cuda_ops.h"
-#include "io/tuning_cache.h"
+#include "core/tuning_cache.h"
 
 #if __has_include(<cudnn.h>)
 #include <cudnn.h>
@@ -32,7 +32,7 @@ ConvPath g_path = ConvPath::Auto;
 
 int64_t cudnn_version();  // 0 without cuDNN
 
-// Measured choices persist across processes (io/tuning_cache.h), per GPU model and cuDNN version.
+// Measured choices persist across processes (core/tuning_cache.h), per GPU model and cuDNN version.
 TuningCache& tuning() {
   static TuningCache* t = [] {
     const std::string dev = device_description();

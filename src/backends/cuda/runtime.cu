@@ -64,14 +64,31 @@ int sm_count() {
   return g_rt->prop.multiProcessorCount;
 }
 
+namespace {
+std::string g_unavailable;  // why available() is false
+}  // namespace
+
 bool available() {
   static int ok = -1;
   if (ok < 0) {
     int n = 0;
-    ok = cudaGetDeviceCount(&n) == cudaSuccess && n > 0 ? 1 : 0;
-    if (!ok) (void)cudaGetLastError();
+    const cudaError_t e = cudaGetDeviceCount(&n);
+    ok = e == cudaSuccess && n > 0 ? 1 : 0;
+    if (!ok) {
+      (void)cudaGetLastError();
+      g_unavailable = e != cudaSuccess ? str_cat("no usable CUDA driver or device (", cudaGetErrorString(e), ")")
+                                       : std::string("no CUDA device found");
+    } else if (const std::string why = blas_unavailable_reason(); !why.empty()) {
+      ok = 0;
+      g_unavailable = why;
+    }
   }
   return ok == 1;
+}
+
+std::string unavailable_reason() {
+  (void)available();
+  return g_unavailable;
 }
 
 int64_t memory_free_bytes() {

@@ -1,4 +1,4 @@
-#include "io/tuning_cache.h"
+#include "core/tuning_cache.h"
 
 #include <cctype>
 #include <cstdlib>

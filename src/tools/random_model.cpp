@@ -1,4 +1,4 @@
-#include "io/random_model.h"
+#include "tools/random_model.h"
 
 #include <fcntl.h>
 #include <unistd.h>
@@ -17,6 +17,10 @@
 #include "core/check.h"
 #include "core/parallel.h"
 #include "io/checkpoint.h"
+#include "io/weight_loader.h"
+#include "models/qwen3_encoder.h"
+#include "models/vae_decoder.h"
+#include "models/zimage_dit.h"
 
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -226,64 +230,41 @@ json vae_json(bool turbo) {
               {"use_quant_conv", false}};
 }
 
-// ---- tensor tables, derived from the parsed configs ----
+// ---- tensor tables: the loaders' own bindings, run through a recording WeightLoader ----
 
-// Spec §2.2: Qwen3 (no lm_head; the final norm is included like the Hub's shards).
-void qwen3_tensors(const Qwen3Config& c, const std::string& prefix, TensorList L) {
-  const int64_t h = c.hidden_size, hd = c.head_dim, q = int64_t(c.num_attention_heads) * hd,
-                kv = int64_t(c.num_key_value_heads) * hd, ff = c.intermediate_size;
-  L.add(prefix + "embed_tokens.weight", {c.vocab_size, h}, 0.f, 1.f);
-  for (int l = 0; l < c.num_hidden_layers; ++l) {
-    const std::string p = str_cat(prefix, "layers.", l, ".");
-    L.norm(p + "input_layernorm", h, false);
-    L.linear(p + "self_attn.q_proj", q, h, false);
-    L.linear(p + "self_attn.k_proj", kv, h, false);
-    L.linear(p + "self_attn.v_proj", kv, h, false);
-    L.linear(p + "self_attn.o_proj", h, q, false);
-    L.norm(p + "self_attn.q_norm", hd, false);
-    L.norm(p + "self_attn.k_norm", hd, false);
-    L.norm(p + "post_attention_layernorm", h, false);
-    L.linear(p + "mlp.gate_proj", ff, h, false);
-    L.linear(p + "mlp.up_proj", ff, h, false);
-    L.linear(p + "mlp.down_proj", h, ff, false);
-  }
-  L.norm(prefix + "norm", h, false);
+// The initialisation of a bound tensor, from its name and shape (the rules above): biases,
+// 1-D norm gains, embeddings and pad tokens, else a Linear/conv weight with fan_in = numel / out.
+RandomTensor init_for(const BoundTensor& b, StDType dt, const std::string& prefix = "") {
+  RandomTensor t{prefix + b.name, b.shape, dt, 0.f, 1.f};
+  if (b.name.ends_with(".bias")) t.stddev = kBiasStd;
+  else if (b.shape.size() == 1) t.mean = 1.f, t.stddev = kNormStd;
+  else if (b.name.ends_with("embed_tokens.weight") || b.name.ends_with("pad_token")) t.stddev = 1.f;
+  else t.stddev = float(1.0 / std::sqrt(double(shape_numel(b.shape) / b.shape[0])));
+  return t;
 }
 
-// Spec §3.2 (generalised: the timestep/adaLN width is min(dim, 256) as in diffusers).
+void add_bound(TensorList& L, const std::vector<BoundTensor>& bound, const std::string& prefix = "") {
+  for (const BoundTensor& b : bound) L.out->push_back(init_for(b, L.dtype, prefix));
+}
+
+// Spec §2.2: Qwen3 as load_qwen3_encoder binds it, plus what the Hub's shards hold beyond it:
+// the last layer (bound here with one layer more) and the final norm; no lm_head.
+void qwen3_tensors(const Qwen3Config& c, const std::string& prefix, TensorList L) {
+  std::vector<BoundTensor> bound;
+  WeightLoader rec = WeightLoader::recorder(&bound, "text_encoder");
+  Qwen3Config all = c;
+  all.num_hidden_layers += 1;  // the loader binds layers 0 … num_hidden_layers − 2
+  (void)load_qwen3_encoder(rec, all, DType::BF16);
+  add_bound(L, bound, prefix);
+  L.norm(prefix + "norm", c.hidden_size, false);
+}
+
+// Spec §3.2: exactly what load_zimage_dit binds.
 void dit_tensors(const DitConfig& c, TensorList L) {
-  const int64_t dim = c.dim, hd = c.head_dim(), ff = c.ffn_hidden();
-  const int64_t adaln = std::min<int64_t>(dim, 256);
-  const int64_t patch = int64_t(c.patch_size) * c.patch_size * c.f_patch_size * c.in_channels;
-  const std::string ps = str_cat(c.patch_size, "-", c.f_patch_size);
-  L.linear("all_x_embedder." + ps, dim, patch, true);
-  L.linear("t_embedder.mlp.0", 1024, 256, true);
-  L.linear("t_embedder.mlp.2", adaln, 1024, true);
-  L.norm("cap_embedder.0", c.cap_feat_dim, false);
-  L.linear("cap_embedder.1", dim, c.cap_feat_dim, true);
-  L.add("x_pad_token", {1, dim}, 0.f, 1.f);
-  L.add("cap_pad_token", {1, dim}, 0.f, 1.f);
-  auto block = [&](const std::string& p, bool modulated) {
-    L.linear(p + ".attention.to_q", dim, dim, false);
-    L.linear(p + ".attention.to_k", dim, dim, false);
-    L.linear(p + ".attention.to_v", dim, dim, false);
-    L.linear(p + ".attention.to_out.0", dim, dim, false);
-    L.norm(p + ".attention.norm_q", hd, false);
-    L.norm(p + ".attention.norm_k", hd, false);
-    L.linear(p + ".feed_forward.w1", ff, dim, false);
-    L.linear(p + ".feed_forward.w2", dim, ff, false);
-    L.linear(p + ".feed_forward.w3", ff, dim, false);
-    L.norm(p + ".attention_norm1", dim, false);
-    L.norm(p + ".attention_norm2", dim, false);
-    L.norm(p + ".ffn_norm1", dim, false);
-    L.norm(p + ".ffn_norm2", dim, false);
-    if (modulated) L.linear(p + ".adaLN_modulation.0", 4 * dim, adaln, true);
-  };
-  for (int i = 0; i < c.n_refiner_layers; ++i) block(str_cat("noise_refiner.", i), true);
-  for (int i = 0; i < c.n_refiner_layers; ++i) block(str_cat("context_refiner.", i), false);
-  for (int i = 0; i < c.n_layers; ++i) block(str_cat("layers.", i), true);
-  L.linear("all_final_layer." + ps + ".adaLN_modulation.1", dim, adaln, true);
-  L.linear("all_final_layer." + ps + ".linear", patch, dim, true);
+  std::vector<BoundTensor> bound;
+  WeightLoader rec = WeightLoader::recorder(&bound, "transformer");
+  (void)load_zimage_dit(rec, c, DType::BF16);
+  add_bound(L, bound);
 }
 
 // diffusers ResnetBlock2D (no time embedding).
@@ -308,8 +289,8 @@ void mid_block(TensorList& L, const std::string& p, int64_t c, bool attention) {
   resnet(L, p + ".resnets.1", c, c);
 }
 
-// Spec §5.4 (decoder) and §5.5 (encoder), derived from block_out_channels like diffusers'
-// Encoder/Decoder.
+// Spec §5.5 (encoder, which no loader binds yet: listed here, derived from block_out_channels
+// like diffusers' Encoder) and §5.4 (decoder: what load_vae_decoder binds).
 void vae_tensors(const VaeConfig& c, TensorList L) {
   const auto& ch = c.block_out_channels;
   const int n = int(ch.size());
@@ -326,17 +307,10 @@ void vae_tensors(const VaeConfig& c, TensorList L) {
   L.conv("encoder.conv_out", 2 * int64_t(c.latent_channels), ch[n - 1], 3);
   if (c.use_quant_conv) L.conv("quant_conv", 2 * int64_t(c.latent_channels), 2 * int64_t(c.latent_channels), 1);
   // Decoder.
-  std::vector<int64_t> rev(ch.rbegin(), ch.rend());
-  L.conv("decoder.conv_in", rev[0], c.latent_channels, 3);
-  mid_block(L, "decoder.mid_block", rev[0], c.mid_block_add_attention);
-  for (int i = 0; i < n; ++i) {
-    int64_t in = i == 0 ? rev[0] : rev[i - 1], out = rev[i];
-    for (int j = 0; j <= c.layers_per_block; ++j)
-      resnet(L, str_cat("decoder.up_blocks.", i, ".resnets.", j), j == 0 ? in : out, out);
-    if (i < n - 1) L.conv(str_cat("decoder.up_blocks.", i, ".upsamplers.0.conv"), out, out, 3);
-  }
-  L.norm("decoder.conv_norm_out", rev[n - 1], true);
-  L.conv("decoder.conv_out", c.out_channels, rev[n - 1], 3);
+  std::vector<BoundTensor> bound;
+  WeightLoader rec = WeightLoader::recorder(&bound, "vae");
+  (void)load_vae_decoder(rec, c, DType::BF16);
+  add_bound(L, bound);
 }
 
 // ---- file writing ----

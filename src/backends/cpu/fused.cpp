@@ -1,0 +1,32 @@
+// The fused ops of ops.h on the CPU: exactly the composed ops, in the same order, so the CPU's
+// results are those of the unfused sequence (the GPU runs each in one pass).
+#include <cstring>
+
+#include "backends/cpu/cpu_ops.h"
+
+namespace zi::cpu {
+
+void group_norm_(Tensor& x, int groups, const Tensor& weight, const Tensor& bias, float eps, bool silu) {
+  group_norm_(x, groups, weight, bias, eps);
+  if (silu) silu_(x);
+}
+
+void rms_norm(const Tensor& x, const Tensor& weight, float eps, const Tensor* scale, Tensor& y) {
+  std::memcpy(y.raw(), x.raw(), x.nbytes());
+  rms_norm_(y, weight, eps);
+  if (scale) mul_rows_(y, *scale);
+}
+
+void rms_norm_add_(Tensor& x, Tensor& y, const Tensor& weight, float eps, const Tensor* gate) {
+  rms_norm_(y, weight, eps);
+  if (gate) add_gated_(x, *gate, y);
+  else add_(x, y);
+}
+
+void rms_norm_rope_pairs_(Tensor& x, const Tensor& weight, float eps, const Tensor& cos, const Tensor& sin) {
+  Tensor rows = x.reshape({x.dim(0) * x.dim(1), x.dim(2)});
+  rms_norm_(rows, weight, eps);
+  rope_pairs_(x, cos, sin);
+}
+
+}  // namespace zi::cpu
