@@ -20,6 +20,7 @@
 
 #include "core/check.h"
 #include "core/parallel.h"
+#include "core/quant.h"
 #include "ops/ops.h"
 #include "ops/ops_ref.h"
 #include "test_util.h"
@@ -95,6 +96,29 @@ inline std::vector<Row> make_rows(const std::string& only = "") {
     R.push_back({"linear", "3-d input", kTolGemm, -1, false, 1.0,
                  [=](const Env& e) { return ZI_OP_OR_REF(e, linear, e.a(x), e.w(w), nullptr); }});
   }
+  }
+  // ---- linear with a weight format (core/quant.h): the reference is ops_ref::linear on the
+  // dequantized weight. On a CPU with AVX-512 VNNI, Q8_0/Q4_0 take the int8 path (x quantized to
+  // 8-bit blocks: rel L2 ~3e-3, bounded at 1e-2 like tests/test_quant.cpp); the other formats
+  // dequantize panels (f32 sums). Q8_0/Q4_0 rows stay off the GPU table because the CPU result
+  // they would be compared with carries the int8 path's error (tests/test_cuda_quant.cpp checks
+  // the GPU's dequantization of every format). ----
+  if (want({"linear_quant"})) {
+    struct LinQ { int64_t M, K, N; bool bias; };
+    const LinQ lqs[] = {{1, 32, 8, true}, {5, 64, 24, true}, {33, 256, 40, false}};
+    for (const LinQ& c : lqs)
+      for (DType qt : {DType::Q8_0, DType::Q4_0, DType::Q5_0, DType::F8_E4M3}) {
+        const Tensor x = rnd({c.M, c.K}, seed++), b = rnd({c.N}, seed++);
+        const Tensor wq = quant::quantize(rnd({c.N, c.K}, seed++), qt, Tag::DitWeights);
+        const bool int8 = qt == DType::Q8_0 || qt == DType::Q4_0;
+        R.push_back({"linear_quant",
+                     str_cat("M=", c.M, " K=", c.K, " N=", c.N, " w ", dtype_name(qt), c.bias ? " bias" : ""),
+                     int8 ? 1e-2 : kTolGemm, -1, !int8, 1.0, [=](const Env& e) {
+                       Tensor bb = e.w(b);
+                       if (e.ref) return ops_ref::linear(x, quant::dequantize(wq), c.bias ? &bb : nullptr);
+                       return ops::linear(e.a(x), e.w(wq), c.bias ? &bb : nullptr);
+                     }});
+      }
   }
   // ---- norms ----
   if (want({"rms_norm_", "layer_norm_", "group_norm_", "group_norm_silu_"}))
@@ -308,7 +332,7 @@ inline std::vector<Row> make_rows(const std::string& only = "") {
 // The ops of the table, one test each (a test checks that this list and the rows agree). Rows
 // are built inside each test, so no tensor outlives it.
 inline std::vector<std::string> op_names() {
-  return {"linear", "rms_norm_", "layer_norm_", "group_norm_", "group_norm_silu_", "rms_norm", "rms_norm_add_",
+  return {"linear", "linear_quant", "rms_norm_", "layer_norm_", "group_norm_", "group_norm_silu_", "rms_norm", "rms_norm_add_",
           "rms_norm_rope_pairs_", "silu_", "tanh_", "add_", "mul_", "scale_", "add_scalar_", "silu_mul", "mul_rows_",
           "add_gated_", "rope_halves_", "rope_pairs_", "attention", "conv2d", "upsample_nearest2x", "concat0",
           "embedding"};

@@ -77,6 +77,14 @@ DType parse_dtype_flag(const std::string& v, const char* flag) {
   return d;
 }
 
+// --transformer-dtype / --text-encoder-dtype: also the weight formats made at load time.
+DType parse_weight_dtype_flag(const std::string& v, const char* flag) {
+  DType d;
+  if (!parse_weight_dtype(v, &d))
+    throw UsageError(str_cat(flag, " must be f32, bf16, f16, q8_0, q5_0, q4_0 or fp8, got '", v, "'"));
+  return d;
+}
+
 std::string json_str(const std::string& s) { return nlohmann::json(s).dump(); }
 
 // Progress of every phase: a redrawn line on a terminal, plain lines otherwise, or one JSON
@@ -332,8 +340,8 @@ void run(GenerateArgs& a) {
       a.o.guidance = float(a.cfg_scale - 1.0);
     }
     a.o.vae_dtype = parse_dtype_flag(a.vae_dtype, "--vae-dtype");
-    a.o.transformer_dtype = parse_dtype_flag(a.dit_dtype, "--transformer-dtype");
-    a.o.text_encoder_dtype = parse_dtype_flag(a.te_dtype, "--text-encoder-dtype");
+    a.o.transformer_dtype = parse_weight_dtype_flag(a.dit_dtype, "--transformer-dtype");
+    a.o.text_encoder_dtype = parse_weight_dtype_flag(a.te_dtype, "--text-encoder-dtype");
     if (a.vae_tile.empty() || a.vae_tile == "0" || a.vae_tile == "off") a.o.vae_tile = 0;
     else if (a.vae_tile == "auto") a.o.vae_tile = -1;
     else {
@@ -620,9 +628,9 @@ void add_generate(CLI::App& app) {
   reg(c->add_option("--prompt-embeds", a->prompt_embeds,
                     "use these prompt embeddings (the output of 'zimage encode') instead of a prompt"));
   reg(c->add_option("--threads", a->threads, "CPU threads (default: all cores); results are identical for any count"));
-  reg(c->add_option("--text-encoder-dtype", a->te_dtype, "text encoder weights in memory: bf16, f16 or f32")
+  reg(c->add_option("--text-encoder-dtype", a->te_dtype, "text encoder weights in memory: bf16, f16, f32, or a weight format q8_0, q5_0, q4_0, fp8")
           ->capture_default_str());
-  reg(c->add_option("--transformer-dtype", a->dit_dtype, "transformer weights in memory: bf16, f16 or f32")
+  reg(c->add_option("--transformer-dtype", a->dit_dtype, "transformer weights in memory: bf16, f16, f32, or a weight format q8_0, q5_0, q4_0, fp8")
           ->capture_default_str());
   reg(c->add_option("--vae-dtype", a->vae_dtype, "VAE weights in memory: bf16, f16 or f32")->capture_default_str());
   reg(c->add_option("--vae-tile", a->vae_tile,

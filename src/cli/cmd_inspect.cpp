@@ -52,7 +52,7 @@ void print_file(const std::string& path) {
   std::sort(sorted.begin(), sorted.end(), [](auto a, auto b) { return a->name < b->name; });
   uint64_t total = 0;
   for (const TensorInfo* t : sorted) {
-    std::printf("  %-60s %-6s %-22s %s\n", t->name.c_str(), st_dtype_name(t->dtype), shape_str(t->shape).c_str(),
+    std::printf("  %-60s %-6s %-22s %s\n", t->name.c_str(), t->format_name().c_str(), shape_str(t->shape).c_str(),
                 human_bytes(double(t->nbytes())).c_str());
     total += t->nbytes();
   }
@@ -84,7 +84,7 @@ void print_store(const char* title, const std::string& dir, const std::string& s
       bool skip = false;
       for (const auto& p : unused_prefixes) skip = skip || t.name.starts_with(p);
       (skip ? unused : params) += double(t.numel());
-      bytes[st_dtype_name(t.dtype)] += t.nbytes();
+      bytes[t.format_name()] += t.nbytes();
       ++n;
     }
   std::printf("%s (%s)\n  %s\n  %zu tensors in %zu file%s, %s parameters", title, dir.c_str(), summary.c_str(), n,

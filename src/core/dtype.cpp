@@ -14,8 +14,35 @@ size_t dtype_size(DType t) {
     case DType::F16: return 2;
     case DType::I32: return 4;
     case DType::U8: return 1;
+    case DType::F8_E4M3: return 1;
+    default: return 0;
   }
-  return 0;
+}
+
+int64_t dtype_block(DType t) {
+  switch (t) {
+    case DType::Q8_0: case DType::Q4_0: case DType::Q5_0: return 32;
+    case DType::Q4_K: case DType::Q5_K: case DType::Q6_K: case DType::Q3_K: return 256;
+    default: return 1;
+  }
+}
+
+size_t dtype_block_bytes(DType t) {
+  switch (t) {
+    case DType::Q8_0: return 34;   // f16 d, 32 × int8
+    case DType::Q4_0: return 18;   // f16 d, 16 bytes of nibbles
+    case DType::Q5_0: return 22;   // f16 d, 4 bytes high bits, 16 bytes of nibbles
+    case DType::Q4_K: return 144;  // f16 d, f16 dmin, 12 bytes scales, 128 bytes nibbles
+    case DType::Q5_K: return 176;  // + 32 bytes high bits
+    case DType::Q6_K: return 210;  // 128 ql, 64 qh, 16 scales, f16 d
+    case DType::Q3_K: return 110;  // 32 hmask, 64 qs, 12 scales, f16 d
+    default: return dtype_size(t);
+  }
+}
+
+size_t dtype_bytes(DType t, int64_t n) {
+  const int64_t b = dtype_block(t);
+  return size_t(n / b) * dtype_block_bytes(t);
 }
 
 const char* dtype_name(DType t) {
@@ -25,6 +52,14 @@ const char* dtype_name(DType t) {
     case DType::F16: return "f16";
     case DType::I32: return "i32";
     case DType::U8: return "u8";
+    case DType::Q8_0: return "q8_0";
+    case DType::Q4_0: return "q4_0";
+    case DType::Q5_0: return "q5_0";
+    case DType::Q4_K: return "q4_K";
+    case DType::Q5_K: return "q5_K";
+    case DType::Q6_K: return "q6_K";
+    case DType::Q3_K: return "q3_K";
+    case DType::F8_E4M3: return "fp8";
   }
   return "?";
 }
@@ -35,6 +70,18 @@ bool parse_dtype(std::string_view s, DType* out) {
   if (l == "f32" || l == "fp32" || l == "float32") *out = DType::F32;
   else if (l == "bf16" || l == "bfloat16") *out = DType::BF16;
   else if (l == "f16" || l == "fp16" || l == "float16") *out = DType::F16;
+  else return false;
+  return true;
+}
+
+bool parse_weight_dtype(std::string_view s, DType* out) {
+  if (parse_dtype(s, out)) return true;
+  std::string l;
+  for (char c : s) l += char(std::tolower(static_cast<unsigned char>(c)));
+  if (l == "q8_0" || l == "int8" || l == "q8") *out = DType::Q8_0;
+  else if (l == "q4_0" || l == "q4" || l == "int4") *out = DType::Q4_0;
+  else if (l == "q5_0") *out = DType::Q5_0;
+  else if (l == "fp8" || l == "f8" || l == "f8_e4m3" || l == "fp8_e4m3") *out = DType::F8_E4M3;
   else return false;
   return true;
 }

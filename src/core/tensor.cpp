@@ -38,9 +38,12 @@ Storage::~Storage() {
 
 Tensor Tensor::empty(const Shape& shape, DType dt, Tag tag, Device dev) {
   for (int64_t d : shape) ZI_CHECK(d >= 0, "[tensor] negative dimension in ", shape_str(shape));
+  if (dtype_block(dt) > 1)
+    ZI_CHECK(!shape.empty() && shape.back() % dtype_block(dt) == 0, "[tensor] a ", dtype_name(dt),
+             " tensor's last dimension must be a multiple of ", dtype_block(dt), ", got ", shape_str(shape));
   Tensor t;
   t.storage_ = std::make_shared<Storage>();
-  t.storage_->bytes = size_t(shape_numel(shape)) * dtype_size(dt);
+  t.storage_->bytes = dtype_bytes(dt, shape_numel(shape));
   t.storage_->device = dev;
   t.storage_->tag = tag;
   t.storage_->owned = true;
@@ -68,8 +71,11 @@ Tensor Tensor::from_vector(const std::vector<float>& values, const Shape& shape,
 Tensor Tensor::view_of(const void* data, const Shape& shape, DType dt, std::shared_ptr<const void> keepalive) {
   Tensor t;
   t.storage_ = std::make_shared<Storage>();
+  if (dtype_block(dt) > 1)
+    ZI_CHECK(!shape.empty() && shape.back() % dtype_block(dt) == 0, "[tensor] a ", dtype_name(dt),
+             " tensor's last dimension must be a multiple of ", dtype_block(dt), ", got ", shape_str(shape));
   t.storage_->data = const_cast<void*>(data);
-  t.storage_->bytes = size_t(shape_numel(shape)) * dtype_size(dt);
+  t.storage_->bytes = dtype_bytes(dt, shape_numel(shape));
   t.storage_->owned = false;
   t.storage_->keepalive = std::move(keepalive);
   t.dtype_ = dt;
@@ -114,7 +120,14 @@ Tensor Tensor::slice(int d, int64_t begin, int64_t end) const {
   ZI_CHECK(0 <= begin && begin <= end && end <= shape_[size_t(d)], "[slice] range ", begin, ":", end,
            " outside dimension ", d, " of ", desc());
   Tensor t = *this;
-  t.offset_ += size_t(begin * strides_[size_t(d)]) * dtype_size(dtype_);
+  if (is_quantized(dtype_)) {  // weight formats: whole rows only
+    ZI_CHECK(d == 0 && is_contiguous(), "[slice] a ", dtype_name(dtype_), " tensor can only be sliced by rows, got ",
+             desc());
+    t.offset_ += dtype_bytes(dtype_, begin * strides_[0]);
+    if (row_scale_) t.row_scale_ = std::make_shared<Tensor>(row_scale_->slice(0, begin, end));
+  } else {
+    t.offset_ += size_t(begin * strides_[size_t(d)]) * dtype_size(dtype_);
+  }
   t.shape_[size_t(d)] = end - begin;
   return t;
 }
@@ -131,6 +144,7 @@ Tensor Tensor::permute(const std::vector<int>& order) const {
 
 Tensor Tensor::contiguous(Tag tag) const {
   if (is_contiguous()) return *this;
+  ZI_CHECK(!is_quantized(dtype_), "[contiguous] cannot rearrange a ", dtype_name(dtype_), " tensor ", desc());
   if (device() != Device::CPU) {
     Tensor out = empty(shape_, dtype_, tag, device());
     device::copy_strided_gpu(*this, out);
@@ -163,10 +177,13 @@ Tensor Tensor::clone(Tag tag) const {
   if (!is_contiguous()) return contiguous(tag);
   Tensor out = empty(shape_, dtype_, tag, device());
   device::copy(out.raw(), device(), raw(), device(), nbytes());
+  if (row_scale_) out.row_scale_ = std::make_shared<Tensor>(row_scale_->clone(tag));
   return out;
 }
 
 Tensor Tensor::to(DType dt, Tag tag) const {
+  ZI_CHECK(!is_quantized(dtype_) && !is_quantized(dt), "[tensor] to(): ", desc(), " -> ", dtype_name(dt),
+           " is a weight-format conversion (core/quant.h)");
   Tensor src = contiguous(tag);
   if (dt == dtype_) return src.storage_ == storage_ ? clone(tag) : src;
   Tensor out = empty(shape_, dt, tag, device());
@@ -181,7 +198,15 @@ Tensor Tensor::to_device(Device d, Tag tag) const {
   if (d == device()) return src;
   Tensor out = empty(shape_, dtype_, tag, d);
   device::copy(out.raw(), d, src.raw(), src.device(), nbytes());
+  if (row_scale_) out.row_scale_ = std::make_shared<Tensor>(row_scale_->to_device(d, tag));
   return out;
+}
+
+void Tensor::set_row_scale(Tensor s) {
+  ZI_CHECK(dtype_ == DType::F8_E4M3 && ndim() == 2, "[tensor] row scales belong to 2-D fp8 weights, not ", desc());
+  ZI_CHECK(s.dtype() == DType::F32 && s.ndim() == 1 && s.dim(0) == dim(0) && s.is_contiguous(),
+           "[tensor] row scales of ", desc(), " must be f32[", dim(0), "], got ", s.desc());
+  row_scale_ = std::make_shared<Tensor>(std::move(s));
 }
 
 std::string Tensor::desc() const { return str_cat(dtype_name(dtype_), shape_str(shape_)); }

@@ -67,7 +67,10 @@ class Tensor {
   int ndim() const { return int(shape_.size()); }
   int64_t dim(int i) const { return shape_[size_t(i < 0 ? i + ndim() : i)]; }
   int64_t numel() const { return shape_numel(shape_); }
-  size_t nbytes() const { return size_t(numel()) * dtype_size(dtype_); }
+  size_t nbytes() const { return dtype_bytes(dtype_, numel()); }
+  // F8_E4M3 weights: the per-row (output channel) f32 scales, value = e4m3 · scale[row].
+  const Tensor* row_scale() const { return row_scale_.get(); }
+  void set_row_scale(Tensor s);
   bool is_contiguous() const;
 
   void* raw() const { return static_cast<char*>(storage_->data) + offset_; }
@@ -95,6 +98,7 @@ class Tensor {
   DType dtype_ = DType::F32;
   Shape shape_;
   Shape strides_;
+  std::shared_ptr<Tensor> row_scale_;  // F8_E4M3 only
 };
 
 Shape contiguous_strides(const Shape& shape);

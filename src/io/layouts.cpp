@@ -404,6 +404,8 @@ TensorStore LayoutFile::store(Component c) const {
     TensorInfo t;
     t.name = mt.target;
     t.dtype = s.dtype;
+    t.format = s.format;
+    t.ggml_type = s.ggml_type;
     t.shape = mt.shape;
     const int64_t rows = s.shape.empty() ? 1 : s.shape[0];
     const uint64_t row_bytes = rows > 0 ? s.nbytes() / uint64_t(rows) : 0;

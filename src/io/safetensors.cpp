@@ -9,6 +9,9 @@
 #include <nlohmann/json.hpp>
 
 #include "core/check.h"
+#include "core/quant.h"
+#include "io/gguf.h"
+#include "io/layouts.h"
 
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -42,8 +45,9 @@ const char* st_name_of_dtype(DType d) {
     case DType::F16: return "F16";
     case DType::I32: return "I32";
     case DType::U8: return "U8";
+    case DType::F8_E4M3: return "F8_E4M3";
+    default: return "?";
   }
-  return "?";
 }
 
 // Byte size of `numel` elements of `t`, overflow-checked; false on overflow or a
@@ -178,10 +182,40 @@ std::vector<TensorInfo> SafetensorsFile::parse_header(std::string_view text, uin
   return out;
 }
 
+std::string TensorInfo::format_name() const {
+  if (ggml_type != UINT32_MAX) {
+    const GgmlType* g = ggml_type_info(ggml_type);
+    return g ? g->name : "?";
+  }
+  return st_dtype_name(dtype);
+}
+
 SafetensorsFile SafetensorsFile::open(const std::string& path) {
   SafetensorsFile f;
   f.file_ = MappedFile::open(path);
   const uint64_t size = f.file_->size();
+  if (zi::is_gguf(f.file_->data(), size)) {
+    GgufParsed g = parse_gguf(f.file_->data(), size, path);
+    f.gguf_ = true;
+    f.data_start_ = g.data_start;
+    f.metadata_ = std::move(g.metadata);
+    f.tensors_ = std::move(g.tensors);
+    // llama.cpp's Qwen3 files name tensors its own way: give them the transformers names.
+    auto arch = f.metadata_.find("general.architecture");
+    if (arch != f.metadata_.end() && arch->second == "qwen3") {
+      std::set<std::string> seen;
+      for (TensorInfo& t : f.tensors_) {
+        std::string n = qwen3_name_from_llama(t.name);
+        if (!n.empty()) t.name = n;
+        ZI_CHECK(seen.insert(t.name).second, path, ": tensor '", t.name, "' appears twice after renaming");
+      }
+    }
+    std::sort(f.tensors_.begin(), f.tensors_.end(), [](const TensorInfo& a, const TensorInfo& b) {
+      return a.begin < b.begin;
+    });
+    for (size_t i = 0; i < f.tensors_.size(); ++i) f.index_[f.tensors_[i].name] = i;
+    return f;
+  }
   ZI_CHECK(size >= 8, path, ": too small to be a safetensors file (", size, " bytes)");
   uint64_t n = 0;
   std::memcpy(&n, f.file_->data(), 8);  // little-endian (x86, ARM)
@@ -205,6 +239,7 @@ const TensorInfo* SafetensorsFile::find(std::string_view name) const {
 }
 
 Tensor SafetensorsFile::view(const TensorInfo& t) const {
+  ZI_CHECK(!t.quantized(), tensor_ctx(path(), t.name), t.format_name(), " data cannot be viewed as a plain tensor");
   DType dt;
   ZI_CHECK(st_to_dtype(t.dtype, &dt), tensor_ctx(path(), t.name), "dtype ", st_dtype_name(t.dtype),
            " cannot be used here");
@@ -215,11 +250,22 @@ Tensor SafetensorsFile::view(const TensorInfo& t) const {
 }
 
 void SafetensorsFile::check_loadable(const TensorInfo& t, DType dt) const {
+  const bool df = dt == DType::F32 || dt == DType::BF16 || dt == DType::F16;
+  // Weight formats: a stored one loads as itself or dequantized to a float type; one made at
+  // load time (dt a format) needs a float source with whole blocks per row.
+  if (t.quantized() || t.dtype == StDType::F8_E4M3 || t.dtype == StDType::F8_E5M2) {
+    const DType fmt = t.quantized() ? t.format : DType::F8_E4M3;
+    ZI_CHECK(!t.shape.empty() && t.shape.back() > 0 && t.shape.back() % dtype_block(fmt) == 0,
+             tensor_ctx(path(), t.name), "shape ", shape_str(t.shape), " does not hold whole ", t.format_name(),
+             " blocks");
+    if (df || (dt == fmt && t.dtype != StDType::F8_E5M2) || is_quantized(dt)) return;
+    fail(str_cat(tensor_ctx(path(), t.name), "cannot convert ", t.format_name(), " to ", dtype_name(dt)));
+  }
+  if (is_quantized(dt)) dt = DType::F32;  // made from the f32 values
   DType sd;
   if (st_to_dtype(t.dtype, &sd)) {
     const bool sf = sd == DType::F32 || sd == DType::BF16 || sd == DType::F16;
-    const bool df = dt == DType::F32 || dt == DType::BF16 || dt == DType::F16;
-    if (sd == dt || (sf && df)) return;
+    if (sd == dt || (sf && (dt == DType::F32 || dt == DType::BF16 || dt == DType::F16))) return;
   } else if ((t.dtype == StDType::I64 && dt == DType::I32) || (t.dtype == StDType::BOOL && dt == DType::U8) ||
              (t.dtype == StDType::F64 && dt == DType::F32)) {
     return;
@@ -229,13 +275,34 @@ void SafetensorsFile::check_loadable(const TensorInfo& t, DType dt) const {
 
 Tensor SafetensorsFile::load(const TensorInfo& t, DType dt, Tag tag) const {
   std::string ctx = tensor_ctx(path(), t.name);
-  Tensor out = Tensor::empty(t.shape, dt, tag);
   const uint8_t* src = data(t);
   const size_t n = size_t(t.numel());
+  const bool df = dt == DType::F32 || dt == DType::BF16 || dt == DType::F16;
+  if (t.quantized() || t.dtype == StDType::F8_E4M3 || t.dtype == StDType::F8_E5M2) {
+    const DType fmt = t.quantized() ? t.format : DType::F8_E4M3;
+    ZI_CHECK(t.shape.size() >= 1 && t.shape.back() > 0 && t.shape.back() % dtype_block(fmt) == 0, ctx, "shape ",
+             shape_str(t.shape), " does not hold whole ", t.format_name(), " blocks");
+    if (dt == fmt && t.dtype != StDType::F8_E5M2) {  // kept as stored: rows of blocks, [N, K]
+      const int64_t K = t.shape.back(), N = int64_t(n) / K;
+      Tensor out = Tensor::empty({N, K}, fmt, tag);
+      std::memcpy(out.raw(), src, out.nbytes());
+      return out;
+    }
+    ZI_CHECK(df, ctx, "cannot convert ", t.format_name(), " to ", dtype_name(dt));
+    Tensor f = Tensor::empty(t.shape, DType::F32, dt == DType::F32 ? tag : Tag::Workspace);
+    float* d = f.data<float>();
+    if (t.dtype == StDType::F8_E4M3)
+      for (size_t i = 0; i < n; ++i) d[i] = quant::e4m3_to_f32(src[i]);
+    else if (t.dtype == StDType::F8_E5M2)
+      for (size_t i = 0; i < n; ++i) d[i] = quant::e5m2_to_f32(src[i]);
+    else
+      quant::dequantize_row(fmt, src, d, int64_t(n));
+    return dt == DType::F32 ? f : f.to(dt, tag);
+  }
+  Tensor out = Tensor::empty(t.shape, dt, tag);
   DType sd;
   if (st_to_dtype(t.dtype, &sd)) {
     bool sf = sd == DType::F32 || sd == DType::BF16 || sd == DType::F16;
-    bool df = dt == DType::F32 || dt == DType::BF16 || dt == DType::F16;
     if (sd == dt) {
       std::memcpy(out.raw(), src, out.nbytes());
     } else if (sf && df && reinterpret_cast<uintptr_t>(src) % dtype_size(sd) != 0) {
@@ -416,6 +483,19 @@ TensorStore TensorStore::open_file(const std::string& path) {
   TensorStore s;
   s.where_ = path;
   s.files_.push_back(std::make_shared<SafetensorsFile>(SafetensorsFile::open(path)));
+  if (s.files_.back()->is_gguf()) {
+    // GGUF files carry the original (ComfyUI) transformer names or llama.cpp's (renamed on
+    // open): map them to the loaders' names with the layout rules of safetensors single files.
+    std::vector<SourceTensor> src;
+    for (const TensorInfo& t : s.files_.back()->tensors()) src.push_back({t.name, t.shape});
+    FileLayout layout = analyze_layout(src, path);
+    if (layout.components.size() == 1 && layout.unclaimed.empty()) {
+      LayoutFile lf;
+      lf.file = s.files_.back();
+      lf.layout = std::move(layout);
+      return lf.store(lf.layout.components[0].component);
+    }
+  }
   for (const auto& t : s.files_.back()->tensors()) s.map_[t.name] = Entry{s.files_.back().get(), &t};
   return s;
 }
@@ -486,12 +566,12 @@ TensorStore TensorStore::open_dir(const std::string& dir) {
   for (const auto& e : fs::directory_iterator(dir)) {
     std::string n = e.path().filename().string();
     if (n.size() > 23 && n.ends_with(".safetensors.index.json")) indexes.push_back(e.path());
-    else if (n.ends_with(".safetensors")) singles.push_back(e.path());
+    else if (n.ends_with(".safetensors") || n.ends_with(".gguf")) singles.push_back(e.path());
   }
   ZI_CHECK(indexes.size() <= 1, dir, ": more than one *.safetensors.index.json");
   if (indexes.size() == 1) return open_index(indexes[0].string());
-  ZI_CHECK(!singles.empty(), dir, ": no *.safetensors file");
-  ZI_CHECK(singles.size() == 1, dir, ": several .safetensors files but no *.safetensors.index.json");
+  ZI_CHECK(!singles.empty(), dir, ": no *.safetensors or *.gguf file");
+  ZI_CHECK(singles.size() == 1, dir, ": several .safetensors/.gguf files but no *.safetensors.index.json");
   TensorStore s = open_file(singles[0].string());
   s.where_ = dir;
   return s;

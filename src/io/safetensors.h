@@ -33,6 +33,13 @@ struct TensorInfo {
   StDType dtype = StDType::F32;
   Shape shape;
   uint64_t begin = 0, end = 0;  // byte range relative to the data area
+  // GGUF tensors (io/gguf.h): a block-quantized weight format (dtype is then U8 and the bytes
+  // are format blocks), and the stored ggml type id (UINT32_MAX for safetensors).
+  DType format = DType::F32;
+  uint32_t ggml_type = UINT32_MAX;
+  bool quantized() const { return is_quantized(format); }
+  // "bf16", "q4_K", "F8_E4M3": what the tensor is stored as (inspect).
+  std::string format_name() const;
   int64_t numel() const { return shape_numel(shape); }
   uint64_t nbytes() const { return end - begin; }
 };
@@ -54,11 +61,14 @@ class SafetensorsFile {
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
   const uint8_t* data(const TensorInfo& t) const { return file_->data() + data_start_ + t.begin; }
   const std::shared_ptr<MappedFile>& file() const { return file_; }
+  bool is_gguf() const { return gguf_; }
   uint64_t data_start() const { return data_start_; }
 
   // A zero-copy view of a tensor (stored dtype must be loadable).
   Tensor view(const TensorInfo& t) const;
-  // A copy converted to `dt` (floats among themselves; I64 → I32 when values fit; BOOL → U8).
+  // A copy converted to `dt` (floats among themselves; I64 → I32 when values fit; BOOL → U8;
+  // F8_E4M3/F8_E5M2 and GGUF block formats dequantized to a float dt, or kept as they are when
+  // dt is their own format).
   Tensor load(const TensorInfo& t, DType dt, Tag tag = Tag::Activations) const;
   // Throws what load(t, dt) would throw for the dtype pair, reading nothing.
   void check_loadable(const TensorInfo& t, DType dt) const;
@@ -71,6 +81,7 @@ class SafetensorsFile {
  private:
   std::shared_ptr<MappedFile> file_;
   uint64_t data_start_ = 0;
+  bool gguf_ = false;
   std::vector<TensorInfo> tensors_;
   std::unordered_map<std::string, size_t> index_;
   std::map<std::string, std::string> metadata_;

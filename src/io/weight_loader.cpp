@@ -5,6 +5,9 @@
 
 #include "backends/device.h"
 #include "core/check.h"
+#include "core/quant.h"
+
+#include <span>
 
 namespace zi {
 
@@ -39,14 +42,26 @@ void WeightLoader::add_override(const TensorStore* store, std::function<std::str
 }
 
 Tensor WeightLoader::load(const std::string& name, const Shape& shape, DType dt) {
-  return load_impl(name, shape, dt, true);
+  ZI_CHECK(!is_quantized(dt), "[WeightLoader] ", name, ": weight formats are for load_matrix");
+  return load_impl(name, shape, dt, true, false);
 }
 
 Tensor WeightLoader::load_optional(const std::string& name, const Shape& shape, DType dt) {
-  return load_impl(name, shape, dt, false);
+  ZI_CHECK(!is_quantized(dt), "[WeightLoader] ", name, ": weight formats are for load_matrix");
+  return load_impl(name, shape, dt, false, false);
 }
 
-Tensor WeightLoader::load_impl(const std::string& name, const Shape& shape, DType dt, bool required) {
+Tensor WeightLoader::load_matrix(const std::string& name, const Shape& shape, DType dt) {
+  return load_impl(name, shape, dt, true, true);
+}
+
+namespace {
+bool is_float_st(StDType t) { return t == StDType::F32 || t == StDType::BF16 || t == StDType::F16; }
+}  // namespace
+
+DType storage_dtype(DType wdt) { return is_quantized(wdt) ? DType::BF16 : wdt; }
+
+Tensor WeightLoader::load_impl(const std::string& name, const Shape& shape, DType dt, bool required, bool matrix) {
   used_.push_back(name);
   if (record_) {
     record_->push_back({name, shape, dt});
@@ -79,6 +94,58 @@ Tensor WeightLoader::load_impl(const std::string& name, const Shape& shape, DTyp
   store_.note_read(name);
   bool patched = false;
   for (const auto& p : patches_) patched = patched || p.wants(name);
+  // Weight formats. A stored one (GGUF blocks, fp8) is kept for a matrix; one asked for is made
+  // here from the f32 staging copy of this one tensor; rows that are not whole blocks (the tiny
+  // model's FFN) stay bf16. ComfyUI fp8: `<module>.scale_weight` multiplies the weight.
+  const DType stored_fmt = e.info->quantized() ? e.info->format
+                           : e.info->dtype == StDType::F8_E4M3 ? DType::F8_E4M3
+                                                               : DType::F32;
+  Tensor fp8_scale;
+  if (e.info->dtype == StDType::F8_E4M3 || e.info->dtype == StDType::F8_E5M2) {
+    const std::string base = name.ends_with(".weight") ? name.substr(0, name.size() - 7) : name;
+    TensorStore::Entry se = store_.find(base + ".scale_weight");
+    if (se.file) {
+      fp8_scale = se.file->load(*se.info, DType::F32, Tag::Workspace);
+      ZI_CHECK(fp8_scale.numel() == 1, component_, ": ", base, ".scale_weight must hold one value, got ",
+               fp8_scale.desc());
+      used_.push_back(base + ".scale_weight");
+      store_.note_read(base + ".scale_weight");
+    }
+  }
+  const float fp8_s = fp8_scale.defined() ? fp8_scale.data<float>()[0] : 1.0f;
+  if (matrix && shape.size() == 2) {
+    const bool keep = is_quantized(stored_fmt) && !patched;
+    const bool make = !keep && is_quantized(dt) && shape[1] % dtype_block(dt) == 0;
+    if (keep || make) {
+      Tensor q;
+      if (keep) {
+        q = e.file->load(*e.info, stored_fmt, tag_);
+        if (stored_fmt == DType::F8_E4M3) {
+          Tensor sc = Tensor::empty({shape[0]}, DType::F32, tag_);
+          std::fill_n(sc.data<float>(), shape[0], fp8_s);
+          q.set_row_scale(std::move(sc));
+        }
+      } else if (!patched && !e.info->quantized() && is_float_st(e.info->dtype) &&
+                 reinterpret_cast<uintptr_t>(e.file->data(*e.info)) % 4 == 0) {
+        // Straight from the mapping, row by row: no f32 copy of the tensor at all (the Qwen3
+        // embedding would be 1.6 GB in f32).
+        q = quant::quantize(e.file->view(*e.info), dt, tag_);
+      } else {
+        Tensor staging = e.file->load(*e.info, DType::F32, Tag::Workspace);
+        if (fp8_s != 1.0f)
+          for (float& v : std::span<float>(staging.data<float>(), size_t(staging.numel()))) v *= fp8_s;
+        for (const auto& p : patches_)
+          if (p.wants(name)) p.apply(name, staging);
+        q = quant::quantize(staging, dt, tag_);
+      }
+      if (ctx_.device != q.device()) q = q.to_device(ctx_.device, tag_);
+      e.file->release(*e.info);
+      bytes_ += int64_t(q.nbytes()) + (q.row_scale() ? int64_t(q.row_scale()->nbytes()) : 0);
+      return q;
+    }
+  }
+  if (is_quantized(dt)) dt = DType::BF16;
+  if (fp8_s != 1.0f || (is_quantized(stored_fmt) && patched)) patched = true;  // via the f32 staging copy
   Tensor out;
   DType sdt;
   const bool float_src = st_to_dtype(e.info->dtype, &sdt) &&
@@ -92,6 +159,8 @@ Tensor WeightLoader::load_impl(const std::string& name, const Shape& shape, DTyp
   } else {
     // One tensor in f32 in flight, patched, then converted to its final dtype.
     Tensor staging = e.file->load(*e.info, DType::F32, Tag::Workspace);
+    if (fp8_s != 1.0f)
+      for (float& v : std::span<float>(staging.data<float>(), size_t(staging.numel()))) v *= fp8_s;
     for (const auto& p : patches_)
       if (p.wants(name)) p.apply(name, staging);
     if (dt == DType::F32) {

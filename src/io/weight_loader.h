@@ -12,6 +12,10 @@
 
 namespace zi {
 
+// The dtype of the float (non-matrix) weights of a component whose matrices are `wdt`:
+// bf16 when wdt is a weight format (embeddings, the embedders and final layers stay float).
+DType storage_dtype(DType wdt);
+
 // A tensor a binding asked for (WeightLoader::recorder).
 struct BoundTensor {
   std::string name;
@@ -39,6 +43,10 @@ class WeightLoader {
   // Loads `name`, checked against `shape`, converted to `dt`. A missing or wrong-shape
   // tensor is recorded (see finish()) and an undefined Tensor returned.
   Tensor load(const std::string& name, const Shape& shape, DType dt);
+  // A linear weight [N, K] of a block (core/quant.h): a weight format stored in the file (GGUF
+  // blocks, fp8) is kept as it is; a weight format `dt` is made from the float data one tensor
+  // at a time (rows that are not whole blocks stay bf16); a float `dt` works like load().
+  Tensor load_matrix(const std::string& name, const Shape& shape, DType dt);
   // Like load(), but a missing (or empty, 0-element) tensor is not an error.
   Tensor load_optional(const std::string& name, const Shape& shape, DType dt);
   bool has(const std::string& name) const;
@@ -81,7 +89,7 @@ class WeightLoader {
   const TensorStore& store() const { return store_; }
 
  private:
-  Tensor load_impl(const std::string& name, const Shape& shape, DType dt, bool required);
+  Tensor load_impl(const std::string& name, const Shape& shape, DType dt, bool required, bool matrix);
   const TensorStore& store_;
   Tag tag_;
   PhaseContext ctx_;

@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "core/check.h"
+#include "core/quant.h"
 #include "ops/ops.h"
 
 namespace zi {
@@ -25,16 +26,16 @@ Qwen3Layer load_layer(WeightLoader& ld, const std::string& p, const Qwen3Config&
   const int64_t QD = int64_t(c.num_attention_heads) * D, KD = int64_t(c.num_key_value_heads) * D;
   Qwen3Layer l;
   l.input_layernorm = ld.load(p + "input_layernorm.weight", {H}, DType::F32);
-  l.q_proj = ld.load(p + "self_attn.q_proj.weight", {QD, H}, wdt);
-  l.k_proj = ld.load(p + "self_attn.k_proj.weight", {KD, H}, wdt);
-  l.v_proj = ld.load(p + "self_attn.v_proj.weight", {KD, H}, wdt);
-  l.o_proj = ld.load(p + "self_attn.o_proj.weight", {H, QD}, wdt);
+  l.q_proj = ld.load_matrix(p + "self_attn.q_proj.weight", {QD, H}, wdt);
+  l.k_proj = ld.load_matrix(p + "self_attn.k_proj.weight", {KD, H}, wdt);
+  l.v_proj = ld.load_matrix(p + "self_attn.v_proj.weight", {KD, H}, wdt);
+  l.o_proj = ld.load_matrix(p + "self_attn.o_proj.weight", {H, QD}, wdt);
   l.q_norm = ld.load(p + "self_attn.q_norm.weight", {D}, DType::F32);
   l.k_norm = ld.load(p + "self_attn.k_norm.weight", {D}, DType::F32);
   l.post_attention_layernorm = ld.load(p + "post_attention_layernorm.weight", {H}, DType::F32);
-  l.gate_proj = ld.load(p + "mlp.gate_proj.weight", {I, H}, wdt);
-  l.up_proj = ld.load(p + "mlp.up_proj.weight", {I, H}, wdt);
-  l.down_proj = ld.load(p + "mlp.down_proj.weight", {H, I}, wdt);
+  l.gate_proj = ld.load_matrix(p + "mlp.gate_proj.weight", {I, H}, wdt);
+  l.up_proj = ld.load_matrix(p + "mlp.up_proj.weight", {I, H}, wdt);
+  l.down_proj = ld.load_matrix(p + "mlp.down_proj.weight", {H, I}, wdt);
   return l;
 }
 
@@ -90,8 +91,8 @@ void decoder_layer(const Qwen3Config& c, const Qwen3Layer& w, Tensor& h, const T
 }  // namespace
 
 Qwen3Encoder load_qwen3_encoder(WeightLoader& loader, const Qwen3Config& cfg, DType wdt) {
-  ZI_CHECK(wdt == DType::F32 || wdt == DType::BF16 || wdt == DType::F16,
-           "[load_qwen3_encoder] weight dtype must be f32, bf16 or f16, got ", dtype_name(wdt));
+  ZI_CHECK(is_float_dtype(wdt) || quant::can_quantize(wdt),
+           "[load_qwen3_encoder] weight dtype must be f32, bf16, f16, q8_0, q4_0, q5_0 or fp8, got ", dtype_name(wdt));
   ZI_CHECK(cfg.num_hidden_layers >= 1, "[load_qwen3_encoder] num_hidden_layers must be >= 1, got ",
            cfg.num_hidden_layers);
   ZI_CHECK(cfg.num_key_value_heads > 0 && cfg.num_attention_heads % cfg.num_key_value_heads == 0,
@@ -103,7 +104,12 @@ Qwen3Encoder load_qwen3_encoder(WeightLoader& loader, const Qwen3Config& cfg, DT
   Qwen3Encoder m;
   m.cfg = cfg;
   m.ctx = loader.context();
-  m.embed_tokens = loader.load(p + "embed_tokens.weight", {cfg.vocab_size, cfg.hidden_size}, wdt);
+  // The embedding is a matrix like ggml's token_embd: kept or made in the weight format on the
+  // CPU (rows dequantized at lookup); on the GPU it is dequantized to bf16 at load.
+  if (loader.device() == Device::CPU)
+    m.embed_tokens = loader.load_matrix(p + "embed_tokens.weight", {cfg.vocab_size, cfg.hidden_size}, wdt);
+  else
+    m.embed_tokens = loader.load(p + "embed_tokens.weight", {cfg.vocab_size, cfg.hidden_size}, storage_dtype(wdt));
   const int n_used = cfg.num_hidden_layers - 1;  // hidden_states[-2] = output of layer N−2
   m.layers.reserve(size_t(n_used));
   for (int i = 0; i < n_used; ++i) m.layers.push_back(load_layer(loader, str_cat(p, "layers.", i, "."), cfg, wdt));

@@ -14,6 +14,7 @@
 #include "core/check.h"
 #include "core/parallel.h"
 #include "models/controlnet.h"
+#include "core/quant.h"
 #include "ops/ops.h"
 
 namespace zi {
@@ -62,10 +63,10 @@ DitBlock load_block(WeightLoader& ld, const std::string& p, const DitConfig& c, 
   const int64_t D = c.dim, F = dit_ffn_hidden(c), hd = c.head_dim(), A = dit_adaln_dim(c);
   const DType f32 = DType::F32;
   DitBlock b;
-  b.to_q = ld.load(p + "attention.to_q.weight", {D, D}, wdt);
-  b.to_k = ld.load(p + "attention.to_k.weight", {D, D}, wdt);
-  b.to_v = ld.load(p + "attention.to_v.weight", {D, D}, wdt);
-  b.to_out = ld.load(p + "attention.to_out.0.weight", {D, D}, wdt);
+  b.to_q = ld.load_matrix(p + "attention.to_q.weight", {D, D}, wdt);
+  b.to_k = ld.load_matrix(p + "attention.to_k.weight", {D, D}, wdt);
+  b.to_v = ld.load_matrix(p + "attention.to_v.weight", {D, D}, wdt);
+  b.to_out = ld.load_matrix(p + "attention.to_out.0.weight", {D, D}, wdt);
   if (c.qk_norm) {
     b.norm_q = ld.load(p + "attention.norm_q.weight", {hd}, f32);
     b.norm_k = ld.load(p + "attention.norm_k.weight", {hd}, f32);
@@ -74,11 +75,11 @@ DitBlock load_block(WeightLoader& ld, const std::string& p, const DitConfig& c, 
   b.attention_norm2 = ld.load(p + "attention_norm2.weight", {D}, f32);
   b.ffn_norm1 = ld.load(p + "ffn_norm1.weight", {D}, f32);
   b.ffn_norm2 = ld.load(p + "ffn_norm2.weight", {D}, f32);
-  b.w1 = ld.load(p + "feed_forward.w1.weight", {F, D}, wdt);
-  b.w2 = ld.load(p + "feed_forward.w2.weight", {D, F}, wdt);
-  b.w3 = ld.load(p + "feed_forward.w3.weight", {F, D}, wdt);
+  b.w1 = ld.load_matrix(p + "feed_forward.w1.weight", {F, D}, wdt);
+  b.w2 = ld.load_matrix(p + "feed_forward.w2.weight", {D, F}, wdt);
+  b.w3 = ld.load_matrix(p + "feed_forward.w3.weight", {F, D}, wdt);
   if (modulated) {
-    b.adaln_w = ld.load(p + "adaLN_modulation.0.weight", {4 * D, A}, wdt);
+    b.adaln_w = ld.load_matrix(p + "adaLN_modulation.0.weight", {4 * D, A}, wdt);
     b.adaln_b = ld.load(p + "adaLN_modulation.0.bias", {4 * D}, f32);
   }
   return b;
@@ -379,8 +380,11 @@ Tensor load_pad_token(WeightLoader& ld, const std::string& name, int64_t D) {
 
 ZImageDit load_zimage_dit(WeightLoader& ld, const DitConfig& cfg, DType wdt) {
   check_config(cfg);
-  ZI_CHECK(wdt == DType::F32 || wdt == DType::BF16 || wdt == DType::F16,
-           "[load_zimage_dit] weight dtype must be f32, bf16 or f16, got ", dtype_name(wdt));
+  ZI_CHECK(is_float_dtype(wdt) || quant::can_quantize(wdt),
+           "[load_zimage_dit] weight dtype must be f32, bf16, f16, q8_0, q4_0, q5_0 or fp8, got ", dtype_name(wdt));
+  // Weight formats apply to the blocks' matrices; the embedders and the final layer stay float.
+  const DType bdt = wdt;
+  wdt = storage_dtype(wdt);
   const int64_t D = cfg.dim, A = dit_adaln_dim(cfg), P = patch_dim(cfg), Cf = cfg.cap_feat_dim;
   const DType f32 = DType::F32;
   const std::string xe = "all_x_embedder." + patch_key(cfg) + ".";
@@ -404,11 +408,11 @@ ZImageDit load_zimage_dit(WeightLoader& ld, const DitConfig& cfg, DType wdt) {
   m.final_w = ld.load(fl + "linear.weight", {P, D}, wdt);
   m.final_b = ld.load(fl + "linear.bias", {P}, f32);
   for (int i = 0; i < cfg.n_refiner_layers; ++i)
-    m.noise_refiner.push_back(load_block(ld, str_cat("noise_refiner.", i, "."), cfg, wdt, true));
+    m.noise_refiner.push_back(load_block(ld, str_cat("noise_refiner.", i, "."), cfg, bdt, true));
   for (int i = 0; i < cfg.n_refiner_layers; ++i)
-    m.context_refiner.push_back(load_block(ld, str_cat("context_refiner.", i, "."), cfg, wdt, false));
+    m.context_refiner.push_back(load_block(ld, str_cat("context_refiner.", i, "."), cfg, bdt, false));
   for (int i = 0; i < cfg.n_layers; ++i)
-    m.layers.push_back(load_block(ld, str_cat("layers.", i, "."), cfg, wdt, true));
+    m.layers.push_back(load_block(ld, str_cat("layers.", i, "."), cfg, bdt, true));
   return m;
 }
 

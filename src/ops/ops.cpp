@@ -10,6 +10,7 @@
 #include "backends/cpu/cpu_ops.h"
 #include "backends/cuda/cuda_ops.h"
 #include "core/check.h"
+#include "core/quant.h"
 
 namespace zi::ops {
 namespace {
@@ -106,7 +107,15 @@ Tensor to_host_f32(const Tensor& t) {
 
 Tensor linear(const Tensor& x_in, const Tensor& w_in, const Tensor* bias) {
   const Device d = device_of("linear", x_in);
-  Tensor x = act_input("linear", x_in, d), w = weight_input("linear", "weight", w_in, d);
+  Tensor x = act_input("linear", x_in, d), w;
+  if (is_quantized(w_in.dtype())) {  // weight formats: contiguous [N, K] as loaded
+    require_device("linear", w_in, d);
+    ZI_CHECK(w_in.is_contiguous() && w_in.ndim() == 2, "[linear] a ", dtype_name(w_in.dtype()),
+             " weight must be a contiguous [N, K], got ", w_in.desc());
+    w = w_in;
+  } else {
+    w = weight_input("linear", "weight", w_in, d);
+  }
   ZI_CHECK(w.ndim() == 2, "[linear] weight must be [N, K], got ", w.desc());
   ZI_CHECK(x.ndim() >= 1 && x.dim(-1) == w.dim(1) && w.dim(1) > 0, "[linear] x ", x.desc(),
            " does not match weight ", w.desc(), " (x's last dim must equal K = w.dim(1) > 0)");
@@ -118,7 +127,10 @@ Tensor linear(const Tensor& x_in, const Tensor& w_in, const Tensor* bias) {
   Shape os = x.shape();
   os.back() = w.dim(0);
   Tensor y = Tensor::empty(os, x.dtype(), Tag::Activations, d);
-  ZI_OP("linear", d, linear, x, w, bias ? &b : nullptr, y);
+  if (is_quantized(w.dtype()))
+    ZI_OP("linear_quant", d, linear_quant, x, w, bias ? &b : nullptr, y);
+  else
+    ZI_OP("linear", d, linear, x, w, bias ? &b : nullptr, y);
   return y;
 }
 
@@ -405,6 +417,16 @@ Tensor concat0(const std::vector<Tensor>& parts_in) {
 
 Tensor embedding(const Tensor& table_in, const std::vector<int32_t>& ids, DType act_in) {
   const Device d = device_of("embedding", table_in);
+  if (is_quantized(table_in.dtype())) {  // weight formats (CPU): each row dequantized
+    ZI_CHECK(d == Device::CPU && table_in.ndim() == 2 && table_in.is_contiguous(), "[embedding] a ",
+             dtype_name(table_in.dtype()), " table must be a contiguous [V, D] host tensor, got ", table_in.desc());
+    for (int32_t id : ids)
+      ZI_CHECK(id >= 0 && id < table_in.dim(0), "[embedding] id ", id, " outside the table ", table_in.desc());
+    Tensor out = Tensor::empty({int64_t(ids.size()), table_in.dim(1)}, DType::F32, Tag::Activations, d);
+    for (size_t i = 0; i < ids.size(); ++i)
+      quant::dequantize_rows(table_in, ids[i], ids[i] + 1, out.data<float>() + int64_t(i) * table_in.dim(1));
+    return out;
+  }
   Tensor table = weight_input("embedding", "table", table_in, d);
   ZI_CHECK(table.ndim() == 2, "[embedding] table must be [V, D], got ", table.desc());
   for (int32_t id : ids)

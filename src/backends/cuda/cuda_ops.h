@@ -69,6 +69,10 @@ UploadStats upload_stats();
 // y = x · wᵀ (+ bias). x [M, K] f32 or bf16; w [N, K] f32/bf16/f16 (converted to x's dtype on
 // the fly when it differs); y [M, N] in x's dtype. bf16 runs on tensor cores, f32 in full f32.
 void linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y);
+// linear with a weight-format w (quant.cu): w is dequantized block by block into a reused
+// device buffer of x's dtype (bf16 or f32), then the same GEMM as linear() runs on it. The
+// dequantization time is reported in the profile as "dequant".
+void linear_quant(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y);
 // C = A · B, column-major (m×k, k×n → m×n) with leading dimensions, f32 or bf16 operands of
 // one dtype, f32 accumulation. The convolutions' im2col path uses it.
 void gemm_nn(int64_t m, int64_t n, int64_t k, const void* A, int64_t lda, const void* B, int64_t ldb, void* C,
