@@ -1,6 +1,7 @@
 // Shared helpers of the CPU backend: exact widening of bf16/f16 to f32, and the OpenBLAS
 // thread guard used when sgemm is called from inside our own OpenMP regions.
 #include <cblas.h>
+#include <cpuid.h>
 #include <immintrin.h>
 
 #include "backends/cpu/cpu_ops.h"
@@ -29,7 +30,13 @@ __attribute__((target("avx2,f16c"))) void widen_f16_f16c(const uint16_t* s, floa
   for (; i < n; ++i) d[i] = f16_to_f32(s[i]);
 }
 
-const bool g_has_f16c = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx2");
+// F16C through cpuid (leaf 1, ecx): clang 14's __builtin_cpu_supports does not know "f16c", and
+// the fuzz core (fuzz/, clang) carries this backend for the LoRA merge.
+bool cpu_has_f16c() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  return __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C) != 0;
+}
+const bool g_has_f16c = cpu_has_f16c() && __builtin_cpu_supports("avx2");
 
 }  // namespace
 
