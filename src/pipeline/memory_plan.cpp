@@ -2,9 +2,12 @@
 #include "pipeline/memory_plan.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstdio>
 
 #include "core/check.h"
+#include "core/dtype.h"
 #include "core/parallel.h"
 #include "models/vae_internal.h"
 
@@ -339,5 +342,226 @@ Tensor vae_decode_tiled(const VaeDecoder& m, const Tensor& z, int tile, int /*ov
   return vae_decode_tiled_with(m, z, tile, std::vector<int>(cps.begin(), cps.end()));
 }
 
+// ---- the --vram budget planner -----------------------------------------------------------------
+
+int ComponentPlan::streamed_blocks() const {
+  return int(std::count(resident.begin(), resident.end(), false));
+}
+
+namespace {
+
+// A matrix of `rows × cols` in `wdt` (block formats included), and f32 vectors.
+int64_t mat_bytes(int64_t rows, int64_t cols, DType wdt) { return int64_t(dtype_bytes(wdt, rows * cols)); }
+int64_t f32_bytes(int64_t n) { return 4 * n; }
+
+int64_t dit_block_bytes(const DitConfig& cfg, DType wdt, bool modulated) {
+  const int64_t D = cfg.dim, hd = cfg.head_dim(), kv = int64_t(cfg.n_kv_heads) * hd, F = cfg.ffn_hidden();
+  const int64_t A = std::min(cfg.dim, 256);
+  int64_t b = mat_bytes(D, D, wdt) + 2 * mat_bytes(kv, D, wdt) + mat_bytes(D, D, wdt);  // q, k, v, out
+  b += 2 * mat_bytes(F, D, wdt) + mat_bytes(D, F, wdt);                                  // w1, w3, w2
+  b += f32_bytes(2 * hd + 4 * D);                                                        // norms
+  if (modulated) b += mat_bytes(4 * D, A, wdt) + f32_bytes(4 * D);                       // adaLN
+  return b;
+}
+
+double gib(int64_t b) { return double(b) / double(int64_t(1) << 30); }
+
+std::string gib_str(int64_t b) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.2f GiB", gib(b));
+  return buf;
+}
+
+// Marks `k` of the n blocks resident, the streamed ones spread evenly between them, so each
+// streamed block's copy overlaps the compute of the resident blocks before it.
+std::vector<bool> spread_resident(size_t n, size_t k) {
+  std::vector<bool> r(n, true);
+  const size_t s = n - k;
+  for (size_t i = 0; i < n; ++i)
+    if ((i + 1) * s / n > i * s / n) r[i] = false;
+  return r;
+}
+
+// The component's plan under `budget` (-1: everything resident). Throws nothing: the caller
+// compares minimum_bytes with the budget.
+ComponentPlan plan_component(const StreamableComponent& c, int64_t budget, double rate) {
+  ComponentPlan p;
+  p.name = c.name;
+  const size_t n = c.block_bytes.size();
+  p.resident.assign(n, true);
+  int64_t blocks = 0, largest = 0;
+  for (int64_t b : c.block_bytes) {
+    blocks += b;
+    largest = std::max(largest, b);
+  }
+  const int64_t whole = c.fixed_bytes + blocks + c.activation_bytes;
+  p.minimum_bytes = n >= 2 ? c.fixed_bytes + c.activation_bytes + 2 * largest : whole;
+  p.resident_bytes = c.fixed_bytes + blocks;
+  p.predicted_peak_bytes = whole;
+  if (budget < 0 || whole <= budget || n < 2) return p;
+  // Streaming: a ring of 3 slots (two blocks in flight while one computes) when it leaves room
+  // for at least as much as a slot of resident blocks, else 2.
+  const int64_t room3 = budget - c.fixed_bytes - c.activation_bytes - 3 * largest;
+  p.ring_slots = room3 >= largest ? 3 : 2;
+  p.prefetch = p.ring_slots - 1;
+  p.slot_bytes = largest;
+  const int64_t room = std::max<int64_t>(0, budget - c.fixed_bytes - c.activation_bytes - p.ring_slots * largest);
+  // The most blocks that fit, spread evenly.
+  for (size_t k = n - 1;; --k) {
+    std::vector<bool> r = spread_resident(n, k);
+    int64_t kept = 0;
+    for (size_t i = 0; i < n; ++i)
+      if (r[i]) kept += c.block_bytes[i];
+    if (kept <= room || k == 0) {
+      p.resident = r;
+      break;
+    }
+  }
+  p.resident_bytes = c.fixed_bytes;
+  p.streamed_bytes_per_pass = 0;
+  for (size_t i = 0; i < n; ++i) (p.resident[i] ? p.resident_bytes : p.streamed_bytes_per_pass) += c.block_bytes[i];
+  p.host_pinned_bytes = p.streamed_bytes_per_pass;
+  p.streamed_bytes_phase = p.streamed_bytes_per_pass * std::max<int64_t>(1, c.passes);
+  p.predicted_peak_bytes = p.resident_bytes + p.ring_slots * p.slot_bytes + c.activation_bytes;
+  if (rate > 0) p.predicted_copy_seconds_per_pass = double(p.streamed_bytes_per_pass) / rate;
+  return p;
+}
+
+// The decode under `budget` (-1: as --vae-tile says, so 0 here): tile and peak.
+void plan_vae(const VramPlanInput& in, int64_t budget, VramPlan& p) {
+  p.vae_tile = 0;
+  if (!in.vae_on_device || in.latent_h <= 0 || in.latent_w <= 0) return;
+  const int64_t whole = in.vae_weight_bytes + vae_decode_peak_bytes(in.vae, in.latent_h, in.latent_w);
+  p.vae_peak_bytes = whole;
+  if (budget < 0 || whole <= budget) return;
+  const int t = vae_pick_tile(in.vae, in.latent_h, in.latent_w, budget - in.vae_weight_bytes);
+  p.vae_tile = t >= in.latent_h && t >= in.latent_w ? 0 : t;
+  p.vae_peak_bytes = in.vae_weight_bytes + vae_decode_tiled_peak_bytes(in.vae, in.latent_h, in.latent_w, t);
+}
+
+int64_t vae_minimum_bytes(const VramPlanInput& in) {
+  if (!in.vae_on_device || in.latent_h <= 0 || in.latent_w <= 0) return 0;
+  return in.vae_weight_bytes + vae_decode_tiled_peak_bytes(in.vae, in.latent_h, in.latent_w, 16);
+}
+
+}  // namespace
+
+int64_t vram_auto_margin(int64_t free_bytes) {
+  return std::max<int64_t>(int64_t(256) << 20, free_bytes / 20);
+}
+
+std::vector<int64_t> dit_block_weight_bytes(const DitConfig& cfg, DType wdt) {
+  std::vector<int64_t> v;
+  for (int i = 0; i < cfg.n_refiner_layers; ++i) v.push_back(dit_block_bytes(cfg, wdt, true));   // noise_refiner
+  for (int i = 0; i < cfg.n_refiner_layers; ++i) v.push_back(dit_block_bytes(cfg, wdt, false));  // context_refiner
+  for (int i = 0; i < cfg.n_layers; ++i) v.push_back(dit_block_bytes(cfg, wdt, true));
+  return v;
+}
+
+int64_t dit_fixed_weight_bytes(const DitConfig& cfg, DType wdt) {
+  const int64_t D = cfg.dim, A = std::min(cfg.dim, 256), Cf = cfg.cap_feat_dim;
+  const int64_t P = int64_t(cfg.patch_size) * cfg.patch_size * cfg.f_patch_size * cfg.in_channels;
+  return mat_bytes(D, P, wdt) + f32_bytes(D)                            // x_embedder
+         + mat_bytes(1024, 256, wdt) + f32_bytes(1024)                  // t_embedder.mlp.0
+         + mat_bytes(A, 1024, wdt) + f32_bytes(A)                       // t_embedder.mlp.2
+         + f32_bytes(Cf) + mat_bytes(D, Cf, wdt) + f32_bytes(D)         // cap_embedder
+         + f32_bytes(2 * D)                                             // pad tokens
+         + mat_bytes(D, A, wdt) + f32_bytes(D) + mat_bytes(P, D, wdt) + f32_bytes(P);  // final layer
+}
+
+std::vector<int64_t> qwen3_block_weight_bytes(const Qwen3Config& cfg, DType wdt) {
+  const int64_t H = cfg.hidden_size, q = int64_t(cfg.num_attention_heads) * cfg.head_dim,
+                kv = int64_t(cfg.num_key_value_heads) * cfg.head_dim, I = cfg.intermediate_size;
+  const int64_t b = mat_bytes(q, H, wdt) + 2 * mat_bytes(kv, H, wdt) + mat_bytes(H, q, wdt) +
+                    3 * mat_bytes(I, H, wdt) + f32_bytes(2 * H + 2 * cfg.head_dim);
+  return std::vector<int64_t>(size_t(std::max(0, cfg.num_hidden_layers - 1)), b);
+}
+
+int64_t qwen3_fixed_weight_bytes(const Qwen3Config& cfg, DType wdt) {
+  return mat_bytes(cfg.vocab_size, cfg.hidden_size, wdt);
+}
+
+int64_t estimate_text_activation_bytes(const Qwen3Config& cfg, int tokens) {
+  const int64_t S = tokens;
+  return 4 * S * (6 * int64_t(cfg.hidden_size) + 3 * int64_t(cfg.intermediate_size)) +
+         4 * int64_t(cfg.num_attention_heads) * S * S;
+}
+
+VramPlan plan_vram(const VramPlanInput& in) {
+  VramPlan p;
+  p.h2d_bytes_per_second = in.h2d_bytes_per_second;
+  const StreamableComponent* comps[2] = {&in.text, &in.dit};
+  // The least budget this image size can run under, and what everything resident needs.
+  int64_t minimum = vae_minimum_bytes(in), resident_need = 0;
+  for (const StreamableComponent* c : comps) {
+    const ComponentPlan whole = plan_component(*c, -1, 0);
+    minimum = std::max(minimum, whole.minimum_bytes);
+    resident_need = std::max(resident_need, whole.predicted_peak_bytes);
+  }
+  p.minimum_bytes = minimum;
+  const std::string size = str_cat(in.width, "x", in.height);
+  int64_t budget = in.budget_bytes;
+  if (budget >= 0) {
+    if (in.card_bytes > 0 && budget > in.card_bytes) {
+      p.clamped = true;
+      p.notices.push_back(str_cat("--vram ", gib_str(budget), " is more than the card's ", gib_str(in.card_bytes),
+                                  ": using ", gib_str(in.card_bytes)));
+      budget = in.card_bytes;
+    }
+    if (budget < minimum)
+      throw UsageError(str_cat("--vram ", gib_str(budget), " is below the minimum of ", gib_str(minimum), " for ", size,
+                               " (the largest phase with two blocks streaming and the smallest VAE tile)"));
+  } else if (in.free_bytes > 0 && std::max(resident_need, vae_minimum_bytes(in)) > in.free_bytes) {
+    budget = in.free_bytes - vram_auto_margin(in.free_bytes);
+    p.automatic = true;
+    if (budget < minimum)
+      throw UsageError(str_cat("the model needs ", gib_str(resident_need), " of device memory at ", size, ", ",
+                               gib_str(in.free_bytes), " is free, and streaming needs at least ", gib_str(minimum),
+                               " (--vram; free memory less a margin of ", gib_str(vram_auto_margin(in.free_bytes)), ")"));
+    p.notices.push_back(str_cat("the model does not fit the ", gib_str(in.free_bytes),
+                                " of free device memory: streaming under a budget of ", gib_str(budget),
+                                " (free memory less a margin; set it with --vram)"));
+  }
+  p.budget_bytes = budget;
+  p.text = plan_component(in.text, budget, in.h2d_bytes_per_second);
+  p.dit = plan_component(in.dit, budget, in.h2d_bytes_per_second);
+  plan_vae(in, budget, p);
+  return p;
+}
+
+std::string format_vram_plan(const VramPlan& p) {
+  auto mib = [](int64_t b) { return double(b) / (1 << 20); };
+  std::string s;
+  char buf[512];
+  if (p.budget_bytes < 0) {
+    s += "plan        no device budget: every weight resident\n";
+  } else {
+    std::snprintf(buf, sizeof buf, "plan        budget %.1f MiB%s (minimum for this size %.1f MiB)\n", mib(p.budget_bytes),
+                  p.clamped ? " (clamped to the card)" : p.automatic ? " (from free memory)" : "", mib(p.minimum_bytes));
+    s += buf;
+  }
+  for (const ComponentPlan* c : {&p.text, &p.dit}) {
+    if (c->resident.empty()) continue;
+    std::snprintf(buf, sizeof buf,
+                  "  %-12s resident %.1f MiB, %d of %zu blocks streamed (ring %d x %.1f MiB, prefetch %d), "
+                  "streamed %.1f MiB/pass, host pinned %.1f MiB, predicted peak %.1f MiB",
+                  c->name.c_str(), mib(c->resident_bytes), c->streamed_blocks(), c->resident.size(), c->ring_slots,
+                  mib(c->slot_bytes), c->prefetch, mib(c->streamed_bytes_per_pass), mib(c->host_pinned_bytes),
+                  mib(c->predicted_peak_bytes));
+    s += buf;
+    if (c->ring_slots > 0 && p.h2d_bytes_per_second > 0) {
+      std::snprintf(buf, sizeof buf, ", copy floor %.3f s/pass at %.1f GB/s", c->predicted_copy_seconds_per_pass,
+                    p.h2d_bytes_per_second / 1e9);
+      s += buf;
+    }
+    s += "\n";
+  }
+  if (p.vae_peak_bytes > 0) {
+    std::snprintf(buf, sizeof buf, "  %-12s %s, predicted peak %.1f MiB\n", "vae",
+                  p.vae_tile ? str_cat("tile ", p.vae_tile * 8, " px").c_str() : "untiled", mib(p.vae_peak_bytes));
+    s += buf;
+  }
+  return s;
+}
 
 }  // namespace zi

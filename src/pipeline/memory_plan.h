@@ -1,9 +1,10 @@
 // The memory plan: every peak estimate of the engine in one place (the VAE decode's, whole and
 // tiled, by replaying its allocations; the denoising phase's activations), and the choices made
-// from them (the tiled decode's checkpoints, the tile that fits a budget). The --vram budget
-// planner extends this file.
+// from them (the tiled decode's checkpoints, the tile that fits a budget), and the --vram
+// budget planner (plan_vram).
 #pragma once
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "core/tensor.h"
@@ -71,5 +72,91 @@ int vae_pick_tile(const VaeConfig& cfg, int64_t budget_bytes);
 // [latent_channels, h, w] latent fits `budget_bytes`, output image included; 16 when none
 // fits. A tile >= h and >= w means the untiled decode fits.
 int vae_pick_tile(const VaeConfig& cfg, int h, int w, int64_t budget_bytes);
+
+// ---- the --vram budget planner -----------------------------------------------------------------
+// A budget for everything zimage allocates on the device in a phase (weights, activations,
+// workspaces, the streaming ring; the CUDA context is apart). The phases run one after another
+// and each frees its component, so each phase's plan must fit the budget on its own. Within a
+// component, the weights outside the repeated blocks (embeddings, final layers) stay resident;
+// of the blocks, as many as fit stay resident and the rest stream from a pinned host copy
+// through a ring of device slots (each as large as the largest block), the copy of the next
+// blocks overlapping the compute of the current one.
+
+// A component whose repeated blocks may stream, blocks in the order the forward runs them.
+struct StreamableComponent {
+  std::string name;                  // "text_encoder", "transformer"
+  int64_t fixed_bytes = 0;           // weights outside the blocks: always resident
+  std::vector<int64_t> block_bytes;  // each block's weights in their compute dtype
+  int64_t activation_bytes = 0;      // activations and workspaces at the phase's peak
+  int64_t passes = 1;                // forward passes over the blocks in the phase (steps × (1 + cfg))
+};
+
+// How one component runs under the budget.
+struct ComponentPlan {
+  std::string name;
+  std::vector<bool> resident;          // per block; all true when nothing streams
+  int ring_slots = 0;                  // device slots of the streaming ring (0: nothing streams)
+  int prefetch = 0;                    // blocks copied ahead of the one computing (ring_slots − 1)
+  int64_t slot_bytes = 0;              // bytes of one slot: the largest streamed block
+  int64_t resident_bytes = 0;          // fixed weights + resident blocks
+  int64_t streamed_bytes_per_pass = 0; // bytes copied host → device in one forward pass
+  int64_t streamed_bytes_phase = 0;    // in the whole phase (× passes)
+  int64_t host_pinned_bytes = 0;       // the streamed blocks' pinned host copy (the only host copy)
+  int64_t predicted_peak_bytes = 0;    // resident + ring + activations
+  int64_t minimum_bytes = 0;           // the least budget it can run under (2 slots, nothing resident)
+  double predicted_copy_seconds_per_pass = 0;  // streamed bytes ÷ the measured host → device rate
+  int streamed_blocks() const;
+};
+
+struct VramPlanInput {
+  int64_t budget_bytes = -1;  // --vram; -1: none (planned from free memory when the model does not fit)
+  int64_t card_bytes = 0;     // the device's total memory (a larger budget is clamped to it); 0: unknown
+  int64_t free_bytes = 0;     // free device memory now (the budget without --vram); 0: unknown
+  StreamableComponent text, dit;  // text.block_bytes empty: the encode phase does not run on the device
+  bool vae_on_device = true;
+  VaeConfig vae;
+  int64_t vae_weight_bytes = 0;
+  int latent_h = 0, latent_w = 0;  // the decode's latent size
+  int width = 0, height = 0;       // the image size (for messages)
+  double h2d_bytes_per_second = 0; // measured pinned host → device rate; 0: unknown (no prediction)
+};
+
+struct VramPlan {
+  int64_t budget_bytes = -1;     // the budget applied; -1: none (everything resident)
+  bool clamped = false;          // --vram was above the card and was clamped to it
+  bool automatic = false;        // no --vram, the model did not fit the free memory: budget from it
+  std::vector<std::string> notices;  // one line each (clamping, automatic budget)
+  ComponentPlan text, dit;
+  int vae_tile = 0;              // decode tile in latent pixels (0: untiled)
+  int64_t vae_peak_bytes = 0;    // the decode's weights + estimated peak with that tile
+  int64_t minimum_bytes = 0;     // the least budget for this image size (max over the phases)
+  double h2d_bytes_per_second = 0;
+  bool streams() const { return text.ring_slots > 0 || dit.ring_slots > 0; }
+};
+
+// Margin kept free when the budget is chosen from free memory (no --vram): 5 % of the free
+// memory, at least 256 MiB.
+int64_t vram_auto_margin(int64_t free_bytes);
+
+// Plans the three phases under in.budget_bytes. Throws zi::UsageError naming --vram and the
+// minimum for the image size when the budget is below it; a budget above in.card_bytes is
+// clamped to it with a notice. Without a budget, everything stays resident when it fits
+// in.free_bytes (or free memory is unknown), else the budget is the free memory less
+// vram_auto_margin (an error naming the minimum when even that is too small).
+VramPlan plan_vram(const VramPlanInput& in);
+
+// The weight bytes of the transformer's blocks in forward order (noise_refiner, context_refiner,
+// layers) and of the rest, matrices in `wdt`, norms and biases f32 (as load_zimage_dit binds them).
+std::vector<int64_t> dit_block_weight_bytes(const DitConfig& cfg, DType wdt);
+int64_t dit_fixed_weight_bytes(const DitConfig& cfg, DType wdt);
+// The same for the text encoder (layers 0 … n−2; fixed: the embedding table).
+std::vector<int64_t> qwen3_block_weight_bytes(const Qwen3Config& cfg, DType wdt);
+int64_t qwen3_fixed_weight_bytes(const Qwen3Config& cfg, DType wdt);
+// Activation bytes of the text encoder over `tokens` tokens: ~6 × [S, hidden] and 3 × [S, inter]
+// f32, and one head's attention scores per head ([heads, S, S] f32).
+int64_t estimate_text_activation_bytes(const Qwen3Config& cfg, int tokens);
+
+// The plan as text, one phase a line, for --memory-report.
+std::string format_vram_plan(const VramPlan& p);
 
 }  // namespace zi

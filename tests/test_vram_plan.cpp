@@ -1,0 +1,206 @@
+// The --vram planner (pipeline/memory_plan.h, plan_vram): choices, minimum, clamping, the
+// automatic budget and predicted peaks within the budget, for the real model's sizes (from
+// its configs, nothing loaded) across many budgets and image sizes.
+#include <gtest/gtest.h>
+
+#include <string>
+
+#include "core/check.h"
+#include "io/checkpoint.h"
+#include "pipeline/memory_plan.h"
+
+using namespace zi;
+
+namespace {
+
+constexpr int64_t kGiB = int64_t(1) << 30;
+
+// The real Z-Image model's plan input at width × height (bf16 weights, 512 caption tokens).
+VramPlanInput real_input(int width, int height, int64_t budget, int steps = 8) {
+  VramPlanInput in;
+  const DitConfig dc;
+  const Qwen3Config tc;
+  in.budget_bytes = budget;
+  in.width = width;
+  in.height = height;
+  in.text.name = "text_encoder";
+  in.text.fixed_bytes = qwen3_fixed_weight_bytes(tc, DType::BF16);
+  in.text.block_bytes = qwen3_block_weight_bytes(tc, DType::BF16);
+  in.text.activation_bytes = estimate_text_activation_bytes(tc, 512);
+  in.dit.name = "transformer";
+  in.dit.fixed_bytes = dit_fixed_weight_bytes(dc, DType::BF16);
+  in.dit.block_bytes = dit_block_weight_bytes(dc, DType::BF16);
+  in.dit.activation_bytes = estimate_denoise_activation_bytes(dc.dim, dc.ffn_hidden(), width, height, 512);
+  in.dit.passes = steps;
+  in.vae_weight_bytes = int64_t(100) << 20;
+  in.latent_h = height / 8;
+  in.latent_w = width / 8;
+  in.h2d_bytes_per_second = 50e9;
+  return in;
+}
+
+int64_t sum(const std::vector<int64_t>& v) {
+  int64_t s = 0;
+  for (int64_t x : v) s += x;
+  return s;
+}
+
+}  // namespace
+
+TEST(VramPlan, RealModelSizesMatchTheCheckpoint) {
+  // The transformer in bf16 is 6.15 B parameters: 11.5 GiB, 34 blocks (2 + 2 + 30).
+  const DitConfig dc;
+  const std::vector<int64_t> b = dit_block_weight_bytes(dc, DType::BF16);
+  ASSERT_EQ(b.size(), 34u);
+  const double total = double(sum(b) + dit_fixed_weight_bytes(dc, DType::BF16)) / kGiB;
+  EXPECT_GT(total, 11.2);
+  EXPECT_LT(total, 11.8);
+  EXPECT_LT(b[2], b[0]);  // the context refiner has no adaLN
+  // q8_0 is about half of bf16.
+  EXPECT_LT(sum(dit_block_weight_bytes(dc, DType::Q8_0)), sum(b) * 6 / 10);
+  // Qwen3-4B without its last layer: 35 layers.
+  EXPECT_EQ(qwen3_block_weight_bytes(Qwen3Config{}, DType::BF16).size(), 35u);
+}
+
+TEST(VramPlan, NoBudgetKeepsEverythingResident) {
+  const VramPlan p = plan_vram(real_input(1024, 1024, -1));
+  EXPECT_EQ(p.budget_bytes, -1);
+  EXPECT_FALSE(p.streams());
+  EXPECT_EQ(p.dit.streamed_blocks(), 0);
+  EXPECT_EQ(p.vae_tile, 0);
+  EXPECT_TRUE(p.notices.empty());
+}
+
+TEST(VramPlan, PredictedPeakStaysWithinEveryBudgetAndSize) {
+  for (int side : {512, 768, 1024, 1536}) {
+    int prev_resident = -1;
+    int64_t prev_streamed = INT64_MAX;
+    const int64_t minimum = plan_vram(real_input(side, side, -1)).minimum_bytes;
+    for (double g : {2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 16.0, 24.0}) {
+      const int64_t budget = int64_t(g * double(kGiB));
+      if (budget < minimum) {
+        EXPECT_THROW(plan_vram(real_input(side, side, budget)), UsageError) << side << " " << g;
+        continue;
+      }
+      const VramPlan p = plan_vram(real_input(side, side, budget));
+      SCOPED_TRACE(testing::Message() << side << "² at " << g << " GiB");
+      EXPECT_EQ(p.budget_bytes, budget);
+      EXPECT_LE(p.dit.predicted_peak_bytes, budget);
+      EXPECT_LE(p.text.predicted_peak_bytes, budget);
+      EXPECT_LE(p.vae_peak_bytes, budget);
+      // More budget: never fewer resident blocks, never more streamed bytes.
+      const int resident = int(p.dit.resident.size()) - p.dit.streamed_blocks();
+      EXPECT_GE(resident, prev_resident);
+      EXPECT_LE(p.dit.streamed_bytes_per_pass, prev_streamed);
+      prev_resident = resident;
+      prev_streamed = p.dit.streamed_bytes_per_pass;
+      // Consistency: resident + streamed = all the weights; the pinned copy is what streams.
+      const VramPlanInput in = real_input(side, side, budget);
+      EXPECT_EQ(p.dit.resident_bytes + p.dit.streamed_bytes_per_pass, in.dit.fixed_bytes + sum(in.dit.block_bytes));
+      EXPECT_EQ(p.dit.host_pinned_bytes, p.dit.streamed_bytes_per_pass);
+      EXPECT_EQ(p.dit.streamed_bytes_phase, 8 * p.dit.streamed_bytes_per_pass);
+      if (p.dit.ring_slots > 0) {
+        EXPECT_GE(p.dit.ring_slots, 2);
+        EXPECT_EQ(p.dit.prefetch, p.dit.ring_slots - 1);
+        EXPECT_NEAR(p.dit.predicted_copy_seconds_per_pass, double(p.dit.streamed_bytes_per_pass) / 50e9, 1e-9);
+      } else {
+        EXPECT_EQ(p.dit.streamed_blocks(), 0);
+      }
+    }
+  }
+}
+
+TEST(VramPlan, BudgetsAtTheDoneWhenPoints) {
+  // 4 GiB at 1024²: the transformer streams most blocks, the text encoder streams too.
+  const VramPlan p4 = plan_vram(real_input(1024, 1024, 4 * kGiB));
+  EXPECT_GT(p4.dit.streamed_blocks(), 20);
+  EXPECT_LT(p4.dit.streamed_blocks(), 34);
+  EXPECT_GT(p4.text.streamed_blocks(), 0);
+  // 12 GiB: all but a few transformer blocks resident, the text encoder (7.5 GiB) whole.
+  const VramPlan p12 = plan_vram(real_input(1024, 1024, 12 * kGiB));
+  EXPECT_GT(p12.dit.streamed_blocks(), 0);
+  EXPECT_LE(p12.dit.streamed_blocks(), 6);
+  EXPECT_EQ(p12.text.streamed_blocks(), 0);
+  // 16 GiB: nothing streams.
+  EXPECT_FALSE(plan_vram(real_input(1024, 1024, 16 * kGiB)).streams());
+}
+
+TEST(VramPlan, StreamedBlocksAreSpreadBetweenResidentOnes) {
+  const VramPlan p = plan_vram(real_input(1024, 1024, 8 * kGiB));
+  const std::vector<bool>& r = p.dit.resident;
+  ASSERT_GT(p.dit.streamed_blocks(), 1);
+  ASSERT_LT(p.dit.streamed_blocks(), int(r.size()) - 1);
+  // No two streamed blocks in a row while resident ones remain to separate them.
+  const int s = p.dit.streamed_blocks(), n = int(r.size());
+  if (2 * s <= n) {
+    for (int i = 0; i + 1 < n; ++i) EXPECT_FALSE(!r[size_t(i)] && !r[size_t(i) + 1]) << i;
+  }
+}
+
+TEST(VramPlan, BudgetBelowTheMinimumNamesIt) {
+  const VramPlan p = plan_vram(real_input(1024, 1024, -1));
+  ASSERT_GT(p.minimum_bytes, kGiB);
+  try {
+    plan_vram(real_input(1024, 1024, p.minimum_bytes - 1));
+    FAIL() << "no error";
+  } catch (const UsageError& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("--vram"), std::string::npos) << m;
+    EXPECT_NE(m.find("minimum"), std::string::npos) << m;
+    EXPECT_NE(m.find("1024x1024"), std::string::npos) << m;
+    EXPECT_EQ(m.find('\n'), std::string::npos) << m;
+  }
+  EXPECT_NO_THROW(plan_vram(real_input(1024, 1024, p.minimum_bytes)));
+  // A larger image needs more: its minimum is higher.
+  EXPECT_GT(plan_vram(real_input(2048, 2048, -1)).minimum_bytes, p.minimum_bytes);
+}
+
+TEST(VramPlan, BudgetAboveTheCardIsClampedWithANotice) {
+  VramPlanInput in = real_input(1024, 1024, 200 * kGiB);
+  in.card_bytes = 80 * kGiB;
+  const VramPlan p = plan_vram(in);
+  EXPECT_TRUE(p.clamped);
+  EXPECT_EQ(p.budget_bytes, 80 * kGiB);
+  ASSERT_EQ(p.notices.size(), 1u);
+  EXPECT_NE(p.notices[0].find("--vram"), std::string::npos);
+  EXPECT_FALSE(p.streams());
+}
+
+TEST(VramPlan, WithoutABudgetTheFreeMemoryDecidesWhenTheModelDoesNotFit) {
+  VramPlanInput in = real_input(1024, 1024, -1);
+  in.free_bytes = 40 * kGiB;  // fits: everything resident, no budget
+  EXPECT_EQ(plan_vram(in).budget_bytes, -1);
+  in.free_bytes = 7 * kGiB;  // does not fit: free memory less the margin
+  const VramPlan p = plan_vram(in);
+  EXPECT_TRUE(p.automatic);
+  EXPECT_EQ(p.budget_bytes, 7 * kGiB - vram_auto_margin(7 * kGiB));
+  EXPECT_TRUE(p.streams());
+  EXPECT_LE(p.dit.predicted_peak_bytes, p.budget_bytes);
+  ASSERT_EQ(p.notices.size(), 1u);
+  in.free_bytes = kGiB;  // not even streaming fits
+  EXPECT_THROW(plan_vram(in), UsageError);
+}
+
+TEST(VramPlan, AnImageThatOnlyFitsWithATiledDecode) {
+  // 2048² under 6 GiB: the untiled decode needs more, so the planner picks a tile.
+  const VramPlanInput in = real_input(2048, 2048, 6 * kGiB, 1);
+  const int64_t untiled = in.vae_weight_bytes + vae_decode_peak_bytes(in.vae, 256, 256);
+  ASSERT_GT(untiled, 6 * kGiB);
+  const VramPlan p = plan_vram(in);
+  EXPECT_GT(p.vae_tile, 0);
+  EXPECT_LT(p.vae_tile, 256);
+  EXPECT_LE(p.vae_peak_bytes, 6 * kGiB);
+  // Without a budget the decode is left as --vae-tile says.
+  EXPECT_EQ(plan_vram(real_input(2048, 2048, -1, 1)).vae_tile, 0);
+}
+
+TEST(VramPlan, ReportNamesEveryPhase) {
+  const std::string s = format_vram_plan(plan_vram(real_input(1024, 1024, 6 * kGiB)));
+  EXPECT_NE(s.find("budget 6144.0 MiB"), std::string::npos) << s;
+  EXPECT_NE(s.find("transformer"), std::string::npos) << s;
+  EXPECT_NE(s.find("text_encoder"), std::string::npos) << s;
+  EXPECT_NE(s.find("streamed"), std::string::npos) << s;
+  EXPECT_NE(s.find("host pinned"), std::string::npos) << s;
+  EXPECT_NE(s.find("copy floor"), std::string::npos) << s;
+  EXPECT_NE(s.find("vae"), std::string::npos) << s;
+}
