@@ -6,6 +6,7 @@
 #include <fstream>
 
 #include "backends/cuda/cuda_ops.h"
+#include "core/check.h"
 #include "core/tensor.h"
 
 namespace zi::device {
@@ -42,6 +43,66 @@ void copy_strided_gpu(const Tensor& src, const Tensor& dst) { cuda_copy_strided(
 void upload_convert(const void* src, DType st, int64_t n, Tensor& dst) { cuda::upload_convert(src, st, n, dst); }
 UploadStats upload_stats() { return cuda::upload_stats(); }
 
+// ---- block streaming ----
+
+void* alloc_pinned(Device d, size_t bytes, Tag tag) {
+  if (d == Device::CPU) return host_alloc(bytes, tag);
+  void* p = cuda::pinned_alloc(bytes);
+  memory_stats(Device::CPU).on_alloc(bytes, tag);
+  return p;
+}
+
+void free_pinned(Device d, void* p, size_t bytes, Tag tag) {
+  if (!p) return;
+  if (d == Device::CPU) return host_free(p, bytes, tag);
+  cuda::pinned_free(p);
+  memory_stats(Device::CPU).on_free(bytes, tag);
+}
+
+double measure_h2d_rate(Device d, size_t bytes) {
+  if (d == Device::CPU) return 0;
+  static const double rate = cuda::measure_h2d_rate(bytes);
+  return rate;
+}
+
+SlotRing::SlotRing(Device d, int slots, size_t slot_bytes, Tag tag) : dev_(d), bytes_(slot_bytes), tag_(tag) {
+  ZI_CHECK(slots >= 1 && slot_bytes > 0, "[SlotRing] needs at least one slot of some bytes");
+  for (int i = 0; i < slots; ++i) slot_.push_back(alloc(d, slot_bytes, tag));
+  if (d == Device::CUDA) {
+    impl_ = cuda::ring_create(slots);
+    cuda::synchronize();  // the slots' stream-ordered allocations are usable by the copy stream
+  }
+}
+
+SlotRing::~SlotRing() {
+  if (impl_) {
+    cuda::ring_drain(impl_);
+    cuda::synchronize();  // no kernel still reads a slot
+    cuda::ring_destroy(impl_);
+  }
+  for (void* p : slot_) free(dev_, p, bytes_, tag_);
+}
+
+void SlotRing::fill(int i, const void* host, size_t bytes) {
+  ZI_CHECK(i >= 0 && i < slots() && bytes <= bytes_, "[SlotRing] fill of ", bytes, " bytes into slot ", i, " of ",
+           slots(), " x ", bytes_);
+  if (dev_ == Device::CPU) std::memcpy(slot_[size_t(i)], host, bytes);
+  else cuda::ring_fill(impl_, i, slot_[size_t(i)], host, bytes);
+  copied_ += int64_t(bytes);
+}
+
+void SlotRing::acquire(int i) {
+  if (impl_) cuda::ring_acquire(impl_, i);
+}
+
+void SlotRing::release(int i) {
+  if (impl_) cuda::ring_release(impl_, i);
+}
+
+void SlotRing::drain() {
+  if (impl_) cuda::ring_drain(impl_);
+}
+
 void synchronize(Device d) {
   if (d == Device::CUDA) cuda::synchronize();
 }
@@ -57,6 +118,8 @@ int64_t host_available_bytes() {
   return int64_t(4) << 30;
 }
 }  // namespace
+
+int64_t memory_total_bytes(Device d) { return d == Device::CUDA ? cuda::memory_total_bytes() : 0; }
 
 int64_t memory_free_bytes(Device d) { return d == Device::CUDA ? cuda::memory_free_bytes() : host_available_bytes(); }
 

@@ -8,7 +8,9 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
+#include <vector>
 
 #include "core/allocator.h"
 #include "core/dtype.h"
@@ -43,9 +45,51 @@ struct UploadStats {
 };
 UploadStats upload_stats();
 
+// ---- block streaming (--vram, io/weight_stream.h) ----
+// Host memory the device copies from at full speed: page-locked on CUDA, plain on the CPU;
+// accounted in memory_stats(Device::CPU) under `tag`.
+void* alloc_pinned(Device d, size_t bytes, Tag tag);
+void free_pinned(Device d, void* p, size_t bytes, Tag tag);
+// Pinned host → device bytes per second, measured once per process with a copy of `bytes`
+// (later calls return the first measurement); 0 on the CPU.
+double measure_h2d_rate(Device d, size_t bytes = size_t(256) << 20);
+
+// A ring of `slots` device buffers of `slot_bytes` (accounted under `tag`), filled from pinned
+// host memory on a copy stream of their own and ordered against the compute stream by events:
+// fill(i) first waits until the compute stream has passed the last release(i), acquire(i)
+// makes the compute stream wait until fill(i) has landed. So block k+1's copy runs while block
+// k computes. On the CPU the slots are host memory and the copies plain memcpy, so the
+// streaming logic above it runs (and is tested) without a GPU.
+class SlotRing {
+ public:
+  SlotRing(Device d, int slots, size_t slot_bytes, Tag tag);
+  ~SlotRing();
+  SlotRing(const SlotRing&) = delete;
+  SlotRing& operator=(const SlotRing&) = delete;
+  Device device() const { return dev_; }
+  int slots() const { return int(slot_.size()); }
+  size_t slot_bytes() const { return bytes_; }
+  void* slot(int i) const { return slot_[size_t(i)]; }
+  // Queues the copy of host[0, bytes) (pinned) to the start of slot i; returns at once on CUDA.
+  void fill(int i, const void* host, size_t bytes);
+  void acquire(int i);  // the compute stream waits for slot i's last fill
+  void release(int i);  // slot i's reader has been queued on the compute stream
+  void drain();         // waits for every queued fill
+  int64_t bytes_copied() const { return copied_; }
+
+ private:
+  Device dev_;
+  size_t bytes_;
+  Tag tag_;
+  std::vector<void*> slot_;
+  void* impl_ = nullptr;  // the CUDA side's streams and events
+  int64_t copied_ = 0;
+};
+
 // ---- synchronisation, memory information, trimming ----
 void synchronize(Device d);            // waits for all queued work of the device
 int64_t memory_free_bytes(Device d);   // GPU: free memory plus the pool's cache; CPU: MemAvailable
+int64_t memory_total_bytes(Device d);  // GPU: the card's memory; CPU: 0 (unknown)
 // Bytes the device's allocator may keep cached after frees (--cache-limit).
 void set_cache_limit(Device d, size_t bytes);
 void trim(Device d);  // returns every cached block to the system / driver

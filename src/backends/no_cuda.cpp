@@ -25,6 +25,7 @@ std::string unavailable_reason() { return "this zimage was built without CUDA (r
 std::string profile_report() { return ""; }
 std::string device_description() { return "none (built without CUDA)"; }
 int64_t memory_free_bytes() { return 0; }
+int64_t memory_total_bytes() { return 0; }
 void synchronize() {}
 void set_cache_limit(size_t) {}
 void trim_cache() {}
@@ -32,5 +33,14 @@ PoolStats pool_stats() { return {}; }
 void reset_pool_peaks() {}
 void upload_convert(const void*, DType, int64_t, Tensor&) { no_cuda(); }
 UploadStats upload_stats() { return {}; }
+void* pinned_alloc(size_t) { no_cuda(); }
+void pinned_free(void*) {}
+void* ring_create(int) { no_cuda(); }
+void ring_destroy(void*) {}
+void ring_fill(void*, int, void*, const void*, size_t) { no_cuda(); }
+void ring_acquire(void*, int) { no_cuda(); }
+void ring_release(void*, int) { no_cuda(); }
+void ring_drain(void*) {}
+double measure_h2d_rate(size_t) { return 0; }
 }  // namespace cuda
 }  // namespace zi

@@ -51,6 +51,7 @@ struct GenerateArgs {
   bool lora_strict = false;
   int count = 1;
   int64_t cache_limit_mib = -1;
+  std::string vram;
   std::string device, te_device, vae_device, precision = "bf16";
   std::string controlnet_dtype = "bf16";
   int threads = 0;
@@ -397,6 +398,18 @@ void run(GenerateArgs& a) {
     a.o.vae_device = parse_device(a.vae_device, "--vae-device", dev);
   }
   if (a.cache_limit_mib >= 0) a.o.cache_limit_bytes = a.cache_limit_mib << 20;
+  if (!a.vram.empty()) {
+    double gib = 0;
+    size_t used = 0;
+    try {
+      gib = std::stod(a.vram, &used);
+    } catch (...) {
+      used = 0;
+    }
+    if (used != a.vram.size() || !(gib > 0) || gib > 1e6)
+      throw UsageError(str_cat("--vram must be a positive number of GiB, got '", a.vram, "'"));
+    a.o.vram_bytes = int64_t(gib * double(int64_t(1) << 30));
+  }
   a.o.controlnet_dtype = parse_dtype_flag(a.controlnet_dtype, "--controlnet-dtype");
   // Image-conditioned modes: without -W/-H the output takes the input image's size.
   if (!a.given("width") && !a.given("height") && (!a.o.init_image.empty() || !a.o.control_image.empty())) {
@@ -652,6 +665,10 @@ void add_generate(CLI::App& app) {
   reg(c->add_flag("--keep-models", a->keep_models,
                   "with --count: keep every component loaded between images (faster, more memory)"));
   reg(c->add_option("--cache-limit", a->cache_limit_mib, "MiB the allocator may keep cached after frees"));
+  reg(c->add_option("--vram", a->vram,
+                    "GiB of GPU memory the GPU phases may allocate: blocks that do not fit stream from pinned host "
+                    "memory, the VAE decodes in tiles (default: everything resident, or a budget from free memory "
+                    "when the model does not fit; --memory-report prints the plan)"));
   reg(c->add_option("--device", a->device, "where to run: cpu or cuda (default: cuda when a GPU is present)"));
   reg(c->add_option("--text-encoder-device", a->te_device, "run the text encoder on cpu or cuda (default: --device)"));
   reg(c->add_option("--vae-device", a->vae_device, "run the VAE decoder on cpu or cuda (default: --device)"));

@@ -36,6 +36,24 @@ Storage::~Storage() {
   if (owned && data) device::free(device, data, bytes, tag);
 }
 
+Tensor Tensor::unbound(const Shape& shape, DType dt, Device dev, Tag tag) {
+  Tensor t;
+  t.storage_ = std::make_shared<Storage>();
+  t.storage_->bytes = dtype_bytes(dt, shape_numel(shape));
+  t.storage_->device = dev;
+  t.storage_->tag = tag;
+  t.storage_->owned = false;
+  t.dtype_ = dt;
+  t.shape_ = shape;
+  t.strides_ = contiguous_strides(shape);
+  return t;
+}
+
+void Tensor::rebind(void* data) const {
+  ZI_CHECK(storage_ && !storage_->owned && offset_ == 0, "[tensor] rebind needs an unbound() tensor");
+  storage_->data = data;
+}
+
 Tensor Tensor::empty(const Shape& shape, DType dt, Tag tag, Device dev) {
   for (int64_t d : shape) ZI_CHECK(d >= 0, "[tensor] negative dimension in ", shape_str(shape));
   if (dtype_block(dt) > 1)

@@ -57,6 +57,11 @@ class Tensor {
   static Tensor from_vector(const std::vector<float>& values, const Shape& shape, Tag tag = Tag::Activations);
   // Zero-copy, read-only view of host memory owned by someone else (e.g. an mmap).
   static Tensor view_of(const void* data, const Shape& shape, DType dt, std::shared_ptr<const void> keepalive);
+  // Streamed weights (io/weight_stream.h): a tensor on `dev` whose storage nobody owns and
+  // which points where rebind() says (a ring slot while its block computes; null before).
+  static Tensor unbound(const Shape& shape, DType dt, Device dev, Tag tag);
+  // Points the storage of an unbound() tensor, shared by every copy of it, at `data`.
+  void rebind(void* data) const;
 
   bool defined() const { return storage_ != nullptr; }
   DType dtype() const { return dtype_; }

@@ -79,6 +79,22 @@ class WeightLoader {
   // one, runs the patches' checks, and returns an undefined Tensor; nothing is read or
   // allocated. finish() then reports exactly what a real load would.
   void set_check_only(bool on) { check_only_ = on; }
+  bool check_only() const { return check_only_; }
+  // Block streaming (--vram, io/weight_stream.h): the blocks i with streamed[i] load on the
+  // host in their compute dtype, and the model's load_* hands them to a WeightStreamer of
+  // `slots` ring slots on the phase's device.
+  void set_streamed_blocks(std::vector<bool> streamed, int slots) {
+    streamed_ = std::move(streamed);
+    stream_slots_ = slots;
+  }
+  bool streams_blocks() const {
+    for (bool b : streamed_)
+      if (b) return true;
+    return false;
+  }
+  bool block_streamed(size_t i) const { return i < streamed_.size() && streamed_[i]; }
+  int stream_slots() const { return stream_slots_; }
+  Tag tag() const { return tag_; }
 
   // Called after each tensor with the bytes read so far and the total of the store (progress
   // display); set for the current thread by LoadProgressScope.
@@ -109,6 +125,8 @@ class WeightLoader {
   int64_t bytes_ = 0;
   int64_t read_ = 0, total_ = 0;
   bool check_only_ = false;
+  std::vector<bool> streamed_;
+  int stream_slots_ = 0;
 };
 
 // Routes every WeightLoader's progress on this thread to `fn` while alive.

@@ -90,6 +90,11 @@ void decoder_layer(const Qwen3Config& c, const Qwen3Layer& w, Tensor& h, const T
 
 }  // namespace
 
+std::vector<Tensor*> qwen3_layer_tensors(Qwen3Layer& l) {
+  return {&l.input_layernorm, &l.q_proj,   &l.k_proj,  &l.v_proj,    &l.o_proj,
+          &l.q_norm,          &l.k_norm,   &l.post_attention_layernorm, &l.gate_proj, &l.up_proj, &l.down_proj};
+}
+
 Qwen3Encoder load_qwen3_encoder(WeightLoader& loader, const Qwen3Config& cfg, DType wdt) {
   ZI_CHECK(is_float_dtype(wdt) || quant::can_quantize(wdt),
            "[load_qwen3_encoder] weight dtype must be f32, bf16, f16, q8_0, q4_0, q5_0 or fp8, got ", dtype_name(wdt));
@@ -112,7 +117,21 @@ Qwen3Encoder load_qwen3_encoder(WeightLoader& loader, const Qwen3Config& cfg, DT
     m.embed_tokens = loader.load(p + "embed_tokens.weight", {cfg.vocab_size, cfg.hidden_size}, storage_dtype(wdt));
   const int n_used = cfg.num_hidden_layers - 1;  // hidden_states[-2] = output of layer N−2
   m.layers.reserve(size_t(n_used));
-  for (int i = 0; i < n_used; ++i) m.layers.push_back(load_layer(loader, str_cat(p, "layers.", i, "."), cfg, wdt));
+  // Layers the --vram plan streams load on the host and move to the streamer's pinned memory.
+  if (loader.streams_blocks())
+    m.streamer = std::make_shared<WeightStreamer>(loader.device(), loader.stream_slots(), loader.tag());
+  for (int i = 0; i < n_used; ++i) {
+    if (!loader.block_streamed(size_t(i))) {
+      m.layers.push_back(load_layer(loader, str_cat(p, "layers.", i, "."), cfg, wdt));
+      continue;
+    }
+    const Device dev = loader.device();
+    loader.set_device(Device::CPU);
+    Qwen3Layer l = load_layer(loader, str_cat(p, "layers.", i, "."), cfg, wdt);
+    loader.set_device(dev);
+    if (!loader.check_only()) m.streamer->add_block(size_t(i), qwen3_layer_tensors(l));
+    m.layers.push_back(std::move(l));
+  }
   // Present in the checkpoint, never needed (spec §2.5).
   loader.ignore_prefix(str_cat(p, "layers.", n_used, "."));
   loader.ignore_prefix(p + "norm.");
@@ -163,7 +182,10 @@ Tensor qwen3_encode(const Qwen3Encoder& m, const std::vector<int32_t>& ids) {
   cos = ops::to_device(m.ctx, cos);  // where the phase computes (the weights' device)
   sin = ops::to_device(m.ctx, sin);
   Tensor h = ops::embedding(m.embed_tokens, ids, m.ctx.act);               // [S, hidden] f32
-  for (const Qwen3Layer& layer : m.layers) decoder_layer(c, layer, h, cos, sin);
+  for (size_t i = 0; i < m.layers.size(); ++i) {
+    BlockUse in(m.streamer.get(), i);
+    decoder_layer(c, m.layers[i], h, cos, sin);
+  }
   return h;
 }
 

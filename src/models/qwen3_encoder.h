@@ -9,6 +9,7 @@
 #include "core/tensor.h"
 #include "io/checkpoint.h"
 #include "io/weight_loader.h"
+#include "io/weight_stream.h"
 
 namespace zi {
 
@@ -27,6 +28,8 @@ struct Qwen3Layer {
   Tensor up_proj;                   // mlp.up_proj.weight                 [inter, hidden] wdt
   Tensor down_proj;                 // mlp.down_proj.weight               [hidden, inter] wdt
 };
+// Every tensor of a layer (what streams when the layer does).
+std::vector<Tensor*> qwen3_layer_tensors(Qwen3Layer& l);
 
 struct Qwen3Encoder {
   Qwen3Config cfg;
@@ -38,6 +41,8 @@ struct Qwen3Encoder {
   // cast with .to(torch.bfloat16) rounds this buffer to bf16, even if cast back to f32 later;
   // BF16 reproduces such runs (the bundled fixtures were made that way).
   DType rope_freq_dtype = DType::F32;
+  // The layers the --vram plan streams (null: all resident); layer i is block i.
+  std::shared_ptr<WeightStreamer> streamer;
 };
 
 // Loads embed_tokens and layers 0..num_hidden_layers−2 through `loader`. Keys may carry a

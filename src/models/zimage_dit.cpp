@@ -362,6 +362,11 @@ int64_t dit_ffn_chunk_rows(const PhaseContext& ctx) {
 
 int dit_ffn_hidden(const DitConfig& cfg) { return int(double(cfg.dim) / 3.0 * 8.0); }
 
+std::vector<Tensor*> dit_block_tensors(DitBlock& b) {
+  return {&b.to_q,      &b.to_k,      &b.to_v,      &b.to_out, &b.norm_q, &b.norm_k, &b.attention_norm1, &b.attention_norm2,
+          &b.ffn_norm1, &b.ffn_norm2, &b.w1,        &b.w3,     &b.w2,     &b.adaln_w, &b.adaln_b};
+}
+
 DitBlock load_dit_block(WeightLoader& ld, const std::string& prefix, const DitConfig& cfg, DType wdt, bool modulated) {
   return load_block(ld, prefix, cfg, wdt, modulated);
 }
@@ -407,12 +412,23 @@ ZImageDit load_zimage_dit(WeightLoader& ld, const DitConfig& cfg, DType wdt) {
   m.final_adaln_b = ld.load(fl + "adaLN_modulation.1.bias", {D}, f32);
   m.final_w = ld.load(fl + "linear.weight", {P, D}, wdt);
   m.final_b = ld.load(fl + "linear.bias", {P}, f32);
+  // Blocks the --vram plan streams load on the host and move to the streamer's pinned memory.
+  if (ld.streams_blocks()) m.streamer = std::make_shared<WeightStreamer>(ld.device(), ld.stream_slots(), ld.tag());
+  size_t index = 0;
+  auto block = [&](const std::string& prefix, bool modulated) {
+    const size_t i = index++;
+    if (!ld.block_streamed(i)) return load_block(ld, prefix, cfg, bdt, modulated);
+    const Device dev = ld.device();
+    ld.set_device(Device::CPU);
+    DitBlock b = load_block(ld, prefix, cfg, bdt, modulated);
+    ld.set_device(dev);
+    if (!ld.check_only()) m.streamer->add_block(i, dit_block_tensors(b));
+    return b;
+  };
+  for (int i = 0; i < cfg.n_refiner_layers; ++i) m.noise_refiner.push_back(block(str_cat("noise_refiner.", i, "."), true));
   for (int i = 0; i < cfg.n_refiner_layers; ++i)
-    m.noise_refiner.push_back(load_block(ld, str_cat("noise_refiner.", i, "."), cfg, bdt, true));
-  for (int i = 0; i < cfg.n_refiner_layers; ++i)
-    m.context_refiner.push_back(load_block(ld, str_cat("context_refiner.", i, "."), cfg, bdt, false));
-  for (int i = 0; i < cfg.n_layers; ++i)
-    m.layers.push_back(load_block(ld, str_cat("layers.", i, "."), cfg, bdt, true));
+    m.context_refiner.push_back(block(str_cat("context_refiner.", i, "."), false));
+  for (int i = 0; i < cfg.n_layers; ++i) m.layers.push_back(block(str_cat("layers.", i, "."), true));
   return m;
 }
 
@@ -481,6 +497,13 @@ const ZImageDit::RopeCache::Stacked& stacked_rope_tables(const ZImageDit& m, con
 
 }  // namespace
 
+namespace {
+// The blocks' indices for the streamer: noise_refiner, context_refiner, layers, in load order.
+size_t noise_refiner_index(const ZImageDit&, size_t i) { return i; }
+size_t context_refiner_index(const ZImageDit& m, size_t i) { return m.noise_refiner.size() + i; }
+size_t layer_index(const ZImageDit& m, size_t i) { return m.noise_refiner.size() + m.context_refiner.size() + i; }
+}  // namespace
+
 Tensor dit_forward(const ZImageDit& m, const Tensor& latent, float t, const Tensor& cap_feats) {
   const DitConfig& cfg = m.cfg;
   const Geometry g = geometry(cfg, latent, cap_feats);
@@ -490,16 +513,25 @@ Tensor dit_forward(const ZImageDit& m, const Tensor& latent, float t, const Tens
 
   // Image stream, refined alone with modulation (§3.10 steps 2–3).
   Tensor x = embed_image(m, latent, g);  // [Nx, D]
-  for (const DitBlock& b : m.noise_refiner) block_forward(b, cfg, x, c, rope.x, chunk);
+  for (size_t i = 0; i < m.noise_refiner.size(); ++i) {
+    BlockUse in(m.streamer.get(), noise_refiner_index(m, i));
+    block_forward(m.noise_refiner[i], cfg, x, c, rope.x, chunk);
+  }
 
   // Caption stream, refined alone without modulation (steps 4–5).
   Tensor cap = embed_caption(m, cap_feats, g);  // [Lc, D]
-  for (const DitBlock& b : m.context_refiner) block_forward(b, cfg, cap, c, rope.cap, chunk);
+  for (size_t i = 0; i < m.context_refiner.size(); ++i) {
+    BlockUse in(m.streamer.get(), context_refiner_index(m, i));
+    block_forward(m.context_refiner[i], cfg, cap, c, rope.cap, chunk);
+  }
 
   // Unified sequence, image tokens first, then caption tokens (step 6).
   Tensor u = ops::concat0({x, cap});  // [Nx + Lc, D]
   x = cap = Tensor();
-  for (const DitBlock& b : m.layers) block_forward(b, cfg, u, c, rope.u, chunk);  // step 7
+  for (size_t i = 0; i < m.layers.size(); ++i) {  // step 7
+    BlockUse in(m.streamer.get(), layer_index(m, i));
+    block_forward(m.layers[i], cfg, u, c, rope.u, chunk);
+  }
 
   Tensor out = final_layer(m, u, c, g.n);  // [N, p·p·C]  (steps 8–9)
   u = Tensor();
@@ -564,13 +596,17 @@ Tensor dit_forward_control(const ZImageDit& m, const Tensor& latent, float t, co
 
   // Caption stream: the same for the transformer and the ControlNet.
   Tensor cap = embed_caption(m, cap_feats, g);  // [Lc, D]
-  for (const DitBlock& b : m.context_refiner) block_forward(b, cfg, cap, c, rope.cap, chunk);
+  for (size_t i = 0; i < m.context_refiner.size(); ++i) {
+    BlockUse in(m.streamer.get(), context_refiner_index(m, i));
+    block_forward(m.context_refiner[i], cfg, cap, c, rope.cap, chunk);
+  }
 
   // The ControlNet's own image stream: the transformer's noise refiner with the hints added
   // (the transformer's stream gets none of them).
   Tensor xc;
   if (!refiner_hints.empty()) xc = x.clone();
   for (size_t i = 0; i < m.noise_refiner.size(); ++i) {
+    BlockUse in(m.streamer.get(), noise_refiner_index(m, i));
     block_forward(m.noise_refiner[i], cfg, x, c, rope.x, chunk);
     if (xc.defined()) {
       block_forward(m.noise_refiner[i], cfg, xc, c, rope.x, chunk);
@@ -589,7 +625,10 @@ Tensor dit_forward_control(const ZImageDit& m, const Tensor& latent, float t, co
   // Main layers; the control layer whose place is i runs just before its hint is needed.
   size_t k = 0;
   for (size_t i = 0; i < m.layers.size(); ++i) {
-    block_forward(m.layers[i], cfg, u, c, rope.u, chunk);
+    {
+      BlockUse in(m.streamer.get(), layer_index(m, i));
+      block_forward(m.layers[i], cfg, u, c, rope.u, chunk);
+    }
     if (k < cn.layers.size() && size_t(cc.layers_places[k]) == i) {
       Tensor h = control_block(cn.layers[k], cfg, cu, &uc, c, rope.u, chunk);
       if (k == 0) uc = Tensor();  // only the first control block reads it
@@ -635,12 +674,18 @@ std::vector<Tensor> dit_forward_batch(const ZImageDit& m, const std::vector<Tens
   for (size_t i = 0; i < B; ++i) parts.push_back(embed_image(m, latents[i], gs[i]));
   Tensor x = ops::concat0(parts);  // [B·Nx, D]
   parts.clear();
-  for (const DitBlock& b : m.noise_refiner) block_forward(b, cfg, x, c, rope.x, chunk, &seg_x);
+  for (size_t i = 0; i < m.noise_refiner.size(); ++i) {
+    BlockUse in(m.streamer.get(), noise_refiner_index(m, i));
+    block_forward(m.noise_refiner[i], cfg, x, c, rope.x, chunk, &seg_x);
+  }
 
   for (size_t i = 0; i < B; ++i) parts.push_back(embed_caption(m, caps[i], gs[i]));
   Tensor cap = ops::concat0(parts);  // [Σ Lc, D]
   parts.clear();
-  for (const DitBlock& b : m.context_refiner) block_forward(b, cfg, cap, c, rope.cap, chunk, &seg_cap);
+  for (size_t i = 0; i < m.context_refiner.size(); ++i) {
+    BlockUse in(m.streamer.get(), context_refiner_index(m, i));
+    block_forward(m.context_refiner[i], cfg, cap, c, rope.cap, chunk, &seg_cap);
+  }
 
   // Each item's unified sequence [image; caption], items one after another.
   int64_t cap0 = 0;
@@ -652,7 +697,10 @@ std::vector<Tensor> dit_forward_batch(const ZImageDit& m, const std::vector<Tens
   Tensor u = ops::concat0(parts);  // [Σ (Nx + Lc), D]
   parts.clear();
   x = cap = Tensor();
-  for (const DitBlock& b : m.layers) block_forward(b, cfg, u, c, rope.u, chunk, &seg_u);
+  for (size_t i = 0; i < m.layers.size(); ++i) {
+    BlockUse in(m.streamer.get(), layer_index(m, i));
+    block_forward(m.layers[i], cfg, u, c, rope.u, chunk, &seg_u);
+  }
 
   int64_t r0 = 0;
   for (size_t i = 0; i < B; ++i) {

@@ -13,6 +13,7 @@
 #include "core/tensor.h"
 #include "io/checkpoint.h"
 #include "io/weight_loader.h"
+#include "io/weight_stream.h"
 
 namespace zi {
 
@@ -31,6 +32,8 @@ struct DitBlock {
   Tensor adaln_b;              // adaLN_modulation.0.bias              [4·D];    empty in context_refiner
   bool modulated() const { return adaln_w.defined(); }
 };
+// Every tensor of a block (what streams when the block does; add new members here).
+std::vector<Tensor*> dit_block_tensors(DitBlock& b);
 
 struct ZImageDit {
   DitConfig cfg;
@@ -51,6 +54,9 @@ struct ZImageDit {
   // left the GPU idle for tens of milliseconds per step at 1024²). Freed with the model.
   struct RopeCache;
   mutable std::shared_ptr<RopeCache> rope_cache;
+  // The blocks the --vram plan streams (null: all resident). Block i: noise_refiner 0…,
+  // context_refiner next, then layers; the forwards bracket each block with a BlockUse.
+  std::shared_ptr<WeightStreamer> streamer;
 };
 
 struct ZImageControlNet;  // models/controlnet.h

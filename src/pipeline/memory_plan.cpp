@@ -9,6 +9,7 @@
 #include "core/check.h"
 #include "core/dtype.h"
 #include "core/parallel.h"
+#include "io/weight_loader.h"
 #include "models/vae_internal.h"
 
 namespace zi {
@@ -527,6 +528,13 @@ VramPlan plan_vram(const VramPlanInput& in) {
   p.dit = plan_component(in.dit, budget, in.h2d_bytes_per_second);
   plan_vae(in, budget, p);
   return p;
+}
+
+void set_streamed_blocks(WeightLoader& loader, const ComponentPlan* plan) {
+  if (!plan || plan->ring_slots == 0 || loader.device() == Device::CPU) return;
+  std::vector<bool> streamed;
+  for (bool r : plan->resident) streamed.push_back(!r);
+  loader.set_streamed_blocks(std::move(streamed), plan->ring_slots);
 }
 
 std::string format_vram_plan(const VramPlan& p) {

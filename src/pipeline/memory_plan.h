@@ -156,6 +156,11 @@ int64_t qwen3_fixed_weight_bytes(const Qwen3Config& cfg, DType wdt);
 // f32, and one head's attention scores per head ([heads, S, S] f32).
 int64_t estimate_text_activation_bytes(const Qwen3Config& cfg, int tokens);
 
+// Hands a component's plan to its loader: the blocks it streams and the ring's slots (nothing
+// when `plan` is null or streams nothing, or the loader's device is the CPU).
+class WeightLoader;
+void set_streamed_blocks(WeightLoader& loader, const ComponentPlan* plan);
+
 // The plan as text, one phase a line, for --memory-report.
 std::string format_vram_plan(const VramPlan& p);
 

@@ -28,6 +28,31 @@ std::string memory_report_json(const GenerateResult& r) {
   j["peak_bytes"] = r.peak_bytes;
   if (!r.gpu_phases.empty()) j["gpu_peak_bytes"] = r.gpu_peak_bytes;
   j["peak_rss_bytes"] = r.peak_rss_bytes;
+  if (r.vram_plan) {
+    const VramPlan& p = *r.vram_plan;
+    nlohmann::json v;
+    v["budget_bytes"] = p.budget_bytes;
+    v["minimum_bytes"] = p.minimum_bytes;
+    v["clamped"] = p.clamped;
+    v["automatic"] = p.automatic;
+    v["h2d_bytes_per_second"] = p.h2d_bytes_per_second;
+    for (const ComponentPlan* c : {&p.text, &p.dit}) {
+      if (c->resident.empty()) continue;
+      v[c->name] = {{"resident_bytes", c->resident_bytes},
+                    {"streamed_blocks", c->streamed_blocks()},
+                    {"blocks", c->resident.size()},
+                    {"ring_slots", c->ring_slots},
+                    {"slot_bytes", c->slot_bytes},
+                    {"streamed_bytes_per_pass", c->streamed_bytes_per_pass},
+                    {"host_pinned_bytes", c->host_pinned_bytes},
+                    {"predicted_peak_bytes", c->predicted_peak_bytes},
+                    {"predicted_copy_seconds_per_pass", c->predicted_copy_seconds_per_pass}};
+    }
+    v["vae_tile"] = p.vae_tile * 8;
+    v["vae_predicted_peak_bytes"] = p.vae_peak_bytes;
+    j["vram_plan"] = v;
+    j["streamed_bytes"] = r.streamed_bytes;
+  }
   return j.dump(1);
 }
 
@@ -47,6 +72,10 @@ void print_memory_report(const GenerateResult& r, const std::string& json_path) 
   std::fprintf(stderr, "  peak (max over phases) %.1f MiB; process peak RSS %.1f MiB\n", mib(r.peak_bytes),
                mib(r.peak_rss_bytes));
   if (!r.gpu_phases.empty()) std::fprintf(stderr, "  GPU peak (max over phases) %.1f MiB\n", mib(r.gpu_peak_bytes));
+  if (r.vram_plan) {
+    std::fprintf(stderr, "%s", format_vram_plan(*r.vram_plan).c_str());
+    if (r.streamed_bytes > 0) std::fprintf(stderr, "  streamed host -> device: %.1f MiB in all\n", mib(r.streamed_bytes));
+  }
   if (!json_path.empty()) {
     std::string tmp = json_path + ".tmp";
     std::ofstream os(tmp);

@@ -118,7 +118,8 @@ Embeddings run_encode(const PhaseContext& ctx, const ModelSources& src, const Ge
     const double t0 = now_s();
     const TensorStore store = src.open(Component::TextEncoder);
     enc = std::make_unique<Qwen3Encoder>(
-        load_text_encoder(store, mf.text_encoder, o.text_encoder_dtype, o.text_rope_dtype, ctx));
+        load_text_encoder(store, mf.text_encoder, o.text_encoder_dtype, o.text_rope_dtype, ctx,
+                          o.vram_plan ? &o.vram_plan->text : nullptr));
     e.load_seconds += now_s() - t0;
   }
   if (!e.pos.defined()) e.pos = encode_prompt(*enc, *tok, o.prompt, o.max_sequence_length, &e.ids);
@@ -135,6 +136,7 @@ ZImageDit load_transformer(const PhaseContext& ctx, const ModelSources& src, con
   TensorStore store = src.open(Component::Transformer);
   WeightLoader loader(store, Tag::DitWeights, "transformer", ctx);
   loader.set_check_only(check_only);
+  set_streamed_blocks(loader, o.vram_plan ? &o.vram_plan->dit : nullptr);
   std::vector<LoraSpec> specs;
   for (const auto& [path, scale] : o.loras) specs.push_back({path, scale});
   LoraSet loras(load_loras(specs));
@@ -247,6 +249,55 @@ VaeDecoder load_vae(const PhaseContext& ctx, const ModelSources& src, const Gene
   return vae;
 }
 
+// The --vram plan of a run whose latent is h × w (pipeline/memory_plan.h): the phases on the
+// GPU from their configs' sizes, the budget from --vram or free memory, the host → device rate
+// measured once when something streams.
+std::shared_ptr<const VramPlan> make_vram_plan(const GenerateOptions& o, const ModelSources& src, int64_t h, int64_t w) {
+  const ModelFolder& mf = src.folder;
+  // Allocations the estimates do not itemise (RoPE tables, latents, small temporaries).
+  constexpr int64_t kSlack = int64_t(64) << 20;
+  VramPlanInput in;
+  in.budget_bytes = o.vram_bytes;
+  in.card_bytes = device::memory_total_bytes(Device::CUDA);
+  in.free_bytes = device::memory_free_bytes(Device::CUDA);
+  in.width = o.width;
+  in.height = o.height;
+  if (o.text_encoder_device == Device::CUDA && !o.embeddings) {
+    in.text.name = "text_encoder";
+    in.text.fixed_bytes = qwen3_fixed_weight_bytes(mf.text_encoder, storage_dtype(o.text_encoder_dtype));
+    in.text.block_bytes = qwen3_block_weight_bytes(mf.text_encoder, o.text_encoder_dtype);
+    in.text.activation_bytes = estimate_text_activation_bytes(mf.text_encoder, o.max_sequence_length) + kSlack;
+    in.text.passes = o.guidance > 0 ? 2 : 1;
+  }
+  if (o.transformer_device == Device::CUDA) {
+    const DitConfig& dc = mf.transformer;
+    in.dit.name = "transformer";
+    in.dit.fixed_bytes = dit_fixed_weight_bytes(dc, storage_dtype(o.transformer_dtype));
+    in.dit.block_bytes = dit_block_weight_bytes(dc, o.transformer_dtype);
+    in.dit.activation_bytes =
+        estimate_denoise_activation_bytes(dc.dim, dc.ffn_hidden(), o.width, o.height, o.max_sequence_length) + kSlack;
+    in.dit.passes = int64_t(o.steps) * (o.guidance > 0 ? 2 : 1);
+  }
+  in.vae_on_device = o.vae_device == Device::CUDA;
+  if (in.vae_on_device) {
+    const TensorStore store = src.open(Component::Vae);
+    int64_t n = 0;
+    for (const auto& f : store.files())
+      for (const auto& t : f->tensors())
+        if (!t.name.starts_with("encoder.") && !t.name.starts_with("quant_conv.")) n += t.numel();
+    in.vae = mf.vae;
+    in.vae_weight_bytes = int64_t(dtype_bytes(o.vae_dtype, n)) + kSlack;
+    in.latent_h = int(h);
+    in.latent_w = int(w);
+  }
+  VramPlan p = plan_vram(in);
+  if (p.streams()) {
+    in.h2d_bytes_per_second = device::measure_h2d_rate(Device::CUDA);
+    p = plan_vram(in);
+  }
+  return std::make_shared<const VramPlan>(std::move(p));
+}
+
 Tensor run_decode(const PhaseContext& ctx, const ModelSources& src, const GenerateOptions& o, const Tensor& latents,
                   ModelCache* cache, double* load_seconds, int* tile_used) {
   const ModelFolder& mf = src.folder;
@@ -264,7 +315,9 @@ Tensor run_decode(const PhaseContext& ctx, const ModelSources& src, const Genera
   for (int64_t i = 0; i < z.numel(); ++i) zp[i] = zp[i] / sf + sh;
   const int h = int(z.dim(1)), w = int(z.dim(2));
   int tile = o.vae_tile;
-  if (tile < 0) {
+  // Under a --vram budget the plan's tile, unless --vae-tile names one.
+  if (o.vram_plan && o.vram_plan->budget_bytes >= 0 && ctx.device == Device::CUDA && tile <= 0) tile = o.vram_plan->vae_tile;
+  else if (tile < 0) {
     // Auto: untiled when the whole decode fits in half of the memory available where it runs.
     const int64_t avail = device::memory_free_bytes(ctx.device);
     const int64_t budget = avail / 2;
@@ -309,6 +362,12 @@ void validate_generate_options(const GenerateOptions& o) {
     throw UsageError(str_cat("--prompt is not valid UTF-8 (byte ", at, ")"));
   if (size_t at = first_invalid_utf8(o.negative_prompt); at != std::string::npos)
     throw UsageError(str_cat("--negative-prompt is not valid UTF-8 (byte ", at, ")"));
+  if (o.vram_bytes >= 0) {
+    if (!device::gpu_available())
+      throw UsageError(str_cat("--vram budgets GPU memory and there is no GPU: ", device::gpu_unavailable_reason()));
+    if (o.text_encoder_device != Device::CUDA && o.transformer_device != Device::CUDA && o.vae_device != Device::CUDA)
+      throw UsageError("--vram budgets GPU memory and no phase of this run is on the GPU (--device cuda)");
+  }
   if (o.vae_tile != 0 && o.vae_tile != -1 && o.vae_tile < 16)
     throw UsageError(str_cat("--vae-tile must be at least 128 pixels, got ", o.vae_tile * 8));
   for (const auto& [path, scale] : o.loras)
@@ -376,9 +435,10 @@ std::vector<std::string> validate_model_inputs(const GenerateOptions& o) {
   return resolve_model_sources({o.model_dir, o.diffusion_model_file, o.text_encoder_file, o.vae_file}).notices;
 }
 
-GenerateResult generate(const GenerateOptions& o, const GenerateHooks& hooks, ModelCache* cache) {
-  if (!o.skip_preflight) preflight_generate(o);
-  validate_generate_options(o);
+GenerateResult generate(const GenerateOptions& options, const GenerateHooks& hooks, ModelCache* cache) {
+  if (!options.skip_preflight) preflight_generate(options);
+  validate_generate_options(options);
+  GenerateOptions o = options;  // with the memory plan (below)
   if (o.cache_limit_bytes >= 0) set_host_cache_limit(size_t(o.cache_limit_bytes));
   LoadProgressScope progress(hooks.on_load);
   const ModelSources src =
@@ -402,6 +462,17 @@ GenerateResult generate(const GenerateOptions& o, const GenerateHooks& hooks, Mo
     memory_stats(Device::CUDA).clear_phases();
     if (o.cache_limit_bytes >= 0) device::set_cache_limit(Device::CUDA, size_t(o.cache_limit_bytes));
   }
+  if (any_gpu) {
+    // Without --vram, a budget is planned from free memory only while nothing is cached (the
+    // cache's resident models are not free memory to lose).
+    const bool cached = cache && (cache->transformer || cache->text_encoder || cache->vae);
+    if (o.vram_bytes >= 0 || !cached) {
+      o.vram_plan = make_vram_plan(o, src, h, w);
+      for (const std::string& n : o.vram_plan->notices) notice(hooks, n);
+    }
+    r.vram_plan = o.vram_plan;
+  }
+  const int64_t streamed_before = WeightStreamer::total_bytes_copied();
   const bool encodes = edit.needs_encoder();
   const size_t nphases = encodes ? 4 : 3;
   const size_t ienc = 1, iden = encodes ? 2 : 1, idec = encodes ? 3 : 2;
@@ -495,6 +566,7 @@ GenerateResult generate(const GenerateOptions& o, const GenerateHooks& hooks, Mo
     r.gpu_phases = memory_stats(Device::CUDA).finished_phases();
     for (const auto& p : r.gpu_phases) r.gpu_peak_bytes = std::max(r.gpu_peak_bytes, p.peak_bytes);
   }
+  r.streamed_bytes = WeightStreamer::total_bytes_copied() - streamed_before;
   return r;
 }
 

@@ -76,6 +76,10 @@ struct GenerateOptions {
   DType controlnet_dtype = DType::BF16;
   std::shared_ptr<const PromptEmbeddings> embeddings;  // see PromptEmbeddings; null: encode the prompt
   bool skip_preflight = false;  // the caller already ran preflight_generate() on these options
+  // --vram: bytes of device memory the GPU phases may allocate (pipeline/memory_plan.h); -1:
+  // none (everything resident, or a budget from free memory when the model does not fit).
+  int64_t vram_bytes = -1;
+  std::shared_ptr<const VramPlan> vram_plan;  // set by generate() from the above
 };
 
 struct Qwen3Encoder;
@@ -125,6 +129,8 @@ struct GenerateResult {
   std::vector<double> release_seconds;  // per phase: returning the freed GPU memory to the driver
   int64_t peak_rss_bytes = 0;
   int vae_tile_used = 0;  // latent pixels per decode tile (0: untiled), what "auto" resolved to
+  std::shared_ptr<const VramPlan> vram_plan;  // the GPU phases' memory plan (null: no GPU phase)
+  int64_t streamed_bytes = 0;                 // bytes the streamers copied host → device
   std::shared_ptr<const PromptEmbeddings> embeddings;  // what the encode phase produced (reuse: --count)
 };
 

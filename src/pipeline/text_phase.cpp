@@ -36,8 +36,9 @@ void check_ids_fit(const Qwen3Encoder& enc, const std::vector<int32_t>& ids) {
 }  // namespace
 
 Qwen3Encoder load_text_encoder(const TensorStore& store, const Qwen3Config& cfg, DType wdt, DType rope_freq_dtype,
-                               const PhaseContext& ctx) {
+                               const PhaseContext& ctx, const ComponentPlan* stream) {
   WeightLoader loader(store, Tag::TextWeights, "text_encoder", ctx);
+  set_streamed_blocks(loader, stream);
   Qwen3Encoder enc = load_qwen3_encoder(loader, cfg, wdt);
   loader.finish();
   enc.rope_freq_dtype = rope_freq_dtype;

@@ -2,6 +2,7 @@
 // Spec §1 (tokenization, truncation) and §2 (encoder). Phase-agnostic: the pipeline owns the
 // PhaseScope and the memory report; these functions only allocate and free.
 #pragma once
+#include "pipeline/memory_plan.h"
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -20,9 +21,11 @@ namespace zi {
 // `ctx`: the phase's device and activation dtype (the CPU by default).
 Qwen3Encoder load_text_encoder(const ModelFolder& mf, DType wdt, DType rope_freq_dtype = DType::F32,
                                const PhaseContext& ctx = {});
-// The same from any store (a single file through io/layouts.h).
+// The same from any store (a single file through io/layouts.h). `stream`: the --vram plan's
+// layers to stream (pipeline/memory_plan.h; null or no ring: all resident).
 Qwen3Encoder load_text_encoder(const TensorStore& store, const Qwen3Config& cfg, DType wdt,
-                               DType rope_freq_dtype = DType::F32, const PhaseContext& ctx = {});
+                               DType rope_freq_dtype = DType::F32, const PhaseContext& ctx = {},
+                               const ComponentPlan* stream = nullptr);
 
 // Prompt embeddings with an already loaded encoder and tokenizer: [L, hidden] f32, where
 // L ≤ max_sequence_length is the number of real (unpadded) tokens. `ids_out` receives the ids.

@@ -33,6 +33,7 @@ std::string unavailable_reason();  // why available() is false, one line ("" whe
 std::string blas_unavailable_reason();
 std::string device_description();  // "NVIDIA H100 80GB HBM3, 132 SMs, 79.1 GiB"
 int64_t memory_free_bytes();        // free device memory (cudaMemGetInfo) plus the pool's cache
+int64_t memory_total_bytes();       // the card's memory (cudaMemGetInfo's total)
 void synchronize();  // waits for all work of the compute stream
 // The pool's release threshold: bytes kept cached after frees (--cache-limit). Default: all.
 void set_cache_limit(size_t bytes);
@@ -56,6 +57,18 @@ class OpTimer {
   int slot_ = -1;
 };
 std::string profile_report();
+
+// ---- block streaming (block_stream.cpp; device::SlotRing's CUDA side) ----
+void* pinned_alloc(size_t bytes);
+void pinned_free(void* p);
+// A copy stream and one (filled, released) event pair per slot.
+void* ring_create(int slots);
+void ring_destroy(void* ring);
+void ring_fill(void* ring, int slot, void* dst, const void* host, size_t bytes);
+void ring_acquire(void* ring, int slot);
+void ring_release(void* ring, int slot);
+void ring_drain(void* ring);
+double measure_h2d_rate(size_t bytes);
 
 // ---- weight upload (weight_upload.cpp) ----
 // Copies `n` elements of type `st` from host memory (a mapping) into `dst`, a device tensor of

@@ -98,6 +98,13 @@ int64_t memory_free_bytes() {
   return int64_t(free) + pool_stats().reserved_now - memory_stats(Device::CUDA).total().current;
 }
 
+int64_t memory_total_bytes() {
+  ensure_init();
+  size_t free = 0, total = 0;
+  ZI_CUDA(cudaMemGetInfo(&free, &total));
+  return int64_t(total);
+}
+
 std::string device_description() {
   ensure_init();
   const cudaDeviceProp& p = g_rt->prop;
