@@ -8,6 +8,8 @@
 #include "core/check.h"
 #include "io/checkpoint.h"
 #include "pipeline/memory_plan.h"
+#include "pipeline/pipeline.h"
+#include "test_util.h"
 
 using namespace zi;
 
@@ -203,4 +205,35 @@ TEST(VramPlan, ReportNamesEveryPhase) {
   EXPECT_NE(s.find("host pinned"), std::string::npos) << s;
   EXPECT_NE(s.find("copy floor"), std::string::npos) << s;
   EXPECT_NE(s.find("vae"), std::string::npos) << s;
+}
+
+// The plan generate() follows for the tiny model (nothing loaded). Its text encoder has two
+// layers (a ring of two slots holds both) and a 9.7 MB embedding table, so the sweep that makes
+// blocks stream runs the transformer alone on the GPU: tests/test_cuda_stream.cpp sweeps these
+// budgets, between the minimum and what everything resident needs.
+TEST(VramPlan, TinyModelBudgetsStreamTheTransformer) {
+  for (int side : {128, 256}) {
+    GenerateOptions o;
+    o.model_dir = test::tiny_model();
+    o.prompt = "x";
+    o.width = o.height = side;
+    o.steps = 3;
+    o.transformer_device = Device::CUDA;  // planned, not run
+    o.vram_bytes = int64_t(1) << 30;
+    const VramPlan big = plan_generate_memory(o);
+    EXPECT_FALSE(big.streams());
+    EXPECT_TRUE(big.text.resident.empty());  // not on the GPU: not planned
+    const int64_t whole = big.dit.predicted_peak_bytes;
+    ASSERT_LT(big.minimum_bytes, whole) << side;
+    int streamed = 0;
+    for (int k = 0; k < 6; ++k) {
+      o.vram_bytes = big.minimum_bytes + (whole - big.minimum_bytes) * k / 6;
+      const VramPlan p = plan_generate_memory(o);
+      streamed += p.dit.streamed_blocks() > 0;
+      EXPECT_LE(p.dit.predicted_peak_bytes, o.vram_bytes);
+    }
+    EXPECT_EQ(streamed, 6) << side;
+    o.vram_bytes = big.minimum_bytes - 1;
+    EXPECT_THROW(plan_generate_memory(o), UsageError);
+  }
 }

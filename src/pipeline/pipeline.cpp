@@ -254,19 +254,23 @@ VaeDecoder load_vae(const PhaseContext& ctx, const ModelSources& src, const Gene
 // measured once when something streams.
 std::shared_ptr<const VramPlan> make_vram_plan(const GenerateOptions& o, const ModelSources& src, int64_t h, int64_t w) {
   const ModelFolder& mf = src.folder;
-  // Allocations the estimates do not itemise (RoPE tables, latents, small temporaries).
-  constexpr int64_t kSlack = int64_t(64) << 20;
+  // Allocations the estimates do not itemise (RoPE tables, latents, small temporaries): a
+  // quarter more than the activations and 1 MiB.
+  auto slack = [](int64_t act) { return act / 4 + (int64_t(1) << 20); };
   VramPlanInput in;
   in.budget_bytes = o.vram_bytes;
-  in.card_bytes = device::memory_total_bytes(Device::CUDA);
-  in.free_bytes = device::memory_free_bytes(Device::CUDA);
+  if (device::gpu_available()) {
+    in.card_bytes = device::memory_total_bytes(Device::CUDA);
+    in.free_bytes = device::memory_free_bytes(Device::CUDA);
+  }
   in.width = o.width;
   in.height = o.height;
   if (o.text_encoder_device == Device::CUDA && !o.embeddings) {
     in.text.name = "text_encoder";
     in.text.fixed_bytes = qwen3_fixed_weight_bytes(mf.text_encoder, storage_dtype(o.text_encoder_dtype));
     in.text.block_bytes = qwen3_block_weight_bytes(mf.text_encoder, o.text_encoder_dtype);
-    in.text.activation_bytes = estimate_text_activation_bytes(mf.text_encoder, o.max_sequence_length) + kSlack;
+    in.text.activation_bytes = estimate_text_activation_bytes(mf.text_encoder, o.max_sequence_length);
+    in.text.activation_bytes += slack(in.text.activation_bytes);
     in.text.passes = o.guidance > 0 ? 2 : 1;
   }
   if (o.transformer_device == Device::CUDA) {
@@ -274,8 +278,8 @@ std::shared_ptr<const VramPlan> make_vram_plan(const GenerateOptions& o, const M
     in.dit.name = "transformer";
     in.dit.fixed_bytes = dit_fixed_weight_bytes(dc, storage_dtype(o.transformer_dtype));
     in.dit.block_bytes = dit_block_weight_bytes(dc, o.transformer_dtype);
-    in.dit.activation_bytes =
-        estimate_denoise_activation_bytes(dc.dim, dc.ffn_hidden(), o.width, o.height, o.max_sequence_length) + kSlack;
+    in.dit.activation_bytes = estimate_denoise_activation_bytes(dc.dim, dc.ffn_hidden(), o.width, o.height, o.max_sequence_length);
+    in.dit.activation_bytes += slack(in.dit.activation_bytes);
     in.dit.passes = int64_t(o.steps) * (o.guidance > 0 ? 2 : 1);
   }
   in.vae_on_device = o.vae_device == Device::CUDA;
@@ -286,12 +290,12 @@ std::shared_ptr<const VramPlan> make_vram_plan(const GenerateOptions& o, const M
       for (const auto& t : f->tensors())
         if (!t.name.starts_with("encoder.") && !t.name.starts_with("quant_conv.")) n += t.numel();
     in.vae = mf.vae;
-    in.vae_weight_bytes = int64_t(dtype_bytes(o.vae_dtype, n)) + kSlack;
+    in.vae_weight_bytes = int64_t(dtype_bytes(o.vae_dtype, n)) + (int64_t(1) << 20);
     in.latent_h = int(h);
     in.latent_w = int(w);
   }
   VramPlan p = plan_vram(in);
-  if (p.streams()) {
+  if (p.streams() && device::gpu_available()) {
     in.h2d_bytes_per_second = device::measure_h2d_rate(Device::CUDA);
     p = plan_vram(in);
   }
@@ -331,6 +335,13 @@ Tensor run_decode(const PhaseContext& ctx, const ModelSources& src, const Genera
 }  // namespace
 
 int64_t available_host_bytes() { return device::memory_free_bytes(Device::CPU); }
+
+VramPlan plan_generate_memory(const GenerateOptions& o) {
+  const ModelSources src = resolve_model_sources({o.model_dir, o.diffusion_model_file, o.text_encoder_file, o.vae_file});
+  const int sf = src.folder.vae.scale_factor();
+  const int64_t h = 2 * (o.height / (sf * 2)), w = 2 * (o.width / (sf * 2));
+  return *make_vram_plan(o, src, h, w);
+}
 
 void validate_generate_options(const GenerateOptions& o) {
   auto size_ok = [](int v, const char* flag) {

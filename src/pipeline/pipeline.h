@@ -186,6 +186,12 @@ std::vector<BatchItemResult> generate_batch(const std::vector<BatchItem>& items,
 // Loads the chosen components into `cache` now (zimage serve loads its resident models at start).
 void preload_models(const GenerateOptions& o, ModelCache& cache, bool text_encoder, bool transformer, bool vae);
 
+// The --vram plan generate() would follow for `o` (its GPU phases; pipeline/memory_plan.h),
+// from the model's configs, nothing loaded, whether a GPU is present or not (the options'
+// other checks are validate_generate_options'). Throws zi::UsageError like generate() for a
+// budget below the minimum.
+VramPlan plan_generate_memory(const GenerateOptions& o);
+
 // The bytes of host memory the OS reports as available (MemAvailable).
 int64_t available_host_bytes();
 
