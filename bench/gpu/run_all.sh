@@ -5,7 +5,7 @@
 # one profiled 1024² image (ZI_CUDA_PROFILE=1: GPU time per op), then diffusers eager and
 # torch.compile on the same card, and one table last (summarize.py). About 2.5 minutes on an H200.
 # Here first: bench/gpu/pack_carry.sh, and .carry/diffusers_src.tar.xz (diffusers' src/ tree).
-# Use: bench/gpu/run_all.sh [tests|kernels|bench|vaetile|firstuse|controlnet|diffusers|all]...  (default: all; bench includes
+# Use: bench/gpu/run_all.sh [tests|kernels|bench|vaetile|firstuse|controlnet|diffusers|budget|all]...  (default: all, which leaves out budget; bench includes
 # kernels; ZI_GTEST_FILTER narrows the tests). Logs go to $OUT.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -150,6 +150,43 @@ open('/tmp/zi_control.png', 'wb').write(b'\\x89PNG\\r\\n\\x1a\\n' + chunk(b'IHDR
   echo "rc=$?" >> "$OUT/diffusers_cn.log"
   grep -E "RESULT|Error|error" "$OUT/diffusers_cn.log" | tail -6
   stamp "diffusers controlnet done"
+fi
+
+if [[ "$WHAT" == *" budget "* ]]; then  # (not in all) issue 13: --vram sweep at 1024², 8 steps (second image of --count 2: load excluded), beside diffusers' group offload
+  M=/tmp/zrm
+  [ -d "$M" ] || z "$BIN/zimage" make-random-model --preset turbo --dtype bf16 -q "$M" > "$OUT/make_model.log" 2>&1
+  for v in none 12 8 6 4; do
+    flag=""; [ "$v" != none ] && flag="--vram $v"
+    z "$BIN/zimage" generate --model "$M" -p "$PROMPT" -W 1024 -H 1024 --steps 8 --seed 1 --count 2 --device cuda \
+      $flag --memory-report "$OUT/budget_$v.json" -o "$OUT/budget_$v.png" > "$OUT/budget_$v.log" 2>&1
+    echo "rc=$?" >> "$OUT/budget_$v.log"
+    same="-"; [ "$v" != none ] && { cmp -s "$OUT/budget_$v-0002.png" "$OUT/budget_none-0002.png" && same=identical || same=DIFFERENT; }
+    echo "== --vram $v (PNG vs resident: $same)"
+    grep -E "image 2/2|^  (encode|denoise|decode) |GPU peak|plan|text_encoder|transformer|vae |streamed|rc=|error" "$OUT/budget_$v.log" | tail -14
+    python3 - "$OUT/budget_$v.json" <<'PY'
+import json, sys
+j = json.load(open(sys.argv[1]))
+p = j.get("vram_plan", {})
+d = p.get("transformer", {})
+rate = p.get("h2d_bytes_per_second", 0)
+den = [x for x in j["phases"] if x["name"] == "denoise" and x["device"] == "cuda"]
+per_step = d.get("streamed_bytes_per_pass", 0)
+floor = per_step / rate if rate else 0
+print(f"ROW gpu_peak_GiB={j.get('gpu_peak_bytes', 0) / 2**30:.2f} streamed_GB_per_step={per_step / 1e9:.2f} "
+      f"h2d_GBps={rate / 1e9:.1f} floor_s_per_step={floor:.3f} denoise_s={den[-1]['seconds'] if den else 0:.3f}")
+PY
+  done
+  rm -f "$OUT"/budget_*-000?.png
+  stamp "zimage budget sweep done"
+  if [ -f .carry/diffusers_src.tar.xz ]; then
+    mkdir -p /tmp/diffusers && tar -C /tmp/diffusers -xJf .carry/diffusers_src.tar.xz
+    export DIFFUSERS_SRC=/tmp/diffusers/src
+  fi
+  PYTHONUNBUFFERED=1 timeout 300 python3 bench/gpu/bench_diffusers.py models/tiny-zimage/tokenizer group \
+    > "$OUT/diffusers_group.log" 2>&1
+  echo "rc=$?" >> "$OUT/diffusers_group.log"
+  grep -E "RESULT|Error|error" "$OUT/diffusers_group.log" | tail -6
+  stamp "diffusers group offload done"
 fi
 
 if want diffusers; then
