@@ -3,6 +3,7 @@
 // the LoRA fixture case reproduces the reference image through the command line.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -12,6 +13,7 @@
 #include <sstream>
 #include <string>
 
+#include "backends/device.h"
 #include "io/image_codec.h"
 #include "io/png.h"
 #include "test_util.h"
@@ -265,4 +267,25 @@ TEST(GenerateCli, JsonProgressAndPromptEmbeds) {
             0);
   ASSERT_EQ(run(base("-q -o " + (d / "ref.png"))), 0);
   EXPECT_EQ(img(d / "e.png").rgb, img(d / "ref.png").rgb);
+}
+
+// ---- issue 13: --vram ----------------------------------------------------------------------------
+
+// Without a GPU (CPU-only builds, and CUDA builds on a machine without one) --vram is refused
+// in one line naming the flag, before any weight is read; a malformed value is named too.
+// On a GPU machine tests/test_cuda_stream.cpp covers what it does.
+TEST(GenerateCli, VramIsRefusedWithoutAGpuAndChecked) {
+  zi::test::TempDir d;
+  const std::string png = d / "o.png";
+  for (const char* bad : {"abc", "0", "-2", "4x"}) {
+    const Out r = run_capture(base(std::string("--device cpu --vram ") + bad + " -o " + png), d);
+    EXPECT_EQ(r.code, 2) << bad << ": " << r.err;
+    EXPECT_NE(r.err.find("--vram must be a positive number of GiB"), std::string::npos) << r.err;
+  }
+  if (zi::device::gpu_available()) GTEST_SKIP() << "a GPU is present: tests/test_cuda_stream.cpp";
+  const Out r = run_capture(base("--vram 4 -o " + png), d);
+  EXPECT_EQ(r.code, 2) << r.err;
+  EXPECT_NE(r.err.find("error: --vram budgets GPU memory and there is no GPU"), std::string::npos) << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  EXPECT_FALSE(std::filesystem::exists(png));
 }
