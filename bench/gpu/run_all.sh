@@ -5,8 +5,8 @@
 # one profiled 1024² image (ZI_CUDA_PROFILE=1: GPU time per op), then diffusers eager and
 # torch.compile on the same card, and one table last (summarize.py). About 2.5 minutes on an H200.
 # Here first: bench/gpu/pack_carry.sh, and .carry/diffusers_src.tar.xz (diffusers' src/ tree).
-# Use: bench/gpu/run_all.sh [tests|kernels|bench|vaetile|firstuse|controlnet|diffusers|all]...  (default: all; bench includes
-# kernels; ZI_GTEST_FILTER narrows the tests). Logs go to $OUT.
+# Use: bench/gpu/run_all.sh [tests|kernels|bench|vaetile|firstuse|controlnet|diffusers|quant|all]...  (default: all; bench includes
+# kernels; ZI_GTEST_FILTER narrows the tests; quant runs only when named). Logs go to $OUT.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 export ZIMAGE_MODEL=${ZIMAGE_MODEL:-$ROOT/models/tiny-zimage}  # make-random-model copies the bundled tokenizer
@@ -44,8 +44,8 @@ if [ -f .carry/zimage-bin.tar.xz ]; then
   ZLIB=/tmp/zi/lib  # only for our binaries: python must keep the image's own libraries
 else
   cmake -S . -B build-gpu -G Ninja -DZIMAGE_CUDA=ON -DZIMAGE_BENCH=OFF -DCMAKE_BUILD_TYPE=Release > "$OUT/build.log" 2>&1 &&
-    ninja -C build-gpu -j16 zimage zimage_gpu_tests bench_kernels >> "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
-  BIN=$ROOT/build-gpu; cp build-gpu/bench/bench_kernels "$BIN/" 2>/dev/null
+    ninja -C build-gpu -j16 zimage zimage_gpu_tests bench_kernels bench_quant >> "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+  BIN=$ROOT/build-gpu; cp build-gpu/bench/bench_kernels build-gpu/bench/bench_quant "$BIN/" 2>/dev/null
 fi
 stamp "binaries ready ($BIN)"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/gpu.txt"
@@ -150,6 +150,33 @@ open('/tmp/zi_control.png', 'wb').write(b'\\x89PNG\\r\\n\\x1a\\n' + chunk(b'IHDR
   echo "rc=$?" >> "$OUT/diffusers_cn.log"
   grep -E "RESULT|Error|error" "$OUT/diffusers_cn.log" | tail -6
   stamp "diffusers controlnet done"
+fi
+
+if [[ "$WHAT" == *" quant "* ]]; then  # issue 14: weight formats at 1024², 8 steps (warm 2nd image), peaks, quality vs bf16
+  M=/tmp/zrm
+  [ -d "$M" ] || z "$BIN/zimage" make-random-model --preset turbo --dtype bf16 -q "$M" > "$OUT/make_model.log" 2>&1
+  # name|environment|flags: fp8 on the tensor cores, fp8 through the dequant path (ZI_FP8_GEMM=0), q8_0, q4_0, q4_0 + q8_0 encoder.
+  for cfg in "bf16||" "fp8||--transformer-dtype fp8" "fp8deq|ZI_FP8_GEMM=0|--transformer-dtype fp8" \
+             "q8_0||--transformer-dtype q8_0" "q4_0||--transformer-dtype q4_0" \
+             "q4_0te8||--transformer-dtype q4_0 --text-encoder-dtype q8_0"; do
+    IFS='|' read -r name envs flags <<< "$cfg"
+    env $envs LD_LIBRARY_PATH="${ZLIB:+$ZLIB:}$LD_LIBRARY_PATH" "$BIN/zimage" generate --model "$M" -p "$PROMPT" \
+      -W 1024 -H 1024 --steps 8 --seed 1 --count 2 --device cuda $flags --memory-report -o "$OUT/zq_$name.png" \
+      > "$OUT/zimage_q_$name.log" 2>&1
+    echo "rc=$?" >> "$OUT/zimage_q_$name.log"
+    echo "== $name ($envs $flags)"; grep -E "^  (encode|denoise|decode) |peak|rc=|rror" "$OUT/zimage_q_$name.log" | tail -9
+  done
+  # One profiled fp8 and q4_0 image each (the 2nd): the fp8 GEMMs, fp8_act_quant and dequant rows.
+  for f in fp8 q4_0; do
+    ZI_CUDA_PROFILE=1 z "$BIN/zimage" generate --model "$M" -p "$PROMPT" -W 1024 -H 1024 --steps 8 --seed 1 --count 2 \
+      --device cuda --transformer-dtype $f -o "$OUT/zq_prof.png" > "$OUT/zimage_q_prof_$f.log" 2>&1
+    echo "== profile $f"; sed -n '/image 2\/2/,$p' "$OUT/zimage_q_prof_$f.log" | grep -E "linear|dequant|fp8|gemm|total" | head -30
+  done
+  z "$BIN/bench_quant" "$M" "$PROMPT" 1024 8 1 bf16=bf16 fp8=fp8 fp8-dequant=fp8:dequant q8_0=q8_0 q4_0=q4_0 \
+    q4_0+q8_0te=q4_0+q8_0 2>&1 | tee "$OUT/quant_quality.log"
+  rm -f "$OUT"/zq_*.png
+  rm -rf "$M"
+  stamp "quant done"
 fi
 
 if want diffusers; then
