@@ -18,6 +18,9 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <set>
+#include <tuple>
 
 #include "backends/cuda/common.cuh"
 #include "backends/cuda/cuda_ops.h"
@@ -288,6 +291,14 @@ bool try_linear_fp8(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor
   if (M < 1 || x.dtype() != DType::BF16 || y.dtype() != DType::BF16 || !fp8_gemm_enabled()) return false;
   if (K % 16 || N % 16 || !x.is_contiguous() || !y.is_contiguous() || !aligned16(x.raw()) || !aligned16(w.raw()))
     return false;
+  // Shapes cuBLASLt refused once are not quantized for again.
+  static std::mutex mu;
+  static std::set<std::tuple<int64_t, int64_t, int64_t, bool>> refused;
+  const auto key = std::make_tuple(M, N, K, bias != nullptr);
+  {
+    std::lock_guard<std::mutex> lk(mu);
+    if (refused.count(key)) return false;
+  }
   Tensor xq = scratch(M * K), xs = Tensor::empty({M}, DType::F32, Tag::Workspace, Device::CUDA);
   {
     OpTimer prof("fp8_act_quant");
@@ -305,7 +316,10 @@ bool try_linear_fp8(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor
   }
   Tensor b;
   if (bias) b = bias->dtype() == DType::BF16 ? bias->contiguous(Tag::Workspace) : bias->to(DType::BF16, Tag::Workspace);
-  return linear_fp8(M, N, K, xq.raw(), xs.data<float>(), w.raw(), ws, bias ? b.raw() : nullptr, y.raw());
+  if (linear_fp8(M, N, K, xq.raw(), xs.data<float>(), w.raw(), ws, bias ? b.raw() : nullptr, y.raw())) return true;
+  std::lock_guard<std::mutex> lk(mu);
+  refused.insert(key);
+  return false;
 }
 
 int fmt_code(DType t) {
