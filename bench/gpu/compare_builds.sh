@@ -44,18 +44,7 @@ T0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 
 # Libraries as run_all.sh finds them (toolkit or PyTorch's wheels).
-NVDIRS=$(python3 -c '
-import os, glob
-d = set()
-try:
-    import nvidia
-    for r in list(nvidia.__path__):
-        for p in ("**/libcublasLt.so*", "**/libcudnn.so*", "**/libcublas.so*"):
-            d.update(os.path.dirname(f) for f in glob.glob(os.path.join(r, p), recursive=True))
-except Exception:
-    pass
-print(":".join(sorted(d)))' 2>/dev/null)
-export LD_LIBRARY_PATH="${NVDIRS}:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+source "$(dirname "$0")/lib.sh"
 
 # unpack_or_build NAME TARBALL SRC_DIR: binaries into /tmp/zi-NAME/{bin,lib}
 unpack_or_build() {

@@ -8,45 +8,10 @@
 # Use: bench/gpu/run_all.sh [tests|kernels|bench|vaetile|firstuse|controlnet|diffusers|quant|all]...  (default: all; bench includes
 # kernels; ZI_GTEST_FILTER narrows the tests; quant runs only when named). Logs go to $OUT.
 set -uo pipefail
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-export ZIMAGE_MODEL=${ZIMAGE_MODEL:-$ROOT/models/tiny-zimage}  # make-random-model copies the bundled tokenizer
-cd "$ROOT"
-OUT=${OUT:-/tmp/zi-out}
-mkdir -p "$OUT"
+source "$(dirname "$0")/lib.sh"
 WHAT=" ${*:-all} "
 want() { [[ "$WHAT" == *" $1 "* || "$WHAT" == *" all "* ]]; }
-T0=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
-
-# ---- libraries: cuBLAS/cuDNN from the toolkit or PyTorch's wheels ----
-NVDIRS=$(python3 - <<'PY' 2>/dev/null
-import os, glob
-dirs = set()
-try:
-    import nvidia
-    for root in list(nvidia.__path__):
-        for pat in ("**/libcublasLt.so*", "**/libcudnn.so*", "**/libcublas.so*"):
-            for f in glob.glob(os.path.join(root, pat), recursive=True):
-                dirs.add(os.path.dirname(f))
-except Exception:
-    pass
-print(":".join(sorted(dirs)))
-PY
-)
-export LD_LIBRARY_PATH="${NVDIRS}:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
-
-# ---- binaries ----
-ZLIB=""
-z() { LD_LIBRARY_PATH="${ZLIB:+$ZLIB:}$LD_LIBRARY_PATH" "$@"; }
-if [ -f .carry/zimage-bin.tar.xz ]; then
-  mkdir -p /tmp/zi && tar -C /tmp/zi -xJf .carry/zimage-bin.tar.xz
-  BIN=/tmp/zi/bin
-  ZLIB=/tmp/zi/lib  # only for our binaries: python must keep the image's own libraries
-else
-  cmake -S . -B build-gpu -G Ninja -DZIMAGE_CUDA=ON -DZIMAGE_BENCH=OFF -DCMAKE_BUILD_TYPE=Release > "$OUT/build.log" 2>&1 &&
-    ninja -C build-gpu -j16 zimage zimage_gpu_tests bench_kernels bench_quant >> "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
-  BIN=$ROOT/build-gpu; cp build-gpu/bench/bench_kernels build-gpu/bench/bench_quant "$BIN/" 2>/dev/null
-fi
+gpu_unpack_bin zimage zimage_gpu_tests bench_kernels bench_quant
 stamp "binaries ready ($BIN)"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/gpu.txt"
 (dpkg -l 2>/dev/null | grep -E "libopenblas|libpng-dev|libpcre2-dev|libutf8proc|libgtest|nlohmann|libcli11" | awk '{print $2}' | tr '\n' ' '; echo) > "$OUT/build_deps.txt"
@@ -172,7 +137,8 @@ if [[ "$WHAT" == *" quant "* ]]; then  # issue 14: weight formats at 1024², 8 s
       --device cuda --transformer-dtype $f -o "$OUT/zq_prof.png" > "$OUT/zimage_q_prof_$f.log" 2>&1
     echo "== profile $f"; sed -n '/image 2\/2/,$p' "$OUT/zimage_q_prof_$f.log" | grep -E "linear|dequant|fp8|gemm|total" | head -30
   done
-  z "$BIN/bench_quant" "$M" "$PROMPT" 1024 8 1 bf16=bf16 fp8=fp8 fp8-dequant=fp8:dequant q8_0=q8_0 q4_0=q4_0 \
+  QB=$BIN/bench_quant; [ -x "$QB" ] || QB=$ROOT/build-gpu/bench/bench_quant
+  z "$QB" "$M" "$PROMPT" 1024 8 1 bf16=bf16 fp8=fp8 fp8-dequant=fp8:dequant q8_0=q8_0 q4_0=q4_0 \
     q4_0+q8_0te=q4_0+q8_0 2>&1 | tee "$OUT/quant_quality.log"
   rm -f "$OUT"/zq_*.png
   rm -rf "$M"

@@ -6,45 +6,16 @@
 #   each: 1024², 8 steps with 1, 4 and 16 concurrent clients (4, 8, 32 requests), then 512², 8 steps
 #   with 16 clients (48 requests); images/s, latency p50/p95, batch sizes, and the device memory
 #   peak per batch size (server A's /metrics zimage_batch_peak_device_bytes).
-# Here first: bench/gpu/pack_carry.sh (carry .carry). There: OUT=$OUT bash bench/gpu/serve_bench.sh
+# Here first: bench/gpu/pack_carry.sh (carry .carry). There: OUT=$OUT bash bench/gpu/serve_bench.sh [all|ditbatch]
+#   (all: first bench_dit_batch, the DiT alone by batch size at 512² and 1024², then the servers)
 # Soak with device memory (>= 10 minutes, longer than one device command): in one call
 #   bash bench/gpu/serve_bench.sh soak-start     (leaves the model and a setsid'ed soak running)
 # and 11+ minutes later, in another call on the same warm machine,
 #   OUT=$OUT bash bench/gpu/serve_bench.sh soak-collect   (copies the CSV and the verdict to $OUT)
 # The load generator is bench/serve_load.py (Python standard library only).
 set -uo pipefail
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-cd "$ROOT"
-OUT=${OUT:-/tmp/zi-out}
-mkdir -p "$OUT"
-T0=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
-
-NVDIRS=$(python3 - <<'PY' 2>/dev/null
-import os, glob
-dirs = set()
-try:
-    import nvidia
-    for root in list(nvidia.__path__):
-        for pat in ("**/libcublasLt.so*", "**/libcudnn.so*", "**/libcublas.so*"):
-            for f in glob.glob(os.path.join(root, pat), recursive=True):
-                dirs.add(os.path.dirname(f))
-except Exception:
-    pass
-print(":".join(sorted(dirs)))
-PY
-)
-export LD_LIBRARY_PATH="${NVDIRS}:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
-ZLIB=""
-if [ -f .carry/zimage-bin.tar.xz ]; then
-  mkdir -p /tmp/zi && tar -C /tmp/zi -xJf .carry/zimage-bin.tar.xz
-  BIN=/tmp/zi/bin; ZLIB=/tmp/zi/lib
-else
-  cmake -S . -B build-gpu -G Ninja -DZIMAGE_CUDA=ON -DZIMAGE_BENCH=OFF -DZIMAGE_TESTS=OFF -DCMAKE_BUILD_TYPE=Release \
-    > "$OUT/build.log" 2>&1 && ninja -C build-gpu -j16 zimage >> "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
-  BIN=$ROOT/build-gpu
-fi
-z() { LD_LIBRARY_PATH="${ZLIB:+$ZLIB:}$LD_LIBRARY_PATH" "$@"; }
+source "$(dirname "$0")/lib.sh"
+gpu_unpack_bin zimage
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 stamp "binaries ready"
 
@@ -97,8 +68,15 @@ serve() {  # serve MODE MAXBATCH: starts a server, runs the load matrix, stops i
   kill -TERM $pid; wait $pid; echo "server $mode exit $?"
   stamp "server $mode done"
 }
+if [ "${1:-}" = ditbatch ] || [ "${1:-}" = all ]; then  # the DiT alone: seconds per image-step by batch size
+  for size in 512 1024; do z "$BIN/bench_dit_batch" "$M" $size 1,2,4,8,16 | tee -a "$OUT/dit_batch.txt" | grep DIT_BATCH; done
+  ZI_CUDA_PROFILE=1 z "$BIN/bench_dit_batch" "$M" 512 1,8 > "$OUT/dit_batch_profile.txt" 2>&1
+  stamp "dit batch done"
+  [ "${1:-}" = ditbatch ] && exit 0
+fi
 serve batched 0
 serve single 1
+for mode in batched single; do echo "== $mode: last batches"; grep "zimage serve: batch" "$OUT/serve_$mode.log" | tail -4; done
 [ "${CLEAN_MODEL:-0}" = 1 ] && rm -rf "$M"
 
 python3 - "$OUT" <<'PY' | tee "$OUT/serve_bench.md"
@@ -126,7 +104,7 @@ dev = dict(re.findall(r'zimage_batch_peak_device_bytes\{size="(\d+)"\} (\S+)', m
 host = dict(re.findall(r'zimage_batch_peak_host_bytes\{size="(\d+)"\} (\S+)', m))
 for k in sorted(host, key=int):
     print(f"| {k} | {float(dev.get(k, 0)) / 2**30:.2f} | {float(host[k]) / 2**30:.2f} |")
-mb = re.search(r"zimage_max_batch (\S+)", m)
+mb = re.search(r"^zimage_max_batch (\S+)", m, re.M)
 print(f"\nmax batch chosen from free memory: {mb.group(1) if mb else '?'}")
 PY
 stamp "done"

@@ -137,6 +137,7 @@ void run_serve(ServeArgs& a) {
   so.max_queue = a.max_queue;
   so.max_batch = max_batch;
   so.batch_wait_ms = a.batch_wait_ms;
+  if (!a.quiet) so.log = [](const std::string& line) { std::fprintf(stderr, "zimage serve: %s\n", line.c_str()); };
   server::Scheduler sched(so, [&engine](const server::BatchWork& w, const auto& progress) {
     return engine.run(w, progress);
   });

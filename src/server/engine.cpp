@@ -119,24 +119,26 @@ std::vector<BatchOutcome> Engine::run(const BatchWork& w,
       }
       continue;
     }
-    const GenerateResult& r = res[i].result;
-    try {
-      o.image.seed = items[i].options.seed;
-      // The same metadata as `zimage generate` writes (src/pipeline/metadata).
+    // The PNG (the same metadata as `zimage generate` writes, src/pipeline/metadata) is encoded
+    // by the scheduler's finisher, beside the next batch's device work.
+    GenerateResult& r = res[i].result;
+    o.ok = true;
+    o.finish = [opts = items[i].options, rgb = std::move(r.rgb), width = r.width, height = r.height,
+                tile = r.vae_tile_used]() {
+      JobImage img;
+      img.seed = opts.seed;
       MetadataInput mi;
-      mi.options = &items[i].options;
-      mi.width = r.width;
-      mi.height = r.height;
-      mi.vae_tile_used = r.vae_tile_used;
+      mi.options = &opts;
+      mi.width = width;
+      mi.height = height;
+      mi.vae_tile_used = tile;
       const TextChunks meta = image_metadata(mi);
       for (const auto& [k, v] : meta)
-        if (k == "parameters") o.image.parameters = v;
-      const std::vector<uint8_t> png = encode_image(ImageFormat::PNG, r.rgb.data(), r.width, r.height, {}, meta);
-      o.image.png.assign(png.begin(), png.end());
-      o.ok = true;
-    } catch (const std::exception& e) {
-      o.error = e.what();
-    }
+        if (k == "parameters") img.parameters = v;
+      const std::vector<uint8_t> png = encode_image(ImageFormat::PNG, rgb.data(), width, height, {}, meta);
+      img.png.assign(png.begin(), png.end());
+      return img;
+    };
   }
   // What is not resident goes now (the pipeline loaded it into the cache for this batch).
   if (!o_.resident.text_encoder) cache_.text_encoder.reset(), cache_.tokenizer.reset();

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 
 #include "core/check.h"
 
@@ -57,6 +58,7 @@ Scheduler::Scheduler(SchedulerOptions opt, BatchRunner runner) : opt_(opt), runn
   opt_.max_batch = std::max(1, opt_.max_batch);
   st_.max_batch = opt_.max_batch;
   thread_ = std::thread([this] { worker(); });
+  finisher_thread_ = std::thread([this] { finisher(); });
 }
 
 Scheduler::~Scheduler() {
@@ -68,6 +70,16 @@ Scheduler::~Scheduler() {
   }
   work_.notify_all();
   if (thread_.joinable()) thread_.join();
+  stop_finisher();
+}
+
+void Scheduler::stop_finisher() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    finisher_stop_ = true;
+  }
+  finish_work_.notify_all();
+  if (finisher_thread_.joinable()) finisher_thread_.join();
 }
 
 void Scheduler::set_max_batch(int b) {
@@ -236,7 +248,7 @@ void Scheduler::stop_accepting() {
 void Scheduler::drain(std::chrono::steady_clock::time_point deadline) {
   std::unique_lock<std::mutex> lock(mu_);
   accepting_ = false;
-  changed_.wait_until(lock, deadline, [&] { return queue_.empty() && !busy_; });
+  changed_.wait_until(lock, deadline, [&] { return queue_.empty() && busy_ == 0; });
   // Past the deadline: cancel what is left (queued jobs at once, the running batch at its next step).
   for (auto& [id, j] : jobs_) {
     if (terminal(j->state)) continue;
@@ -253,11 +265,12 @@ void Scheduler::drain(std::chrono::steady_clock::time_point deadline) {
   queue_.clear();
   for (auto& j : affected) finish_if_done(*j);
   changed_.notify_all();
-  changed_.wait(lock, [&] { return !busy_; });
+  changed_.wait(lock, [&] { return busy_ == 0; });
   stop_ = true;
   lock.unlock();
   work_.notify_all();
   if (thread_.joinable()) thread_.join();
+  stop_finisher();
 }
 
 void Scheduler::worker() {
@@ -298,7 +311,7 @@ void Scheduler::worker() {
       work.options.push_back(&j.opts[size_t(t.index)]);
       work.cancel.push_back(&j.cancel);
     }
-    busy_ = true;
+    ++busy_;
     ++st_.batches;
     st_.batch_images += batch.size();
     ++st_.batch_sizes[int(batch.size())];
@@ -308,8 +321,18 @@ void Scheduler::worker() {
     const double t0 = mono_now();
     std::string phase;
     double phase_t0 = t0, last_step_elapsed = 0;
+    std::string summary;
+    {
+      const GenerateOptions& o = *work.options[0];
+      char buf[96];
+      std::snprintf(buf, sizeof buf, "%zu × %d×%d, %d steps:", batch.size(), o.width, o.height, o.steps);
+      summary = buf;
+    }
     auto close_phase = [&](double now) {
       if (phase.empty()) return;
+      char buf[96];
+      std::snprintf(buf, sizeof buf, " %s %.3f s,", phase.c_str(), now - phase_t0);
+      summary += buf;
       auto& ps = st_.phase_seconds[phase];
       ps.first += now - phase_t0;
       ps.second += 1;
@@ -358,27 +381,76 @@ void Scheduler::worker() {
     }
 
     lock.lock();
-    const double now = mono_now();
-    close_phase(now);
-    st_.last_batch_seconds = now - t0;
-    for (size_t k = 0; k < batch.size(); ++k) {
-      Job& j = *batch[k].job;
-      BatchOutcome& o = out[k];
-      if (o.ok) {
-        j.images[size_t(batch[k].index)] = std::move(o.image);
-        ++j.images_done;
-        ++st_.images_generated;
-      } else if (!o.cancelled) {
-        ++j.images_failed;
-        if (j.error.empty()) j.error = o.error;
-      }
-      --j.tasks_left;
-      touch(j);
-      finish_if_done(j);
-    }
-    busy_ = false;
+    close_phase(mono_now());
+    finishing_.push_back(Finished{std::move(batch), std::move(out), t0, std::move(summary)});
     lock.unlock();
-    changed_.notify_all();
+    finish_work_.notify_one();
+  }
+}
+
+// Image finishing (PNG encoding, on the CPU) runs here, beside the worker's next batch on the
+// device; a batch's images are encoded in parallel. Records the results as the worker used to.
+void Scheduler::finisher() {
+  for (;;) {
+    std::unique_lock<std::mutex> lock(mu_);
+    finish_work_.wait(lock, [&] { return finisher_stop_ || !finishing_.empty(); });
+    if (finishing_.empty()) return;  // stopping, nothing left
+    Finished f = std::move(finishing_.front());
+    finishing_.pop_front();
+    lock.unlock();
+    complete(f);
+  }
+}
+
+void Scheduler::complete(Finished& f) {
+  const double f0 = mono_now();
+  std::vector<std::thread> threads;
+  for (BatchOutcome& o : f.out) {
+    if (!o.ok || !o.finish) continue;
+    threads.emplace_back([&o] {
+      try {
+        o.image = o.finish();
+      } catch (const std::exception& e) {
+        o.ok = false;
+        o.error = e.what();
+      } catch (...) {
+        o.ok = false;
+        o.error = "unknown failure while encoding the image";
+      }
+      o.finish = nullptr;
+    });
+  }
+  for (std::thread& t : threads) t.join();
+
+  std::lock_guard<std::mutex> lock(mu_);
+  const double now = mono_now();
+  if (!threads.empty()) {
+    auto& ps = st_.phase_seconds["png"];
+    ps.first += now - f0;
+    ps.second += 1;
+  }
+  st_.last_batch_seconds = now - f.t0;
+  for (size_t k = 0; k < f.batch.size(); ++k) {
+    Job& j = *f.batch[k].job;
+    BatchOutcome& o = f.out[k];
+    if (o.ok) {
+      j.images[size_t(f.batch[k].index)] = std::move(o.image);
+      ++j.images_done;
+      ++st_.images_generated;
+    } else if (!o.cancelled) {
+      ++j.images_failed;
+      if (j.error.empty()) j.error = o.error;
+    }
+    --j.tasks_left;
+    touch(j);
+    finish_if_done(j);
+  }
+  --busy_;
+  changed_.notify_all();
+  if (opt_.log) {
+    char buf[96];
+    std::snprintf(buf, sizeof buf, " png %.3f s; batch done %.3f s after it started", now - f0, now - f.t0);
+    opt_.log("batch " + f.summary + buf);
   }
 }
 

@@ -59,6 +59,9 @@ struct BatchOutcome {
   bool ok = false, cancelled = false;
   std::string error;  // when !ok && !cancelled
   JobImage image;
+  // When set (ok only), the image is finished (PNG-encoded) by this call on the scheduler's
+  // finisher thread, so the worker starts the next batch meanwhile; it may throw (→ failed).
+  std::function<JobImage()> finish;
 };
 using BatchRunner = std::function<std::vector<BatchOutcome>(
     const BatchWork&, const std::function<void(const std::string& phase, int step, int steps, double elapsed)>&)>;
@@ -69,6 +72,8 @@ struct SchedulerOptions {
   int batch_wait_ms = 10;      // after the first image is taken, wait this long for partners
   int keep_finished = 64;      // finished jobs kept for GET /v1/jobs/{id}
   double keep_finished_seconds = 900;
+  // One line per finished batch (size, phase times, PNG time), e.g. to stderr; none when empty.
+  std::function<void(const std::string&)> log;
 };
 
 struct SchedulerStats {
@@ -115,7 +120,16 @@ class Scheduler {
     std::shared_ptr<Job> job;
     int index;
   };
+  struct Finished {  // a batch the worker ran, waiting for its images to be finished
+    std::vector<Task> batch;
+    std::vector<BatchOutcome> out;
+    double t0 = 0;
+    std::string summary;  // "11 × 512×512, 8 steps: encode 0.21 s, denoise 1.62 s, decode 0.15 s"
+  };
   void worker();
+  void finisher();
+  void complete(Finished& f);  // finishes the images, then records them (takes mu_)
+  void stop_finisher();
   void finish_if_done(Job& j);  // under mu_
   void prune();                 // under mu_
   void touch(Job& j);           // under mu_
@@ -130,9 +144,12 @@ class Scheduler {
   std::map<std::string, std::shared_ptr<Job>> jobs_;
   std::deque<std::string> finished_order_;
   SchedulerStats st_;
-  bool accepting_ = true, stop_ = false, busy_ = false;
+  std::deque<Finished> finishing_;           // handed from the worker to the finisher
+  std::condition_variable finish_work_;
+  int busy_ = 0;  // batches taken from the queue and not yet recorded (running or finishing)
+  bool accepting_ = true, stop_ = false, finisher_stop_ = false;
   uint64_t next_id_ = 1;
-  std::thread thread_;
+  std::thread thread_, finisher_thread_;
 };
 
 }  // namespace zi::server

@@ -1,0 +1,45 @@
+# Sourced by the GPU-machine scripts (run_all.sh, serve_bench.sh, compare_builds.sh): the repo root,
+# $OUT, a stamp helper, the CUDA libraries' folders (the toolkit or PyTorch's nvidia wheels) and
+# the carried binaries. After sourcing: ROOT, OUT, ZIMAGE_MODEL, LD_LIBRARY_PATH are set;
+# `gpu_unpack_bin` sets BIN (and ZLIB, the carried host libraries); `z CMD...` runs one of our
+# binaries with ZLIB first on its library path (Python keeps the image's own libraries).
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+export ZIMAGE_MODEL=${ZIMAGE_MODEL:-$ROOT/models/tiny-zimage}  # make-random-model copies the bundled tokenizer
+cd "$ROOT"
+OUT=${OUT:-/tmp/zi-out}
+mkdir -p "$OUT"
+T0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
+
+gpu_lib_dirs() {
+  python3 - <<'PY' 2>/dev/null
+import os, glob
+dirs = set()
+try:
+    import nvidia
+    for root in list(nvidia.__path__):
+        for pat in ("**/libcublasLt.so*", "**/libcudnn.so*", "**/libcublas.so*"):
+            dirs.update(os.path.dirname(f) for f in glob.glob(os.path.join(root, pat), recursive=True))
+except Exception:
+    pass
+print(":".join(sorted(dirs)))
+PY
+}
+export LD_LIBRARY_PATH="$(gpu_lib_dirs):/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+
+ZLIB=""
+z() { LD_LIBRARY_PATH="${ZLIB:+$ZLIB:}$LD_LIBRARY_PATH" "$@"; }
+
+# gpu_unpack_bin [TARGETS...]: the carried binaries (.carry/zimage-bin.tar.xz from pack_carry.sh),
+# else a build here (-j16) of TARGETS (default: zimage zimage_gpu_tests bench_kernels).
+gpu_unpack_bin() {
+  if [ -f .carry/zimage-bin.tar.xz ]; then
+    mkdir -p /tmp/zi && tar -C /tmp/zi -xJf .carry/zimage-bin.tar.xz
+    BIN=/tmp/zi/bin; ZLIB=/tmp/zi/lib
+  else
+    local targets=${*:-zimage zimage_gpu_tests bench_kernels}
+    cmake -S . -B build-gpu -G Ninja -DZIMAGE_CUDA=ON -DZIMAGE_BENCH=OFF -DCMAKE_BUILD_TYPE=Release > "$OUT/build.log" 2>&1 &&
+      ninja -C build-gpu -j16 $targets >> "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+    BIN=$ROOT/build-gpu; cp build-gpu/bench/bench_kernels "$BIN/" 2>/dev/null
+  fi
+}
