@@ -238,8 +238,10 @@ TEST(CudaQuant, TinyPipelineFp8VsBf16) {
   std::printf("tiny turbo, final latents rel L2: fp8 tensor cores vs bf16 %.3g, fp8 dequant vs bf16 %.3g, "
               "tensor cores vs dequant %.3g; image mean |diff| vs bf16 %.2f / %.2f (of 255)\n",
               e8, ed, e8d, mean_diff(i8, ib), mean_diff(id, ib));
+  // Bounds: fp8 weights alone cost ≈ 0.04 on this model (BENCHMARKS.md, CPU); the e4m3
+  // activations add about as much again. A wrong scale or layout gives errors near 1.
   EXPECT_LT(ed, 0.1);
-  EXPECT_LT(e8, 0.12);
-  EXPECT_LT(e8d, 0.08);
-  EXPECT_LE(mean_diff(i8, ib), 4.0);
+  EXPECT_LT(e8, 0.15);
+  EXPECT_LT(e8d, 0.12);
+  EXPECT_LE(mean_diff(i8, ib), 6.0);
 }
