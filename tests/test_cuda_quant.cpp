@@ -145,7 +145,9 @@ TEST(CudaQuant, Fp8TensorCoresMatchDequantPath) {
     // token counts and bias epilogues may fall back to the dequant path if cuBLASLt has no
     // kernel for them (a fallback is reported, and the result is checked either way).
     const std::string path = cuda::linear_quant_last_path();
-    if (c.M % 16 == 0 && !c.bias) ASSERT_EQ(path, "fp8");
+    if (c.M % 16 == 0 && !c.bias) {
+      ASSERT_EQ(path, "fp8");
+    }
     if (path != "fp8") std::printf("fp8 GEMM M=%lld bias=%d: cuBLASLt has no fp8 kernel, dequant path taken\n", (long long)c.M, int(c.bias));
     cuda::set_fp8_gemm(false);
     Tensor yd = ops::to_host_f32(ops::linear(xg, qg, c.bias ? &bg : nullptr));

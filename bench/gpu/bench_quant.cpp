@@ -75,7 +75,10 @@ int main(int argc, char** argv) {
       o.width = o.height = size;
       o.steps = steps;
       o.seed = seed;
-      o.text_encoder_device = o.transformer_device = o.vae_device = Device::CUDA;
+      // ZI_BENCH_QUANT_CPU=1: everything on the CPU (a check of this program on a machine
+      // without a GPU, e.g. with the tiny model).
+      const Device dev = std::getenv("ZI_BENCH_QUANT_CPU") ? Device::CPU : Device::CUDA;
+      o.text_encoder_device = o.transformer_device = o.vae_device = dev;
       o.precision = DType::BF16;
       o.transformer_dtype = tdt;
       o.text_encoder_dtype = edt;
@@ -91,7 +94,12 @@ int main(int argc, char** argv) {
       r.gpu_peak = g.gpu_peak_bytes;
       if (a == 6) {
         base = r;
-        std::printf("QUALITY %-12s baseline; gpu peak %.2f GiB\n", name.c_str(), double(r.gpu_peak) / (1 << 30));
+        // ‖lat1 − lat0‖ / ‖lat0‖ = |σ1 − σ0|·‖v‖/‖lat0‖: well below 1 when lat0 is the pipeline's
+        // noise (≈ 1.4 would mean it is not, and dit_rel_l2 would be meaningless).
+        const int64_t n = r.first.numel();
+        const std::vector<float> lat0 = torch_randn(seed, n);
+        std::printf("QUALITY %-12s baseline; first step |lat1 - lat0| / |lat0| = %.3f; gpu peak %.2f GiB\n",
+                    name.c_str(), rel_l2(r.first.f32(), lat0.data(), nullptr, n), double(r.gpu_peak) / (1 << 30));
         std::fflush(stdout);
         continue;
       }
