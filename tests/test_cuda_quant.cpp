@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstring>
 #include <random>
+#include <tuple>
 
 #include "backends/cpu/cpu_ops.h"
 #include "backends/cuda/cuda_ops.h"
@@ -226,11 +227,19 @@ TEST(CudaQuant, TinyPipelineFp8VsBf16) {
     GenerateHooks hooks;
     hooks.on_latents = [&](int, const Tensor& lat) { last = ops::to_host_f32(lat).clone(Tag::Workspace); };
     GenerateResult r = generate(o, hooks);
-    return std::make_pair(last, r.rgb);
+    int64_t dit_bytes = -1;  // the denoise phase's weights on the GPU
+    for (const auto& p : r.gpu_phases)
+      if (p.name == "denoise") dit_bytes = p.weights_bytes;
+    return std::make_tuple(last, r.rgb, dit_bytes);
   };
-  auto [lb, ib] = run(DType::BF16, true);
-  auto [l8, i8] = run(DType::F8_E4M3, true);
-  auto [ld, id] = run(DType::F8_E4M3, false);
+  auto [lb, ib, wb] = run(DType::BF16, true);
+  auto [l8, i8, w8] = run(DType::F8_E4M3, true);
+  auto [ld, id, wd] = run(DType::F8_E4M3, false);
+  // fp8 holds the matrices in one byte per value (plus a scale per row) instead of two.
+  std::printf("tiny turbo, denoise weights on the GPU: bf16 %lld B, fp8 %lld B\n", (long long)wb, (long long)w8);
+  EXPECT_GT(w8, 0);
+  EXPECT_LT(double(w8), 0.75 * double(wb));
+  EXPECT_EQ(w8, wd);
   auto mean_diff = [](const std::vector<uint8_t>& a, const std::vector<uint8_t>& b) {
     double s = 0;
     for (size_t i = 0; i < a.size(); ++i) s += std::abs(int(a[i]) - int(b[i]));
