@@ -8,13 +8,13 @@
 # committed corpus fuzz/corpus/<target>/ seeds every run and is replayed by ctest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ALL=(safetensors index config tokenizer_json tokenize layout lora gguf)
+ALL=(safetensors index config tokenizer_json tokenize layout lora gguf http_request)
 B=build-fuzz
 
 max_len() {
   case "$1" in
     safetensors) echo 4096 ;; index) echo 2048 ;; config) echo 2048 ;;
-    tokenizer_json) echo 16384 ;; tokenize) echo 1024 ;; layout) echo 4096 ;; lora) echo 4096 ;; gguf) echo 4096 ;;
+    tokenizer_json) echo 16384 ;; tokenize) echo 1024 ;; layout) echo 4096 ;; lora) echo 4096 ;; gguf) echo 4096 ;; http_request) echo 4096 ;;
   esac
 }
 

@@ -26,7 +26,7 @@ struct ServeArgs {
   std::string host = "127.0.0.1";
   int port = 8188;
   std::string model, api_key, resident = "all";
-  int max_queue = 32, max_batch = 0, batch_wait_ms = 10, http_threads = 0;
+  int max_queue = 32, max_batch = 0, batch_wait_ms = 10, http_threads = 0, png_level = 1;
   int64_t max_pixels = 1024 * 1024;
   size_t max_body_bytes = 1 << 20, max_prompt_bytes = 8192;
   int max_n = 8, max_steps = 100;
@@ -56,6 +56,7 @@ void run_serve(ServeArgs& a) {
   if (a.max_n < 1) throw UsageError(str_cat("--max-n must be at least 1, got ", a.max_n));
   if (a.max_steps < 1 || a.max_steps > 1000)
     throw UsageError(str_cat("--max-steps must be from 1 to 1000 (the pipeline's limit), got ", a.max_steps));
+  if (a.png_level < 0 || a.png_level > 9) throw UsageError(str_cat("--png-level must be from 0 to 9, got ", a.png_level));
   if (a.batch_wait_ms < 0) throw UsageError(str_cat("--batch-wait-ms must not be negative, got ", a.batch_wait_ms));
   if (!(a.shutdown_timeout >= 0)) throw UsageError("--shutdown-timeout must not be negative");
 
@@ -127,6 +128,7 @@ void run_serve(ServeArgs& a) {
   eo.resident = server::parse_residency(a.resident);
   eo.max_batch = a.max_batch;
   eo.max_pixels = a.max_pixels;
+  eo.png_level = a.png_level;
   server::Engine engine(eo);
   const auto t0 = std::chrono::steady_clock::now();
   engine.load();
@@ -208,6 +210,10 @@ void add_serve(CLI::App& app) {
       ->capture_default_str();
   c->add_option("--batch-wait-ms", a->batch_wait_ms,
                 "how long the scheduler waits for requests of the same size and steps to batch with")
+      ->capture_default_str();
+  c->add_option("--png-level", a->png_level,
+                "zlib level of the PNGs served, 0-9: the pixels are the same at every level; 1 is the fastest "
+                "that compresses, 6 is the CLI's (smaller files, slower)")
       ->capture_default_str();
   c->add_option("--max-pixels", a->max_pixels, "largest width x height a request may ask for")->capture_default_str();
   c->add_option("--max-n", a->max_n, "images per request at most (n, batch_size x n_iter)")->capture_default_str();

@@ -273,7 +273,7 @@ void mem_sink_flush(png_structp) {}
 
 // No C++ object with a destructor lives in this frame across setjmp/longjmp.
 bool png_encode_mem(MemSink* sink, const uint8_t* rgb, int width, int height, png_text* texts, int ntexts,
-                    PngErr* err) {
+                    int level, PngErr* err) {
   png_structp png = png_create_write_struct(PNG_LIBPNG_VER_STRING, err, png_error_cb, png_warning_cb);
   if (!png) return false;
   png_infop info = png_create_info_struct(png);
@@ -286,6 +286,7 @@ bool png_encode_mem(MemSink* sink, const uint8_t* rgb, int width, int height, pn
     return false;
   }
   png_set_write_fn(png, sink, mem_sink_write, mem_sink_flush);
+  if (level >= 0) png_set_compression_level(png, level);
   png_set_IHDR(png, info, png_uint_32(width), png_uint_32(height), 8, PNG_COLOR_TYPE_RGB, PNG_INTERLACE_NONE,
                PNG_COMPRESSION_TYPE_DEFAULT, PNG_FILTER_TYPE_DEFAULT);
   if (ntexts > 0) png_set_text(png, info, texts, ntexts);
@@ -297,7 +298,7 @@ bool png_encode_mem(MemSink* sink, const uint8_t* rgb, int width, int height, pn
   return true;
 }
 
-std::vector<uint8_t> encode_png(const uint8_t* rgb, int width, int height, const TextChunks& text) {
+std::vector<uint8_t> encode_png(const uint8_t* rgb, int width, int height, const TextChunks& text, int level) {
   std::vector<png_text> texts(text.size());
   for (size_t i = 0; i < text.size(); ++i) {
     const std::string& key = text[i].first;
@@ -321,7 +322,7 @@ std::vector<uint8_t> encode_png(const uint8_t* rgb, int width, int height, const
   }
   MemSink sink;
   PngErr err;
-  const bool ok = png_encode_mem(&sink, rgb, width, height, texts.data(), int(texts.size()), &err);
+  const bool ok = png_encode_mem(&sink, rgb, width, height, texts.data(), int(texts.size()), level, &err);
   std::vector<uint8_t> out;
   if (ok) out.assign(sink.data, sink.data + sink.size);
   std::free(sink.data);
@@ -698,7 +699,7 @@ std::vector<uint8_t> encode_image(ImageFormat f, const uint8_t* rgb, int width, 
   if (!rgb) fail("no pixel data");
   if (opt.quality < 1 || opt.quality > 100) fail(str_cat("quality must be 1..100, got ", opt.quality));
   switch (f) {
-    case ImageFormat::PNG: return encode_png(rgb, width, height, text);
+    case ImageFormat::PNG: return encode_png(rgb, width, height, text, opt.png_level);
     case ImageFormat::JPEG: return encode_jpeg(rgb, width, height, opt.quality, text);
     case ImageFormat::WebP: return encode_webp(rgb, width, height, opt, text);
   }

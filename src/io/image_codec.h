@@ -33,6 +33,7 @@ bool image_format_from_path(const std::string& path, ImageFormat* f);
 struct ImageEncodeOptions {
   int quality = 90;       // JPEG and lossy WebP, 1..100
   bool lossless = false;  // WebP: lossless (the pixels decode exactly)
+  int png_level = -1;     // PNG: zlib level 0..9 (-1: zlib's default, 6); the pixels are the same at every level
 };
 
 // Encodes 8-bit RGB (height·width·3 bytes, HWC) in memory. Throws zi::Error on failure.

@@ -124,7 +124,7 @@ std::vector<BatchOutcome> Engine::run(const BatchWork& w,
     GenerateResult& r = res[i].result;
     o.ok = true;
     o.finish = [opts = items[i].options, rgb = std::move(r.rgb), width = r.width, height = r.height,
-                tile = r.vae_tile_used]() {
+                tile = r.vae_tile_used, level = o_.png_level]() {
       JobImage img;
       img.seed = opts.seed;
       MetadataInput mi;
@@ -135,7 +135,9 @@ std::vector<BatchOutcome> Engine::run(const BatchWork& w,
       const TextChunks meta = image_metadata(mi);
       for (const auto& [k, v] : meta)
         if (k == "parameters") img.parameters = v;
-      const std::vector<uint8_t> png = encode_image(ImageFormat::PNG, rgb.data(), width, height, {}, meta);
+      ImageEncodeOptions eo;
+      eo.png_level = level;
+      const std::vector<uint8_t> png = encode_image(ImageFormat::PNG, rgb.data(), width, height, eo, meta);
       img.png.assign(png.begin(), png.end());
       return img;
     };

@@ -24,6 +24,7 @@ struct EngineOptions {
   Residency resident;
   int max_batch = 0;         // 0: from free memory (at most 16)
   int64_t max_pixels = 1024 * 1024;
+  int png_level = 1;  // zlib level of the served PNGs (-1: zlib's default)
 };
 
 class Engine {
