@@ -6,6 +6,8 @@
 //   2 linear_f32/bf16/f16  ops::linear (f32: = 0; bf16/f16: per-thread widened panels + sgemm)
 //   2 linear_path<dt, Panels|BlasThreads>  both backend paths forced (see cpu_ops.h)
 //   3 openblas_sbgemm    cblas_sbgemm (bf16 × bf16 → f32), if this OpenBLAS exports it
+//   4 linear_quant<fmt, Dequant|Int8|Int8Avx2>  quantized weights, each CPU path forced
+//                        (skipped where the CPU lacks it)
 // GFLOP/s = 2·M·N·K / wall time.
 #include <benchmark/benchmark.h>
 #include <cblas.h>
@@ -17,6 +19,7 @@
 #include "backends/cpu/cpu_ops.h"
 #include "core/dtype.h"
 #include "core/parallel.h"
+#include "core/quant.h"
 #include "core/tensor.h"
 #include "bench_util.h"
 #include "ops/ops.h"
@@ -92,6 +95,22 @@ void BM_3_openblas_sbgemm(benchmark::State& st) {
   rate.report(st, gemm_flops(st));
 }
 
+template <zi::DType WT, zi::cpu::QuantPath PATH>
+void BM_4_linear_quant(benchmark::State& st) {
+  const bool ok = PATH == zi::cpu::QuantPath::Dequant || (PATH == zi::cpu::QuantPath::Int8 && zi::cpu::quant_int8_available(WT)) ||
+                  (PATH == zi::cpu::QuantPath::Int8Avx2 && zi::cpu::quant_int8_avx2_available(WT));
+  if (!ok) {
+    st.SkipWithError("this CPU lacks the path");
+    return;
+  }
+  const int64_t M = st.range(0), K = st.range(1), N = st.range(2);
+  zi::Tensor x = random_tensor({M, K}, 1), y = zi::Tensor::empty({M, N}, zi::DType::F32);
+  zi::Tensor w = zi::quant::quantize(random_tensor({N, K}, 2), WT, zi::Tag::Workspace);
+  CpuRate rate;
+  for (auto _ : st) zi::cpu::linear_quant(x, w, nullptr, y, PATH);
+  rate.report(st, gemm_flops(st));
+}
+
 // Small shapes run to the default time; the 1024² feed-forward (325 GFLOP) twice only.
 void shapes(benchmark::internal::Benchmark* b) {
   b->Unit(benchmark::kMillisecond)->UseRealTime();
@@ -112,6 +131,10 @@ BENCHMARK(BM_2_linear_path<zi::DType::BF16, kBlas>)->Apply(shapes);
 BENCHMARK(BM_2_linear<zi::DType::BF16>)->Apply(shapes);
 BENCHMARK(BM_2_linear<zi::DType::F16>)->Apply(shapes);
 BENCHMARK(BM_3_openblas_sbgemm)->Apply(shapes);
+BENCHMARK(BM_4_linear_quant<zi::DType::Q8_0, zi::cpu::QuantPath::Dequant>)->Apply(shapes);
+BENCHMARK(BM_4_linear_quant<zi::DType::Q8_0, zi::cpu::QuantPath::Int8>)->Apply(shapes);
+BENCHMARK(BM_4_linear_quant<zi::DType::Q8_0, zi::cpu::QuantPath::Int8Avx2>)->Apply(shapes);
+BENCHMARK(BM_4_linear_quant<zi::DType::Q4_0, zi::cpu::QuantPath::Int8Avx2>)->Apply(shapes);
 BENCHMARK(BM_0_openblas_sgemm)->Apply(big_shape);
 BENCHMARK(BM_2_linear<zi::DType::F32>)->Apply(big_shape);
 BENCHMARK(BM_2_linear_path<zi::DType::F32, kPanels>)->Apply(big_shape);

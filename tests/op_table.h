@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "backends/cpu/cpu_ops.h"
 #include "core/check.h"
 #include "core/parallel.h"
 #include "core/quant.h"
@@ -118,6 +119,18 @@ inline std::vector<Row> make_rows(const std::string& only = "") {
                        if (e.ref) return ops_ref::linear(x, quant::dequantize(wq), c.bias ? &bb : nullptr);
                        return ops::linear(e.a(x), e.w(wq), c.bias ? &bb : nullptr);
                      }});
+        if (int8)  // the same weights with the CPU's dequant path: rows the GPU compares with
+          R.push_back({"linear_quant",
+                       str_cat("M=", c.M, " K=", c.K, " N=", c.N, " w ", dtype_name(qt), c.bias ? " bias" : "",
+                               ", cpu dequant path"),
+                       kTolGemm, -1, true, 1.0, [=](const Env& e) {
+                         Tensor bb = e.w(b);
+                         if (e.ref) return ops_ref::linear(x, quant::dequantize(wq), c.bias ? &bb : nullptr);
+                         if (e.dev != Device::CPU) return ops::linear(e.a(x), e.w(wq), c.bias ? &bb : nullptr);
+                         Tensor xa = e.a(x), y = Tensor::empty({c.M, c.N}, DType::F32);
+                         cpu::linear_quant(xa, wq, c.bias ? &bb : nullptr, y, cpu::QuantPath::Dequant);
+                         return y;
+                       }});
       }
   }
   // ---- norms ----

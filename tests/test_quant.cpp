@@ -120,6 +120,9 @@ TEST(Quant, LinearPaths) {
   for (DType t : {DType::Q8_0, DType::Q4_0, DType::Q5_0, DType::F8_E4M3}) {
     SCOPED_TRACE(dtype_name(t));
     Tensor q = quant::quantize(w, t, Tag::Workspace);
+    // GGUF files may hold −128 in a Q8_0 block (zimage's quantizer stays within ±127): the int8
+    // kernels must take it (AVX2: |−128| is 128 unsigned in vpmaddubsw).
+    if (t == DType::Q8_0) static_cast<uint8_t*>(q.raw())[2] = 0x80;
     Tensor wf = quant::dequantize(q);
     Tensor ref = Tensor::empty({M, N}, DType::F32);
     cpu::linear(x, wf, &bias, ref);
@@ -144,6 +147,21 @@ TEST(Quant, LinearPaths) {
       const double e = rel_l2(y1, ref);
       EXPECT_LT(e, 0.01) << "int8 path vs dequantized weights";
       EXPECT_GT(e, 0.0);  // it does quantize the activations
+    }
+    if (cpu::quant_int8_avx2_available(t)) {  // forced here even where VNNI is present
+      Tensor a1 = Tensor::empty({M, N}, DType::F32), a2 = Tensor::empty({M, N}, DType::F32);
+      set_num_threads(1);
+      cpu::linear_quant(x, q, &bias, a1, cpu::QuantPath::Int8Avx2);
+      set_num_threads(2);
+      cpu::linear_quant(x, q, &bias, a2, cpu::QuantPath::Int8Avx2);
+      EXPECT_TRUE(bit_equal(a1, a2));
+      const double e = rel_l2(a1, ref);
+      EXPECT_LT(e, 0.01) << "AVX2 int8 path vs dequantized weights";
+      EXPECT_GT(e, 0.0);
+      if (cpu::quant_int8_available(t)) {  // the same integer sums as VNNI: only f32 summation order differs
+        cpu::linear_quant(x, q, &bias, y1, cpu::QuantPath::Int8);
+        EXPECT_LT(rel_l2(a1, y1), 1e-6) << "AVX2 vs VNNI int8 paths";
+      }
     }
     // Through ops::linear (the models' entry point).
     Tensor y = ops::linear(x, q, &bias);

@@ -15,6 +15,7 @@
 
 #include "backends/cuda/common.cuh"
 #include "backends/cuda/cuda_ops.h"
+#include "core/quant.h"
 #include "ops/ops.h"
 
 using namespace zi;
@@ -89,6 +90,28 @@ int main() {
       Tensor y = Tensor::empty({g.M, g.N}, DType::BF16, Tag::Activations, Device::CUDA);
       const double ms = median_ms([&] { cuda::linear(x, w, nullptr, y); });
       report(g.name, ms, 2.0 * double(g.M) * double(g.N) * double(g.K) / ms / 1e9, "TFLOP/s");
+    }
+    // The same DiT shapes with quantized weights (issue 14): fp8 on the tensor cores (the
+    // activation's per-token e4m3 quantization included), fp8 and q4_0 through the dequant path
+    // (dequantization into bf16 included). The row's name ends with the path taken.
+    for (const G& g : gs) {
+      if (g.M == 8192) continue;
+      Tensor x = rand_dev({g.M, g.K}, DType::BF16, seed++);
+      Tensor wh = ops::to_host_f32(rand_dev({g.N, g.K}, DType::BF16, seed++));
+      Tensor y = Tensor::empty({g.M, g.N}, DType::BF16, Tag::Activations, Device::CUDA);
+      const double flops = 2.0 * double(g.M) * double(g.N) * double(g.K);
+      for (DType t : {DType::F8_E4M3, DType::Q4_0}) {
+        Tensor wq = quant::quantize(wh, t, Tag::Workspace).to_device(Device::CUDA);
+        for (bool tc : {true, false}) {
+          if (t != DType::F8_E4M3 && tc) continue;
+          cuda::set_fp8_gemm(tc);
+          const double ms = median_ms([&] { cuda::linear_quant(x, wq, nullptr, y); });
+          const std::string name = std::string(g.name).replace(0, 5, str_cat("gemm_", dtype_name(t), "_")) + "_" +
+                                   cuda::linear_quant_last_path();
+          report(name.c_str(), ms, flops / ms / 1e9, "TFLOP/s");
+        }
+      }
+      cuda::set_fp8_gemm(true);
     }
   }
   {  // attention at the DiT's size: 4·S²·D·H FLOPs (QKᵀ and PV)

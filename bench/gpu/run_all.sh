@@ -5,13 +5,13 @@
 # one profiled 1024² image (ZI_CUDA_PROFILE=1: GPU time per op), then diffusers eager and
 # torch.compile on the same card, and one table last (summarize.py). About 2.5 minutes on an H200.
 # Here first: bench/gpu/pack_carry.sh, and .carry/diffusers_src.tar.xz (diffusers' src/ tree).
-# Use: bench/gpu/run_all.sh [tests|kernels|bench|vaetile|firstuse|controlnet|diffusers|budget|all]...  (default: all, which leaves out budget; bench includes
-# kernels; ZI_GTEST_FILTER narrows the tests). Logs go to $OUT.
+# Use: bench/gpu/run_all.sh [tests|kernels|bench|vaetile|firstuse|controlnet|diffusers|budget|quant|all]...  (default: all,
+# which leaves out budget and quant; bench includes kernels; ZI_GTEST_FILTER narrows the tests). Logs go to $OUT.
 set -uo pipefail
 source "$(dirname "$0")/lib.sh"
 WHAT=" ${*:-all} "
 want() { [[ "$WHAT" == *" $1 "* || "$WHAT" == *" all "* ]]; }
-gpu_unpack_bin
+gpu_unpack_bin zimage zimage_gpu_tests bench_kernels bench_quant
 stamp "binaries ready ($BIN)"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/gpu.txt"
 (dpkg -l 2>/dev/null | grep -E "libopenblas|libpng-dev|libpcre2-dev|libutf8proc|libgtest|nlohmann|libcli11" | awk '{print $2}' | tr '\n' ' '; echo) > "$OUT/build_deps.txt"
@@ -152,6 +152,33 @@ PY
   echo "rc=$?" >> "$OUT/diffusers_group.log"
   grep -E "RESULT|Error|error" "$OUT/diffusers_group.log" | tail -6
   stamp "diffusers group offload done"
+fi
+
+if [[ "$WHAT" == *" quant "* ]]; then  # issue 14: weight formats at 1024², 8 steps (warm 2nd image), peaks, quality vs bf16
+  M=/tmp/zrm
+  [ -d "$M" ] || z "$BIN/zimage" make-random-model --preset turbo --dtype bf16 -q "$M" > "$OUT/make_model.log" 2>&1
+  # name|environment|flags: fp8 on the tensor cores, fp8 through the dequant path (ZI_FP8_GEMM=0), q8_0, q4_0, q4_0 + q8_0 encoder.
+  for cfg in "bf16||" "fp8||--transformer-dtype fp8" "fp8deq|ZI_FP8_GEMM=0|--transformer-dtype fp8" \
+             "q8_0||--transformer-dtype q8_0" "q4_0||--transformer-dtype q4_0" \
+             "q4_0te8||--transformer-dtype q4_0 --text-encoder-dtype q8_0"; do
+    IFS='|' read -r name envs flags <<< "$cfg"
+    env $envs LD_LIBRARY_PATH="${ZLIB:+$ZLIB:}$LD_LIBRARY_PATH" "$BIN/zimage" generate --model "$M" -p "$PROMPT" \
+      -W 1024 -H 1024 --steps 8 --seed 1 --count 2 --device cuda $flags --memory-report -o "$OUT/zq_$name.png" \
+      > "$OUT/zimage_q_$name.log" 2>&1
+    echo "rc=$?" >> "$OUT/zimage_q_$name.log"
+    echo "== $name ($envs $flags)"; grep -E "^  (encode|denoise|decode) |peak|rc=|rror" "$OUT/zimage_q_$name.log" | tail -9
+  done
+  # One profiled fp8 and q4_0 image each (the 2nd): the fp8 GEMMs, fp8_act_quant and dequant rows.
+  for f in fp8 q4_0; do
+    ZI_CUDA_PROFILE=1 z "$BIN/zimage" generate --model "$M" -p "$PROMPT" -W 1024 -H 1024 --steps 8 --seed 1 --count 2 \
+      --device cuda --transformer-dtype $f -o "$OUT/zq_prof.png" > "$OUT/zimage_q_prof_$f.log" 2>&1
+    echo "== profile $f"; sed -n '/image 2\/2/,$p' "$OUT/zimage_q_prof_$f.log" | grep -E "linear|dequant|fp8|gemm|total" | head -30
+  done
+  QB=$BIN/bench_quant; [ -x "$QB" ] || QB=$ROOT/build-gpu/bench/bench_quant
+  z "$QB" "$M" "$PROMPT" 1024 8 1 bf16=bf16 fp8=fp8 fp8-dequant=fp8:dequant q8_0=q8_0 q4_0=q4_0 \
+    q4_0+q8_0te=q4_0+q8_0 2>&1 | tee "$OUT/quant_quality.log"
+  rm -f "$OUT"/zq_*.png
+  stamp "quant done"
 fi
 
 if want diffusers; then

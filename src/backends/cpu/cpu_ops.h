@@ -47,9 +47,11 @@ void linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y, Gem
 // quant_gemm.cpp. linear with a weight-format w (Q8_0 … Q3_K, F8_E4M3; see that file):
 //   Dequant  panels of w dequantized to f32, single-threaded sgemm per panel (any format)
 //   Int8     Q8_0/Q4_0 with AVX-512 VNNI: x quantized to 8-bit blocks, int8 dot products
-// Auto takes Int8 where available.
-enum class QuantPath { Auto, Dequant, Int8 };
-bool quant_int8_available(DType t);
+//   Int8Avx2 the same products with AVX2 (vpmaddubsw/vpmaddwd) for CPUs without VNNI
+// Auto takes Int8 where available, else Int8Avx2 where available, else Dequant.
+enum class QuantPath { Auto, Dequant, Int8, Int8Avx2 };
+bool quant_int8_available(DType t);       // Int8 (VNNI)
+bool quant_int8_avx2_available(DType t);  // Int8Avx2
 void linear_quant(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y, QuantPath path = QuantPath::Auto);
 
 // Every other op (norm.cpp, fused.cpp, elementwise.cpp, rope.cpp, attention.cpp, conv.cpp; the

@@ -11,6 +11,11 @@
 //            s8, started from −128·Σw so the int32 lanes hold Σ x·w exactly), converts each
 //            2-block int32 vector to f32 and accumulates it times dx·dw. Partial sums are
 //            reduced per 1024-wide K chunk in a fixed order.
+//   Int8Avx2 the same on CPUs with AVX2 but no VNNI: x's bytes back to signed q, then per
+//            32-block vpmaddubsw(|w|, sign(x, w)) (pairs of products: |sum| ≤ 2·128·127, no
+//            saturation) and vpmaddwd with ones, so each int32 lane holds the same 4-value sum
+//            as vpdpbusd's; scales, order of the chunks and of the tiles as Int8 (the lanes'
+//            final reduction differs: 8-wide vectors instead of 16).
 // Both are deterministic for any thread count: panels and chunks do not depend on it.
 #include <cblas.h>
 // GCC 12's AVX-512 masked-load intrinsics start from an "undefined" vector it then reports.
@@ -137,13 +142,61 @@ ZI_VNNI void tile_vnni(const uint8_t* xu, const float* dxe, const int8_t* w8, co
     for (int j = 0; j < nr; ++j) y[i * ldy + j] += _mm512_reduce_add_ps(acc[i][j]);
 }
 
+#define ZI_AVX2 __attribute__((target("avx2,fma")))
+
+ZI_AVX2 inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// tile_vnni's arithmetic on AVX2: one 32-block (8 lanes of 4 values) per step.
+ZI_AVX2 void tile_avx2(const uint8_t* xu, const float* dxe, const int8_t* w8, const float* dwe, int64_t K, int64_t k0,
+                       int64_t k1, int mr, int nr, float* y, int64_t ldy) {
+  __m256 acc[4][4];
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_setzero_ps();
+  const int64_t K4 = K / 4;
+  const __m256i flip = _mm256_set1_epi8(char(0x80)), ones = _mm256_set1_epi16(1);
+  for (int64_t k = k0; k < k1; k += 32) {
+    __m256i xv[4];
+    __m256 xs[4];
+    for (int i = 0; i < 4; ++i) {
+      const int ii = i < mr ? i : 0;
+      // u8 (q + 128) → s8 q, |q| ≤ 127.
+      xv[i] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xu + ii * K + k)), flip);
+      xs[i] = _mm256_loadu_ps(dxe + ii * K4 + k / 4);
+    }
+    for (int j = 0; j < 4; ++j) {
+      if (j >= nr) break;
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w8 + j * K + k));
+      const __m256i wabs = _mm256_sign_epi8(wv, wv);  // −128 stays 0x80 = 128 unsigned
+      const __m256 ws = _mm256_loadu_ps(dwe + j * K4 + k / 4);
+      for (int i = 0; i < 4; ++i) {
+        const __m256i p16 = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(xv[i], wv));
+        const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+        acc[i][j] = _mm256_fmadd_ps(f, _mm256_mul_ps(xs[i], ws), acc[i][j]);
+      }
+    }
+  }
+  for (int i = 0; i < mr; ++i)
+    for (int j = 0; j < nr; ++j) y[i * ldy + j] += hsum256(acc[i][j]);
+}
+
+bool have_avx2() {
+  static const bool v = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return v;
+}
+
 bool have_vnni() {
   static const bool v = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") &&
                         __builtin_cpu_supports("avx512vl");
   return v;
 }
 
-void linear_int8(const float* x, const Tensor& w, const float* bias, float* y, int64_t M, int64_t N, int64_t K) {
+void linear_int8(const float* x, const Tensor& w, const float* bias, float* y, int64_t M, int64_t N, int64_t K,
+                 bool vnni) {
   Tensor xu = Tensor::empty({M, K}, DType::U8, Tag::Workspace);
   Tensor dxe = Tensor::empty({M, K / 4}, DType::F32, Tag::Workspace);
   quantize_x(x, M, K, xu.data<uint8_t>(), dxe.data<float>());
@@ -168,8 +221,12 @@ void linear_int8(const float* x, const Tensor& w, const float* bias, float* y, i
         const int mr = int(std::min<int64_t>(4, M - m0));
         for (int64_t j0 = 0; j0 < np; j0 += 4) {
           const int nr = int(std::min<int64_t>(4, np - j0));
-          tile_vnni(xu.data<uint8_t>() + m0 * K, dxe.data<float>() + m0 * (K / 4), w8 + j0 * K,
-                    negc + j0 * (K / 4), dwe + j0 * (K / 4), K, k0, k1, mr, nr, y + m0 * N + n0 + j0, N);
+          if (vnni)
+            tile_vnni(xu.data<uint8_t>() + m0 * K, dxe.data<float>() + m0 * (K / 4), w8 + j0 * K,
+                      negc + j0 * (K / 4), dwe + j0 * (K / 4), K, k0, k1, mr, nr, y + m0 * N + n0 + j0, N);
+          else
+            tile_avx2(xu.data<uint8_t>() + m0 * K, dxe.data<float>() + m0 * (K / 4), w8 + j0 * K,
+                      dwe + j0 * (K / 4), K, k0, k1, mr, nr, y + m0 * N + n0 + j0, N);
         }
       }
     }
@@ -181,16 +238,25 @@ void linear_int8(const float* x, const Tensor& w, const float* bias, float* y, i
 bool quant_int8_available(DType t) {
   return (t == DType::Q8_0 || t == DType::Q4_0) && have_vnni();
 }
+bool quant_int8_avx2_available(DType t) {
+  return (t == DType::Q8_0 || t == DType::Q4_0) && have_avx2();
+}
 
 void linear_quant(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y, QuantPath path) {
   const int64_t N = w.dim(0), K = w.dim(1), M = x.numel() / K;
   if (M == 0 || N == 0) return;
   Tensor b = bias ? widen_vector(*bias) : Tensor();
   const float* bp = bias ? b.data<float>() : nullptr;
-  if (path == QuantPath::Auto) path = quant_int8_available(w.dtype()) ? QuantPath::Int8 : QuantPath::Dequant;
+  if (path == QuantPath::Auto)
+    path = quant_int8_available(w.dtype())        ? QuantPath::Int8
+           : quant_int8_avx2_available(w.dtype()) ? QuantPath::Int8Avx2
+                                                  : QuantPath::Dequant;
   if (path == QuantPath::Int8) {
     ZI_CHECK(quant_int8_available(w.dtype()), "[linear] the int8 path needs Q8_0/Q4_0 weights and AVX-512 VNNI");
-    linear_int8(x.data<float>(), w, bp, y.data<float>(), M, N, K);
+    linear_int8(x.data<float>(), w, bp, y.data<float>(), M, N, K, true);
+  } else if (path == QuantPath::Int8Avx2) {
+    ZI_CHECK(quant_int8_avx2_available(w.dtype()), "[linear] the AVX2 int8 path needs Q8_0/Q4_0 weights and AVX2");
+    linear_int8(x.data<float>(), w, bp, y.data<float>(), M, N, K, false);
   } else {
     linear_dequant(x.data<float>(), w, bp, y.data<float>(), M, N, K);
   }

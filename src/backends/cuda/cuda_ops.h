@@ -32,6 +32,7 @@ std::string unavailable_reason();  // why available() is false, one line ("" whe
 // "" when cuBLAS and cuBLASLt could be opened (blas_loader.cpp), else which one is missing.
 std::string blas_unavailable_reason();
 std::string device_description();  // "NVIDIA H100 80GB HBM3, 132 SMs, 79.1 GiB"
+int compute_capability();  // 10·major + minor of the device (90 for H100; gemm_cublaslt.cpp)
 int64_t memory_free_bytes();        // free device memory (cudaMemGetInfo) plus the pool's cache
 int64_t memory_total_bytes();       // the card's memory (cudaMemGetInfo's total)
 void synchronize();  // waits for all work of the compute stream
@@ -82,10 +83,22 @@ UploadStats upload_stats();
 // y = x · wᵀ (+ bias). x [M, K] f32 or bf16; w [N, K] f32/bf16/f16 (converted to x's dtype on
 // the fly when it differs); y [M, N] in x's dtype. bf16 runs on tensor cores, f32 in full f32.
 void linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y);
-// linear with a weight-format w (quant.cu): w is dequantized block by block into a reused
-// device buffer of x's dtype (bf16 or f32), then the same GEMM as linear() runs on it. The
-// dequantization time is reported in the profile as "dequant".
+// linear with a weight-format w (quant.cu). fp8 weights with bf16 activations run on the fp8
+// tensor cores where cuBLASLt has a kernel for it (linear_fp8; the activation is quantized per
+// row on the fly, profile "fp8_act_quant"); otherwise w is dequantized into a reused device
+// buffer of x's dtype (bf16 or f32), then the same GEMM as linear() runs on it (profile
+// "dequant"). ZI_FP8_GEMM=0 in the environment, or set_fp8_gemm(false), forces the dequant
+// path for fp8; set_fast_dequant(false) forces the per-block dequant kernels (tests compare).
 void linear_quant(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y);
+void set_fp8_gemm(bool on);
+void set_fast_dequant(bool on);
+const char* linear_quant_last_path();  // "fp8" or "dequant": the path of the latest linear_quant
+// y[M, N] bf16 = (x8[M, K] · x_scale[M]) · (w8[N, K] · w_scale[N])ᵀ (+ bias[N] bf16), x8 and w8
+// e4m3, scales f32 device vectors (gemm_cublaslt.cpp). False, nothing computed, where cuBLASLt
+// has no fp8 kernel for it (compute capability < 8.9, K or N not a multiple of 16, pointers not
+// 16-byte aligned, or its heuristic finds none; remembered per shape).
+bool linear_fp8(int64_t M, int64_t N, int64_t K, const void* x8, const float* x_scale, const void* w8,
+                const float* w_scale, const void* bias_bf16, void* y);
 // C = A · B, column-major (m×k, k×n → m×n) with leading dimensions, f32 or bf16 operands of
 // one dtype, f32 accumulation. The convolutions' im2col path uses it.
 void gemm_nn(int64_t m, int64_t n, int64_t k, const void* A, int64_t lda, const void* B, int64_t ldb, void* C,

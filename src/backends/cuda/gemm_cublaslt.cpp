@@ -4,6 +4,15 @@
 // operands use CUBLAS_COMPUTE_32F (no TF32), so the f32 path matches the CPU to rounding. The
 // bias is the cuBLASLt epilogue (in y's dtype). Descriptors and the heuristic's algorithm are
 // cached per shape, dtype and pointer alignment.
+//
+// linear_fp8: both operands e4m3 (the weight's bytes as loaded, the activation quantized per
+// row by quant.cu), the TN layout cuBLASLt's fp8 kernels require, f32 accumulation, bf16 D (and
+// C), the scales as CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F vectors: A's (the weight's, one
+// per output channel = row of D) and B's (the activation's, one per token = column of D), so
+// D[n, m] = scale_w[n] · scale_x[m] · Σ_k w8[n, k] · x8[m, k]. Whether cuBLASLt has a kernel
+// for it (compute capability ≥ 8.9, a cuBLASLt that knows outer-vector scales, the shape and
+// alignment) is asked once per shape: a plan that fails is remembered and the caller falls
+// back to the dequantizing path. Nothing is timed.
 #include <cublasLt.h>
 
 #include <map>
@@ -128,7 +137,102 @@ const NnPlan& nn_plan(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
   return plans.emplace(key, p).first->second;
 }
 
+struct Fp8Plan {
+  bool ok = false;
+  cublasLtMatmulDesc_t op = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+  cublasLtMatmulAlgo_t algo{};
+};
+
+
+// The plan, or ok = false when cuBLASLt refuses any step (no exception: the caller falls back).
+Fp8Plan make_fp8_plan(int64_t M, int64_t N, int64_t K, bool bias, const void* x, const void* w, const void* y) {
+  Fp8Plan p;
+  auto ok = [](cublasStatus_t s) { return s == CUBLAS_STATUS_SUCCESS; };
+  if (!ok(cublasLtMatmulDescCreate(&p.op, CUBLAS_COMPUTE_32F, CUDA_R_32F))) return p;
+  const cublasOperation_t tr = CUBLAS_OP_T, nt = CUBLAS_OP_N;
+  const int32_t outer = CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
+  if (!ok(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &tr, sizeof tr)) ||
+      !ok(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &nt, sizeof nt)) ||
+      !ok(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &outer, sizeof outer)) ||
+      !ok(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &outer, sizeof outer)))
+    return p;
+  if (bias) {
+    const cublasLtEpilogue_t ep = CUBLASLT_EPILOGUE_BIAS;
+    const cudaDataType_t bt = CUDA_R_16BF;
+    if (!ok(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &ep, sizeof ep)) ||
+        !ok(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt, sizeof bt)))
+      return p;
+  }
+  if (!ok(cublasLtMatrixLayoutCreate(&p.a, CUDA_R_8F_E4M3, uint64_t(K), uint64_t(N), K)) ||
+      !ok(cublasLtMatrixLayoutCreate(&p.b, CUDA_R_8F_E4M3, uint64_t(K), uint64_t(M), K)) ||
+      !ok(cublasLtMatrixLayoutCreate(&p.c, CUDA_R_16BF, uint64_t(N), uint64_t(M), N)))
+    return p;
+  cublasLtMatmulPreference_t pref;
+  if (!ok(cublasLtMatmulPreferenceCreate(&pref))) return p;
+  const uint64_t ws = kWorkspaceBytes;
+  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
+  const uint32_t aa = uint32_t(alignment(w)), ab = uint32_t(alignment(x)), ac = uint32_t(alignment(y));
+  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &aa, sizeof aa);
+  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &ab, sizeof ab);
+  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &ac, sizeof ac);
+  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &ac, sizeof ac);
+  cublasLtMatmulHeuristicResult_t res{};
+  int found = 0;
+  const cublasStatus_t s =
+      cublasLtMatmulAlgoGetHeuristic(lt().handle, p.op, p.a, p.b, p.c, p.c, pref, 1, &res, &found);
+  cublasLtMatmulPreferenceDestroy(pref);
+  p.algo = res.algo;
+  p.ok = ok(s) && found > 0;
+  return p;
+}
+
 }  // namespace
+
+int compute_capability() {
+  static const int cc = [] {
+    ensure_init();
+    int dev = 0, major = 0, minor = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) return 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+    return 10 * major + minor;
+  }();
+  return cc;
+}
+
+bool linear_fp8(int64_t M, int64_t N, int64_t K, const void* x8, const float* x_scale, const void* w8,
+                const float* w_scale, const void* bias_bf16, void* y) {
+  // fp8 tensor-core GEMMs exist from Ada (8.9) on; cuBLASLt wants K and the leading dimensions
+  // in multiples of 16 bytes and 16-byte aligned pointers.
+  if (compute_capability() < 89 || M < 1 || N % 16 || K % 16) return false;
+  if (alignment(x8) < 16 || alignment(w8) < 16 || alignment(y) < 16) return false;
+  static std::map<Key, Fp8Plan> plans;
+  Lt& L = lt();
+  const Key key{M, N, K, -1, bias_bf16 != nullptr, 0, alignment(x8), alignment(w8), alignment(y)};
+  Fp8Plan* p;
+  {
+    std::lock_guard<std::mutex> lk(L.mu);
+    auto it = plans.find(key);
+    if (it == plans.end()) it = plans.emplace(key, make_fp8_plan(M, N, K, bias_bf16 != nullptr, x8, w8, y)).first;
+    p = &it->second;
+    if (!p->ok) return false;
+    if (bias_bf16 &&
+        cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias_bf16, sizeof bias_bf16) !=
+            CUBLAS_STATUS_SUCCESS)
+      return p->ok = false;
+    if (cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &w_scale, sizeof w_scale) !=
+            CUBLAS_STATUS_SUCCESS ||
+        cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &x_scale, sizeof x_scale) !=
+            CUBLAS_STATUS_SUCCESS)
+      return p->ok = false;
+  }
+  const float alpha = 1.0f, beta = 0.0f;
+  const cublasStatus_t s = cublasLtMatmul(L.handle, p->op, &alpha, w8, p->a, x8, p->b, &beta, y, p->c, y, p->c,
+                                          &p->algo, L.workspace, kWorkspaceBytes, stream());
+  if (s != CUBLAS_STATUS_SUCCESS) return p->ok = false;  // refused at launch: nothing was computed
+  return true;
+}
 
 void gemm_nn(int64_t m, int64_t n, int64_t k, const void* A, int64_t lda, const void* B, int64_t ldb, void* C,
              int64_t ldc, DType dt) {

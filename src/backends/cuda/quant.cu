@@ -1,10 +1,27 @@
-// linear with a weight-format w on the GPU (cuda_ops.h): the weight is dequantized block by
-// block (one thread per 32-value block, or per 256-value super-block for the K-quants) into a
-// workspace buffer in the activation dtype, then the GEMM of linear() runs on it. The buffer
-// comes from the pool, so consecutive layers reuse the same memory. The arithmetic is that of
-// core/quant.cpp (ggml's), so the dequantized values equal the CPU's before the bf16 rounding.
-// fp8 weights take the same route for now (e4m3 · row scale → bf16); an fp8 tensor-core GEMM
-// (cuBLASLt, per-tensor activation scale) is the next step, not written yet.
+// linear with a weight-format w on the GPU (cuda_ops.h). Two paths:
+//  - fp8 weights with bf16 activations where cuBLASLt has an fp8 kernel (compute capability
+//    ≥ 8.9, shapes and alignment it accepts; gemm_cublaslt.cpp asks it once per shape): the
+//    activation is quantized per row (token) to e4m3 with scale = max|row| / 448 (1 for a zero
+//    row), value = rne(x / scale) (core/quant.cpp's rule, so the bytes equal the CPU's), then
+//    one fp8 GEMM on the tensor cores with the weight's per-output-channel scales and the
+//    activation's per-row scales (profile: "fp8_act_quant" and the linear itself).
+//  - every other case: the weight is dequantized into a workspace buffer in the activation
+//    dtype, then the GEMM of linear() runs on it (profile: "dequant"). For bf16 activations,
+//    Q8_0, Q4_0 and fp8 (K a multiple of 16) take bandwidth-bound kernels: one thread per 8
+//    (fp8: 16) output values, 16-byte stores, consecutive threads on consecutive bytes; the
+//    other formats (and f32 activations) one thread per 32-value block or 256-value super-block.
+//    The buffer comes from the pool, so consecutive layers reuse the same memory.
+// The arithmetic is that of core/quant.cpp (ggml's), so the dequantized values equal the CPU's
+// before the bf16 rounding.
+#include <cuda_fp8.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <set>
+#include <tuple>
+
 #include "backends/cuda/common.cuh"
 #include "backends/cuda/cuda_ops.h"
 
@@ -140,6 +157,171 @@ __global__ void dequant_fp8(const uint8_t* __restrict__ src, const float* __rest
     st(dst, i, __fmul_rn(e4m3(src[i]), scale ? scale[i / K] : 1.0f));
 }
 
+// ---- bandwidth-bound dequantization into bf16 (one thread per 16-byte store) ----
+
+__device__ __forceinline__ float f16_bits(unsigned short h) { return __half2float(__ushort_as_half(h)); }
+
+// Q8_0 (34-byte blocks, 2-byte aligned): thread t writes values 8·(t%4) … +7 of block t/4.
+__global__ void dequant_q8_0_bf16(const uint8_t* __restrict__ src, bf16* __restrict__ dst, int64_t nchunks) {
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < nchunks; t += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t blk = t >> 2;
+    const int j = int(t & 3);
+    const unsigned short* b = reinterpret_cast<const unsigned short*>(src + blk * 34);
+    const float d = f16_bits(b[0]);
+    float f[8];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const unsigned short u = b[1 + 4 * j + i];
+      f[2 * i] = float(int8_t(u & 0xff)) * d;
+      f[2 * i + 1] = float(int8_t(u >> 8)) * d;
+    }
+    store_vec<bf16>(dst + t * 8, f);
+  }
+}
+
+// Q4_0 (18-byte blocks): values 0…15 are the low nibbles of qs[0…15], 16…31 the high ones;
+// thread t writes values 8·(t%4) … +7 of block t/4 (qs bytes 8·(j%2) … +7, low or high half).
+__global__ void dequant_q4_0_bf16(const uint8_t* __restrict__ src, bf16* __restrict__ dst, int64_t nchunks) {
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < nchunks; t += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t blk = t >> 2;
+    const int j = int(t & 3), shift = j >= 2 ? 4 : 0;
+    const unsigned short* b = reinterpret_cast<const unsigned short*>(src + blk * 18);
+    const float d = f16_bits(b[0]);
+    float f[8];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const unsigned short u = b[1 + 4 * (j & 1) + i];
+      f[2 * i] = float(int(((u & 0xff) >> shift) & 0x0F) - 8) * d;
+      f[2 * i + 1] = float(int(((u >> 8) >> shift) & 0x0F) - 8) * d;
+    }
+    store_vec<bf16>(dst + t * 8, f);
+  }
+}
+
+// fp8 (K a multiple of 16): thread t reads 16 bytes and writes 16 values (two 16-byte stores).
+__global__ void dequant_fp8_bf16(const uint8_t* __restrict__ src, const float* __restrict__ scale,
+                                 bf16* __restrict__ dst, int64_t nchunks, int64_t K) {
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < nchunks; t += int64_t(gridDim.x) * blockDim.x) {
+    const uint4 u = reinterpret_cast<const uint4*>(src)[t];
+    const float s = scale ? scale[(t * 16) / K] : 1.0f;
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+    float f[16];
+#pragma unroll
+    for (int i = 0; i < 16; ++i) f[i] = __fmul_rn(e4m3(uint8_t(w[i / 4] >> (8 * (i % 4)))), s);
+    float lo[8], hi[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) lo[i] = f[i], hi[i] = f[8 + i];
+    store_vec<bf16>(dst + t * 16, lo);
+    store_vec<bf16>(dst + t * 16 + 8, hi);
+  }
+}
+
+// ---- per-row (token) e4m3 quantization of bf16 activations (K a multiple of 8) ----
+
+__device__ __forceinline__ float block_max(float v, float* red) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  const int w = threadIdx.x / 32, l = threadIdx.x % 32;
+  if (l == 0) red[w] = v;
+  __syncthreads();
+  if (w == 0) {
+    v = l < int(blockDim.x / 32) ? red[l] : 0.0f;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    if (l == 0) red[0] = v;
+  }
+  __syncthreads();
+  return red[0];
+}
+
+// One block per row: max|x| (the row is read twice; the second read hits L2), scale =
+// max / 448 (1 for a zero row), byte = rne-satfinite(x / scale).
+__global__ void quantize_rows_e4m3(const bf16* __restrict__ x, uint8_t* __restrict__ q, float* __restrict__ scale,
+                                   int64_t K) {
+  __shared__ float red[32];
+  const bf16* row = x + blockIdx.x * K;
+  uint8_t* qrow = q + blockIdx.x * K;
+  float m = 0.0f;
+  for (int64_t c = threadIdx.x * 8; c < K; c += int64_t(blockDim.x) * 8) {
+    float f[8];
+    load_vec<bf16>(row + c, f);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) m = fmaxf(m, fabsf(f[i]));
+  }
+  m = block_max(m, red);
+  const float s = m > 0.0f ? __fdiv_rn(m, 448.0f) : 1.0f;
+  if (threadIdx.x == 0) scale[blockIdx.x] = s;
+  for (int64_t c = threadIdx.x * 8; c < K; c += int64_t(blockDim.x) * 8) {
+    float f[8];
+    load_vec<bf16>(row + c, f);
+    uint32_t w[2] = {0, 0};
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const uint32_t b = __nv_cvt_float_to_fp8(__fdiv_rn(f[i], s), __NV_SATFINITE, __NV_E4M3);
+      w[i / 4] |= (b & 0xffu) << (8 * (i % 4));
+    }
+    *reinterpret_cast<uint2*>(qrow + c) = make_uint2(w[0], w[1]);
+  }
+}
+
+__global__ void fill_f32(float* p, int64_t n, float v) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) p[i] = v;
+}
+
+std::atomic<int> g_fp8_gemm{-1};  // -1: not decided (environment ZI_FP8_GEMM=0 turns it off), 0 off, 1 on
+std::atomic<bool> g_fast_dequant{true};  // off: the per-block kernels (tests compare the two)
+bool fast_dequant() { return g_fast_dequant.load(); }
+std::atomic<const char*> g_last_path{""};
+
+bool fp8_gemm_enabled() {
+  int v = g_fp8_gemm.load();
+  if (v < 0) {
+    const char* e = std::getenv("ZI_FP8_GEMM");
+    v = (e && std::strcmp(e, "0") == 0) ? 0 : 1;
+    g_fp8_gemm.store(v);
+  }
+  return v == 1;
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// The fp8 tensor-core path; false (nothing computed) where it does not apply.
+bool try_linear_fp8(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y) {
+  const int64_t N = w.dim(0), K = w.dim(1), M = x.numel() / K;
+  if (M < 1 || x.dtype() != DType::BF16 || y.dtype() != DType::BF16 || !fp8_gemm_enabled()) return false;
+  if (K % 16 || N % 16 || !x.is_contiguous() || !y.is_contiguous() || !aligned16(x.raw()) || !aligned16(w.raw()))
+    return false;
+  // Shapes cuBLASLt refused once are not quantized for again.
+  static std::mutex mu;
+  static std::set<std::tuple<int64_t, int64_t, int64_t, bool>> refused;
+  const auto key = std::make_tuple(M, N, K, bias != nullptr);
+  {
+    std::lock_guard<std::mutex> lk(mu);
+    if (refused.count(key)) return false;
+  }
+  Tensor xq = scratch(M * K), xs = Tensor::empty({M}, DType::F32, Tag::Workspace, Device::CUDA);
+  {
+    OpTimer prof("fp8_act_quant");
+    quantize_rows_e4m3<<<unsigned(M), 256, 0, stream()>>>(x.data<bf16>(), static_cast<uint8_t*>(xq.raw()),
+                                                          xs.data<float>(), K);
+    ZI_CUDA_LAUNCHED();
+  }
+  Tensor ones;
+  const float* ws = w.row_scale() ? w.row_scale()->data<float>() : nullptr;
+  if (!ws) {
+    ones = Tensor::empty({N}, DType::F32, Tag::Workspace, Device::CUDA);
+    fill_f32<<<grid_for(N, 256), 256, 0, stream()>>>(ones.data<float>(), N, 1.0f);
+    ZI_CUDA_LAUNCHED();
+    ws = ones.data<float>();
+  }
+  Tensor b;
+  if (bias) b = bias->dtype() == DType::BF16 ? bias->contiguous(Tag::Workspace) : bias->to(DType::BF16, Tag::Workspace);
+  if (linear_fp8(M, N, K, xq.raw(), xs.data<float>(), w.raw(), ws, bias ? b.raw() : nullptr, y.raw())) return true;
+  std::lock_guard<std::mutex> lk(mu);
+  refused.insert(key);
+  return false;
+}
+
 int fmt_code(DType t) {
   switch (t) {
     case DType::Q8_0: return 0;
@@ -155,17 +337,35 @@ int fmt_code(DType t) {
 
 }  // namespace
 
+void set_fast_dequant(bool on) { g_fast_dequant.store(on); }
+void set_fp8_gemm(bool on) { g_fp8_gemm.store(on ? 1 : 0); }
+const char* linear_quant_last_path() { return g_last_path.load(); }
+
 void linear_quant(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y) {
   const DType dt = x.dtype();
   ZI_CHECK(dt == DType::F32 || dt == DType::BF16, "[linear] cuda activations must be f32 or bf16, got ", x.desc());
   ZI_CHECK(w.device() == Device::CUDA && w.is_contiguous() && w.ndim() == 2, "[linear] bad weight ", w.desc());
+  if (w.dtype() == DType::F8_E4M3 && try_linear_fp8(x, w, bias, y)) {
+    g_last_path.store("fp8");
+    return;
+  }
+  g_last_path.store("dequant");
   const int64_t n = w.numel();
   Tensor wd = Tensor::empty(w.shape(), dt, Tag::Workspace, Device::CUDA);
   {
     OpTimer prof("dequant");
     const int threads = 128;
     const uint8_t* src = static_cast<const uint8_t*>(w.raw());
-    if (w.dtype() == DType::F8_E4M3) {
+    const bool fast = dt == DType::BF16 && aligned16(wd.raw()) && fast_dequant();
+    if (fast && w.dtype() == DType::F8_E4M3 && w.dim(1) % 16 == 0 && aligned16(src)) {
+      const float* sc = w.row_scale() ? w.row_scale()->data<float>() : nullptr;
+      const int64_t nc = n / 16;
+      dequant_fp8_bf16<<<grid_for(nc, 256), 256, 0, stream()>>>(src, sc, wd.data<bf16>(), nc, w.dim(1));
+    } else if (fast && (w.dtype() == DType::Q8_0 || w.dtype() == DType::Q4_0) && reinterpret_cast<uintptr_t>(src) % 2 == 0) {
+      const int64_t nc = n / 8;
+      if (w.dtype() == DType::Q8_0) dequant_q8_0_bf16<<<grid_for(nc, 256), 256, 0, stream()>>>(src, wd.data<bf16>(), nc);
+      else dequant_q4_0_bf16<<<grid_for(nc, 256), 256, 0, stream()>>>(src, wd.data<bf16>(), nc);
+    } else if (w.dtype() == DType::F8_E4M3) {
       const float* sc = w.row_scale() ? w.row_scale()->data<float>() : nullptr;
       const unsigned grid = grid_for(n, 256);
       if (dt == DType::BF16) dequant_fp8<bf16><<<grid, 256, 0, stream()>>>(src, sc, wd.data<bf16>(), n, w.dim(1));
