@@ -273,8 +273,9 @@ def test_failed_job_gives_500_and_server_keeps_serving(make_server, tmp_path):
 
 def test_sigterm_finishes_running_work_and_exits_0(make_server):
     s = make_server(["--max-steps", "1000"])
-    j = requests.post(s.url + "/v1/jobs", json={"prompt": "last", "size": "64x64", "steps": 200, "seed": 5}).json()
-    wait_state(s, j["id"], ("running", "succeeded"))
+    # Long enough (seconds on any machine) that the job is still running when SIGTERM comes.
+    j = requests.post(s.url + "/v1/jobs", json={"prompt": "last", "size": "128x128", "steps": 600, "seed": 5}).json()
+    wait_state(s, j["id"], ("running",))
     with requests.get(s.url + "/v1/jobs/%s/events" % j["id"], stream=True, timeout=60) as ev:
         s.proc.send_signal(15)
         time.sleep(0.3)
