@@ -218,6 +218,26 @@ TEST(Dit, ProjectionsAreFusedRowsInOrder) {
   }
 }
 
+// The unfused form (parts that load in different formats) computes what the fused one does.
+TEST(Dit, UnfusedProjectionsGiveTheFusedResult) {
+  ZImageDit m = tiny_bf16();  // shares the weights; the blocks below get their own parts
+  const int64_t D = m.cfg.dim, F = dit_ffn_hidden(m.cfg);
+  for (auto* blocks : {&m.noise_refiner, &m.context_refiner, &m.layers})
+    for (DitBlock& b : *blocks) {
+      b.to_q = b.qkv.slice(0, 0, D).clone(Tag::DitWeights);
+      b.to_k = b.qkv.slice(0, D, 2 * D).clone(Tag::DitWeights);
+      b.to_v = b.qkv.slice(0, 2 * D, 3 * D).clone(Tag::DitWeights);
+      b.w1 = b.w13.slice(0, 0, F).clone(Tag::DitWeights);
+      b.w3 = b.w13.slice(0, F, 2 * F).clone(Tag::DitWeights);
+      b.qkv = b.w13 = Tensor();
+    }
+  const SafetensorsFile f = SafetensorsFile::open(test::data_path("expected/components.safetensors"));
+  const Tensor x = f.load("dit.x0", DType::F32), cap = f.load("dit.cap0", DType::F32);
+  const double err = test::rel_l2(dit_forward(m, x, 0.3f, cap), dit_forward(tiny_bf16(), x, 0.3f, cap));
+  std::printf("unfused vs fused projections: rel L2 %.3g\n", err);
+  EXPECT_LE(err, 1e-6);
+}
+
 TEST(Dit, ContextRefinerHasNoModulation) {
   const ZImageDit& m = tiny_bf16();
   ASSERT_EQ(m.context_refiner.size(), 2u);
