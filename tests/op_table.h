@@ -311,7 +311,7 @@ inline std::vector<Row> make_rows(const std::string& only = "") {
   }
   // ---- conv2d ----
   if (want({"conv2d"})) {
-  struct Conv { int64_t Cin, H, W, Cout, kh, kw; int pad; bool bias, gpu; };
+  struct Conv { int64_t Cin, H, W, Cout, kh, kw; int pad; bool bias, gpu; int stride = 1; };
   const Conv convs[] = {{3, 9, 11, 5, 3, 3, 1, true, true}, {8, 6, 5, 4, 1, 1, 0, true, false},
                         {2, 7, 6, 3, 3, 2, 2, false, false}, {4, 5, 4, 6, 3, 3, 0, true, false},
                         {1, 1, 1, 1, 1, 1, 0, false, false}, {16, 40, 33, 8, 3, 3, 1, true, false},
@@ -319,17 +319,46 @@ inline std::vector<Row> make_rows(const std::string& only = "") {
                         {64, 40, 256, 4, 3, 3, 1, true, false},  // CPU: rows blocked by the 8 MB column budget
                         // the GPU suite's (its per-path runs are in test_cuda.cpp)
                         {16, 20, 24, 32, 3, 3, 1, true, true}, {8, 7, 5, 12, 1, 1, 0, true, true},
-                        {32, 16, 16, 32, 3, 3, 1, true, true}};
+                        {32, 16, 16, 32, 3, 3, 1, true, true},
+                        // strided: the VAE encoder's downsample (3×3, pad 0, stride 2 on an input
+                        // padded to odd sizes by pad2d), pad 1, a 1×1 kernel (not the CPU's
+                        // one-GEMM path), stride 3 with a 3×2 kernel, one where the stride leaves
+                        // the last input column unused, and rows blocked by the column budget
+                        {8, 9, 11, 6, 3, 3, 0, true, true, 2},    {3, 10, 7, 5, 3, 3, 1, true, true, 2},
+                        {4, 8, 9, 3, 1, 1, 0, false, true, 2},    {2, 11, 13, 3, 3, 2, 2, true, false, 3},
+                        {5, 8, 8, 4, 3, 3, 0, true, false, 2},    {16, 33, 33, 16, 3, 3, 0, true, true, 2},
+                        {64, 81, 513, 4, 3, 3, 0, true, false, 2}};
   for (const Conv& c : convs)
     for (DType dt : wts) {
       const bool gpu = c.gpu && dt == DType::BF16;  // the GPU suite's: bf16 kernels, f32 bias
       const Tensor x = rnd({c.Cin, c.H, c.W}, seed++), w = rnd({c.Cout, c.Cin, c.kh, c.kw}, seed++).to(dt),
                    b = rnd({c.Cout}, seed++).to(gpu ? DType::F32 : dt);
       R.push_back({"conv2d",
-                   str_cat("x=", shape_str(x.shape()), " w=", shape_str(w.shape()), " pad=", c.pad, " ", dtype_name(dt)),
+                   str_cat("x=", shape_str(x.shape()), " w=", shape_str(w.shape()), " pad=", c.pad,
+                           " stride=", c.stride, " ", dtype_name(dt)),
                    kTolGemm, -1, gpu, 1.0, [=](const Env& e) {
                      Tensor bb = e.w(b);
-                     return ZI_OP_OR_REF(e, conv2d, e.a(x), e.w(w), c.bias ? &bb : nullptr, c.pad);
+                     return ZI_OP_OR_REF(e, conv2d, e.a(x), e.w(w), c.bias ? &bb : nullptr, c.pad, c.stride);
+                   }});
+    }
+  }
+  // ---- pad2d (exact; built from zeros + paste_, so a strided view is padded as it lies) ----
+  if (want({"pad2d"})) {
+    struct Pad { int64_t C, H, W, l, r, t, b; bool view; };
+    const Pad pads[] = {{3, 5, 7, 0, 1, 0, 1, false},  // the VAE encoder's downsample
+                        {2, 4, 3, 2, 0, 3, 1, false},
+                        {4, 6, 5, 0, 0, 0, 0, false},
+                        {1, 1, 1, 1, 1, 1, 1, false},
+                        {3, 8, 9, 1, 2, 0, 1, true}};  // input: the view [:, 1:6, 2:8]
+    for (const Pad& c : pads) {
+      const Tensor x = rnd({c.C, c.H, c.W}, seed++);
+      R.push_back({"pad2d",
+                   str_cat(shape_str(x.shape()), " l=", c.l, " r=", c.r, " t=", c.t, " b=", c.b,
+                           c.view ? " view" : ""),
+                   kExact, -1, true, 1.0, [=](const Env& e) {
+                     Tensor in = e.a(x);
+                     if (c.view) in = in.slice(1, 1, 6).slice(2, 2, 8);
+                     return ZI_OP_OR_REF(e, pad2d, in, c.l, c.r, c.t, c.b);
                    }});
     }
   }
@@ -369,7 +398,7 @@ inline std::vector<std::string> op_names() {
   return {"linear", "linear_quant", "rms_norm_", "layer_norm_", "group_norm_", "group_norm_silu_", "rms_norm", "rms_norm_add_",
           "rms_norm_rope_pairs_", "rms_norm_rope_pairs", "silu_", "tanh_", "add_", "mul_", "scale_", "add_scalar_", "silu_mul",
           "silu_mul_halves", "mul_rows_",
-          "add_gated_", "rope_halves_", "rope_pairs_", "attention", "conv2d", "upsample_nearest2x", "concat0",
+          "add_gated_", "rope_halves_", "rope_pairs_", "attention", "conv2d", "pad2d", "upsample_nearest2x", "concat0",
           "embedding"};
 }
 

@@ -193,8 +193,12 @@ TEST(Cuda, AttentionRule) {
 
 TEST(Cuda, Conv2d) {
   ZI_REQUIRE_GPU();
-  struct Case { int64_t Cin, H, W, Cout, k; int pad; };
-  const Case cases[] = {{3, 9, 11, 5, 3, 1}, {16, 20, 24, 32, 3, 1}, {8, 7, 5, 12, 1, 0}, {32, 16, 16, 32, 3, 1}};
+  struct Case { int64_t Cin, H, W, Cout, k; int pad, stride = 1; };
+  // The last four are strided: the VAE encoder's downsample (3×3, pad 0, stride 2 on an input
+  // that pad2d made odd-sized), pad 1, a 1×1 kernel, and stride 3.
+  const Case cases[] = {{3, 9, 11, 5, 3, 1},      {16, 20, 24, 32, 3, 1},   {8, 7, 5, 12, 1, 0},
+                        {32, 16, 16, 32, 3, 1},   {16, 33, 33, 32, 3, 0, 2}, {8, 20, 24, 12, 3, 1, 2},
+                        {8, 9, 7, 12, 1, 0, 2},   {4, 17, 14, 8, 3, 1, 3}};
   uint32_t seed = 60;
   for (const Case& c : cases)
     for (DType act : kActs)
@@ -202,13 +206,13 @@ TEST(Cuda, Conv2d) {
                                     cuda::ConvPath::Im2col, cuda::ConvPath::Direct}) {  // Auto: timed pick
         Tensor x = rnd({c.Cin, c.H, c.W}, seed++), w = rnd({c.Cout, c.Cin, c.k, c.k}, seed++).to(DType::BF16),
                b = rnd({c.Cout}, seed++);
-        Tensor ref = ops::conv2d(rounded(x, act), w, &b, c.pad);
+        Tensor ref = ops::conv2d(rounded(x, act), w, &b, c.pad, c.stride);
         cuda::set_conv_path(path);
         Tensor bd = b.to_device(Device::CUDA);
-        Tensor o = ops::conv2d(gpu(x, act), w.to_device(Device::CUDA), &bd, c.pad);
+        Tensor o = ops::conv2d(gpu(x, act), w.to_device(Device::CUDA), &bd, c.pad, c.stride);
         cuda::set_conv_path(cuda::ConvPath::Auto);
         expect_close(o, ref, act, str_cat("conv2d ", c.Cin, "x", c.H, "x", c.W, " -> ", c.Cout, " k", c.k,
-                                          " path ", int(path)));
+                                          " pad ", c.pad, " stride ", c.stride, " path ", int(path)));
       }
 }
 

@@ -1,6 +1,7 @@
 // What the op table (tests/op_table.h: every op × shape × dtype × backend against the
 // reference) does not cover: the CPU backend's GEMM paths, the fused ops' exact equality with
-// their composed forms, workspace release, argument checks and the tiled-decode pieces.
+// their composed forms, strided convs against the sampled stride-1 conv, workspace release,
+// argument checks and the tiled-decode pieces.
 #include <gtest/gtest.h>
 
 #include <random>
@@ -100,7 +101,46 @@ TEST(Ops, WorkspaceIsReleased) {
   Tensor q = rnd({70, 2, 16}, 73);
   Tensor a = ops::attention(q, q, q, 0.25f, true);
   Tensor c = ops::conv2d(rnd({4, 9, 9}, 74), rnd({3, 4, 3, 3}, 75).to(DType::F16), nullptr, 1);
+  Tensor c2 = ops::conv2d(ops::pad2d(rnd({4, 9, 9}, 76), 0, 1, 0, 1), rnd({3, 4, 3, 3}, 77), nullptr, 0, 2);
   EXPECT_EQ(memory_stats().tag(Tag::Workspace).current, before);
+}
+
+// A strided conv is the stride-1 conv sampled at every stride-th row and column: exactly so in
+// the reference (same sums in the same order), within the GEMM tolerance on the CPU backend. This
+// ties the op table's strided rows to the stride-1 semantics, independently of ops_ref's stride
+// (the VAE encoder's downsample used to be computed this way). Also pad2d + stride 2 (the
+// downsample itself) against the reference conv with pad 1 cropped: zero padding either way.
+TEST(Ops, StridedConvIsTheSampledStride1Conv) {
+  struct Case { int64_t Cin, H, W, Cout, kh, kw; int pad, stride; };
+  const Case cases[] = {{4, 11, 9, 3, 3, 3, 0, 2}, {4, 10, 12, 5, 3, 3, 1, 2}, {2, 13, 8, 3, 3, 2, 2, 3},
+                        {3, 9, 9, 2, 1, 1, 0, 2}};
+  uint32_t seed = 400;
+  for (const Case& c : cases) {
+    const Tensor x = rnd({c.Cin, c.H, c.W}, seed++), w = rnd({c.Cout, c.Cin, c.kh, c.kw}, seed++),
+                 b = rnd({c.Cout}, seed++);
+    const Tensor full = ops_ref::conv2d(x, w, &b, c.pad, 1), want = ops_ref::conv2d(x, w, &b, c.pad, c.stride);
+    const int64_t Ho = want.dim(1), Wo = want.dim(2), Hf = full.dim(1), Wf = full.dim(2);
+    ASSERT_EQ(Ho, (Hf - 1) / c.stride + 1);
+    ASSERT_EQ(Wo, (Wf - 1) / c.stride + 1);
+    for (int64_t co = 0; co < c.Cout; ++co)
+      for (int64_t y = 0; y < Ho; ++y)
+        for (int64_t xx = 0; xx < Wo; ++xx)
+          ASSERT_EQ(want.f32()[(co * Ho + y) * Wo + xx], full.f32()[(co * Hf + y * c.stride) * Wf + xx * c.stride])
+              << co << " " << y << " " << xx;
+    for_threads([&] { expect_close(ops::conv2d(x, w, &b, c.pad, c.stride), want, kTolGemm, "strided conv2d"); });
+  }
+  // Downsample2D(padding=0): F.pad(x, (0, 1, 0, 1)), 3×3, stride 2 → [C, H/2, W/2]. Its rows and
+  // columns sit where the pad-1 conv's odd ones do (tap offsets −1 vs 0), shifted by one.
+  const Tensor x = rnd({4, 12, 10}, 450), w = rnd({4, 4, 3, 3}, 451), b = rnd({4}, 452);
+  const Tensor down = ops::conv2d(ops::pad2d(x, 0, 1, 0, 1), w, &b, 0, 2);
+  ASSERT_EQ(down.shape(), (Shape{4, 6, 5}));
+  const Tensor p1 = ops_ref::conv2d(x, w, &b, 1, 1);  // [4, 12, 10]; p1[y', x'] reads rows y' − 1 … y' + 1
+  Tensor want = Tensor::empty({4, 6, 5}, DType::F32);
+  for (int64_t c = 0; c < 4; ++c)
+    for (int64_t y = 0; y < 6; ++y)
+      for (int64_t xx = 0; xx < 5; ++xx)
+        want.f32()[(c * 6 + y) * 5 + xx] = p1.f32()[(c * 12 + 2 * y + 1) * 10 + 2 * xx + 1];
+  expect_close(down, want, kTolGemm, "downsample");
 }
 
 TEST(Ops, ArgumentErrors) {
@@ -123,6 +163,13 @@ TEST(Ops, ArgumentErrors) {
   EXPECT_THROW(ops::group_norm_(img, 3, rnd({5}, 89), rnd({6}, 90), 1e-6f), Error);
   EXPECT_THROW(ops::conv2d(img, rnd({2, 5, 3, 3}, 91), nullptr, 1), Error);
   EXPECT_THROW(ops::conv2d(img, rnd({2, 6, 7, 7}, 91), nullptr, 1), Error);
+  EXPECT_THROW(ops::conv2d(img, rnd({2, 6, 3, 3}, 91), nullptr, 1, 0), Error);   // stride 0
+  EXPECT_THROW(ops::conv2d(img, rnd({2, 6, 5, 5}, 91), nullptr, 0, 2), Error);   // 5×5 kernel on 4×4, no pad
+  EXPECT_EQ(ops::conv2d(img, rnd({2, 6, 3, 3}, 91), nullptr, 0, 2).shape(), (Shape{2, 1, 1}));  // ⌊(4 − 3) / 2⌋ + 1
+  EXPECT_EQ(ops::conv2d(img, rnd({2, 6, 3, 3}, 91), nullptr, 1, 3).shape(), (Shape{2, 2, 2}));  // ⌊(6 − 3) / 3⌋ + 1
+  EXPECT_EQ(ops::pad2d(img, 0, 1, 2, 3).shape(), (Shape{6, 9, 5}));
+  EXPECT_THROW(ops::pad2d(img, -1, 0, 0, 0), Error);
+  EXPECT_THROW(ops::pad2d(x, 1, 1, 1, 1), Error);  // not [C, H, W]
   Tensor q = rnd({5, 3, 8}, 92), k = rnd({5, 2, 8}, 93);
   EXPECT_THROW(ops::attention(q, k, k, 1.0f), Error);                      // 3 heads over 2 kv heads
   EXPECT_THROW(ops::attention(q, q, rnd({5, 3, 4}, 94), 1.0f), Error);      // v shape

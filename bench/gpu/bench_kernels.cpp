@@ -159,7 +159,7 @@ int main() {
       const double flops = 2.0 * double(c.Cin * 9) * double(c.Cout) * double(c.H * c.W);
       for (cuda::ConvPath p : {cuda::ConvPath::Cudnn, cuda::ConvPath::CudnnNhwc, cuda::ConvPath::Im2col}) {
         cuda::set_conv_path(p);
-        const double ms = median_ms([&] { cuda::conv2d(x, w, nullptr, 1, o); }, 5);
+        const double ms = median_ms([&] { cuda::conv2d(x, w, nullptr, 1, 1, o); }, 5);
         const char* tag = p == cuda::ConvPath::Cudnn ? "_cudnn" : p == cuda::ConvPath::CudnnNhwc ? "_cudnn_nhwc" : "_im2col";
         report((std::string(c.name) + tag).c_str(), ms, flops / ms / 1e9, "TFLOP/s");
       }

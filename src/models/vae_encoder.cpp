@@ -3,10 +3,8 @@
 // attention, GroupNorm + SiLU + conv_out; then quant_conv when configured).
 //
 // The stride-2 downsample (Downsample2D with padding 0: zero-pad right and bottom by one, 3×3
-// conv, stride 2) runs as: pad on the host, the ops layer's stride-1 conv (on whatever device
-// the phase computes), keep every second row and column on the host. That costs 4× the
-// multiply-adds of a strided conv for three of the encoder's convs, but needs no new kernel;
-// the result is exactly the strided conv's.
+// conv, stride 2) is ops::pad2d then ops::conv2d with stride 2, both on the phase's device: the
+// whole encoder runs there, from the image's upload to the moments' download.
 #include "models/vae_encoder.h"
 
 #include <algorithm>
@@ -95,29 +93,11 @@ void attention(const MidAttention& a, Tensor& x, int groups) {
 }
 
 // Downsample2D(padding=0): F.pad(x, (0, 1, 0, 1)) then a 3×3 conv with stride 2.
-// [C, H, W] → [C, H/2, W/2] (H, W even).
-Tensor downsample(const PhaseContext& ctx, const DownBlock& d, const Tensor& x) {
-  const int64_t C = x.dim(0), H = x.dim(1), W = x.dim(2);
-  Tensor hx = ops::to_host_f32(x);
-  Tensor padded = Tensor::zeros({C, H + 1, W + 1}, DType::F32);
-  {
-    const float* s = hx.f32();
-    float* p = padded.f32();
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t y = 0; y < H; ++y)
-        std::copy(s + (c * H + y) * W, s + (c * H + y + 1) * W, p + (c * (H + 1) + y) * (W + 1));
-  }
-  hx = Tensor();
-  Tensor full = ops::to_host_f32(ops::conv2d(ops::to_compute(ctx, padded), d.downsample_w, &d.downsample_b, 0));  // [C, H-1, W-1]
-  padded = Tensor();
-  const int64_t Ho = H / 2, Wo = W / 2, Wf = full.dim(2), Hf = full.dim(1);
-  Tensor out = Tensor::empty({full.dim(0), Ho, Wo}, DType::F32);
-  const float* f = full.f32();
-  float* o = out.f32();
-  for (int64_t c = 0; c < full.dim(0); ++c)
-    for (int64_t y = 0; y < Ho; ++y)
-      for (int64_t xx = 0; xx < Wo; ++xx) o[(c * Ho + y) * Wo + xx] = f[(c * Hf + 2 * y) * Wf + 2 * xx];
-  return ops::to_compute(ctx, out);
+// [C, H, W] → [C, H/2, W/2] (H, W even). x is released once padded.
+Tensor downsample(const DownBlock& d, Tensor x) {
+  Tensor padded = ops::pad2d(x, 0, 1, 0, 1);  // [C, H + 1, W + 1]
+  x = Tensor();
+  return ops::conv2d(padded, d.downsample_w, &d.downsample_b, 0, 2);  // (H + 1 − 3) / 2 + 1 = H/2
 }
 
 }  // namespace
@@ -176,7 +156,7 @@ Tensor vae_encode_moments(const VaeEncoder& m, const Tensor& image) {
   Tensor x = ops::conv2d(ops::to_compute(m.ctx, image.contiguous()), m.conv_in_w, &m.conv_in_b, 1);
   for (const DownBlock& d : m.down_blocks) {
     for (const ResnetBlock& r : d.resnets) x = resnet(r, std::move(x), groups);
-    if (d.downsample_w.defined()) x = downsample(m.ctx, d, x);
+    if (d.downsample_w.defined()) x = downsample(d, std::move(x));
   }
   x = resnet(m.mid_res0, std::move(x), groups);
   if (m.mid_attn.to_q_w.defined()) attention(m.mid_attn, x, groups);

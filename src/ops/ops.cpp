@@ -396,22 +396,40 @@ Tensor attention(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, flo
   return out;
 }
 
-Tensor conv2d(const Tensor& x_in, const Tensor& w_in, const Tensor* bias, int pad) {
+Tensor conv2d(const Tensor& x_in, const Tensor& w_in, const Tensor* bias, int pad, int stride) {
   const Device d = device_of("conv2d", x_in);
   Tensor x = act_input("conv2d", x_in, d), w = weight_input("conv2d", "weight", w_in, d);
   ZI_CHECK(x.ndim() == 3 && w.ndim() == 4 && w.dim(1) == x.dim(0), "[conv2d] x ", x.desc(),
            " does not match weight ", w.desc(), " (x [Cin, H, W], w [Cout, Cin, kh, kw])");
   ZI_CHECK(pad >= 0, "[conv2d] negative padding ", pad);
-  const int64_t ho = x.dim(1) + 2 * pad - w.dim(2) + 1, wo = x.dim(2) + 2 * pad - w.dim(3) + 1;
-  ZI_CHECK(ho > 0 && wo > 0, "[conv2d] kernel ", w.desc(), " larger than padded input ", x.desc(), " (pad ", pad,
+  ZI_CHECK(stride >= 1, "[conv2d] stride must be >= 1, got ", stride);
+  // The last tap of the kernel must fit the padded input; Ho = (H + 2p − kh) / stride + 1.
+  const int64_t hs = x.dim(1) + 2 * pad - w.dim(2), ws = x.dim(2) + 2 * pad - w.dim(3);
+  ZI_CHECK(hs >= 0 && ws >= 0, "[conv2d] kernel ", w.desc(), " larger than padded input ", x.desc(), " (pad ", pad,
            ")");
+  const int64_t ho = hs / stride + 1, wo = ws / stride + 1;
   Tensor b;
   if (bias) {
     b = weight_input("conv2d", "bias", *bias, d);
     require_vector("conv2d", "bias", b, w.dim(0));
   }
   Tensor out = Tensor::empty({w.dim(0), ho, wo}, x.dtype(), Tag::Activations, d);
-  ZI_OP("conv2d", d, conv2d, x, w, bias ? &b : nullptr, pad, out);
+  ZI_OP("conv2d", d, conv2d, x, w, bias ? &b : nullptr, pad, stride, out);
+  return out;
+}
+
+// Built from two device ops (a zeroed tensor, paste_), so no backend has a kernel of its own.
+Tensor pad2d(const Tensor& x, int64_t left, int64_t right, int64_t top, int64_t bottom) {
+  const char* op = "pad2d";
+  const Device d = device_of(op, x);
+  ZI_CHECK(act_dtype_ok(x), "[", op, "] expects an ", d == Device::CUDA ? "f32/bf16" : "f32", " activation, got ",
+           x.desc());
+  ZI_CHECK(x.ndim() == 3, "[", op, "] x must be [C, H, W], got ", x.desc());
+  ZI_CHECK(left >= 0 && right >= 0 && top >= 0 && bottom >= 0, "[", op, "] negative padding (left ", left,
+           ", right ", right, ", top ", top, ", bottom ", bottom, ")");
+  Tensor out = Tensor::zeros({x.dim(0), top + x.dim(1) + bottom, left + x.dim(2) + right}, x.dtype(),
+                             Tag::Activations, d);
+  if (x.numel()) ZI_OP(op, d, paste_, out, x, top, left);  // x may be a strided view: paste_ reads it as it lies
   return out;
 }
 

@@ -1,7 +1,8 @@
 // Every op the models use, one line each. Models call these and nothing else; the
 // dispatch to a backend (cpu or cuda, by the device of the operands) happens in ops.cpp only
 // (ZI_OP). A new op: declare it here, check its arguments in ops.cpp, implement it in
-// backends/cpu/ and backends/cuda/ with one signature, add its row to tests/test_ops_table.cpp.
+// backends/cpu/ and backends/cuda/ with one signature, add its rows to tests/op_table.h (an op
+// made of other device ops, like pad2d, needs no backend function of its own).
 //
 // Conventions: activations are contiguous f32 tensors on the CPU, f32 or bf16 on CUDA (the
 // result has the activation's dtype; bf16 ops compute in f32 and round once). Weight operands
@@ -86,9 +87,13 @@ void rope_pairs_(Tensor& x, const Tensor& cos, const Tensor& sin);
 Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, float scale, bool causal = false,
                  int64_t kv_len = -1);
 
-// 2-D convolution, stride 1, zero padding `pad` on each side.
-// x [Cin, H, W], w [Cout, Cin, kh, kw], bias [Cout] or null → [Cout, H+2p−kh+1, W+2p−kw+1].
-Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor* bias, int pad);
+// 2-D convolution, zero padding `pad` on each side, `stride` in both directions (no dilation).
+// x [Cin, H, W], w [Cout, Cin, kh, kw], bias [Cout] or null → [Cout, Ho, Wo] with
+// Ho = ⌊(H + 2p − kh) / stride⌋ + 1, Wo = ⌊(W + 2p − kw) / stride⌋ + 1 (PyTorch's Conv2d).
+Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor* bias, int pad, int stride = 1);
+// Zero padding of x [C, H, W] → [C, top + H + bottom, left + W + right]: F.pad(x, (left, right,
+// top, bottom)) with non-negative amounts. On x's device, in x's dtype (zeros, then paste_).
+Tensor pad2d(const Tensor& x, int64_t left, int64_t right, int64_t top, int64_t bottom);
 // Nearest-neighbour 2× upsampling: x [C, H, W] → [C, 2H, 2W].
 Tensor upsample_nearest2x(const Tensor& x);
 

@@ -207,9 +207,9 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, float scale,
   return out;
 }
 
-Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor* bias, int pad) {
+Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor* bias, int pad, int stride) {
   const int64_t Cin = x.dim(0), H = x.dim(1), W = x.dim(2), Cout = w.dim(0), kh = w.dim(2), kw = w.dim(3);
-  const int64_t Ho = H + 2 * pad - kh + 1, Wo = W + 2 * pad - kw + 1;
+  const int64_t Ho = (H + 2 * pad - kh) / stride + 1, Wo = (W + 2 * pad - kw) / stride + 1;
   std::vector<double> wv = to_double(w), bv = bias ? to_double(*bias) : std::vector<double>(size_t(Cout), 0.0);
   std::vector<double> o(size_t(Cout * Ho * Wo));
   const float* xp = x.f32();
@@ -220,13 +220,22 @@ Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor* bias, int pad) {
         for (int64_t ci = 0; ci < Cin; ++ci)
           for (int64_t ky = 0; ky < kh; ++ky)
             for (int64_t kx = 0; kx < kw; ++kx) {
-              const int64_t iy = oy + ky - pad, ix = ox + kx - pad;
+              const int64_t iy = oy * stride + ky - pad, ix = ox * stride + kx - pad;
               if (iy < 0 || iy >= H || ix < 0 || ix >= W) continue;
               s += xp[(ci * H + iy) * W + ix] * wv[size_t(((co * Cin + ci) * kh + ky) * kw + kx)];
             }
         o[size_t((co * Ho + oy) * Wo + ox)] = s;
       }
   return from_double(o, {Cout, Ho, Wo});
+}
+
+Tensor pad2d(const Tensor& x, int64_t left, int64_t right, int64_t top, int64_t bottom) {
+  const int64_t C = x.dim(0), H = x.dim(1), W = x.dim(2), Ho = top + H + bottom, Wo = left + W + right;
+  Tensor c = x.contiguous(), o = Tensor::zeros({C, Ho, Wo}, DType::F32);
+  for (int64_t ch = 0; ch < C; ++ch)
+    for (int64_t y = 0; y < H; ++y)
+      for (int64_t xx = 0; xx < W; ++xx) o.f32()[(ch * Ho + top + y) * Wo + left + xx] = c.f32()[(ch * H + y) * W + xx];
+  return o;
 }
 
 Tensor upsample_nearest2x(const Tensor& x) {

@@ -26,7 +26,8 @@ void rope_halves_(Tensor& x, const Tensor& cos, const Tensor& sin);
 void rope_pairs_(Tensor& x, const Tensor& cos, const Tensor& sin);
 Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, float scale, bool causal = false,
                  int64_t kv_len = -1);
-Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor* bias, int pad);
+Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor* bias, int pad, int stride = 1);
+Tensor pad2d(const Tensor& x, int64_t left, int64_t right, int64_t top, int64_t bottom);
 Tensor upsample_nearest2x(const Tensor& x);
 Tensor concat0(const std::vector<Tensor>& parts);
 Tensor embedding(const Tensor& table, const std::vector<int32_t>& ids);

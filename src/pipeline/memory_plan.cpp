@@ -59,9 +59,11 @@ constexpr int64_t kF32 = 4;
 // The workspaces below mirror the CPU backend (backends/cpu/*.cpp) with `T` threads; the test
 // PeakEstimateBoundsTheMeasuredPeak fails if they drift from it.
 
-// ops::conv2d on x [cin, H, W] with a k×k kernel (output of the same H, W): the kernel and bias
-// widened to f32, plus im2col column buffers for one block of output rows per thread (at most
-// 8 MB a thread unless a single row is larger); a 1×1 conv multiplies x as it lies.
+// ops::conv2d on x [cin, H, W] with a k×k kernel, stride 1 (output of the same H, W: every conv of
+// the decoder): the kernel and bias widened to f32, plus im2col column buffers for one block of
+// output rows per thread (at most 8 MB a thread unless a single row is larger); a 1×1 conv
+// multiplies x as it lies. A strided conv (the VAE encoder's downsample, which no estimate here
+// covers) has Ho < H and Wo < W, so its output and column rows are smaller than this counts.
 int64_t conv_workspace(int64_t cin, int64_t cout, int64_t k, int64_t H, int64_t W, int64_t T) {
   const int64_t widened = (cout * cin * k * k + cout) * kF32;
   if (k == 1) return widened;

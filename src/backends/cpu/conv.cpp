@@ -1,4 +1,4 @@
-// conv2d (stride 1, zero padding) as im2col + sgemm, and nearest 2× upsampling.
+// conv2d (zero padding, any stride) as im2col + sgemm, and nearest 2× upsampling.
 // The output rows are cut into blocks; each OpenMP thread unfolds one block of rows into
 // its own column buffer [Cin·kh·kw, rows·Wo] (≤ 8 MB unless one row needs more, so a
 // [128, 1024, 1024] input never needs its 4.8 GB full unfolding) and multiplies it by
@@ -20,26 +20,38 @@ namespace {
 constexpr int64_t kColBytesPerThread = int64_t(8) << 20;
 
 struct ConvShape {
-  int64_t Cin, H, W, Cout, kh, kw, pad, Ho, Wo;
+  int64_t Cin, H, W, Cout, kh, kw, pad, stride, Ho, Wo;
 };
 
-// col[(c·kh + ky)·kw + kx, (oy − r0)·Wo + ox] = x[c, oy + ky − pad, ox + kx − pad] (0 outside).
+// col[(c·kh + ky)·kw + kx, (oy − r0)·Wo + ox] = x[c, oy·s + ky − pad, ox·s + kx − pad] (0 outside;
+// s the stride). Stride 1 copies each row's inside run with memcpy, a larger stride gathers it.
 void im2col_rows(const ConvShape& s, const float* x, int64_t r0, int64_t r1, float* col) {
-  const int64_t n = (r1 - r0) * s.Wo;
+  const int64_t n = (r1 - r0) * s.Wo, st = s.stride;
   for (int64_t c = 0; c < s.Cin; ++c)
     for (int64_t ky = 0; ky < s.kh; ++ky)
       for (int64_t kx = 0; kx < s.kw; ++kx) {
         float* dst = col + ((c * s.kh + ky) * s.kw + kx) * n;
-        const int64_t lo = std::clamp<int64_t>(s.pad - kx, 0, s.Wo);          // first ox inside
-        const int64_t hi = std::clamp<int64_t>(s.W + s.pad - kx, lo, s.Wo);   // one past last
+        // The first ox whose column ox·s + kx − pad is at least v, in [0, Wo].
+        auto first_ox = [&](int64_t v) {
+          const int64_t num = v + s.pad - kx;
+          return std::clamp<int64_t>(num <= 0 ? 0 : (num + st - 1) / st, 0, s.Wo);
+        };
+        const int64_t lo = first_ox(0);                  // first ox inside
+        const int64_t hi = std::max(lo, first_ox(s.W));  // one past last
         for (int64_t oy = r0; oy < r1; ++oy, dst += s.Wo) {
-          const int64_t iy = oy + ky - s.pad;
+          const int64_t iy = oy * st + ky - s.pad;
           if (iy < 0 || iy >= s.H) {
             std::memset(dst, 0, size_t(s.Wo) * 4);
             continue;
           }
           std::memset(dst, 0, size_t(lo) * 4);
-          std::memcpy(dst + lo, x + (c * s.H + iy) * s.W + lo + kx - s.pad, size_t(hi - lo) * 4);
+          const float* row = x + (c * s.H + iy) * s.W;
+          const int64_t off = kx - s.pad;  // dst[ox] = row[ox·s + off]
+          if (st == 1) {
+            std::memcpy(dst + lo, row + lo + off, size_t(hi - lo) * 4);
+          } else {
+            for (int64_t ox = lo; ox < hi; ++ox) dst[ox] = row[ox * st + off];
+          }
           std::memset(dst + hi, 0, size_t(s.Wo - hi) * 4);
         }
       }
@@ -80,14 +92,14 @@ void conv_im2col(const ConvShape& s, const float* x, const float* w, const float
 
 }  // namespace
 
-void conv2d(const Tensor& x, const Tensor& w, const Tensor* bias, int pad, Tensor& out) {
-  ConvShape s{x.dim(0), x.dim(1), x.dim(2), w.dim(0), w.dim(2), w.dim(3), pad, out.dim(1), out.dim(2)};
+void conv2d(const Tensor& x, const Tensor& w, const Tensor* bias, int pad, int stride, Tensor& out) {
+  ConvShape s{x.dim(0), x.dim(1), x.dim(2), w.dim(0), w.dim(2), w.dim(3), pad, stride, out.dim(1), out.dim(2)};
   if (s.Cout == 0 || s.Ho == 0 || s.Wo == 0) return;
   Tensor wt = widen_vector(w);  // [Cout, Cin, kh, kw] f32; conv kernels are small (≤ 9.4 MB)
   Tensor bt = bias ? widen_vector(*bias) : Tensor();
   const float* bp = bias ? bt.data<float>() : nullptr;
   const int64_t plane = s.Ho * s.Wo;
-  if (s.kh == 1 && s.kw == 1 && pad == 0) {
+  if (s.kh == 1 && s.kw == 1 && pad == 0 && stride == 1) {
     // A 1×1 convolution is one GEMM on the input as it lies: [Cout, Cin] · [Cin, H·W].
     // Column chunks of a fixed width (not a function of the thread count), one
     // single-threaded sgemm each.

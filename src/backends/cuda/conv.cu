@@ -1,4 +1,6 @@
-// conv2d on the GPU (stride 1, zero padding), x [Cin, H, W] as NCHW with N = 1.
+// conv2d on the GPU (zero padding, any stride), x [Cin, H, W] as NCHW with N = 1. Every path
+// below (im2col + cuBLASLt, cuDNN NCHW and NHWC, the direct kernel) takes the stride; the VAE
+// encoder's downsample (3×3, stride 2 after ops::pad2d) runs on whichever Auto picks for its shape.
 // Fast path: cuDNN's convolution (tensor cores for bf16 with f32 accumulation; FMA math, no
 // TF32, for f32), loaded with dlopen at first use so that a machine without cuDNN still runs
 // (on the plain kernel) instead of failing to start. The algorithm of each shape is the
@@ -43,27 +45,28 @@ TuningCache& tuning() {
 }
 constexpr int64_t kColBudget = int64_t(256) << 20;  // bytes of one im2col chunk
 
-// col[k, r·Wo + ox] (k = (ci·kh + ky)·kw + kx; output row oy0 + r) = x at the tap, 0 outside.
+// col[k, r·Wo + ox] (k = (ci·kh + ky)·kw + kx; output row oy0 + r) = x at the tap
+// [ci, (oy0 + r)·stride + ky − pad, ox·stride + kx − pad], 0 outside.
 // One block per (output row, k): the tap is fixed per block, threads walk the row (coalesced
-// reads and writes, 32-bit index math).
+// writes; reads coalesced at stride 1, every stride-th element otherwise; 32-bit index math).
 template <class T>
 __global__ void im2col_rows(const T* __restrict__ x, T* __restrict__ col, int H, int W, int kh, int kw, int pad,
-                            int Wo, int oy0, int nrows) {
+                            int stride, int Wo, int oy0, int nrows) {
   const int k = blockIdx.y, r = blockIdx.x;
   const int kx = k % kw, ky = (k / kw) % kh, ci = k / (kw * kh);
-  const int iy = oy0 + r + ky - pad;
+  const int iy = (oy0 + r) * stride + ky - pad;
   T* dst = col + int64_t(k) * nrows * Wo + int64_t(r) * Wo;
   const bool row_ok = iy >= 0 && iy < H;
   const T* src = x + (int64_t(ci) * H + (row_ok ? iy : 0)) * W;
   for (int ox = threadIdx.x; ox < Wo; ox += blockDim.x) {
-    const int ix = ox + kx - pad;
+    const int ix = ox * stride + kx - pad;
     dst[ox] = (row_ok && ix >= 0 && ix < W) ? src[ix] : T(0.0f);
   }
 }
 
 // out[Cout, Ho·Wo] in chunks of pixels: col (K × P) then one GEMM per chunk,
 // outᵀ[p0:p0+P, :] (column-major, ld Ho·Wo) = colᵀ (P × K, ld P) · Wᵀ (K × Cout, ld K).
-void conv_im2col(const Tensor& x, const Tensor& w, int pad, Tensor& out) {
+void conv_im2col(const Tensor& x, const Tensor& w, int pad, int stride, Tensor& out) {
   const int64_t Cin = x.dim(0), H = x.dim(1), W = x.dim(2), Cout = w.dim(0), Ho = out.dim(1), Wo = out.dim(2);
   const int kh = int(w.dim(2)), kw = int(w.dim(3));
   const int64_t K = Cin * kh * kw, HW = Ho * Wo, es = int64_t(dtype_size(x.dtype()));
@@ -75,8 +78,8 @@ void conv_im2col(const Tensor& x, const Tensor& w, int pad, Tensor& out) {
     const int64_t nr = std::min(rows, Ho - oy0), np = nr * Wo, p0 = oy0 * Wo;
     const dim3 g{unsigned(nr), unsigned(K)};
     ZI_DISPATCH_ACT(x.dtype(), im2col_rows<T><<<g, 256, 0, stream()>>>(x.data<T>(), static_cast<T*>(col.raw()),
-                                                                      int(H), int(W), kh, kw, pad, int(Wo), int(oy0),
-                                                                      int(nr)));
+                                                                      int(H), int(W), kh, kw, pad, stride, int(Wo),
+                                                                      int(oy0), int(nr)));
     ZI_CUDA_LAUNCHED();
     gemm_nn(np, Cout, K, col.raw(), np, wt.raw(), K, static_cast<char*>(out.raw()) + p0 * es, HW, x.dtype());
   }
@@ -117,20 +120,20 @@ void transpose(const T* in, T* out, int64_t batch, int64_t R, int64_t C, const f
   ZI_CUDA_LAUNCHED();
 }
 
-// out[co, oy, ox] = Σ w[co, ci, ky, kx] · x[ci, oy + ky − pad, ox + kx − pad].
+// out[co, oy, ox] = Σ w[co, ci, ky, kx] · x[ci, oy·stride + ky − pad, ox·stride + kx − pad].
 template <class T>
 __global__ void conv_direct(const T* x, const float* w, T* out, int64_t Cin, int64_t H, int64_t W, int64_t Cout,
-                            int kh, int kw, int pad, int64_t Ho, int64_t Wo) {
+                            int kh, int kw, int pad, int stride, int64_t Ho, int64_t Wo) {
   const int64_t n = Cout * Ho * Wo;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t ox = i % Wo, oy = (i / Wo) % Ho, co = i / (Wo * Ho);
     float s = 0;
     for (int64_t ci = 0; ci < Cin; ++ci)
       for (int ky = 0; ky < kh; ++ky) {
-        const int64_t iy = oy + ky - pad;
+        const int64_t iy = oy * stride + ky - pad;
         if (iy < 0 || iy >= H) continue;
         for (int kx = 0; kx < kw; ++kx) {
-          const int64_t ix = ox + kx - pad;
+          const int64_t ix = ox * stride + kx - pad;
           if (ix < 0 || ix >= W) continue;
           s += w[((co * Cin + ci) * kh + ky) * kw + kx] * ld<T>(x, (ci * H + iy) * W + ix);
         }
@@ -212,16 +215,16 @@ struct ConvPlan {
   size_t workspace;
 };
 
-using ConvKey = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, int, bool>;
+using ConvKey = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, int, int, bool>;
 
 // nhwc: x, w and y in channels-last layouts (NHWC, KRSC), where cuDNN's implicit-GEMM tensor-core
-// kernels run; NCHW otherwise.
+// kernels run; NCHW otherwise. The stride goes into the convolution descriptor (both directions).
 const ConvPlan& conv_plan(int64_t Cin, int64_t H, int64_t W, int64_t Cout, int64_t kh, int64_t kw, int pad,
-                          DType dt, bool nhwc) {
+                          int stride, DType dt, bool nhwc) {
   static std::map<ConvKey, ConvPlan> plans;
   static std::mutex mu;
   std::lock_guard<std::mutex> lk(mu);
-  const ConvKey key{Cin, H, W, Cout, kh, kw, pad, int(dt), nhwc};
+  const ConvKey key{Cin, H, W, Cout, kh, kw, pad, stride, int(dt), nhwc};
   auto it = plans.find(key);
   if (it != plans.end()) return it->second;
   Cudnn& d = cudnn();
@@ -231,17 +234,20 @@ const ConvPlan& conv_plan(int64_t Cin, int64_t H, int64_t W, int64_t Cout, int64
   dnn_check(d.cudnnCreateTensorDescriptor(&p.y), "y descriptor");
   dnn_check(d.cudnnCreateFilterDescriptor(&p.w), "w descriptor");
   dnn_check(d.cudnnCreateConvolutionDescriptor(&p.conv), "conv descriptor");
-  const int64_t Ho = H + 2 * pad - kh + 1, Wo = W + 2 * pad - kw + 1;
+  const int64_t Ho = (H + 2 * pad - kh) / stride + 1, Wo = (W + 2 * pad - kw) / stride + 1;  // ops::conv2d's
   const cudnnTensorFormat_t f = nhwc ? CUDNN_TENSOR_NHWC : CUDNN_TENSOR_NCHW;
   dnn_check(d.cudnnSetTensor4dDescriptor(p.x, f, t, 1, int(Cin), int(H), int(W)), "x shape");
   dnn_check(d.cudnnSetTensor4dDescriptor(p.y, f, t, 1, int(Cout), int(Ho), int(Wo)), "y shape");
   dnn_check(d.cudnnSetFilter4dDescriptor(p.w, t, f, int(Cout), int(Cin), int(kh), int(kw)), "w shape");
-  dnn_check(d.cudnnSetConvolution2dDescriptor(p.conv, pad, pad, 1, 1, 1, 1, CUDNN_CROSS_CORRELATION, CUDNN_DATA_FLOAT),
+  dnn_check(d.cudnnSetConvolution2dDescriptor(p.conv, pad, pad, stride, stride, 1, 1, CUDNN_CROSS_CORRELATION,
+                                              CUDNN_DATA_FLOAT),
             "conv params");
   dnn_check(d.cudnnSetConvolutionMathType(p.conv, dt == DType::BF16 ? CUDNN_TENSOR_OP_MATH : CUDNN_FMA_MATH),
             "math type");
-  const std::string tkey = str_cat("cudnn-algo ", Cin, "x", H, "x", W, "->", Cout, " k", kh, "x", kw, " p", pad, " ",
-                                   dtype_name(dt), nhwc ? " nhwc" : " nchw");
+  // The stride is named only when it is not 1, so the entries measured before strides existed stay valid.
+  const std::string tkey = str_cat("cudnn-algo ", Cin, "x", H, "x", W, "->", Cout, " k", kh, "x", kw, " p", pad,
+                                   stride != 1 ? str_cat(" s", stride) : std::string(), " ", dtype_name(dt),
+                                   nhwc ? " nhwc" : " nchw");
   if (const auto v = tuning().get(tkey)) {  // measured by an earlier process
     const auto algo = cudnnConvolutionFwdAlgo_t(std::atoi(v->c_str()));
     size_t ws = 0;
@@ -275,13 +281,13 @@ const ConvPlan& conv_plan(int64_t Cin, int64_t H, int64_t W, int64_t Cout, int64
 
 // NCHW, or (nhwc) with x and w changed to channels-last first and y changed back with the bias
 // added on the way (bias_done tells the caller).
-bool conv_cudnn(const Tensor& x, const Tensor& w, const Tensor* bias, int pad, bool nhwc, Tensor& out,
+bool conv_cudnn(const Tensor& x, const Tensor& w, const Tensor* bias, int pad, int stride, bool nhwc, Tensor& out,
                 bool& bias_done) {
   if (!cudnn().ok) return false;
   Cudnn& d = cudnn();
   const int64_t Cin = x.dim(0), H = x.dim(1), W = x.dim(2), Cout = w.dim(0), kh = w.dim(2), kw = w.dim(3);
   const int64_t HWo = out.dim(1) * out.dim(2);
-  const ConvPlan& p = conv_plan(Cin, H, W, Cout, kh, kw, pad, x.dtype(), nhwc);
+  const ConvPlan& p = conv_plan(Cin, H, W, Cout, kh, kw, pad, stride, x.dtype(), nhwc);
   Tensor wt = w.dtype() == x.dtype() ? w.contiguous(Tag::Workspace) : w.to(x.dtype(), Tag::Workspace);
   Tensor ws = p.workspace ? scratch(int64_t(p.workspace)) : Tensor();
   const float one = 1.0f, zero = 0.0f;
@@ -307,7 +313,7 @@ bool conv_cudnn(const Tensor& x, const Tensor& w, const Tensor* bias, int pad, b
   return true;
 }
 #else
-bool conv_cudnn(const Tensor&, const Tensor&, const Tensor*, int, bool, Tensor&, bool&) { return false; }
+bool conv_cudnn(const Tensor&, const Tensor&, const Tensor*, int, int, bool, Tensor&, bool&) { return false; }
 int64_t cudnn_version() { return 0; }
 #endif
 
@@ -325,17 +331,17 @@ void set_conv_path(ConvPath p) { g_path = p; }
 
 namespace {
 
-bool run_path(ConvPath path, const Tensor& x, const Tensor& w, const Tensor* bias, int pad, Tensor& out,
+bool run_path(ConvPath path, const Tensor& x, const Tensor& w, const Tensor* bias, int pad, int stride, Tensor& out,
               bool& bias_done) {
   bias_done = false;
   switch (path) {
     case ConvPath::Im2col:
-      conv_im2col(x, w, pad, out);
+      conv_im2col(x, w, pad, stride, out);
       return true;
     case ConvPath::Cudnn:
-      return conv_cudnn(x, w, bias, pad, false, out, bias_done);
+      return conv_cudnn(x, w, bias, pad, stride, false, out, bias_done);
     case ConvPath::CudnnNhwc:
-      return conv_cudnn(x, w, bias, pad, true, out, bias_done);
+      return conv_cudnn(x, w, bias, pad, stride, true, out, bias_done);
     default:
       return false;
   }
@@ -344,17 +350,19 @@ bool run_path(ConvPath path, const Tensor& x, const Tensor& w, const Tensor* bia
 // Auto: for k×k kernels in bf16 each shape is timed once on its first call over the candidate
 // paths (im2col + cuBLASLt, cuDNN NCHW, cuDNN NHWC) and the fastest is kept; the last run
 // is the fastest's, so `out` holds its result. 1×1 kernels and f32 go to cuDNN NCHW.
-using ShapeKey = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int>;
+using ShapeKey = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int, int>;
 std::map<ShapeKey, ConvPath> g_picked;
 
-std::string path_key(const Tensor& x, const Tensor& w, int pad) {
+// The tuning cache's key; the stride is named only when it is not 1 (entries from before strides stay valid).
+std::string path_key(const Tensor& x, const Tensor& w, int pad, int stride) {
   return str_cat("conv-path ", x.dim(0), "x", x.dim(1), "x", x.dim(2), "->", w.dim(0), " k", w.dim(2), "x", w.dim(3),
-                 " p", pad, " ", dtype_name(x.dtype()));
+                 " p", pad, stride != 1 ? str_cat(" s", stride) : std::string(), " ", dtype_name(x.dtype()));
 }
 const char* path_name(ConvPath p) { return p == ConvPath::Im2col ? "im2col" : p == ConvPath::CudnnNhwc ? "nhwc" : "nchw"; }
 
-ConvPath pick_and_run(const Tensor& x, const Tensor& w, const Tensor* bias, int pad, Tensor& out, bool& bias_done) {
-  const ShapeKey key{x.dim(0), x.dim(1), x.dim(2), w.dim(0), w.dim(2), pad};
+ConvPath pick_and_run(const Tensor& x, const Tensor& w, const Tensor* bias, int pad, int stride, Tensor& out,
+                      bool& bias_done) {
+  const ShapeKey key{x.dim(0), x.dim(1), x.dim(2), w.dim(0), w.dim(2), pad, stride};
   const ConvPath cands[] = {ConvPath::Im2col, ConvPath::Cudnn, ConvPath::CudnnNhwc};
   float ms[3] = {0, 0, 0};
   cudaEvent_t e0, e1;
@@ -365,12 +373,12 @@ ConvPath pick_and_run(const Tensor& x, const Tensor& w, const Tensor* bias, int 
   const bool big = out.dim(1) * out.dim(2) >= (int64_t(1) << 19);
   for (int i = 0; i < 3; ++i) {
     if ((big && cands[i] == ConvPath::Cudnn) ||
-        !run_path(cands[i], x, w, bias, pad, out, bias_done)) {  // also the warm-up (plans, Find)
+        !run_path(cands[i], x, w, bias, pad, stride, out, bias_done)) {  // also the warm-up (plans, Find)
       ms[i] = -1;
       continue;
     }
     ZI_CUDA(cudaEventRecord(e0, stream()));
-    run_path(cands[i], x, w, bias, pad, out, bias_done);
+    run_path(cands[i], x, w, bias, pad, stride, out, bias_done);
     ZI_CUDA(cudaEventRecord(e1, stream()));
     ZI_CUDA(cudaEventSynchronize(e1));
     ZI_CUDA(cudaEventElapsedTime(&ms[i], e0, e1));
@@ -379,18 +387,19 @@ ConvPath pick_and_run(const Tensor& x, const Tensor& w, const Tensor* bias, int 
   ZI_CUDA(cudaEventDestroy(e0));
   ZI_CUDA(cudaEventDestroy(e1));
   if (std::getenv("ZI_CUDA_PROFILE"))
-    std::fprintf(stderr, "[cuda] profile: conv %lldx%lldx%lld -> %lld k%lld: im2col %.3f cudnn %.3f nhwc %.3f ms\n",
+    std::fprintf(stderr,
+                 "[cuda] profile: conv %lldx%lldx%lld -> %lld k%lld s%d: im2col %.3f cudnn %.3f nhwc %.3f ms\n",
                  (long long)x.dim(0), (long long)x.dim(1), (long long)x.dim(2), (long long)w.dim(0),
-                 (long long)w.dim(2), ms[0], ms[1], ms[2]);
+                 (long long)w.dim(2), stride, ms[0], ms[1], ms[2]);
   g_picked[key] = cands[best];
-  tuning().put(path_key(x, w, pad), path_name(cands[best]));
-  if (best != 2) run_path(cands[best], x, w, bias, pad, out, bias_done);
+  tuning().put(path_key(x, w, pad, stride), path_name(cands[best]));
+  if (best != 2) run_path(cands[best], x, w, bias, pad, stride, out, bias_done);
   return cands[best];
 }
 
 }  // namespace
 
-void conv2d(const Tensor& x, const Tensor& w, const Tensor* bias, int pad, Tensor& out) {
+void conv2d(const Tensor& x, const Tensor& w, const Tensor* bias, int pad, int stride, Tensor& out) {
   const int64_t Cin = x.dim(0), H = x.dim(1), W = x.dim(2), Cout = w.dim(0), Ho = out.dim(1), Wo = out.dim(2);
   if (!out.numel()) return;
   ConvPath path = g_path;
@@ -399,27 +408,27 @@ void conv2d(const Tensor& x, const Tensor& w, const Tensor* bias, int pad, Tenso
     if (w.dim(2) * w.dim(3) == 1 || x.dtype() != DType::BF16) {
       path = ConvPath::Cudnn;
     } else {
-      const ShapeKey key{x.dim(0), x.dim(1), x.dim(2), w.dim(0), w.dim(2), pad};
+      const ShapeKey key{x.dim(0), x.dim(1), x.dim(2), w.dim(0), w.dim(2), pad, stride};
       auto it = g_picked.find(key);
       if (it == g_picked.end()) {  // measured by an earlier process?
-        if (const auto v = tuning().get(path_key(x, w, pad)))
+        if (const auto v = tuning().get(path_key(x, w, pad, stride)))
           for (ConvPath p : {ConvPath::Im2col, ConvPath::Cudnn, ConvPath::CudnnNhwc})
             if (*v == path_name(p) && (p == ConvPath::Im2col || cudnn_available())) it = g_picked.emplace(key, p).first;
       }
       if (it != g_picked.end()) {
         path = it->second;
       } else {
-        pick_and_run(x, w, bias, pad, out, bias_done);
+        pick_and_run(x, w, bias, pad, stride, out, bias_done);
         done = true;
       }
     }
   }
-  if (!done) done = run_path(path, x, w, bias, pad, out, bias_done);
+  if (!done) done = run_path(path, x, w, bias, pad, stride, out, bias_done);
   if (!done) {
     Tensor wf = f32_vector(w);
     ZI_DISPATCH_ACT(x.dtype(), conv_direct<T><<<grid_for(out.numel(), 256, 65536), 256, 0, stream()>>>(
                                    x.data<T>(), wf.data<float>(), out.data<T>(), Cin, H, W, Cout, int(w.dim(2)),
-                                   int(w.dim(3)), pad, Ho, Wo));
+                                   int(w.dim(3)), pad, stride, Ho, Wo));
     ZI_CUDA_LAUNCHED();
   }
   if (bias && !bias_done) {

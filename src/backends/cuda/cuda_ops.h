@@ -121,8 +121,8 @@ void set_portable_attention(bool on);
 // ---- convolution (conv.cu) ----
 bool cudnn_available();
 // Which conv2d path runs: Auto (k×k kernels in bf16: the fastest of im2col + cuBLASLt, cuDNN
-// NCHW and cuDNN NHWC, timed once per shape at its first call; cuDNN NCHW otherwise; the direct
-// kernel without cuDNN), or one forced (tests).
+// NCHW and cuDNN NHWC, timed once per shape (stride included) at its first call; cuDNN NCHW
+// otherwise; the direct kernel without cuDNN), or one forced (tests). Every path takes any stride.
 enum class ConvPath { Auto, Cudnn, CudnnNhwc, Im2col, Direct };
 void set_conv_path(ConvPath p);
 
