@@ -30,11 +30,12 @@ export LD_LIBRARY_PATH="$(gpu_lib_dirs):/usr/local/cuda/lib64:${LD_LIBRARY_PATH:
 ZLIB=""
 z() { LD_LIBRARY_PATH="${ZLIB:+$ZLIB:}$LD_LIBRARY_PATH" "$@"; }
 
-# gpu_unpack_bin [TARGETS...]: the carried binaries (.carry/zimage-bin.tar.xz from pack_carry.sh),
-# else a build here (-j16) of TARGETS (default: zimage zimage_gpu_tests bench_kernels).
+# gpu_unpack_bin [TARGETS...]: the carried binaries ($ZI_BIN_TAR, default .carry/zimage-bin.tar.xz
+# from pack_carry.sh), else a build here (-j16) of TARGETS (default: zimage zimage_gpu_tests bench_kernels).
 gpu_unpack_bin() {
-  if [ -f .carry/zimage-bin.tar.xz ]; then
-    mkdir -p /tmp/zi && tar -C /tmp/zi -xJf .carry/zimage-bin.tar.xz
+  local tarball=${ZI_BIN_TAR:-.carry/zimage-bin.tar.xz}
+  if [ -f "$tarball" ]; then
+    rm -rf /tmp/zi && mkdir -p /tmp/zi && tar -C /tmp/zi -xJf "$tarball"
     BIN=/tmp/zi/bin; ZLIB=/tmp/zi/lib
   else
     local targets=${*:-zimage zimage_gpu_tests bench_kernels}

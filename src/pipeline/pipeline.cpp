@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <functional>
 
 #include "backends/device.h"
 #include "core/torch_random.h"
@@ -87,6 +88,49 @@ class DevicePhase {
 void notice(const GenerateHooks& h, const std::string& line) {
   if (h.on_notice) h.on_notice(line);
   else std::fprintf(stderr, "warning: %s\n", line.c_str());
+}
+
+// --keep-models under a budget (--vram, or the one planned from free memory): the device bytes
+// of the cached components a phase does not use count against that phase's budget. Before the
+// phase, the largest of them are released (with a notice) until the phase's predicted peak fits
+// beside the rest, so the measured device peak stays within the budget; the released ones load
+// again when their phase comes. Measured from the device's accounting (bytes held per tag).
+void fit_cache_to_budget(const GenerateOptions& o, ModelCache* cache, Tag own, int64_t phase_peak,
+                         const GenerateHooks& hooks) {
+  if (!cache || !o.vram_plan || o.vram_plan->budget_bytes < 0 || !device::gpu_available()) return;
+  struct Held {
+    const char* name;
+    Tag tag;
+    std::function<void()> release;
+  };
+  const std::vector<Held> all = {
+      {"text encoder", Tag::TextWeights, [&] { cache->text_encoder.reset(); }},
+      {"transformer", Tag::DitWeights, [&] { cache->transformer.reset(); }},
+      {"ControlNet", Tag::ControlNetWeights, [&] { cache->controlnet.reset(); }},
+      {"VAE decoder", Tag::VaeWeights, [&] { cache->vae.reset(); }},
+  };
+  const MemoryStats& ms = memory_stats(Device::CUDA);
+  for (;;) {
+    int64_t others = 0;
+    const Held* largest = nullptr;
+    int64_t largest_bytes = 0;
+    for (const Held& h : all) {
+      if (h.tag == own || (own == Tag::DitWeights && h.tag == Tag::ControlNetWeights)) continue;
+      const int64_t b = ms.tag(h.tag).current;
+      others += b;
+      if (b > largest_bytes) largest = &h, largest_bytes = b;
+    }
+    if (!largest || others + phase_peak <= o.vram_plan->budget_bytes) return;
+    char line[256];
+    std::snprintf(line, sizeof line,
+                  "--keep-models: the %s (%.1f MiB on the GPU) is not kept: beside it the next phase "
+                  "(predicted %.1f MiB) would exceed the budget of %.1f MiB",
+                  largest->name, double(largest_bytes) / (1 << 20), double(phase_peak) / (1 << 20),
+                  double(o.vram_plan->budget_bytes) / (1 << 20));
+    notice(hooks, line);
+    largest->release();
+    if (ms.tag(largest->tag).current >= largest_bytes) return;  // nothing was freed: do not loop
+  }
 }
 
 Embeddings run_encode(const PhaseContext& ctx, const ModelSources& src, const GenerateOptions& o, bool cfg,
@@ -495,6 +539,8 @@ GenerateResult generate(const GenerateOptions& options, const GenerateHooks& hoo
     if (hooks.on_phase_start) hooks.on_phase_start("encode");
     PhaseScope phase("encode");
     DevicePhase on(o.text_encoder_device, o.precision, "encode", &r.release_seconds[0]);
+    if (o.text_encoder_device == Device::CUDA && o.vram_plan)
+      fit_cache_to_budget(o, cache, Tag::TextWeights, o.vram_plan->text.predicted_peak_bytes, hooks);
     emb = run_encode(on.ctx, src, o, cfg, cache);
     r.load_seconds[0] = emb.load_seconds;
   }
@@ -555,6 +601,8 @@ GenerateResult generate(const GenerateOptions& options, const GenerateHooks& hoo
     if (hooks.on_phase_start) hooks.on_phase_start("denoise");
     PhaseScope phase("denoise");
     DevicePhase on(o.transformer_device, o.precision, "denoise", &r.release_seconds[iden]);
+    if (o.transformer_device == Device::CUDA && o.vram_plan)
+      fit_cache_to_budget(o, cache, Tag::DitWeights, o.vram_plan->dit.predicted_peak_bytes, hooks);
     run_denoise(on.ctx, src, o, emb, latents, hooks, cache, &r.load_seconds[iden], ex);
     emb = Embeddings{};  // the captions are not needed past this point
   }
@@ -564,6 +612,8 @@ GenerateResult generate(const GenerateOptions& options, const GenerateHooks& hoo
     if (hooks.on_phase_start) hooks.on_phase_start("decode");
     PhaseScope phase("decode");
     DevicePhase on(o.vae_device, o.precision, "decode", &r.release_seconds[idec]);
+    if (o.vae_device == Device::CUDA && o.vram_plan)
+      fit_cache_to_budget(o, cache, Tag::VaeWeights, o.vram_plan->vae_peak_bytes, hooks);
     r.decoded = run_decode(on.ctx, src, o, latents, cache, &r.load_seconds[idec], &r.vae_tile_used);
     latents = Tensor();
   }
