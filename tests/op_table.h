@@ -174,7 +174,7 @@ inline std::vector<Row> make_rows(const std::string& only = "") {
                      }});
       }
   }
-  if (want({"rms_norm", "rms_norm_add_", "rms_norm_rope_pairs_"})) {
+  if (want({"rms_norm", "rms_norm_add_", "rms_norm_rope_pairs_", "rms_norm_rope_pairs"})) {
   // ---- fused norms (the reference: the composed ops_ref sequence). 64/1000/2048/3840: the
   // GPU's row-in-registers kernels; 5000 and f32 3840: its two-pass kernels; 100: unaligned bf16 ----
   for (int64_t D : {int64_t(64), int64_t(3840), int64_t(100), int64_t(1000), int64_t(2048), int64_t(5000)})
@@ -219,9 +219,27 @@ inline std::vector<Row> make_rows(const std::string& only = "") {
                    return t;
                  }});
   }
+  // The out-of-place form on a column slice of a fused [S, 3·H·D] projection (rows strided),
+  // the DiT's q and k: the reference runs the in-place composition on a contiguous copy.
+  for (int64_t D : {int64_t(128), int64_t(64), int64_t(16)}) {
+    const int64_t S = 21, H = 3;
+    const Tensor y = rnd({S, 3 * H * D}, seed++), w = rnd({D}, seed++), cs = rnd({S, D / 2}, seed++),
+                 sn = rnd({S, D / 2}, seed++);
+    for (int64_t part : {int64_t(0), int64_t(1)})
+      R.push_back({"rms_norm_rope_pairs", str_cat("D=", D, " part ", part, " of a fused [S, 3HD]"), kTolNorm, -1,
+                   D >= 64, 1.0, [=](const Env& e) {
+                     Tensor x = e.a(y).reshape({S, 3 * H, D}).slice(1, part * H, (part + 1) * H);
+                     if (!e.ref) return ops::rms_norm_rope_pairs(x, e.w(w), 1e-5f, e.w(cs), e.w(sn));
+                     Tensor t = x.contiguous();
+                     Tensor rows = t.reshape({S * H, D});
+                     ops_ref::rms_norm_(rows, w, 1e-5f);
+                     ops_ref::rope_pairs_(t, cs, sn);
+                     return t;
+                   }});
+  }
   }
   // ---- elementwise ----
-  if (want({"silu_", "tanh_", "add_", "mul_", "scale_", "add_scalar_", "silu_mul", "mul_rows_", "add_gated_"}))
+  if (want({"silu_", "tanh_", "add_", "mul_", "scale_", "add_scalar_", "silu_mul", "silu_mul_halves", "mul_rows_", "add_gated_"}))
   for (Shape s : {Shape{1}, Shape{3, 17}, Shape{257, 301}, Shape{17, 96}}) {
     const Tensor x = rnd(s, seed++, 0.01f, 30.0f), y = rnd(s, seed++);
     const std::string ss = shape_str(s);
@@ -241,6 +259,9 @@ inline std::vector<Row> make_rows(const std::string& only = "") {
     unary("add_scalar_", [](const Env& e, Tensor& t) { ZI_OP_OR_REF(e, add_scalar_, t, 1.5f); }, x);
     R.push_back({"silu_mul", ss, kTolElem, -1, gpu, 1.0,
                  [=](const Env& e) { return ZI_OP_OR_REF(e, silu_mul, e.a(x), e.a(y)); }});
+    if (s.back() % 2 == 0)  // SwiGLU on the halves of a fused w1/w3 output
+      R.push_back({"silu_mul_halves", ss, kTolElem, -1, gpu, 1.0,
+                   [=](const Env& e) { return ZI_OP_OR_REF(e, silu_mul_halves, e.a(x)); }});
     for (DType dt : wts) {
       const Tensor v = rnd({s.back()}, seed++).to(dt);
       unary("mul_rows_", [v](const Env& e, Tensor& t) { ZI_OP_OR_REF(e, mul_rows_, t, e.w(v)); }, x, dt == DType::F32);
@@ -375,7 +396,8 @@ inline std::vector<Row> make_rows(const std::string& only = "") {
 // are built inside each test, so no tensor outlives it.
 inline std::vector<std::string> op_names() {
   return {"linear", "linear_quant", "rms_norm_", "layer_norm_", "group_norm_", "group_norm_silu_", "rms_norm", "rms_norm_add_",
-          "rms_norm_rope_pairs_", "silu_", "tanh_", "add_", "mul_", "scale_", "add_scalar_", "silu_mul", "mul_rows_",
+          "rms_norm_rope_pairs_", "rms_norm_rope_pairs", "silu_", "tanh_", "add_", "mul_", "scale_", "add_scalar_", "silu_mul",
+          "silu_mul_halves", "mul_rows_",
           "add_gated_", "rope_halves_", "rope_pairs_", "attention", "conv2d", "pad2d", "upsample_nearest2x", "concat0",
           "embedding"};
 }

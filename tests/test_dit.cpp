@@ -181,13 +181,60 @@ TEST(Dit, StackedBatchIsBitIdenticalToOneAtATime) {
 TEST(Dit, F32WeightsGiveTheBf16Result) {
   // The stored weights are bf16, so loading them as f32 holds the same values.
   const ZImageDit m32 = load_dit(tiny_transformer(), DType::F32);
-  EXPECT_EQ(m32.layers[0].w1.dtype(), DType::F32);
-  EXPECT_EQ(tiny_bf16().layers[0].w1.dtype(), DType::BF16);
+  EXPECT_EQ(m32.layers[0].w13.dtype(), DType::F32);
+  EXPECT_EQ(tiny_bf16().layers[0].w13.dtype(), DType::BF16);
   EXPECT_EQ(tiny_bf16().layers[0].ffn_norm1.dtype(), DType::F32);
   const SafetensorsFile f = SafetensorsFile::open(test::data_path("expected/components.safetensors"));
   const Tensor x = f.load("dit.x0", DType::F32), cap = f.load("dit.cap0", DType::F32);
   const double err = test::rel_l2(dit_forward(m32, x, 0.3f, cap), dit_forward(tiny_bf16(), x, 0.3f, cap));
   std::printf("f32 vs bf16 weights: rel L2 %.3g\n", err);
+  EXPECT_LE(err, 1e-6);
+}
+
+// q/k/v and w1/w3 are bound as one matrix each, the file's tensors as rows in that order.
+TEST(Dit, ProjectionsAreFusedRowsInOrder) {
+  const DitConfig c = tiny_config();
+  const int64_t D = c.dim, F = dit_ffn_hidden(c);
+  const TensorStore store = TensorStore::open_dir(tiny_transformer());
+  auto file = [&](const std::string& name) {
+    const TensorStore::Entry e = store.find(name);
+    return e.file->load(*e.info, DType::F32);
+  };
+  for (const auto& [prefix, b] : {std::pair<std::string, const DitBlock*>{"layers.1.", &tiny_bf16().layers[1]},
+                                  {"context_refiner.0.", &tiny_bf16().context_refiner[0]}}) {
+    ASSERT_TRUE(b->qkv.defined() && b->w13.defined()) << prefix;
+    EXPECT_FALSE(b->to_q.defined() || b->to_k.defined() || b->to_v.defined() || b->w1.defined() || b->w3.defined());
+    EXPECT_EQ(b->qkv.shape(), (Shape{3 * D, D}));
+    EXPECT_EQ(b->w13.shape(), (Shape{2 * F, D}));
+    const char* qkv[] = {"to_q", "to_k", "to_v"};
+    for (int i = 0; i < 3; ++i)
+      EXPECT_EQ(test::max_abs_diff(b->qkv.slice(0, i * D, (i + 1) * D).to(DType::F32),
+                                   file(prefix + "attention." + qkv[i] + ".weight")),
+                0.0)
+          << prefix << qkv[i];
+    EXPECT_EQ(test::max_abs_diff(b->w13.slice(0, 0, F).to(DType::F32), file(prefix + "feed_forward.w1.weight")), 0.0);
+    EXPECT_EQ(test::max_abs_diff(b->w13.slice(0, F, 2 * F).to(DType::F32), file(prefix + "feed_forward.w3.weight")),
+              0.0);
+  }
+}
+
+// The unfused form (parts that load in different formats) computes what the fused one does.
+TEST(Dit, UnfusedProjectionsGiveTheFusedResult) {
+  ZImageDit m = tiny_bf16();  // shares the weights; the blocks below get their own parts
+  const int64_t D = m.cfg.dim, F = dit_ffn_hidden(m.cfg);
+  for (auto* blocks : {&m.noise_refiner, &m.context_refiner, &m.layers})
+    for (DitBlock& b : *blocks) {
+      b.to_q = b.qkv.slice(0, 0, D).clone(Tag::DitWeights);
+      b.to_k = b.qkv.slice(0, D, 2 * D).clone(Tag::DitWeights);
+      b.to_v = b.qkv.slice(0, 2 * D, 3 * D).clone(Tag::DitWeights);
+      b.w1 = b.w13.slice(0, 0, F).clone(Tag::DitWeights);
+      b.w3 = b.w13.slice(0, F, 2 * F).clone(Tag::DitWeights);
+      b.qkv = b.w13 = Tensor();
+    }
+  const SafetensorsFile f = SafetensorsFile::open(test::data_path("expected/components.safetensors"));
+  const Tensor x = f.load("dit.x0", DType::F32), cap = f.load("dit.cap0", DType::F32);
+  const double err = test::rel_l2(dit_forward(m, x, 0.3f, cap), dit_forward(tiny_bf16(), x, 0.3f, cap));
+  std::printf("unfused vs fused projections: rel L2 %.3g\n", err);
   EXPECT_LE(err, 1e-6);
 }
 

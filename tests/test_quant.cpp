@@ -20,6 +20,7 @@
 #include "pipeline/pipeline.h"
 #include <nlohmann/json.hpp>
 #include "fixture_cases.h"
+#include "test_util.h"
 
 using namespace zi;
 namespace fs = std::filesystem;
@@ -442,4 +443,65 @@ TEST(Quant, ComfyFp8Safetensors) {
     EXPECT_EQ(bd.f32()[i], v);
     EXPECT_EQ(bf.f32()[i], v);
   }
+}
+
+// WeightLoader::load_matrix_rows (the DiT's fused q/k/v and w1/w3): each part loads as
+// load_matrix would and lands in its rows, fp8 row scales included; parts that would come out in
+// different dtypes are returned unfused; a patch reaches its own part's rows only.
+TEST(Quant, FusedRowsKeepEachPartsFormatScaleAndPatch) {
+  const std::string path = (fs::temp_directory_path() / ("zi_fused_" + std::to_string(::getpid()) + ".safetensors")).string();
+  Tensor w8 = Tensor::empty({4, 32}, DType::F8_E4M3), u8 = Tensor::empty({4, 32}, DType::F8_E4M3);
+  for (int i = 0; i < 128; ++i) w8.data<uint8_t>()[i] = uint8_t((i * 37) % 126), u8.data<uint8_t>()[i] = uint8_t((i * 11) % 120);
+  const Tensor c = test::rnd({2, 32}, 5), d = test::rnd({3, 32}, 6);
+  write_safetensors(path, {{"a.weight", w8}, {"a.scale_weight", Tensor::from_vector({0.25f}, {})}, {"b.weight", u8},
+                           {"c.weight", c}, {"d.weight", d}});
+  TensorStore store = TensorStore::open_file(path);
+  WeightLoader ld(store, Tag::DitWeights, "test"), one(store, Tag::DitWeights, "test");
+  std::vector<Tensor> parts;
+  auto same = [](const Tensor& fused, int64_t r0, const Tensor& part) {
+    const Tensor rows = fused.slice(0, r0, r0 + part.dim(0));
+    const Tensor a = is_quantized(fused.dtype()) ? quant::dequantize(rows) : rows.to(DType::F32);
+    const Tensor b = is_quantized(part.dtype()) ? quant::dequantize(part) : part.to(DType::F32);
+    return test::max_abs_diff(a, b) == 0.0;
+  };
+  // Stored fp8 parts: kept, each with its own scale.
+  Tensor ab = ld.load_matrix_rows({"a.weight", "b.weight"}, {{4, 32}, {4, 32}}, DType::BF16, &parts);
+  ASSERT_TRUE(ab.defined());
+  EXPECT_TRUE(parts.empty());
+  ASSERT_EQ(ab.dtype(), DType::F8_E4M3);
+  ASSERT_EQ(ab.shape(), (Shape{8, 32}));
+  ASSERT_NE(ab.row_scale(), nullptr);
+  EXPECT_EQ(ab.row_scale()->data<float>()[0], 0.25f);
+  EXPECT_EQ(ab.row_scale()->data<float>()[7], 1.0f);
+  EXPECT_TRUE(same(ab, 0, one.load_matrix("a.weight", {4, 32}, DType::BF16)));
+  EXPECT_TRUE(same(ab, 4, one.load_matrix("b.weight", {4, 32}, DType::BF16)));
+  // Float parts made into one format (and plain float).
+  for (DType t : {DType::Q8_0, DType::F8_E4M3, DType::BF16, DType::F32}) {
+    Tensor cd = ld.load_matrix_rows({"c.weight", "d.weight"}, {{2, 32}, {3, 32}}, t, &parts);
+    ASSERT_TRUE(cd.defined()) << dtype_name(t);
+    EXPECT_EQ(cd.dtype(), t);
+    EXPECT_TRUE(same(cd, 0, one.load_matrix("c.weight", {2, 32}, t))) << dtype_name(t);
+    EXPECT_TRUE(same(cd, 2, one.load_matrix("d.weight", {3, 32}, t))) << dtype_name(t);
+  }
+  // fp8 kept beside a float part made bf16: two dtypes, so the parts come back unfused.
+  Tensor ac = ld.load_matrix_rows({"a.weight", "c.weight"}, {{4, 32}, {2, 32}}, DType::BF16, &parts);
+  EXPECT_FALSE(ac.defined());
+  ASSERT_EQ(parts.size(), 2u);
+  EXPECT_EQ(parts[0].dtype(), DType::F8_E4M3);
+  EXPECT_EQ(parts[1].dtype(), DType::BF16);
+  // A patch on d: its rows only.
+  WeightLoader::Patch p;
+  p.wants = [](const std::string& n) { return n == "d.weight"; };
+  p.apply = [](const std::string&, Tensor& f32) {
+    for (int64_t i = 0; i < f32.numel(); ++i) f32.f32()[i] += 1.0f;
+  };
+  ld.add_patch(p);
+  Tensor cd = ld.load_matrix_rows({"c.weight", "d.weight"}, {{2, 32}, {3, 32}}, DType::F32, &parts);
+  ASSERT_TRUE(cd.defined());
+  EXPECT_EQ(test::max_abs_diff(cd.slice(0, 0, 2), c), 0.0);
+  Tensor d1 = d.clone();
+  for (int64_t i = 0; i < d1.numel(); ++i) d1.f32()[i] += 1.0f;
+  EXPECT_EQ(test::max_abs_diff(cd.slice(0, 2, 5), d1), 0.0);
+  EXPECT_NO_THROW(ld.finish());
+  fs::remove(path);
 }

@@ -181,8 +181,12 @@ Tensor Tensor::contiguous(Tag tag) const {
   for (int64_t row = 0; row < (inner ? n / inner : 0); ++row) {
     int64_t off = 0;
     for (int i = 0; i < nd - 1; ++i) off += idx[size_t(i)] * strides_[size_t(i)];
-    for (int64_t j = 0; j < inner; ++j)
-      std::memcpy(dst + size_t(row * inner + j) * es, src + size_t(off + j * istride) * es, es);
+    if (istride == 1) {  // a contiguous row (a column slice of a matrix): one copy
+      std::memcpy(dst + size_t(row * inner) * es, src + size_t(off) * es, size_t(inner) * es);
+    } else {
+      for (int64_t j = 0; j < inner; ++j)
+        std::memcpy(dst + size_t(row * inner + j) * es, src + size_t(off + j * istride) * es, es);
+    }
     for (int i = nd - 2; i >= 0; --i) {
       if (++idx[size_t(i)] < shape_[size_t(i)]) break;
       idx[size_t(i)] = 0;

@@ -61,7 +61,69 @@ bool is_float_st(StDType t) { return t == StDType::F32 || t == StDType::BF16 || 
 
 DType storage_dtype(DType wdt) { return is_quantized(wdt) ? DType::BF16 : wdt; }
 
-Tensor WeightLoader::load_impl(const std::string& name, const Shape& shape, DType dt, bool required, bool matrix) {
+TensorStore::Entry WeightLoader::resolve(const std::string& name) const {
+  TensorStore::Entry e{nullptr, nullptr};
+  for (const auto& o : overrides_) {  // the last matching override wins, as in load_impl
+    auto it = o.by_target.find(name);
+    if (it != o.by_target.end()) e = o.store->find(it->second);
+  }
+  return e.file ? e : store_.find(name);
+}
+
+bool WeightLoader::planned_dtype(const std::string& name, const Shape& shape, DType dt, DType* out) const {
+  const TensorStore::Entry e = resolve(name);
+  if (!e.file || e.info->shape != shape) return false;
+  bool patched = false;
+  for (const auto& p : patches_) patched = patched || p.wants(name);
+  // The choices of load_impl, in its order.
+  const DType stored_fmt = e.info->quantized() ? e.info->format
+                           : e.info->dtype == StDType::F8_E4M3 ? DType::F8_E4M3
+                                                               : DType::F32;
+  if (shape.size() == 2) {
+    const bool keep = is_quantized(stored_fmt) && !patched;
+    const bool make = !keep && is_quantized(dt) && shape[1] % dtype_block(dt) == 0;
+    if (keep || make) {
+      *out = keep ? stored_fmt : dt;
+      return true;
+    }
+  }
+  *out = is_quantized(dt) ? DType::BF16 : dt;
+  return true;
+}
+
+Tensor WeightLoader::load_matrix_rows(const std::vector<std::string>& names, const std::vector<Shape>& shapes, DType dt,
+                                      std::vector<Tensor>* parts) {
+  ZI_CHECK(!names.empty() && names.size() == shapes.size() && parts, "[WeightLoader] load_matrix_rows: bad arguments");
+  parts->clear();
+  // One dtype for every part, and matrices of one width: fused. Else (or when nothing is read:
+  // recorder, check-only) each part as load_matrix gives it.
+  DType fdt = DType::F32;
+  bool fuse = !record_ && !check_only_;
+  int64_t rows = 0;
+  for (size_t i = 0; fuse && i < names.size(); ++i) {
+    DType pdt;
+    fuse = shapes[i].size() == 2 && shapes[i][1] == shapes[0][1] && planned_dtype(names[i], shapes[i], dt, &pdt) &&
+           (i == 0 || pdt == fdt);
+    fdt = pdt;
+    if (fuse) rows += shapes[i][0];
+  }
+  if (!fuse) {
+    for (size_t i = 0; i < names.size(); ++i) parts->push_back(load_impl(names[i], shapes[i], dt, true, true));
+    return {};
+  }
+  Tensor fused = Tensor::empty({rows, shapes[0][1]}, fdt, tag_, ctx_.device);
+  if (fdt == DType::F8_E4M3) fused.set_row_scale(Tensor::empty({rows}, DType::F32, tag_, ctx_.device));
+  int64_t r0 = 0;
+  for (size_t i = 0; i < names.size(); ++i) {
+    const Tensor dst = fused.slice(0, r0, r0 + shapes[i][0]);
+    load_impl(names[i], shapes[i], dt, true, true, &dst);
+    r0 += shapes[i][0];
+  }
+  return fused;
+}
+
+Tensor WeightLoader::load_impl(const std::string& name, const Shape& shape, DType dt, bool required, bool matrix,
+                               const Tensor* dst) {
   used_.push_back(name);
   if (record_) {
     record_->push_back({name, shape, dt});
@@ -113,15 +175,29 @@ Tensor WeightLoader::load_impl(const std::string& name, const Shape& shape, DTyp
     }
   }
   const float fp8_s = fp8_scale.defined() ? fp8_scale.data<float>()[0] : 1.0f;
+  // A part of a fused matrix (load_matrix_rows): host copies are workspace, and the result is
+  // written into its rows.
+  const Tag host_tag = dst ? Tag::Workspace : tag_;
+  auto into_dst = [&](const Tensor& t) {
+    ZI_CHECK(t.dtype() == dst->dtype() && t.shape() == dst->shape() && t.is_contiguous() &&
+                 bool(t.row_scale()) == bool(dst->row_scale()),
+             "[WeightLoader] ", name, " loaded as ", t.desc(), ", not as planned for its fused rows ", dst->desc());
+    device::copy(dst->raw(), dst->device(), t.raw(), t.device(), t.nbytes());
+    if (const Tensor* rs = t.row_scale()) {
+      const Tensor* drs = dst->row_scale();
+      device::copy(drs->raw(), drs->device(), rs->raw(), rs->device(), rs->nbytes());
+    }
+    return *dst;
+  };
   if (matrix && shape.size() == 2) {
     const bool keep = is_quantized(stored_fmt) && !patched;
     const bool make = !keep && is_quantized(dt) && shape[1] % dtype_block(dt) == 0;
     if (keep || make) {
       Tensor q;
       if (keep) {
-        q = e.file->load(*e.info, stored_fmt, tag_);
+        q = e.file->load(*e.info, stored_fmt, host_tag);
         if (stored_fmt == DType::F8_E4M3) {
-          Tensor sc = Tensor::empty({shape[0]}, DType::F32, tag_);
+          Tensor sc = Tensor::empty({shape[0]}, DType::F32, host_tag);
           std::fill_n(sc.data<float>(), shape[0], fp8_s);
           q.set_row_scale(std::move(sc));
         }
@@ -129,16 +205,17 @@ Tensor WeightLoader::load_impl(const std::string& name, const Shape& shape, DTyp
                  reinterpret_cast<uintptr_t>(e.file->data(*e.info)) % 4 == 0) {
         // Straight from the mapping, row by row: no f32 copy of the tensor at all (the Qwen3
         // embedding would be 1.6 GB in f32).
-        q = quant::quantize(e.file->view(*e.info), dt, tag_);
+        q = quant::quantize(e.file->view(*e.info), dt, host_tag);
       } else {
         Tensor staging = e.file->load(*e.info, DType::F32, Tag::Workspace);
         if (fp8_s != 1.0f)
           for (float& v : std::span<float>(staging.data<float>(), size_t(staging.numel()))) v *= fp8_s;
         for (const auto& p : patches_)
           if (p.wants(name)) p.apply(name, staging);
-        q = quant::quantize(staging, dt, tag_);
+        q = quant::quantize(staging, dt, host_tag);
       }
-      if (ctx_.device != q.device()) q = q.to_device(ctx_.device, tag_);
+      if (dst) q = into_dst(q);
+      else if (ctx_.device != q.device()) q = q.to_device(ctx_.device, tag_);
       e.file->release(*e.info);
       bytes_ += int64_t(q.nbytes()) + (q.row_scale() ? int64_t(q.row_scale()->nbytes()) : 0);
       return q;
@@ -152,10 +229,10 @@ Tensor WeightLoader::load_impl(const std::string& name, const Shape& shape, DTyp
                          (sdt == DType::F32 || sdt == DType::BF16 || sdt == DType::F16);
   const bool float_dst = dt == DType::F32 || dt == DType::BF16 || dt == DType::F16;
   if (!patched && ctx_.device == Device::CUDA && float_src && float_dst) {
-    out = Tensor::empty(shape, dt, tag_, Device::CUDA);
+    out = dst ? *dst : Tensor::empty(shape, dt, tag_, Device::CUDA);  // straight into the fused rows
     device::upload_convert(e.file->data(*e.info), sdt, out.numel(), out);
   } else if (!patched) {
-    out = e.file->load(*e.info, dt, tag_);
+    out = e.file->load(*e.info, dt, host_tag);
   } else {
     // One tensor in f32 in flight, patched, then converted to its final dtype.
     Tensor staging = e.file->load(*e.info, DType::F32, Tag::Workspace);
@@ -164,13 +241,17 @@ Tensor WeightLoader::load_impl(const std::string& name, const Shape& shape, DTyp
     for (const auto& p : patches_)
       if (p.wants(name)) p.apply(name, staging);
     if (dt == DType::F32) {
-      out = Tensor::empty(shape, dt, tag_);
+      out = Tensor::empty(shape, dt, host_tag);
       std::copy_n(staging.f32(), staging.numel(), out.f32());
     } else {
-      out = staging.to(dt, tag_);
+      out = staging.to(dt, host_tag);
     }
   }
-  if (ctx_.device != out.device()) out = out.to_device(ctx_.device, tag_);
+  if (dst) {
+    if (out.raw() != dst->raw()) out = into_dst(out);
+  } else if (ctx_.device != out.device()) {
+    out = out.to_device(ctx_.device, tag_);
+  }
   e.file->release(*e.info);
   bytes_ += int64_t(out.nbytes());
   read_ += int64_t(e.info->nbytes());

@@ -47,6 +47,17 @@ class WeightLoader {
   // blocks, fp8) is kept as it is; a weight format `dt` is made from the float data one tensor
   // at a time (rows that are not whole blocks stay bf16); a float `dt` works like load().
   Tensor load_matrix(const std::string& name, const Shape& shape, DType dt);
+  // Several matrices [N_i, K] bound as one [ΣN_i, K], rows in the order of `names` (a block's
+  // fused projections: to_q/to_k/to_v, w1/w3). Each part loads exactly as load_matrix(names[i])
+  // would (its own overrides, patches, fp8 scale, weight format) and is written into its rows of
+  // the fused tensor, which is allocated once on the loader's device (an fp8 weight's row scales
+  // are concatenated the same way): no part is held twice, and on the GPU a float part is
+  // converted straight into its rows. When the parts would not come out in one dtype (a GGUF
+  // file mixing block formats, a patch on one part of a stored block format), or in check-only
+  // and recorder modes, nothing is fused: the result is undefined and `*parts` holds each part
+  // as load_matrix returns it. Otherwise `*parts` is cleared.
+  Tensor load_matrix_rows(const std::vector<std::string>& names, const std::vector<Shape>& shapes, DType dt,
+                          std::vector<Tensor>* parts);
   // Like load(), but a missing (or empty, 0-element) tensor is not an error.
   Tensor load_optional(const std::string& name, const Shape& shape, DType dt);
   bool has(const std::string& name) const;
@@ -105,7 +116,15 @@ class WeightLoader {
   const TensorStore& store() const { return store_; }
 
  private:
-  Tensor load_impl(const std::string& name, const Shape& shape, DType dt, bool required, bool matrix);
+  // `dst` (load_matrix_rows): a row slice of the fused tensor, of the dtype planned_dtype gave; the
+  // result is written there (row scales included) and *dst returned.
+  Tensor load_impl(const std::string& name, const Shape& shape, DType dt, bool required, bool matrix,
+                   const Tensor* dst = nullptr);
+  // The tensor `name` resolves to (an override's first), without marking anything read.
+  TensorStore::Entry resolve(const std::string& name) const;
+  // The dtype load_matrix(name, shape, dt) would return; false when the tensor is missing or of
+  // another shape.
+  bool planned_dtype(const std::string& name, const Shape& shape, DType dt, DType* out) const;
   const TensorStore& store_;
   Tag tag_;
   PhaseContext ctx_;

@@ -10,6 +10,8 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 
 #include "core/check.h"
 #include "core/parallel.h"
@@ -59,13 +61,31 @@ void check_config(const DitConfig& c) {
 // ---------------------------------------------------------------------------------------
 // Loading (§3.2)
 
+// The fused Q/K/V and w1/w3 projections (one GEMM each) run wherever the phase computes on the
+// CPU. On the GPU they are off unless ZI_FUSED_PROJECTIONS=1: their CUDA paths compile and are
+// reviewed but have not run on a GPU yet (issue 19); the GPU keeps the separate projections
+// until its tests and timings have.
+bool fuse_projections(const PhaseContext& ctx) {
+  if (ctx.device == Device::CPU) return true;
+  const char* e = std::getenv("ZI_FUSED_PROJECTIONS");
+  return e && std::strcmp(e, "1") == 0;
+}
+
 DitBlock load_block(WeightLoader& ld, const std::string& p, const DitConfig& c, DType wdt, bool modulated) {
   const int64_t D = c.dim, F = dit_ffn_hidden(c), hd = c.head_dim(), A = dit_adaln_dim(c);
   const DType f32 = DType::F32;
   DitBlock b;
-  b.to_q = ld.load_matrix(p + "attention.to_q.weight", {D, D}, wdt);
-  b.to_k = ld.load_matrix(p + "attention.to_k.weight", {D, D}, wdt);
-  b.to_v = ld.load_matrix(p + "attention.to_v.weight", {D, D}, wdt);
+  std::vector<Tensor> parts;
+  const bool fuse = fuse_projections(ld.context());
+  if (fuse) {
+    b.qkv = ld.load_matrix_rows({p + "attention.to_q.weight", p + "attention.to_k.weight", p + "attention.to_v.weight"},
+                                {{D, D}, {D, D}, {D, D}}, wdt, &parts);
+    if (!parts.empty()) b.to_q = parts[0], b.to_k = parts[1], b.to_v = parts[2];
+  } else {
+    b.to_q = ld.load_matrix(p + "attention.to_q.weight", {D, D}, wdt);
+    b.to_k = ld.load_matrix(p + "attention.to_k.weight", {D, D}, wdt);
+    b.to_v = ld.load_matrix(p + "attention.to_v.weight", {D, D}, wdt);
+  }
   b.to_out = ld.load_matrix(p + "attention.to_out.0.weight", {D, D}, wdt);
   if (c.qk_norm) {
     b.norm_q = ld.load(p + "attention.norm_q.weight", {hd}, f32);
@@ -75,9 +95,15 @@ DitBlock load_block(WeightLoader& ld, const std::string& p, const DitConfig& c, 
   b.attention_norm2 = ld.load(p + "attention_norm2.weight", {D}, f32);
   b.ffn_norm1 = ld.load(p + "ffn_norm1.weight", {D}, f32);
   b.ffn_norm2 = ld.load(p + "ffn_norm2.weight", {D}, f32);
-  b.w1 = ld.load_matrix(p + "feed_forward.w1.weight", {F, D}, wdt);
+  if (fuse) {
+    b.w13 = ld.load_matrix_rows({p + "feed_forward.w1.weight", p + "feed_forward.w3.weight"}, {{F, D}, {F, D}}, wdt,
+                                &parts);
+    if (!parts.empty()) b.w1 = parts[0], b.w3 = parts[1];
+  } else {
+    b.w1 = ld.load_matrix(p + "feed_forward.w1.weight", {F, D}, wdt);
+    b.w3 = ld.load_matrix(p + "feed_forward.w3.weight", {F, D}, wdt);
+  }
   b.w2 = ld.load_matrix(p + "feed_forward.w2.weight", {D, F}, wdt);
-  b.w3 = ld.load_matrix(p + "feed_forward.w3.weight", {F, D}, wdt);
   if (modulated) {
     b.adaln_w = ld.load_matrix(p + "adaLN_modulation.0.weight", {4 * D, A}, wdt);
     b.adaln_b = ld.load(p + "adaLN_modulation.0.bias", {4 * D}, f32);
@@ -265,12 +291,15 @@ Modulation modulation(const DitBlock& b, const Tensor& c) {
 Tensor self_attention(const DitBlock& b, const DitConfig& c, Tensor h, const Rope& rope,
                       const std::vector<int64_t>* segs = nullptr) {
   const int64_t S = h.dim(0), H = c.n_heads, hd = c.head_dim();
-  auto project = [&](const Tensor& w, const Tensor& norm, bool rotate) {
-    Tensor y = ops::linear(h, w).reshape({S, H, hd});  // [S, H, hd]
+  // y: one projection's [S, H, hd], rows possibly strided (a third of the fused output) → a
+  // contiguous normalised and rotated copy; or in place when y is its own contiguous tensor.
+  auto finish = [&](Tensor y, const Tensor& norm, bool rotate) {
     if (norm.defined() && rotate) {  // every head vector normalised on its own, then rotated
+      if (!y.is_contiguous()) return ops::rms_norm_rope_pairs(y, norm, kQkNormEps, rope.cos, rope.sin);
       ops::rms_norm_rope_pairs_(y, norm, kQkNormEps, rope.cos, rope.sin);
       return y;
     }
+    y = y.contiguous();
     if (norm.defined()) {
       Tensor rows = y.reshape({S * H, hd});  // every head vector normalised on its own
       ops::rms_norm_(rows, norm, kQkNormEps);
@@ -278,10 +307,20 @@ Tensor self_attention(const DitBlock& b, const DitConfig& c, Tensor h, const Rop
     if (rotate) ops::rope_pairs_(y, rope.cos, rope.sin);
     return y;
   };
-  Tensor q = project(b.to_q, b.norm_q, true);
-  Tensor k = project(b.to_k, b.norm_k, true);
-  Tensor v = project(b.to_v, Tensor(), false);
-  h = Tensor();
+  Tensor q, k, v;
+  if (b.qkv.defined()) {
+    // One GEMM reads h once: [S, 3·D] = [q | k | v] per row, viewed [S, 3·H, hd] and split by heads.
+    Tensor y = ops::linear(h, b.qkv).reshape({S, 3 * H, hd});
+    h = Tensor();
+    q = finish(y.slice(1, 0, H), b.norm_q, true);
+    k = finish(y.slice(1, H, 2 * H), b.norm_k, true);
+    v = y.slice(1, 2 * H, 3 * H).contiguous();
+  } else {
+    q = finish(ops::linear(h, b.to_q).reshape({S, H, hd}), b.norm_q, true);
+    k = finish(ops::linear(h, b.to_k).reshape({S, H, hd}), b.norm_k, true);
+    v = ops::linear(h, b.to_v).reshape({S, H, hd});
+    h = Tensor();
+  }
   Tensor o;
   if (!segs || segs->size() <= 1) {
     o = ops::attention(q, k, v, 1.0f / std::sqrt(float(hd)));  // [S, H, hd]
@@ -304,11 +343,17 @@ Tensor self_attention(const DitBlock& b, const DitConfig& c, Tensor h, const Rop
 // applies ffn_norm2 fused with the residual add.
 Tensor feed_forward(const DitBlock& b, float eps, const Tensor& x_rows, const Tensor* scale) {
   Tensor y = ops::rms_norm(x_rows, b.ffn_norm1, eps, scale);  // [R, D]
-  Tensor gate = ops::linear(y, b.w1);  // [R, F]
-  Tensor up = ops::linear(y, b.w3);    // [R, F]
-  y = Tensor();
-  Tensor act = ops::silu_mul(gate, up);  // [R, F]
-  gate = up = Tensor();
+  Tensor act;
+  if (b.w13.defined()) {
+    Tensor gu = ops::linear(y, b.w13);  // [R, 2F]: [w1·y | w3·y] per row, one GEMM
+    y = Tensor();
+    act = ops::silu_mul_halves(gu);     // [R, F]
+  } else {
+    Tensor gate = ops::linear(y, b.w1);  // [R, F]
+    Tensor up = ops::linear(y, b.w3);    // [R, F]
+    y = Tensor();
+    act = ops::silu_mul(gate, up);  // [R, F]
+  }
   Tensor out = ops::linear(act, b.w2);  // [R, D]
   act = Tensor();
   return out;
@@ -363,8 +408,8 @@ int64_t dit_ffn_chunk_rows(const PhaseContext& ctx) {
 int dit_ffn_hidden(const DitConfig& cfg) { return int(double(cfg.dim) / 3.0 * 8.0); }
 
 std::vector<Tensor*> dit_block_tensors(DitBlock& b) {
-  return {&b.to_q,      &b.to_k,      &b.to_v,      &b.to_out, &b.norm_q, &b.norm_k, &b.attention_norm1, &b.attention_norm2,
-          &b.ffn_norm1, &b.ffn_norm2, &b.w1,        &b.w3,     &b.w2,     &b.adaln_w, &b.adaln_b};
+  return {&b.qkv,       &b.to_q,      &b.to_k, &b.to_v, &b.to_out, &b.norm_q, &b.norm_k, &b.attention_norm1,
+          &b.attention_norm2, &b.ffn_norm1, &b.ffn_norm2, &b.w13, &b.w1, &b.w3, &b.w2, &b.adaln_w, &b.adaln_b};
 }
 
 DitBlock load_dit_block(WeightLoader& ld, const std::string& prefix, const DitConfig& cfg, DType wdt, bool modulated) {

@@ -19,14 +19,21 @@ namespace zi {
 
 // One transformer block. Prefix: noise_refiner.{i}. | context_refiner.{i}. | layers.{i}.
 // Matrices are stored [out, in] in the load dtype; norm weights and biases are f32.
+// The projections that read the same input are fused at load time (WeightLoader::
+// load_matrix_rows: each file tensor written into its rows, LoRA deltas and overrides applied to
+// it by its own name), so each runs as one GEMM: qkv = [to_q; to_k; to_v], w13 = [w1; w3].
+// When the parts of one do not load in one dtype (a GGUF file mixing block formats, a LoRA on
+// one part of a stored block format), that fused tensor is undefined and its parts are kept.
 struct DitBlock {
-  Tensor to_q, to_k, to_v;     // attention.to_{q,k,v}.weight          [D, D]
+  Tensor qkv;                  // attention.to_{q,k,v}.weight rows     [3·D, D]
+  Tensor to_q, to_k, to_v;     //   unfused fallback                   [D, D] each
   Tensor to_out;               // attention.to_out.0.weight            [D, D]
   Tensor norm_q, norm_k;       // attention.norm_{q,k}.weight          [head_dim]
   Tensor attention_norm1;      // attention_norm1.weight               [D]
   Tensor attention_norm2;      // attention_norm2.weight               [D]
   Tensor ffn_norm1, ffn_norm2; // ffn_norm{1,2}.weight                 [D]
-  Tensor w1, w3;               // feed_forward.w{1,3}.weight           [F, D]   (F = 10240)
+  Tensor w13;                  // feed_forward.w{1,3}.weight rows      [2·F, D]   (F = 10240)
+  Tensor w1, w3;               //   unfused fallback                   [F, D] each
   Tensor w2;                   // feed_forward.w2.weight               [D, F]
   Tensor adaln_w;              // adaLN_modulation.0.weight            [4·D, A]; empty in context_refiner
   Tensor adaln_b;              // adaLN_modulation.0.bias              [4·D];    empty in context_refiner

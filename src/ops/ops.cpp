@@ -268,6 +268,17 @@ Tensor silu_mul(const Tensor& a_in, const Tensor& b_in) {
   return out;
 }
 
+Tensor silu_mul_halves(const Tensor& y_in) {
+  const Device d = device_of("silu_mul_halves", y_in);
+  Tensor y = act_input("silu_mul_halves", y_in, d);
+  ZI_CHECK(y.ndim() >= 1 && y.dim(-1) % 2 == 0, "[silu_mul_halves] the last dimension must be even, got ", y.desc());
+  Shape os = y.shape();
+  os.back() /= 2;
+  Tensor out = Tensor::empty(os, y.dtype(), Tag::Activations, d);
+  if (out.numel() > 0) ZI_OP("silu_mul_halves", d, silu_mul_halves, y, out);
+  return out;
+}
+
 void add_(Tensor& x, const Tensor& y_in) {
   const Device d = device_of("add_", x);
   require_act_inplace("add_", x);
@@ -334,6 +345,25 @@ void rms_norm_rope_pairs_(Tensor& x, const Tensor& weight, float eps, const Tens
   Tensor w = weight_input("rms_norm_rope_pairs_", "weight", weight, d);
   require_vector("rms_norm_rope_pairs_", "weight", w, x.dim(2));
   ZI_OP("rms_norm_rope_pairs_", d, rms_norm_rope_pairs_, x, w, eps, cos, sin);
+}
+
+Tensor rms_norm_rope_pairs(const Tensor& x, const Tensor& weight, float eps, const Tensor& cos, const Tensor& sin) {
+  const Device d = device_of("rms_norm_rope_pairs", x);
+  require_device("rms_norm_rope_pairs", x, d);
+  ZI_CHECK(act_dtype_ok(x), "[rms_norm_rope_pairs] expects an ", d == Device::CUDA ? "f32/bf16" : "f32",
+           " activation, got ", x.desc());
+  ZI_CHECK(x.ndim() == 3 && x.dim(2) % 2 == 0, "[rms_norm_rope_pairs] x must be [S, H, D] with D even, got ",
+           x.desc());
+  ZI_CHECK(x.strides()[2] == 1 && x.strides()[1] == x.dim(2) && x.strides()[0] >= x.dim(1) * x.dim(2),
+           "[rms_norm_rope_pairs] x's heads must be contiguous within a row (strides [≥ H·D, D, 1]), got strides ",
+           shape_str(x.strides()), " for ", x.desc());
+  // cos/sin are checked against a contiguous tensor of x's shape (check_rope wants one in place).
+  Tensor out = Tensor::empty(x.shape(), x.dtype(), Tag::Activations, d);
+  check_rope("rms_norm_rope_pairs", out, cos, sin);
+  Tensor w = weight_input("rms_norm_rope_pairs", "weight", weight, d);
+  require_vector("rms_norm_rope_pairs", "weight", w, x.dim(2));
+  if (out.numel() > 0) ZI_OP("rms_norm_rope_pairs", d, rms_norm_rope_pairs, x, w, eps, cos, sin, out);
+  return out;
 }
 
 void rope_halves_(Tensor& x, const Tensor& cos, const Tensor& sin) {

@@ -38,6 +38,10 @@ Tensor rms_norm(const Tensor& x, const Tensor& weight, float eps, const Tensor* 
 void rms_norm_add_(Tensor& x, Tensor& y, const Tensor& weight, float eps, const Tensor* gate = nullptr);
 //   x [S, H, D]: per-head RMSNorm (weight [D]) then rope_pairs_
 void rms_norm_rope_pairs_(Tensor& x, const Tensor& weight, float eps, const Tensor& cos, const Tensor& sin);
+//   the same into a new contiguous [S, H, D], x unchanged; x's rows may be strided (a column
+//   slice of a fused q/k/v projection viewed [S, H, D]: strides [any ≥ H·D, D, 1])
+//                                                                       (= contiguous copy, rms_norm_rope_pairs_)
+Tensor rms_norm_rope_pairs(const Tensor& x, const Tensor& weight, float eps, const Tensor& cos, const Tensor& sin);
 // x[R, D] ← (x − mean) / sqrt(var + eps)   (LayerNorm over the last dim, no affine).
 void layer_norm_(Tensor& x, float eps);
 // x[C, H, W] ← GroupNorm(groups, eps) with affine weight[C], bias[C]. Biased variance.
@@ -58,6 +62,9 @@ void paste_(Tensor& dst, const Tensor& src, int64_t y0, int64_t x0);
 void silu_(Tensor& x);                          // x·sigmoid(x)
 void tanh_(Tensor& x);
 Tensor silu_mul(const Tensor& a, const Tensor& b);  // SiLU(a) ⊙ b, same shapes (SwiGLU)
+// y[..., 2F] → [..., F]: SiLU(y[..., :F]) ⊙ y[..., F:] (SwiGLU on a fused w1/w3 projection's
+// output; = silu_mul of the two halves, same results).
+Tensor silu_mul_halves(const Tensor& y);
 void add_(Tensor& x, const Tensor& y);          // x += y, same shapes
 void mul_(Tensor& x, const Tensor& y);          // x *= y, same shapes
 void scale_(Tensor& x, float s);                // x *= s

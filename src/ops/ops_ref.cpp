@@ -112,6 +112,17 @@ Tensor silu_mul(const Tensor& a, const Tensor& b) {
   return o;
 }
 
+Tensor silu_mul_halves(const Tensor& y) {
+  const int64_t F = y.dim(-1) / 2, R = y.numel() / y.dim(-1);
+  Shape os = y.shape();
+  os.back() = F;
+  Tensor o = Tensor::empty(os, DType::F32);
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t i = 0; i < F; ++i)
+      o.data<float>()[r * F + i] = float(silu(y.f32()[r * 2 * F + i]) * y.f32()[r * 2 * F + F + i]);
+  return o;
+}
+
 void add_(Tensor& x, const Tensor& y) {
   for (int64_t i = 0; i < x.numel(); ++i) x.f32()[i] += y.f32()[i];
 }

@@ -15,6 +15,7 @@ void group_norm_(Tensor& x, int groups, const Tensor& weight, const Tensor& bias
 void silu_(Tensor& x);
 void tanh_(Tensor& x);
 Tensor silu_mul(const Tensor& a, const Tensor& b);
+Tensor silu_mul_halves(const Tensor& y);
 void add_(Tensor& x, const Tensor& y);
 void mul_(Tensor& x, const Tensor& y);
 void scale_(Tensor& x, float s);

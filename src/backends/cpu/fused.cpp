@@ -29,4 +29,14 @@ void rms_norm_rope_pairs_(Tensor& x, const Tensor& weight, float eps, const Tens
   rope_pairs_(x, cos, sin);
 }
 
+void rms_norm_rope_pairs(const Tensor& x, const Tensor& weight, float eps, const Tensor& cos, const Tensor& sin,
+                         Tensor& out) {
+  const int64_t S = x.dim(0), row = x.dim(1) * x.dim(2), stride = x.strides()[0];
+  const char* src = static_cast<const char*>(x.raw());
+  char* dst = static_cast<char*>(out.raw());
+  for (int64_t s = 0; s < S; ++s)
+    std::memcpy(dst + size_t(s * row) * sizeof(float), src + size_t(s * stride) * sizeof(float), size_t(row) * sizeof(float));
+  rms_norm_rope_pairs_(out, weight, eps, cos, sin);
+}
+
 }  // namespace zi::cpu

@@ -41,6 +41,30 @@ __global__ void silu_mul_vec(const T* a, const T* b, T* o, int64_t nv) {
     store_vec(o + v * N, fa);
   }
 }
+// SwiGLU on the halves of each row of y [R, 2F]: o[r, i] = SiLU(y[r, i]) · y[r, F + i].
+template <class T>
+__global__ void silu_mul_halves_kernel(const T* y, T* o, int64_t F, int64_t n) {
+  ZI_GRID_LOOP(i, n) {
+    const int64_t r = i / F, c = i - r * F;
+    const T* row = y + r * 2 * F;
+    st<T>(o, i, silu_f(ld<T>(row, c)) * ld<T>(row, F + c));
+  }
+}
+// 16-byte vectors (F a multiple of the vector width, y and o 16-byte aligned); fv = F / N.
+template <class T>
+__global__ void silu_mul_halves_vec(const T* y, T* o, int64_t fv, int64_t nv) {
+  constexpr int N = Vec<T>::N;
+  ZI_GRID_LOOP(v, nv) {
+    const int64_t r = v / fv, c = (v - r * fv) * N;
+    const T* row = y + r * 2 * fv * N;
+    float fa[N], fb[N];
+    load_vec(row + c, fa);
+    load_vec(row + fv * N + c, fb);
+#pragma unroll
+    for (int e = 0; e < N; ++e) fa[e] = silu_f(fa[e]) * fb[e];
+    store_vec(o + v * N, fa);
+  }
+}
 template <class T>
 __global__ void add_vec(T* x, const T* y, int64_t nv) {
   constexpr int N = Vec<T>::N;
@@ -157,6 +181,20 @@ void silu_mul(const Tensor& a, const Tensor& b, Tensor& out) {
   } else {
     ZI_DISPATCH_ACT(a.dtype(), silu_mul_kernel<T><<<grid(n), kThreads, 0, stream()>>>(a.data<T>(), b.data<T>(),
                                                                                       out.data<T>(), n));
+  }
+  ZI_CUDA_LAUNCHED();
+}
+
+void silu_mul_halves(const Tensor& y, Tensor& out) {
+  const int64_t n = out.numel(), F = out.dim(-1);
+  if (!n) return;
+  if (vec_ok(F, out.dtype(), {y.raw(), out.raw()})) {
+    const int64_t vn = 16 / int64_t(dtype_size(out.dtype())), fv = F / vn, nv = n / vn;
+    ZI_DISPATCH_ACT(out.dtype(), silu_mul_halves_vec<T><<<grid(nv), kThreads, 0, stream()>>>(y.data<T>(),
+                                                                                             out.data<T>(), fv, nv));
+  } else {
+    ZI_DISPATCH_ACT(out.dtype(), silu_mul_halves_kernel<T><<<grid(n), kThreads, 0, stream()>>>(y.data<T>(),
+                                                                                               out.data<T>(), F, n));
   }
   ZI_CUDA_LAUNCHED();
 }

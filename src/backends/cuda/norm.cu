@@ -92,15 +92,18 @@ __global__ void rms_norm_add_vec(T* x, const T* y, const float* w, const float* 
   }
 }
 
-// Per-head RMSNorm then adjacent-pairs RoPE, one warp per head vector x[s, h, :] (D even).
+// Per-head RMSNorm then adjacent-pairs RoPE, one warp per head vector x[s, h, :] (D even), read
+// from in[s · in_stride + h · D + j] and written to out[(s · H + h) · D + j]; in may be out (in
+// place, in_stride H·D): each lane writes only elements it has read.
 template <class T>
-__global__ void rms_norm_rope_pairs_warp(T* x, const float* w, const float* cs, const float* sn, int64_t S,
-                                         int64_t H, int64_t D, float eps) {
+__global__ void rms_norm_rope_pairs_warp(const T* in, int64_t in_stride, T* out, const float* w, const float* cs,
+                                         const float* sn, int64_t S, int64_t H, int64_t D, float eps) {
   const int64_t r = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32;
   if (r >= S * H) return;
   const int l = threadIdx.x & 31;
-  const int64_t s = r / H, half = D / 2;
-  T* row = x + r * D;
+  const int64_t s = r / H, h = r % H, half = D / 2;
+  const T* row = in + s * in_stride + h * D;
+  T* orow = out + r * D;
   float q = 0;
   for (int64_t j = l; j < D; j += 32) {
     const float v = ld<T>(row, j);
@@ -110,8 +113,8 @@ __global__ void rms_norm_rope_pairs_warp(T* x, const float* w, const float* cs, 
   for (int64_t m = l; m < half; m += 32) {
     const float a = ld<T>(row, 2 * m) * inv * w[2 * m], b = ld<T>(row, 2 * m + 1) * inv * w[2 * m + 1];
     const float c = cs[s * half + m], si = sn[s * half + m];
-    st<T>(row, 2 * m, a * c - b * si);
-    st<T>(row, 2 * m + 1, a * si + b * c);
+    st<T>(orow, 2 * m, a * c - b * si);
+    st<T>(orow, 2 * m + 1, a * si + b * c);
   }
 }
 
@@ -179,15 +182,17 @@ __global__ void __launch_bounds__(kRegThreads) rms_norm_reg(const T* in, T* out,
 }
 
 // Per-head RMSNorm + adjacent-pairs RoPE for D = 128: one warp per head vector, lane l holds
-// elements 4l..4l+3 (two RoPE pairs) from one 8-byte (bf16) or 16-byte (f32) load.
+// elements 4l..4l+3 (two RoPE pairs) from one 8-byte (bf16) or 16-byte (f32) load. Read from
+// in[s · in_stride + h · 128 + …], written to out[(s · H + h) · 128 + …] (in may be out).
 template <class T>
-__global__ void rms_norm_rope128_warp(T* x, const float* w, const float* cs, const float* sn, int64_t S, int64_t H,
-                                      float eps) {
+__global__ void rms_norm_rope128_warp(const T* in, int64_t in_stride, T* out, const float* w, const float* cs,
+                                      const float* sn, int64_t S, int64_t H, float eps) {
   const int64_t r = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32;
   if (r >= S * H) return;
   const int l = threadIdx.x & 31;
-  const int64_t s = r / H;
-  T* p = x + r * 128 + 4 * l;
+  const int64_t s = r / H, h = r % H;
+  const T* p = in + s * in_stride + h * 128 + 4 * l;
+  T* po = out + r * 128 + 4 * l;
   float v[4];
   if constexpr (sizeof(T) == 4) {
     const float4 u = *reinterpret_cast<const float4*>(p);
@@ -205,12 +210,12 @@ __global__ void rms_norm_rope128_warp(T* x, const float* w, const float* cs, con
   const float o0 = a0 * c.x - b0 * si.x, o1 = a0 * si.x + b0 * c.x;
   const float o2 = a1 * c.y - b1 * si.y, o3 = a1 * si.y + b1 * c.y;
   if constexpr (sizeof(T) == 4) {
-    *reinterpret_cast<float4*>(p) = make_float4(o0, o1, o2, o3);
+    *reinterpret_cast<float4*>(po) = make_float4(o0, o1, o2, o3);
   } else {
     uint2 u;
     u.x = pack_bf16(o0, o1);
     u.y = pack_bf16(o2, o3);
-    *reinterpret_cast<uint2*>(p) = u;
+    *reinterpret_cast<uint2*>(po) = u;
   }
 }
 
@@ -425,21 +430,36 @@ void rms_norm_add_(Tensor& x, Tensor& y, const Tensor& weight, float eps, const 
   else add_(x, y);
 }
 
-void rms_norm_rope_pairs_(Tensor& x, const Tensor& weight, float eps, const Tensor& cos, const Tensor& sin) {
+namespace {
+// x [S, H, D] read with row stride `in_stride` (elements), written contiguous to out (out may be x).
+void norm_rope_pairs(const Tensor& x, int64_t in_stride, const Tensor& weight, float eps, const Tensor& cos,
+                     const Tensor& sin, Tensor& out) {
   const int64_t S = x.dim(0), H = x.dim(1), D = x.dim(2);
   if (!S || !H) return;
   Tensor w = f32_vector(weight);
-  if (D == 128 && reinterpret_cast<uintptr_t>(x.raw()) % 16 == 0 && cos.dtype() == DType::F32 &&
-      sin.dtype() == DType::F32 && reinterpret_cast<uintptr_t>(cos.raw()) % 8 == 0 &&
-      reinterpret_cast<uintptr_t>(sin.raw()) % 8 == 0) {
+  if (D == 128 && reinterpret_cast<uintptr_t>(x.raw()) % 16 == 0 && (in_stride * int64_t(dtype_size(x.dtype()))) % 16 == 0 &&
+      reinterpret_cast<uintptr_t>(out.raw()) % 16 == 0 && cos.dtype() == DType::F32 && sin.dtype() == DType::F32 &&
+      reinterpret_cast<uintptr_t>(cos.raw()) % 8 == 0 && reinterpret_cast<uintptr_t>(sin.raw()) % 8 == 0) {
     ZI_DISPATCH_ACT(x.dtype(), rms_norm_rope128_warp<T><<<unsigned(cdiv(S * H, 8)), 256, 0, stream()>>>(
-                                   x.data<T>(), w.data<float>(), cos.data<float>(), sin.data<float>(), S, H, eps));
+                                   x.data<T>(), in_stride, out.data<T>(), w.data<float>(), cos.data<float>(),
+                                   sin.data<float>(), S, H, eps));
     ZI_CUDA_LAUNCHED();
     return;
   }
   ZI_DISPATCH_ACT(x.dtype(), rms_norm_rope_pairs_warp<T><<<unsigned(cdiv(S * H, 8)), 256, 0, stream()>>>(
-                                 x.data<T>(), w.data<float>(), cos.data<float>(), sin.data<float>(), S, H, D, eps));
+                                 x.data<T>(), in_stride, out.data<T>(), w.data<float>(), cos.data<float>(),
+                                 sin.data<float>(), S, H, D, eps));
   ZI_CUDA_LAUNCHED();
+}
+}  // namespace
+
+void rms_norm_rope_pairs_(Tensor& x, const Tensor& weight, float eps, const Tensor& cos, const Tensor& sin) {
+  norm_rope_pairs(x, x.dim(1) * x.dim(2), weight, eps, cos, sin, x);
+}
+
+void rms_norm_rope_pairs(const Tensor& x, const Tensor& weight, float eps, const Tensor& cos, const Tensor& sin,
+                         Tensor& out) {
+  norm_rope_pairs(x, x.strides()[0], weight, eps, cos, sin, out);
 }
 
 void layer_norm_(Tensor& x, float eps) {
