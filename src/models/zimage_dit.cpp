@@ -61,14 +61,15 @@ void check_config(const DitConfig& c) {
 // ---------------------------------------------------------------------------------------
 // Loading (§3.2)
 
-// The fused Q/K/V and w1/w3 projections (one GEMM each) run wherever the phase computes on the
-// CPU. On the GPU they are off unless ZI_FUSED_PROJECTIONS=1: their CUDA paths compile and are
-// reviewed but have not run on a GPU yet (issue 19); the GPU keeps the separate projections
-// until its tests and timings have.
+// The fused Q/K/V and w1/w3 projections (one GEMM each): on by default where the phase computes
+// on the CPU. On the GPU they are off by default: their CUDA paths compile and are reviewed but
+// have not run on a GPU yet (issue 19), so the GPU keeps the separate projections until its
+// tests and timings have. ZI_FUSED_PROJECTIONS=1 / =0 turns them on / off anywhere (A/B runs).
 bool fuse_projections(const PhaseContext& ctx) {
-  if (ctx.device == Device::CPU) return true;
   const char* e = std::getenv("ZI_FUSED_PROJECTIONS");
-  return e && std::strcmp(e, "1") == 0;
+  if (e && std::strcmp(e, "1") == 0) return true;
+  if (e && std::strcmp(e, "0") == 0) return false;
+  return ctx.device == Device::CPU;
 }
 
 DitBlock load_block(WeightLoader& ld, const std::string& p, const DitConfig& c, DType wdt, bool modulated) {
