@@ -188,28 +188,7 @@ std::string kohya_to_dots(const std::string& key) {
   const size_t dot = key.rfind('.');
   const std::string base = dot == std::string::npos ? key : key.substr(0, dot);
   const std::string suffix = dot == std::string::npos ? "" : key.substr(dot);
-  std::vector<std::string> parts;
-  for (size_t b = 0;;) {
-    const size_t e = base.find('_', b);
-    parts.push_back(base.substr(b, e == std::string::npos ? std::string::npos : e - b));
-    if (e == std::string::npos) break;
-    b = e + 1;
-  }
-  auto joined = [](const std::string& a, const std::string& b) {
-    return (a == "to" && (b == "q" || b == "k" || b == "v" || b == "out")) || (a == "feed" && b == "forward");
-  };
-  std::string out;
-  for (size_t i = 0, n = 0; i < parts.size(); ++n) {
-    std::string part = parts[i];
-    if (i + 1 < parts.size() && joined(parts[i], parts[i + 1])) {
-      part += "_" + parts[i + 1];
-      i += 2;
-    } else {
-      i += 1;
-    }
-    out += (n ? "." : "") + part;
-  }
-  return out + suffix;
+  return kohya_underscores_to_dots(base) + suffix;
 }
 
 // A bare `.out` directly before `.lora_down.weight`, `.lora_up.weight` or `.alpha` is to_out.0.
@@ -399,6 +378,31 @@ LoraDelta make_delta(const SafetensorsFile& f, const Pair& p, const AdapterConfi
 }
 
 }  // namespace
+
+std::string kohya_underscores_to_dots(const std::string& module) {
+  std::vector<std::string> parts;
+  for (size_t b = 0;;) {
+    const size_t e = module.find('_', b);
+    parts.push_back(module.substr(b, e == std::string::npos ? std::string::npos : e - b));
+    if (e == std::string::npos) break;
+    b = e + 1;
+  }
+  auto joined = [](const std::string& a, const std::string& b) {
+    return (a == "to" && (b == "q" || b == "k" || b == "v" || b == "out")) || (a == "feed" && b == "forward");
+  };
+  std::string out;
+  for (size_t i = 0, n = 0; i < parts.size(); ++n) {
+    std::string part = parts[i];
+    if (i + 1 < parts.size() && joined(parts[i], parts[i + 1])) {
+      part += "_" + parts[i + 1];
+      i += 2;
+    } else {
+      i += 1;
+    }
+    out += (n ? "." : "") + part;
+  }
+  return out;
+}
 
 // ---------------------------------------------------------------------------------------
 

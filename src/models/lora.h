@@ -84,6 +84,11 @@ struct LoraFile {
 // split_fused_qkv).
 std::string lora_module_name(const std::string& module);
 
+// A kohya module name's underscores as dots, keeping to_q/to_k/to_v/to_out and feed_forward
+// whole (diffusers' convert_key): `layers_0_attention_to_q` → `layers.0.attention.to_q`. Names
+// with underscores of their own (`noise_refiner`, …) come out over-split; callers fix those up.
+std::string kohya_underscores_to_dots(const std::string& module);
+
 // Replaces each delta on a fused `attention.qkv.weight` by three on to_q/to_k/to_v (the rows
 // of B, or of the dense ΔW), which is what applying it to ComfyUI's fused weight does.
 // diffusers drops (kohya) or cannot apply (others) such entries; zimage applies them.

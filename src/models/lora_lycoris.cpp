@@ -29,27 +29,7 @@ std::string replace_all(std::string s, std::string_view from, std::string_view t
 
 // kohya: split on '_' into dotted components, keeping to_q/k/v/out and feed_forward whole.
 std::string underscores_to_dots(const std::string& m) {
-  std::vector<std::string> parts;
-  for (size_t b = 0;;) {
-    const size_t e = m.find('_', b);
-    parts.push_back(m.substr(b, e == std::string::npos ? std::string::npos : e - b));
-    if (e == std::string::npos) break;
-    b = e + 1;
-  }
-  auto joined = [](const std::string& a, const std::string& b) {
-    return (a == "to" && (b == "q" || b == "k" || b == "v" || b == "out")) || (a == "feed" && b == "forward");
-  };
-  std::string out;
-  for (size_t i = 0, n = 0; i < parts.size(); ++n) {
-    std::string part = parts[i];
-    if (i + 1 < parts.size() && joined(parts[i], parts[i + 1])) {
-      part += "_" + parts[i + 1];
-      i += 2;
-    } else {
-      i += 1;
-    }
-    out += (n ? "." : "") + part;
-  }
+  std::string out = kohya_underscores_to_dots(m);
   static const std::pair<const char*, const char*> fixups[] = {
       {"context.refiner.", "context_refiner."},  {"noise.refiner.", "noise_refiner."},
       {"adaLN.modulation.", "adaLN_modulation."}, {"all.final.layer.", "all_final_layer."},
