@@ -381,16 +381,7 @@ void run(GenerateArgs& a) {
   if (a.quality < 1 || a.quality > 100) throw UsageError(str_cat("--quality must be 1..100, got ", a.quality));
   if (a.metadata_paths != "on" && a.metadata_paths != "off")
     throw UsageError(str_cat("--metadata-paths must be on or off, got '", a.metadata_paths, "'"));
-  auto parse_device = [](const std::string& v, const char* flag, Device dflt) {
-    if (v.empty()) return dflt;
-    if (v == "cpu") return Device::CPU;
-    if (v == "cuda") {
-      if (!device::gpu_available())
-        throw UsageError(str_cat(flag, " cuda: no usable CUDA GPU: ", device::gpu_unavailable_reason()));
-      return Device::CUDA;
-    }
-    throw UsageError(str_cat(flag, " must be cpu or cuda, got '", v, "'"));
-  };
+  const auto parse_device = parse_device_flag;
   if (!from_image || a.given("device") || a.given("text-encoder-device") || a.given("vae-device")) {
     const Device dev = parse_device(a.device, "--device", device::gpu_available() ? Device::CUDA : Device::CPU);
     a.o.transformer_device = dev;

@@ -85,16 +85,7 @@ void run_serve(ServeArgs& a) {
     d.loras.emplace_back(spec.path, spec.scale);
   }
   d.transformer_override = a.transformer_override;
-  auto parse_device = [](const std::string& v, const char* flag, Device dflt) {
-    if (v.empty()) return dflt;
-    if (v == "cpu") return Device::CPU;
-    if (v == "cuda") {
-      if (!device::gpu_available())
-        throw UsageError(str_cat(flag, " cuda: no usable CUDA GPU: ", device::gpu_unavailable_reason()));
-      return Device::CUDA;
-    }
-    throw UsageError(str_cat(flag, " must be cpu or cuda, got '", v, "'"));
-  };
+  const auto parse_device = parse_device_flag;
   const Device dev = parse_device(a.device, "--device", device::gpu_available() ? Device::CUDA : Device::CPU);
   d.transformer_device = dev;
   d.text_encoder_device = parse_device(a.te_device, "--text-encoder-device", dev);

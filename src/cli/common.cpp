@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <filesystem>
 
+#include "backends/device.h"
 #include "core/check.h"
 
 namespace fs = std::filesystem;
@@ -53,6 +54,17 @@ void notice_bundled_model(bool quiet) {
   std::fprintf(stderr,
                "note: using the bundled tiny random-weight model: its images are noise. Download "
                "Tongyi-MAI/Z-Image-Turbo (diffusers format) and pass --model DIR or set ZIMAGE_MODEL.\n");
+}
+
+Device parse_device_flag(const std::string& v, const char* flag, Device dflt) {
+  if (v.empty()) return dflt;
+  if (v == "cpu") return Device::CPU;
+  if (v == "cuda") {
+    if (!device::gpu_available())
+      throw UsageError(str_cat(flag, " cuda: no usable CUDA GPU: ", device::gpu_unavailable_reason()));
+    return Device::CUDA;
+  }
+  throw UsageError(str_cat(flag, " must be cpu or cuda, got '", v, "'"));
 }
 
 }  // namespace zi::cli

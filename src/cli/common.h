@@ -3,6 +3,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "core/allocator.h"
+
 namespace CLI {
 class App;
 }
@@ -21,6 +23,10 @@ std::string resolve_model_dir(const std::string& flag, bool* bundled = nullptr);
 std::string bundled_model_dir_or_empty();
 // One line on stderr telling the user the bundled model draws noise, unless quiet.
 void notice_bundled_model(bool quiet);
+
+// A device flag's value: "" → dflt, "cpu", or "cuda" (a UsageError naming `flag` when there is
+// no usable GPU); anything else is a UsageError naming the flag.
+Device parse_device_flag(const std::string& value, const char* flag, Device dflt);
 
 void add_generate(CLI::App& app);
 void add_encode(CLI::App& app);
