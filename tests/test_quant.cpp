@@ -33,23 +33,8 @@ bool bit_equal(const Tensor& a, const Tensor& b) {
   return a.numel() == b.numel() && std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
 }
 
-Tensor randn(const Shape& s, float scale, uint32_t seed) {
-  std::mt19937 g(seed);
-  std::normal_distribution<float> nd;
-  Tensor t = Tensor::empty(s, DType::F32);
-  for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = nd(g) * scale;
-  return t;
-}
-
-double rel_l2(const Tensor& a, const Tensor& b) {
-  double e = 0, n = 0;
-  for (int64_t i = 0; i < a.numel(); ++i) {
-    const double d = double(a.f32()[i]) - b.f32()[i];
-    e += d * d;
-    n += double(b.f32()[i]) * b.f32()[i];
-  }
-  return std::sqrt(e / n);
-}
+using test::randn;
+using test::rel_l2;
 
 }  // namespace
 

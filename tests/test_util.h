@@ -51,6 +51,15 @@ inline Tensor rnd(const Shape& shape, uint32_t seed, float lo = 0.05f, float hi 
   return t;
 }
 
+// f32 values drawn from N(0, 1) · scale, reproducible from the seed.
+inline Tensor randn(const Shape& shape, float scale, uint32_t seed) {
+  std::mt19937 g(seed);
+  std::normal_distribution<float> nd;
+  Tensor t = Tensor::empty(shape, DType::F32);
+  for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = nd(g) * scale;
+  return t;
+}
+
 // ‖a − b‖₂ / ‖b‖₂ over all elements (both f32, same numel).
 inline double rel_l2(const Tensor& a, const Tensor& b) {
   Tensor ac = a.contiguous(), bc = b.contiguous();
