@@ -46,14 +46,9 @@ void run_gpu_edit_case(const std::string& name, DType precision) {
   std::vector<uint8_t> png = read_png_rgb(data_dir() + "/edit/expected/" + name + ".png", &w, &h);
   ASSERT_EQ(w, r.width);
   ASSERT_EQ(h, r.height);
-  int maxd = 0;
-  double sumd = 0;
-  for (size_t i = 0; i < png.size(); ++i) {
-    const int d = std::abs(int(png[i]) - int(r.rgb[i]));
-    maxd = std::max(maxd, d);
-    sumd += d;
-  }
-  const double meand = sumd / double(png.size());
+  const test::PixelDiff pd = test::pixel_diff(png, r.rgb);
+  const int maxd = pd.max;
+  const double meand = pd.mean;
   std::printf("%s %s: worst step rel_l2 %.3g, image max |diff| %d, mean |diff| %.3f; gpu peak %.2f MiB\n", name.c_str(),
               dtype_name(precision), worst, maxd, meand, double(r.gpu_peak_bytes) / (1 << 20));
   if (precision == DType::F32) {

@@ -7,6 +7,8 @@
 #include <filesystem>
 #include <functional>
 #include <random>
+#include <algorithm>
+#include <vector>
 #include <string>
 
 #include "core/check.h"
@@ -73,6 +75,23 @@ inline double rel_l2(const Tensor& a, const Tensor& b) {
   }
   if (std::isnan(num)) return INFINITY;
   return std::sqrt(num / (den > 0 ? den : 1e-30));
+}
+
+// Per-channel-value differences of two 8-bit images of the same size: the largest and the mean.
+struct PixelDiff {
+  int max = 0;
+  double mean = 0;
+};
+inline PixelDiff pixel_diff(const std::vector<uint8_t>& a, const std::vector<uint8_t>& b) {
+  PixelDiff p;
+  double sum = 0;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
+    const int d = std::abs(int(a[i]) - int(b[i]));
+    p.max = std::max(p.max, d);
+    sum += d;
+  }
+  p.mean = a.empty() ? 0 : sum / double(a.size());
+  return p;
 }
 
 inline double max_abs_diff(const Tensor& a, const Tensor& b) {
