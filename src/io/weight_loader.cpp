@@ -218,6 +218,8 @@ Tensor WeightLoader::load_impl(const std::string& name, const Shape& shape, DTyp
       else if (ctx_.device != q.device()) q = q.to_device(ctx_.device, tag_);
       e.file->release(*e.info);
       bytes_ += int64_t(q.nbytes()) + (q.row_scale() ? int64_t(q.row_scale()->nbytes()) : 0);
+      read_ += int64_t(e.info->nbytes());  // quantized or kept as stored: its file bytes were read too
+      if (t_progress) t_progress(component_, read_, total_);
       return q;
     }
   }
