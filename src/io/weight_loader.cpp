@@ -57,6 +57,21 @@ Tensor WeightLoader::load_matrix(const std::string& name, const Shape& shape, DT
 
 namespace {
 bool is_float_st(StDType t) { return t == StDType::F32 || t == StDType::BF16 || t == StDType::F16; }
+
+// The weight format a tensor is stored in (GGUF blocks, fp8), else F32 (a plain float tensor).
+DType stored_format(const TensorInfo& t) {
+  return t.quantized() ? t.format : t.dtype == StDType::F8_E4M3 ? DType::F8_E4M3 : DType::F32;
+}
+
+// The weight format a matrix is held in: the stored one kept (unless a patch must change its
+// values), else `dt` made at load when `dt` is a format and the rows are whole blocks (the tiny
+// model's FFN is not); F32 when neither: it loads as a float tensor in storage_dtype(dt).
+DType matrix_format(DType stored, bool patched, DType dt, const Shape& shape) {
+  if (shape.size() != 2) return DType::F32;
+  if (is_quantized(stored) && !patched) return stored;
+  if (is_quantized(dt) && shape[1] % dtype_block(dt) == 0) return dt;
+  return DType::F32;
+}
 }  // namespace
 
 DType storage_dtype(DType wdt) { return is_quantized(wdt) ? DType::BF16 : wdt; }
@@ -75,19 +90,8 @@ bool WeightLoader::planned_dtype(const std::string& name, const Shape& shape, DT
   if (!e.file || e.info->shape != shape) return false;
   bool patched = false;
   for (const auto& p : patches_) patched = patched || p.wants(name);
-  // The choices of load_impl, in its order.
-  const DType stored_fmt = e.info->quantized() ? e.info->format
-                           : e.info->dtype == StDType::F8_E4M3 ? DType::F8_E4M3
-                                                               : DType::F32;
-  if (shape.size() == 2) {
-    const bool keep = is_quantized(stored_fmt) && !patched;
-    const bool make = !keep && is_quantized(dt) && shape[1] % dtype_block(dt) == 0;
-    if (keep || make) {
-      *out = keep ? stored_fmt : dt;
-      return true;
-    }
-  }
-  *out = is_quantized(dt) ? DType::BF16 : dt;
+  const DType fmt = matrix_format(stored_format(*e.info), patched, dt, shape);  // as load_impl decides
+  *out = is_quantized(fmt) ? fmt : storage_dtype(dt);
   return true;
 }
 
@@ -159,9 +163,7 @@ Tensor WeightLoader::load_impl(const std::string& name, const Shape& shape, DTyp
   // Weight formats. A stored one (GGUF blocks, fp8) is kept for a matrix; one asked for is made
   // here from the f32 staging copy of this one tensor; rows that are not whole blocks (the tiny
   // model's FFN) stay bf16. ComfyUI fp8: `<module>.scale_weight` multiplies the weight.
-  const DType stored_fmt = e.info->quantized() ? e.info->format
-                           : e.info->dtype == StDType::F8_E4M3 ? DType::F8_E4M3
-                                                               : DType::F32;
+  const DType stored_fmt = stored_format(*e.info);
   Tensor fp8_scale;
   if (e.info->dtype == StDType::F8_E4M3 || e.info->dtype == StDType::F8_E5M2) {
     const std::string base = name.ends_with(".weight") ? name.substr(0, name.size() - 7) : name;
@@ -189,41 +191,38 @@ Tensor WeightLoader::load_impl(const std::string& name, const Shape& shape, DTyp
     }
     return *dst;
   };
-  if (matrix && shape.size() == 2) {
-    const bool keep = is_quantized(stored_fmt) && !patched;
-    const bool make = !keep && is_quantized(dt) && shape[1] % dtype_block(dt) == 0;
-    if (keep || make) {
-      Tensor q;
-      if (keep) {
-        q = e.file->load(*e.info, stored_fmt, host_tag);
-        if (stored_fmt == DType::F8_E4M3) {
-          Tensor sc = Tensor::empty({shape[0]}, DType::F32, host_tag);
-          std::fill_n(sc.data<float>(), shape[0], fp8_s);
-          q.set_row_scale(std::move(sc));
-        }
-      } else if (!patched && !e.info->quantized() && is_float_st(e.info->dtype) &&
-                 reinterpret_cast<uintptr_t>(e.file->data(*e.info)) % 4 == 0) {
-        // Straight from the mapping, row by row: no f32 copy of the tensor at all (the Qwen3
-        // embedding would be 1.6 GB in f32).
-        q = quant::quantize(e.file->view(*e.info), dt, host_tag);
-      } else {
-        Tensor staging = e.file->load(*e.info, DType::F32, Tag::Workspace);
-        if (fp8_s != 1.0f)
-          for (float& v : std::span<float>(staging.data<float>(), size_t(staging.numel()))) v *= fp8_s;
-        for (const auto& p : patches_)
-          if (p.wants(name)) p.apply(name, staging);
-        q = quant::quantize(staging, dt, host_tag);
+  if (matrix && is_quantized(matrix_format(stored_fmt, patched, dt, shape))) {
+    const bool keep = is_quantized(stored_fmt) && !patched;  // else dt is made here
+    Tensor q;
+    if (keep) {
+      q = e.file->load(*e.info, stored_fmt, host_tag);
+      if (stored_fmt == DType::F8_E4M3) {
+        Tensor sc = Tensor::empty({shape[0]}, DType::F32, host_tag);
+        std::fill_n(sc.data<float>(), shape[0], fp8_s);
+        q.set_row_scale(std::move(sc));
       }
-      if (dst) q = into_dst(q);
-      else if (ctx_.device != q.device()) q = q.to_device(ctx_.device, tag_);
-      e.file->release(*e.info);
-      bytes_ += int64_t(q.nbytes()) + (q.row_scale() ? int64_t(q.row_scale()->nbytes()) : 0);
-      read_ += int64_t(e.info->nbytes());  // quantized or kept as stored: its file bytes were read too
-      if (t_progress) t_progress(component_, read_, total_);
-      return q;
+    } else if (!patched && !e.info->quantized() && is_float_st(e.info->dtype) &&
+               reinterpret_cast<uintptr_t>(e.file->data(*e.info)) % 4 == 0) {
+      // Straight from the mapping, row by row: no f32 copy of the tensor at all (the Qwen3
+      // embedding would be 1.6 GB in f32).
+      q = quant::quantize(e.file->view(*e.info), dt, host_tag);
+    } else {
+      Tensor staging = e.file->load(*e.info, DType::F32, Tag::Workspace);
+      if (fp8_s != 1.0f)
+        for (float& v : std::span<float>(staging.data<float>(), size_t(staging.numel()))) v *= fp8_s;
+      for (const auto& p : patches_)
+        if (p.wants(name)) p.apply(name, staging);
+      q = quant::quantize(staging, dt, host_tag);
     }
+    if (dst) q = into_dst(q);
+    else if (ctx_.device != q.device()) q = q.to_device(ctx_.device, tag_);
+    e.file->release(*e.info);
+    bytes_ += int64_t(q.nbytes()) + (q.row_scale() ? int64_t(q.row_scale()->nbytes()) : 0);
+    read_ += int64_t(e.info->nbytes());  // quantized or kept as stored: its file bytes were read too
+    if (t_progress) t_progress(component_, read_, total_);
+    return q;
   }
-  if (is_quantized(dt)) dt = DType::BF16;
+  dt = storage_dtype(dt);
   if (fp8_s != 1.0f || (is_quantized(stored_fmt) && patched)) patched = true;  // via the f32 staging copy
   Tensor out;
   DType sdt;
