@@ -95,9 +95,13 @@ void notice(const GenerateHooks& h, const std::string& line) {
 // phase, the largest of them are released (with a notice) until the phase's predicted peak fits
 // beside the rest, so the measured device peak stays within the budget; the released ones load
 // again when their phase comes. Measured from the device's accounting (bytes held per tag).
-void fit_cache_to_budget(const GenerateOptions& o, ModelCache* cache, Tag own, int64_t phase_peak,
+void fit_cache_to_budget(const GenerateOptions& o, ModelCache* cache, Device phase_device, Tag own,
                          const GenerateHooks& hooks) {
-  if (!cache || !o.vram_plan || o.vram_plan->budget_bytes < 0 || !device::gpu_available()) return;
+  if (!cache || phase_device != Device::CUDA || !o.vram_plan || o.vram_plan->budget_bytes < 0) return;
+  const VramPlan& plan = *o.vram_plan;
+  const int64_t phase_peak = own == Tag::TextWeights  ? plan.text.predicted_peak_bytes
+                             : own == Tag::DitWeights ? plan.dit.predicted_peak_bytes
+                                                      : plan.vae_peak_bytes;
   struct Held {
     const char* name;
     Tag tag;
@@ -120,13 +124,13 @@ void fit_cache_to_budget(const GenerateOptions& o, ModelCache* cache, Tag own, i
       others += b;
       if (b > largest_bytes) largest = &h, largest_bytes = b;
     }
-    if (!largest || others + phase_peak <= o.vram_plan->budget_bytes) return;
+    if (!largest || others + phase_peak <= plan.budget_bytes) return;
     char line[256];
     std::snprintf(line, sizeof line,
                   "--keep-models: the %s (%.1f MiB on the GPU) is not kept: beside it the next phase "
                   "(predicted %.1f MiB) would exceed the budget of %.1f MiB",
                   largest->name, double(largest_bytes) / (1 << 20), double(phase_peak) / (1 << 20),
-                  double(o.vram_plan->budget_bytes) / (1 << 20));
+                  double(plan.budget_bytes) / (1 << 20));
     notice(hooks, line);
     largest->release();
     if (ms.tag(largest->tag).current >= largest_bytes) return;  // nothing was freed: do not loop
@@ -539,8 +543,7 @@ GenerateResult generate(const GenerateOptions& options, const GenerateHooks& hoo
     if (hooks.on_phase_start) hooks.on_phase_start("encode");
     PhaseScope phase("encode");
     DevicePhase on(o.text_encoder_device, o.precision, "encode", &r.release_seconds[0]);
-    if (o.text_encoder_device == Device::CUDA && o.vram_plan)
-      fit_cache_to_budget(o, cache, Tag::TextWeights, o.vram_plan->text.predicted_peak_bytes, hooks);
+    fit_cache_to_budget(o, cache, o.text_encoder_device, Tag::TextWeights, hooks);
     emb = run_encode(on.ctx, src, o, cfg, cache);
     r.load_seconds[0] = emb.load_seconds;
   }
@@ -601,8 +604,7 @@ GenerateResult generate(const GenerateOptions& options, const GenerateHooks& hoo
     if (hooks.on_phase_start) hooks.on_phase_start("denoise");
     PhaseScope phase("denoise");
     DevicePhase on(o.transformer_device, o.precision, "denoise", &r.release_seconds[iden]);
-    if (o.transformer_device == Device::CUDA && o.vram_plan)
-      fit_cache_to_budget(o, cache, Tag::DitWeights, o.vram_plan->dit.predicted_peak_bytes, hooks);
+    fit_cache_to_budget(o, cache, o.transformer_device, Tag::DitWeights, hooks);
     run_denoise(on.ctx, src, o, emb, latents, hooks, cache, &r.load_seconds[iden], ex);
     emb = Embeddings{};  // the captions are not needed past this point
   }
@@ -612,8 +614,7 @@ GenerateResult generate(const GenerateOptions& options, const GenerateHooks& hoo
     if (hooks.on_phase_start) hooks.on_phase_start("decode");
     PhaseScope phase("decode");
     DevicePhase on(o.vae_device, o.precision, "decode", &r.release_seconds[idec]);
-    if (o.vae_device == Device::CUDA && o.vram_plan)
-      fit_cache_to_budget(o, cache, Tag::VaeWeights, o.vram_plan->vae_peak_bytes, hooks);
+    fit_cache_to_budget(o, cache, o.vae_device, Tag::VaeWeights, hooks);
     r.decoded = run_decode(on.ctx, src, o, latents, cache, &r.load_seconds[idec], &r.vae_tile_used);
     latents = Tensor();
   }
