@@ -5,8 +5,10 @@
 // the CPU. Skips without a GPU (ctest -L gpu runs it).
 //
 // The fp8 tensor-core path (quant.cu try_linear_fp8 + gemm_cublaslt.cpp linear_fp8, where
-// cuBLASLt has an fp8 kernel: compute capability ≥ 8.9) quantizes the activation per row to
-// e4m3, so it is checked against a CPU reference made with the same quantized activation
+// cuBLASLt has an fp8 kernel: compute capability ≥ 8.9) quantizes the activation to e4m3 (per
+// row with outer-vector scales, over the whole tensor with the alpha-vector or scalar scaling;
+// each scaling cuBLASLt offers is run), so it is checked against a CPU reference made with the
+// same quantized activation
 // (rel L2 1e-2: only the bf16 output rounding and summation order differ), against the dequant
 // path (rel L2 6e-2: e4m3 rounding of the activation, ≤ 2⁻⁴ relative per element, ≈ 3.6 % rms),
 // through an identity weight (each output is one quantized activation value: equal to the CPU's
@@ -49,28 +51,43 @@ std::string tiny_model_dir() {
 
 bool fp8_tensor_cores() { return cuda::compute_capability() >= 89; }
 
-// x [M, K] f32 → rows quantized like quant.cu's activation quantization (bf16 first, then
-// scale = max|row| / 448, e4m3 = rne(x / scale)), returned dequantized in f32.
-Tensor quantize_rows_ref(const Tensor& x) {
+// x [M, K] f32 → quantized like quant.cu's activation quantization (bf16 first, then scale =
+// max|x| / 448 per row, or over the whole tensor, e4m3 = rne(x / scale)), returned dequantized
+// in f32.
+Tensor quantize_act_ref(const Tensor& x, bool per_row) {
   Tensor xb = x.to(DType::BF16).to(DType::F32);
   const int64_t M = x.dim(0), K = x.dim(1);
   Tensor out = Tensor::empty({M, K}, DType::F32);
+  float all = 0;
+  for (int64_t i = 0; i < M * K; ++i) all = std::max(all, std::fabs(xb.f32()[i]));
   for (int64_t m = 0; m < M; ++m) {
     const float* r = xb.f32() + m * K;
-    float mx = 0;
-    for (int64_t k = 0; k < K; ++k) mx = std::max(mx, std::fabs(r[k]));
+    float mx = all;
+    if (per_row) {
+      mx = 0;
+      for (int64_t k = 0; k < K; ++k) mx = std::max(mx, std::fabs(r[k]));
+    }
     const float s = mx > 0 ? mx / 448.0f : 1.0f;
     for (int64_t k = 0; k < K; ++k) out.f32()[m * K + k] = quant::e4m3_to_f32(quant::f32_to_e4m3(r[k] / s)) * s;
   }
   return out;
 }
 
+// The reference for the latest fp8 GEMM's activation quantization.
+Tensor quantize_like_last_fp8(const Tensor& x) {
+  return quantize_act_ref(x, std::string(cuda::linear_fp8_last_scaling()) == "outer-vector");
+}
+
 struct Fp8Reset {
   ~Fp8Reset() {
     cuda::set_fp8_gemm(true);
     cuda::set_fast_dequant(true);
+    cuda::force_fp8_scaling(-1);
   }
 };
+
+constexpr cuda::Fp8Scaling kScalings[] = {cuda::Fp8Scaling::OuterVector, cuda::Fp8Scaling::AlphaVector,
+                                          cuda::Fp8Scaling::Scalar};
 
 }  // namespace
 
@@ -97,7 +114,7 @@ TEST(CudaQuant, LinearEveryFormat) {
     if (std::string(cuda::linear_quant_last_path()) == "fp8") {
       // The activation went through e4m3 too: the reference quantizes it the same way.
       Tensor ref8 = Tensor::empty({M, q.dim(0)}, DType::F32);
-      cpu::linear(quantize_rows_ref(xk), quant::dequantize(q), &bq, ref8);
+      cpu::linear(quantize_like_last_fp8(xk), quant::dequantize(q), &bq, ref8);
       EXPECT_LT(rel_l2(y16, ref8), 1e-2);
       EXPECT_LT(rel_l2(y16, ref), 6e-2);
     } else {
@@ -117,41 +134,52 @@ TEST(CudaQuant, Fp8TensorCoresMatchDequantPath) {
     int64_t M, N, K;
     bool bias;
   };
-  for (Case c : {Case{1, 256, 128, true}, Case{37, 384, 256, false}, Case{208, 512, 384, true},
-                 Case{1024, 1024, 640, false}, Case{1029, 512, 256, false}}) {
-    SCOPED_TRACE(str_cat("M=", c.M, " N=", c.N, " K=", c.K, " bias=", c.bias));
-    Tensor x = randn({c.M, c.K}, 1.0f, 11), w = randn({c.N, c.K}, 0.05f, 12), bias = randn({c.N}, 0.1f, 13);
-    // One outlier column per row so the per-token scales differ widely.
-    for (int64_t m = 0; m < c.M; ++m) x.f32()[m * c.K + (m % c.K)] *= float(1 + m % 7) * 4.0f;
-    Tensor qg = quant::quantize(w, DType::F8_E4M3, Tag::Workspace).to_device(Device::CUDA);
-    Tensor xg = x.to(DType::BF16).to_device(Device::CUDA), bg = bias.to(DType::BF16).to_device(Device::CUDA);
-    cuda::set_fp8_gemm(true);
-    Tensor y8 = ops::to_host_f32(ops::linear(xg, qg, c.bias ? &bg : nullptr));
-    // The DiT's big GEMMs (M a multiple of 16, no bias) must run on the fp8 tensor cores; odd
-    // token counts and bias epilogues may fall back to the dequant path if cuBLASLt has no
-    // kernel for them (a fallback is reported, and the result is checked either way).
-    const std::string path = cuda::linear_quant_last_path();
-    if (c.M % 16 == 0 && !c.bias) {
-      ASSERT_EQ(path, "fp8");
+  int big_on_tensor_cores = 0;
+  for (cuda::Fp8Scaling sc : kScalings) {
+    cuda::force_fp8_scaling(int(sc));
+    for (Case c : {Case{1, 256, 128, true}, Case{37, 384, 256, false}, Case{208, 512, 384, true},
+                   Case{1024, 1024, 640, false}, Case{1029, 512, 256, false}}) {
+      SCOPED_TRACE(str_cat(cuda::fp8_scaling_name(sc), " M=", c.M, " N=", c.N, " K=", c.K, " bias=", c.bias));
+      Tensor x = randn({c.M, c.K}, 1.0f, 11), w = randn({c.N, c.K}, 0.05f, 12), bias = randn({c.N}, 0.1f, 13);
+      // One outlier column per row so the per-token scales differ widely.
+      for (int64_t m = 0; m < c.M; ++m) x.f32()[m * c.K + (m % c.K)] *= float(1 + m % 7) * 4.0f;
+      Tensor qg = quant::quantize(w, DType::F8_E4M3, Tag::Workspace).to_device(Device::CUDA);
+      Tensor xg = x.to(DType::BF16).to_device(Device::CUDA), bg = bias.to(DType::BF16).to_device(Device::CUDA);
+      cuda::set_fp8_gemm(true);
+      Tensor y8 = ops::to_host_f32(ops::linear(xg, qg, c.bias ? &bg : nullptr));
+      const std::string path = cuda::linear_quant_last_path();
+      if (path != "fp8") {
+        std::printf("fp8 GEMM %s M=%lld bias=%d: cuBLASLt has no kernel, dequant path taken\n",
+                    cuda::fp8_scaling_name(sc), (long long)c.M, int(c.bias));
+        continue;
+      }
+      ASSERT_STREQ(cuda::linear_fp8_last_scaling(), cuda::fp8_scaling_name(sc));
+      if (c.M % 16 == 0 && !c.bias) ++big_on_tensor_cores;
+      cuda::set_fp8_gemm(false);
+      Tensor yd = ops::to_host_f32(ops::linear(xg, qg, c.bias ? &bg : nullptr));
+      ASSERT_STREQ(cuda::linear_quant_last_path(), "dequant");
+      Tensor ref8 = Tensor::empty({c.M, c.N}, DType::F32);
+      Tensor bref = bias.to(DType::BF16).to(DType::F32);
+      cpu::linear(quantize_act_ref(x, sc == cuda::Fp8Scaling::OuterVector),
+                  quant::dequantize(qg.to_device(Device::CPU)), c.bias ? &bref : nullptr, ref8);
+      const double e_ref = rel_l2(y8, ref8), e_deq = rel_l2(y8, yd);
+      std::printf("fp8 GEMM %s M=%lld N=%lld K=%lld: rel L2 %.3g vs quantized-activation reference, %.3g vs dequant "
+                  "path\n",
+                  cuda::fp8_scaling_name(sc), (long long)c.M, (long long)c.N, (long long)c.K, e_ref, e_deq);
+      EXPECT_LT(e_ref, 1e-2);
+      // Per-tensor activation scales leave small rows fewer significant bits: ≤ 2⁻⁴ relative
+      // per element still (e4m3 is floating point), plus subnormals for rows ≪ the outliers.
+      EXPECT_LT(e_deq, 6e-2);
     }
-    if (path != "fp8") std::printf("fp8 GEMM M=%lld bias=%d: cuBLASLt has no fp8 kernel, dequant path taken\n", (long long)c.M, int(c.bias));
-    cuda::set_fp8_gemm(false);
-    Tensor yd = ops::to_host_f32(ops::linear(xg, qg, c.bias ? &bg : nullptr));
-    ASSERT_STREQ(cuda::linear_quant_last_path(), "dequant");
-    Tensor ref8 = Tensor::empty({c.M, c.N}, DType::F32);
-    Tensor bref = bias.to(DType::BF16).to(DType::F32);
-    cpu::linear(quantize_rows_ref(x), quant::dequantize(qg.to_device(Device::CPU)), c.bias ? &bref : nullptr, ref8);
-    const double e_ref = rel_l2(y8, ref8), e_deq = rel_l2(y8, yd);
-    std::printf("fp8 GEMM M=%lld N=%lld K=%lld: rel L2 %.3g vs quantized-activation reference, %.3g vs dequant path\n",
-                (long long)c.M, (long long)c.N, (long long)c.K, e_ref, e_deq);
-    EXPECT_LT(e_ref, 1e-2);
-    EXPECT_LT(e_deq, 6e-2);
   }
+  // The DiT's big GEMMs (M a multiple of 16, no bias) must run on the fp8 tensor cores with at
+  // least one scaling: that is what the fp8 format is for.
+  EXPECT_GT(big_on_tensor_cores, 0) << "cuBLASLt ran no fp8 GEMM with any scaling";
 }
 
-// Identity weight (e4m3 1.0, scale 1): each output is one activation value after the per-row
-// e4m3 quantization, so the producer's bytes and scales are checked one by one (and the
-// scales' orientation: a swapped A/B scale would scale columns, not rows).
+// Identity weight (e4m3 1.0, scale 1): each output is one activation value after the e4m3
+// quantization, so the producer's bytes and scales are checked one by one (and the scales'
+// orientation: a swapped A/B scale would scale columns, not rows), for each scaling.
 TEST(CudaQuant, Fp8ActivationQuantizationMatchesCpu) {
   ZI_NEED_GPU();
   if (!fp8_tensor_cores()) GTEST_SKIP() << "no fp8 tensor cores (compute capability < 8.9)";
@@ -164,16 +192,30 @@ TEST(CudaQuant, Fp8ActivationQuantizationMatchesCpu) {
   for (int64_t k = 0; k < K; ++k) x.f32()[5 * K + k] = 0.0f;  // a zero row: scale 1, zeros out
   Tensor eye = Tensor::empty({K, K}, DType::F32);
   for (int64_t i = 0; i < K * K; ++i) eye.f32()[i] = (i / K == i % K) ? 1.0f : 0.0f;
+  // Per-channel scales that differ (2^c, exact): a channel pass or alpha vector that misses or
+  // misplaces them shows.
+  for (int64_t i = 0; i < K * K; ++i) eye.f32()[i] *= std::ldexp(1.0f, int((i / K) % 5) - 2);
   Tensor qg = quant::quantize(eye, DType::F8_E4M3, Tag::Workspace).to_device(Device::CUDA);
-  Tensor y = ops::to_host_f32(ops::linear(x.to(DType::BF16).to_device(Device::CUDA), qg));
-  ASSERT_STREQ(cuda::linear_quant_last_path(), "fp8");
-  Tensor want = quantize_rows_ref(x);
-  int64_t bad = 0;
-  for (int64_t i = 0; i < M * K; ++i) {
-    const float a = y.f32()[i], b = want.f32()[i];
-    if (std::fabs(a - b) > std::fabs(b) * (1.0f / 256.0f)) ++bad;  // one bf16 rounding of the exact value
+  Tensor xg = x.to(DType::BF16).to_device(Device::CUDA);
+  int ran = 0;
+  for (cuda::Fp8Scaling sc : kScalings) {
+    SCOPED_TRACE(cuda::fp8_scaling_name(sc));
+    cuda::force_fp8_scaling(int(sc));
+    Tensor y = ops::to_host_f32(ops::linear(xg, qg));
+    if (std::string(cuda::linear_quant_last_path()) != "fp8") {
+      std::printf("fp8 %s: cuBLASLt has no kernel\n", cuda::fp8_scaling_name(sc));
+      continue;
+    }
+    ++ran;
+    Tensor want = quantize_act_ref(x, sc == cuda::Fp8Scaling::OuterVector);
+    int64_t bad = 0;
+    for (int64_t i = 0; i < M * K; ++i) {
+      const float a = y.f32()[i], b = want.f32()[i] * std::ldexp(1.0f, int((i % K) % 5) - 2);
+      if (std::fabs(a - b) > std::fabs(b) * (1.0f / 128.0f)) ++bad;  // bf16 rounding (twice: the channel pass)
+    }
+    EXPECT_EQ(bad, 0);
   }
-  EXPECT_EQ(bad, 0);
+  EXPECT_GT(ran, 0) << "cuBLASLt ran no fp8 GEMM with any scaling";
 }
 
 // The bandwidth-bound dequant kernels give the per-block kernels' bf16 weights: same GEMM, same

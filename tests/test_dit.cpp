@@ -32,10 +32,13 @@ DitConfig tiny_config() {
   return parse_dit_config(read_text_file(path), path);
 }
 
-// Loads the transformer in `dir` with the tiny config; finish() throws on any problem.
-ZImageDit load_dit(const std::string& dir, DType wdt) {
+// Loads the transformer in `dir` with the tiny config; finish() throws on any problem. `fused`:
+// the context's fused_projections (-1: the default, separate projections).
+ZImageDit load_dit(const std::string& dir, DType wdt, int fused = -1) {
   TensorStore store = TensorStore::open_dir(dir);
-  WeightLoader loader(store, Tag::DitWeights, "transformer");
+  PhaseContext ctx;
+  ctx.fused_projections = fused;
+  WeightLoader loader(store, Tag::DitWeights, "transformer", ctx);
   ZImageDit m = load_zimage_dit(loader, tiny_config(), wdt);
   loader.finish();
   return m;
@@ -44,6 +47,12 @@ ZImageDit load_dit(const std::string& dir, DType wdt) {
 // The tiny model in bf16, loaded once for all tests.
 const ZImageDit& tiny_bf16() {
   static const ZImageDit m = load_dit(tiny_transformer(), DType::BF16);
+  return m;
+}
+
+// The same with q/k/v and w1/w3 fused (one matrix each).
+const ZImageDit& tiny_bf16_fused() {
+  static const ZImageDit m = load_dit(tiny_transformer(), DType::BF16, 1);
   return m;
 }
 
@@ -147,10 +156,12 @@ TEST(Dit, BatchEqualsIndividualCallsExactly) {
   for (size_t i = 0; i < 2; ++i) EXPECT_EQ(test::max_abs_diff(batch[i], dit_forward(m, xs[i], ts[i], caps[i])), 0.0);
 }
 
-TEST(Dit, StackedBatchIsBitIdenticalToOneAtATime) {
-  // One timestep and one size: the items' rows are stacked through every linear layer and
-  // attention runs per item. Captions of different lengths (so different RoPE positions and
-  // padding); the result must be exactly dit_forward's, item by item, on the CPU.
+TEST(Dit, StackedBatchMatchesOneAtATime) {
+  // One timestep and one size: stacked, the items' rows go through every linear layer together
+  // and attention runs per item. Captions of different lengths (so different RoPE positions and
+  // padding). Stacked, the result equals dit_forward's up to the GEMMs' summation order (OpenBLAS
+  // reduces a row differently at another row count or position: rel L2 ~1e-7); the default on
+  // the CPU (one at a time) is dit_forward's bit for bit.
   const ZImageDit& m = tiny_bf16();
   const SafetensorsFile f = SafetensorsFile::open(test::data_path("expected/components.safetensors"));
   const Tensor x0 = f.load("dit.x0", DType::F32);
@@ -163,26 +174,32 @@ TEST(Dit, StackedBatchIsBitIdenticalToOneAtATime) {
   const std::vector<Tensor> xs = {x0, x1, x0, x1};
   const std::vector<Tensor> caps = {cap0, cap1, cap2, cap3};
   const std::vector<float> ts(4, 0.6f);
+  std::vector<Tensor> ones;
+  for (size_t i = 0; i < 4; ++i) ones.push_back(dit_forward(m, xs[i], ts[i], caps[i]));
   for (int rep = 0; rep < 2; ++rep) {  // the second call reuses the cached stacked RoPE tables
-    const std::vector<Tensor> batch = dit_forward_batch(m, xs, ts, caps);
+    const std::vector<Tensor> batch = dit_forward_batch(m, xs, ts, caps, BatchMode::Stacked);
     ASSERT_EQ(batch.size(), 4u);
     for (size_t i = 0; i < 4; ++i) {
-      const Tensor one = dit_forward(m, xs[i], ts[i], caps[i]);
-      ASSERT_EQ(batch[i].shape(), one.shape());
-      EXPECT_EQ(std::memcmp(batch[i].raw(), one.raw(), size_t(one.numel()) * sizeof(float)), 0) << "item " << i;
+      ASSERT_EQ(batch[i].shape(), ones[i].shape());
+      const double err = test::rel_l2(batch[i], ones[i]);
+      if (rep == 0) std::printf("stacked item %zu vs alone: rel L2 %.3g\n", i, err);
+      EXPECT_LE(err, 1e-6) << "item " << i;
     }
   }
-  // A batch of one, and a sub-batch, through the same path.
-  const std::vector<Tensor> two = dit_forward_batch(m, {x1, x0}, {0.6f, 0.6f}, {cap3, cap2});
-  EXPECT_EQ(test::max_abs_diff(two[0], dit_forward(m, x1, 0.6f, cap3)), 0.0);
-  EXPECT_EQ(test::max_abs_diff(two[1], dit_forward(m, x0, 0.6f, cap2)), 0.0);
+  const std::vector<Tensor> batch = dit_forward_batch(m, xs, ts, caps);  // Auto: one at a time on the CPU
+  for (size_t i = 0; i < 4; ++i)
+    EXPECT_EQ(std::memcmp(batch[i].raw(), ones[i].raw(), size_t(ones[i].numel()) * sizeof(float)), 0) << "item " << i;
+  // A sub-batch through the stacked path.
+  const std::vector<Tensor> two = dit_forward_batch(m, {x1, x0}, {0.6f, 0.6f}, {cap3, cap2}, BatchMode::Stacked);
+  EXPECT_LE(test::rel_l2(two[0], ones[3]), 1e-6);
+  EXPECT_LE(test::rel_l2(two[1], ones[2]), 1e-6);
 }
 
 TEST(Dit, F32WeightsGiveTheBf16Result) {
   // The stored weights are bf16, so loading them as f32 holds the same values.
   const ZImageDit m32 = load_dit(tiny_transformer(), DType::F32);
-  EXPECT_EQ(m32.layers[0].w13.dtype(), DType::F32);
-  EXPECT_EQ(tiny_bf16().layers[0].w13.dtype(), DType::BF16);
+  EXPECT_EQ(m32.layers[0].w1.dtype(), DType::F32);
+  EXPECT_EQ(tiny_bf16().layers[0].w1.dtype(), DType::BF16);
   EXPECT_EQ(tiny_bf16().layers[0].ffn_norm1.dtype(), DType::F32);
   const SafetensorsFile f = SafetensorsFile::open(test::data_path("expected/components.safetensors"));
   const Tensor x = f.load("dit.x0", DType::F32), cap = f.load("dit.cap0", DType::F32);
@@ -200,8 +217,10 @@ TEST(Dit, ProjectionsAreFusedRowsInOrder) {
     const TensorStore::Entry e = store.find(name);
     return e.file->load(*e.info, DType::F32);
   };
-  for (const auto& [prefix, b] : {std::pair<std::string, const DitBlock*>{"layers.1.", &tiny_bf16().layers[1]},
-                                  {"context_refiner.0.", &tiny_bf16().context_refiner[0]}}) {
+  EXPECT_FALSE(tiny_bf16().layers[1].qkv.defined() || tiny_bf16().layers[1].w13.defined());  // the default
+  for (const auto& [prefix, b] :
+       {std::pair<std::string, const DitBlock*>{"layers.1.", &tiny_bf16_fused().layers[1]},
+        {"context_refiner.0.", &tiny_bf16_fused().context_refiner[0]}}) {
     ASSERT_TRUE(b->qkv.defined() && b->w13.defined()) << prefix;
     EXPECT_FALSE(b->to_q.defined() || b->to_k.defined() || b->to_v.defined() || b->w1.defined() || b->w3.defined());
     EXPECT_EQ(b->qkv.shape(), (Shape{3 * D, D}));
@@ -218,22 +237,11 @@ TEST(Dit, ProjectionsAreFusedRowsInOrder) {
   }
 }
 
-// The unfused form (parts that load in different formats) computes what the fused one does.
+// The fused projections compute what the separate ones do (the same products, one GEMM each).
 TEST(Dit, UnfusedProjectionsGiveTheFusedResult) {
-  ZImageDit m = tiny_bf16();  // shares the weights; the blocks below get their own parts
-  const int64_t D = m.cfg.dim, F = dit_ffn_hidden(m.cfg);
-  for (auto* blocks : {&m.noise_refiner, &m.context_refiner, &m.layers})
-    for (DitBlock& b : *blocks) {
-      b.to_q = b.qkv.slice(0, 0, D).clone(Tag::DitWeights);
-      b.to_k = b.qkv.slice(0, D, 2 * D).clone(Tag::DitWeights);
-      b.to_v = b.qkv.slice(0, 2 * D, 3 * D).clone(Tag::DitWeights);
-      b.w1 = b.w13.slice(0, 0, F).clone(Tag::DitWeights);
-      b.w3 = b.w13.slice(0, F, 2 * F).clone(Tag::DitWeights);
-      b.qkv = b.w13 = Tensor();
-    }
   const SafetensorsFile f = SafetensorsFile::open(test::data_path("expected/components.safetensors"));
   const Tensor x = f.load("dit.x0", DType::F32), cap = f.load("dit.cap0", DType::F32);
-  const double err = test::rel_l2(dit_forward(m, x, 0.3f, cap), dit_forward(tiny_bf16(), x, 0.3f, cap));
+  const double err = test::rel_l2(dit_forward(tiny_bf16(), x, 0.3f, cap), dit_forward(tiny_bf16_fused(), x, 0.3f, cap));
   std::printf("unfused vs fused projections: rel L2 %.3g\n", err);
   EXPECT_LE(err, 1e-6);
 }

@@ -107,14 +107,14 @@ TEST(WeightStream, StreamedBatchAndOutOfOrderUseGiveTheResidentBits) {
   const DitConfig& c = tiny().transformer;
   const std::vector<Tensor> lat = {random_input({c.in_channels, 1, 8, 8}, 3), random_input({c.in_channels, 1, 8, 8}, 4)};
   const std::vector<Tensor> caps = {random_input({5, c.cap_feat_dim}, 5), random_input({9, c.cap_feat_dim}, 6)};
-  const std::vector<Tensor> want = dit_forward_batch(resident, lat, {0.5f, 0.5f}, caps);
+  const std::vector<Tensor> want = dit_forward_batch(resident, lat, {0.5f, 0.5f}, caps, BatchMode::Stacked);
   ZImageDit m = load_dit(std::vector<bool>(n, true), 3);
   // A forward abandoned after a few blocks (as an exception would) leaves the ring mid-sequence.
   m.streamer->ensure_resident(0);
   m.streamer->release(0);
   m.streamer->ensure_resident(5);  // out of order: restarts there
   m.streamer->release(5);
-  const std::vector<Tensor> got = dit_forward_batch(m, lat, {0.5f, 0.5f}, caps);
+  const std::vector<Tensor> got = dit_forward_batch(m, lat, {0.5f, 0.5f}, caps, BatchMode::Stacked);
   ASSERT_EQ(got.size(), want.size());
   for (size_t i = 0; i < got.size(); ++i) EXPECT_TRUE(same_bytes(got[i], want[i])) << i;
 }

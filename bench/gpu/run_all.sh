@@ -5,7 +5,7 @@
 # one profiled 1024² image (ZI_CUDA_PROFILE=1: GPU time per op), then diffusers eager and
 # torch.compile on the same card, and one table last (summarize.py). About 2.5 minutes on an H200.
 # Here first: bench/gpu/pack_carry.sh, and .carry/diffusers_src.tar.xz (diffusers' src/ tree).
-# Use: bench/gpu/run_all.sh [tests|kernels|bench|vaetile|firstuse|controlnet|diffusers|budget|quant|all]...  (default: all,
+# Use: bench/gpu/run_all.sh [tests|kernels|bench|vaetile|firstuse|controlnet|diffusers|budget|quant|fused|trace|all]...  (default: all,
 # which leaves out budget and quant; bench includes kernels; ZI_GTEST_FILTER narrows the tests). Logs go to $OUT.
 set -uo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -152,6 +152,39 @@ PY
   echo "rc=$?" >> "$OUT/diffusers_group.log"
   grep -E "RESULT|Error|error" "$OUT/diffusers_group.log" | tail -6
   stamp "diffusers group offload done"
+fi
+
+if [[ "$WHAT" == *" fused "* ]]; then  # (not in all) issue 19: fused q/k/v + w1/w3 on the GPU, off vs on, bf16 and fp8, 1024² 8 steps (2nd image)
+  M=/tmp/zrm
+  [ -d "$M" ] || z "$BIN/zimage" make-random-model --preset turbo --dtype bf16 -q "$M" > "$OUT/make_model.log" 2>&1
+  for rep in 1 2; do
+    for cfg in "bf16|" "fp8|--transformer-dtype fp8"; do
+      IFS='|' read -r name flags <<< "$cfg"
+      for f in 0 1; do
+        ZI_FUSED_PROJECTIONS=$f z "$BIN/zimage" generate --model "$M" -p "$PROMPT" -W 1024 -H 1024 --steps 8 --seed 1 \
+          --count 2 --device cuda $flags -o "$OUT/zf_${name}_$f.png" > "$OUT/fused_${name}_${f}_$rep.log" 2>&1
+        echo "rc=$?" >> "$OUT/fused_${name}_${f}_$rep.log"
+        echo "== $name fused=$f rep $rep: $(sed -n '/image 2\/2/,$p' "$OUT/fused_${name}_${f}_$rep.log" | grep -E "^  denoise |total|rc=|rror" | tr -s ' ' | tr '\n' ';')"
+      done
+      cmp -s "$OUT/zf_${name}_0-0002.png" "$OUT/zf_${name}_1-0002.png" && echo "$name: PNG identical fused/unfused" || echo "$name: PNG differs fused/unfused"
+    done
+  done
+  rm -f "$OUT"/zf_*.png
+  stamp "fused done"
+fi
+
+if [[ "$WHAT" == *" trace "* ]]; then  # (not in all) issue 13: --vram 8/4 with the copy/compute trace (ZI_STREAM_TRACE)
+  M=/tmp/zrm
+  [ -d "$M" ] || z "$BIN/zimage" make-random-model --preset turbo --dtype bf16 -q "$M" > "$OUT/make_model.log" 2>&1
+  for v in ${ZI_TRACE_BUDGETS:-8 4}; do
+    ZI_STREAM_TRACE=1 ZI_STREAM_TRACE_CSV="$OUT/trace_$v.csv" z "$BIN/zimage" generate --model "$M" -p "$PROMPT" \
+      -W 1024 -H 1024 --steps 8 --seed 1 --count 2 --device cuda --vram $v --memory-report -o "$OUT/zt_$v.png" \
+      > "$OUT/trace_$v.log" 2>&1
+    echo "rc=$?" >> "$OUT/trace_$v.log"
+    echo "== --vram $v"; grep -E "image 2/2|^  (denoise) |stream trace|plan|streamed|GPU peak|rc=|rror" "$OUT/trace_$v.log" | tail -12
+  done
+  rm -f "$OUT"/zt_*.png
+  stamp "trace done"
 fi
 
 if [[ "$WHAT" == *" quant "* ]]; then  # issue 14: weight formats at 1024², 8 steps (warm 2nd image), peaks, quality vs bf16

@@ -61,15 +61,18 @@ void check_config(const DitConfig& c) {
 // ---------------------------------------------------------------------------------------
 // Loading (§3.2)
 
-// The fused Q/K/V and w1/w3 projections (one GEMM each): on by default where the phase computes
-// on the CPU. On the GPU they are off by default: they pass the GPU tests (H100, 2026-12-06) but
-// their speed there is not measured yet (issue 19), so the GPU keeps the separate projections
-// until it is. ZI_FUSED_PROJECTIONS=1 / =0 turns them on / off anywhere (A/B runs).
+// The fused Q/K/V and w1/w3 projections (one GEMM each). Off by default on the CPU: there they
+// gain nothing measurable (real size, 256², 1 step: bf16 19.76 → 19.77 s, q8_0 20.51 → 19.99 s)
+// and they break the batched path's bit-identity with one-at-a-time runs (a server batch against
+// the CLI's image): OpenBLAS's sgemm is not row-consistent across M except in its small-matrix
+// path, which the tiny model's unfused shapes stay in and the fused ones leave. On the GPU they
+// are off by default too until their speed is measured (issue 19; they pass the GPU tests).
+// ZI_FUSED_PROJECTIONS=1 / =0 turns them on / off anywhere (A/B runs); a context's
+// fused_projections (tests) wins over both.
 bool fuse_projections(const PhaseContext& ctx) {
+  if (ctx.fused_projections >= 0) return ctx.fused_projections == 1;
   const char* e = std::getenv("ZI_FUSED_PROJECTIONS");
-  if (e && std::strcmp(e, "1") == 0) return true;
-  if (e && std::strcmp(e, "0") == 0) return false;
-  return ctx.device == Device::CPU;
+  return e && std::strcmp(e, "1") == 0;
 }
 
 DitBlock load_block(WeightLoader& ld, const std::string& p, const DitConfig& c, DType wdt, bool modulated) {
@@ -690,11 +693,12 @@ Tensor dit_forward_control(const ZImageDit& m, const Tensor& latent, float t, co
 }
 
 std::vector<Tensor> dit_forward_batch(const ZImageDit& m, const std::vector<Tensor>& latents,
-                                      const std::vector<float>& t, const std::vector<Tensor>& caps) {
+                                      const std::vector<float>& t, const std::vector<Tensor>& caps, BatchMode mode) {
   ZI_CHECK(latents.size() == t.size() && latents.size() == caps.size(), "[dit_forward_batch] ", latents.size(),
            " latents, ", t.size(), " timesteps and ", caps.size(), " captions: counts must match");
   const size_t B = latents.size();
-  bool stack = B > 1;
+  if (mode == BatchMode::Auto) mode = m.ctx.device == Device::CPU ? BatchMode::OneByOne : BatchMode::Stacked;
+  bool stack = B > 1 && mode == BatchMode::Stacked;
   for (size_t i = 1; i < B && stack; ++i)
     stack = t[i] == t[0] && latents[i].shape() == latents[0].shape();
   std::vector<Tensor> out;
@@ -706,7 +710,7 @@ std::vector<Tensor> dit_forward_batch(const ZImageDit& m, const std::vector<Tens
   // One timestep and one image size: the items' token sequences are stacked, so every linear
   // layer, norm and modulation runs once over all rows (one GEMM per weight), and attention runs
   // per item on its own rows. Every op involved is row-wise, so each item's result equals
-  // dit_forward's for it.
+  // dit_forward's for it (up to the GEMMs' summation order).
   const DitConfig& cfg = m.cfg;
   std::vector<Geometry> gs;
   for (size_t i = 0; i < B; ++i) gs.push_back(geometry(cfg, latents[i], caps[i]));

@@ -95,11 +95,16 @@ Tensor dit_forward_control(const ZImageDit& m, const Tensor& latent, float t, co
                            const ZImageControlNet& cn, const Tensor& control, float scale);
 
 // Several items with different caption lengths. Equal to calling dit_forward on each item
-// (the reference's batched call masks batch padding only, so items never interact). Items of
-// one timestep and one latent size run stacked: their token rows go through every linear layer
-// as one GEMM and attention runs per item (on the CPU the result is bit-identical to
-// dit_forward's); otherwise the items run one after another.
+// (the reference's batched call masks batch padding only, so items never interact). Stacked:
+// items of one timestep and one latent size have their token rows go through every linear layer
+// as one GEMM, and attention runs per item; equal to dit_forward's result up to the GEMMs'
+// summation order, which may depend on the row count (OpenBLAS's sgemm does outside its
+// small-matrix path). Auto stacks on the GPU, where it raises throughput, and runs the items one
+// after another on the CPU, where it would not, so that a CPU batch is bit-identical to single
+// runs (a server's batch against the CLI's image).
+enum class BatchMode { Auto, Stacked, OneByOne };
 std::vector<Tensor> dit_forward_batch(const ZImageDit& m, const std::vector<Tensor>& latents,
-                                      const std::vector<float>& t, const std::vector<Tensor>& caps);
+                                      const std::vector<float>& t, const std::vector<Tensor>& caps,
+                                      BatchMode mode = BatchMode::Auto);
 
 }  // namespace zi

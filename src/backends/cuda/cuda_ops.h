@@ -84,21 +84,42 @@ UploadStats upload_stats();
 // the fly when it differs); y [M, N] in x's dtype. bf16 runs on tensor cores, f32 in full f32.
 void linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y);
 // linear with a weight-format w (quant.cu). fp8 weights with bf16 activations run on the fp8
-// tensor cores where cuBLASLt has a kernel for it (linear_fp8; the activation is quantized per
-// row on the fly, profile "fp8_act_quant"); otherwise w is dequantized into a reused device
-// buffer of x's dtype (bf16 or f32), then the same GEMM as linear() runs on it (profile
-// "dequant"). ZI_FP8_GEMM=0 in the environment, or set_fp8_gemm(false), forces the dequant
-// path for fp8; set_fast_dequant(false) forces the per-block dequant kernels (tests compare).
+// tensor cores where cuBLASLt has a kernel for it (linear_fp8; the activation is quantized on
+// the fly, profile "fp8_act_quant"); otherwise w is dequantized into a reused device buffer of
+// x's dtype (bf16 or f32), then the same GEMM as linear() runs on it (profile "dequant").
+// ZI_FP8_GEMM=0 in the environment, or set_fp8_gemm(false), forces the dequant path for fp8;
+// set_fast_dequant(false) forces the per-block dequant kernels (tests compare).
 void linear_quant(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y);
 void set_fp8_gemm(bool on);
 void set_fast_dequant(bool on);
 const char* linear_quant_last_path();  // "fp8" or "dequant": the path of the latest linear_quant
-// y[M, N] bf16 = (x8[M, K] · x_scale[M]) · (w8[N, K] · w_scale[N])ᵀ (+ bias[N] bf16), x8 and w8
-// e4m3, scales f32 device vectors (gemm_cublaslt.cpp). False, nothing computed, where cuBLASLt
-// has no fp8 kernel for it (compute capability < 8.9, K or N not a multiple of 16, pointers not
-// 16-byte aligned, or its heuristic finds none; remembered per shape).
-bool linear_fp8(int64_t M, int64_t N, int64_t K, const void* x8, const float* x_scale, const void* w8,
-                const float* w_scale, const void* bias_bf16, void* y);
+
+// How an fp8 GEMM applies the weight's per-output-channel scales w_s[N] and the activation's
+// scales (cuBLASLt offers different things on different cards and versions; the first with a
+// kernel for the shape is taken, in this order):
+//  - OuterVector: per-row activation scales x_s[M] and w_s as cuBLASLt outer-vector scales
+//    (D = x_s[m] · w_s[n] · Σ x8·w8);
+//  - AlphaVector: one activation scale x_s for the tensor, alpha[n] = x_s · w_s[n] as cuBLASLt's
+//    device alpha vector (one per row of D = output channel);
+//  - Scalar: one activation scale as B's scalar scale, then w_s[n] (and the bias) applied by a
+//    small kernel on the bf16 output.
+enum class Fp8Scaling { OuterVector = 0, AlphaVector = 1, Scalar = 2 };
+const char* fp8_scaling_name(Fp8Scaling s);
+// The scaling linear_quant uses for this shape (M, N, K, bias, pointers' alignments), or -1 when
+// cuBLASLt has no fp8 kernel for any (compute capability < 8.9, K or N not a multiple of 16,
+// pointers not 16-byte aligned, or its heuristic finds none; remembered per shape). ZI_FP8_SCALING
+// = outer|alpha|scalar in the environment, or force_fp8_scaling(), allows only that one (tests).
+int fp8_scaling_for(int64_t M, int64_t N, int64_t K, bool bias, const void* x8, const void* w8, const void* y);
+void force_fp8_scaling(int s);  // -1: any
+// The scaling of the latest fp8 GEMM linear_quant ran ("" before the first).
+const char* linear_fp8_last_scaling();
+// y[M, N] bf16 = Σ_k x8[m, k] · w8[n, k], scaled per `s` (see Fp8Scaling; `scale_a` is w_s[N] for
+// OuterVector, the alpha vector [N] for AlphaVector, unused (nullptr) for Scalar; `scale_b` is
+// x_s[M] for OuterVector, nullptr for AlphaVector, the device scalar x_s for Scalar) (+ bias[N]
+// bf16 in the epilogue; Scalar with per-channel weights adds it in its own kernel instead).
+// False, nothing computed, if cuBLASLt refuses at launch.
+bool linear_fp8(Fp8Scaling s, int64_t M, int64_t N, int64_t K, const void* x8, const float* scale_b, const void* w8,
+                const float* scale_a, const void* bias_bf16, void* y);
 // C = A · B, column-major (m×k, k×n → m×n) with leading dimensions, f32 or bf16 operands of
 // one dtype, f32 accumulation. The convolutions' im2col path uses it.
 void gemm_nn(int64_t m, int64_t n, int64_t k, const void* A, int64_t lda, const void* B, int64_t ldb, void* C,

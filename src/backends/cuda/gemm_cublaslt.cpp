@@ -5,16 +5,21 @@
 // bias is the cuBLASLt epilogue (in y's dtype). Descriptors and the heuristic's algorithm are
 // cached per shape, dtype and pointer alignment.
 //
-// linear_fp8: both operands e4m3 (the weight's bytes as loaded, the activation quantized per
-// row by quant.cu), the TN layout cuBLASLt's fp8 kernels require, f32 accumulation, bf16 D (and
-// C), the scales as CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F vectors: A's (the weight's, one
-// per output channel = row of D) and B's (the activation's, one per token = column of D), so
-// D[n, m] = scale_w[n] · scale_x[m] · Σ_k w8[n, k] · x8[m, k]. Whether cuBLASLt has a kernel
-// for it (compute capability ≥ 8.9, a cuBLASLt that knows outer-vector scales, the shape and
-// alignment) is asked once per shape: a plan that fails is remembered and the caller falls
-// back to the dequantizing path. Nothing is timed.
+// linear_fp8: both operands e4m3 (the weight's bytes as loaded, the activation quantized by
+// quant.cu), the TN layout cuBLASLt's fp8 kernels require, f32 accumulation, bf16 D (and C). The
+// scales go in one of three ways (cuda_ops.h Fp8Scaling): as CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_
+// VEC_32F vectors (A's = the weight's, one per output channel = row of D; B's = the activation's,
+// one per token = column of D); as a device alpha vector (CUBLASLT_POINTER_MODE_ALPHA_DEVICE_
+// VECTOR_BETA_ZERO, one per row of D); or as B's scalar scale alone (the caller scales the
+// channels). Whether cuBLASLt has a kernel for a scaling (outer vectors need a cuBLASLt and a card
+// that know them; Hopper's cuBLASLt 13 had none) is asked once per shape and scaling: a plan that
+// fails is remembered, and the caller takes the next scaling or the dequantizing path. Nothing is
+// timed.
 #include <cublasLt.h>
 
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -146,17 +151,24 @@ struct Fp8Plan {
 
 
 // The plan, or ok = false when cuBLASLt refuses any step (no exception: the caller falls back).
-Fp8Plan make_fp8_plan(int64_t M, int64_t N, int64_t K, bool bias, const void* x, const void* w, const void* y) {
+Fp8Plan make_fp8_plan(Fp8Scaling scaling, int64_t M, int64_t N, int64_t K, bool bias, const void* x, const void* w,
+                      const void* y) {
   Fp8Plan p;
   auto ok = [](cublasStatus_t s) { return s == CUBLAS_STATUS_SUCCESS; };
   if (!ok(cublasLtMatmulDescCreate(&p.op, CUBLAS_COMPUTE_32F, CUDA_R_32F))) return p;
   const cublasOperation_t tr = CUBLAS_OP_T, nt = CUBLAS_OP_N;
-  const int32_t outer = CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
   if (!ok(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &tr, sizeof tr)) ||
-      !ok(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &nt, sizeof nt)) ||
-      !ok(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &outer, sizeof outer)) ||
-      !ok(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &outer, sizeof outer)))
+      !ok(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &nt, sizeof nt)))
     return p;
+  if (scaling == Fp8Scaling::OuterVector) {
+    const int32_t outer = CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
+    if (!ok(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &outer, sizeof outer)) ||
+        !ok(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &outer, sizeof outer)))
+      return p;
+  } else if (scaling == Fp8Scaling::AlphaVector) {
+    const int32_t mode = CUBLASLT_POINTER_MODE_ALPHA_DEVICE_VECTOR_BETA_ZERO;
+    if (!ok(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_POINTER_MODE, &mode, sizeof mode))) return p;
+  }
   if (bias) {
     const cublasLtEpilogue_t ep = CUBLASLT_EPILOGUE_BIAS;
     const cudaDataType_t bt = CUDA_R_16BF;
@@ -187,7 +199,46 @@ Fp8Plan make_fp8_plan(int64_t M, int64_t N, int64_t K, bool bias, const void* x,
   return p;
 }
 
+std::atomic<int> g_forced_scaling{-2};  // -2: not read from the environment yet; -1: any
+
+int forced_scaling() {
+  int v = g_forced_scaling.load();
+  if (v == -2) {
+    v = -1;
+    if (const char* e = std::getenv("ZI_FP8_SCALING")) {
+      if (!std::strcmp(e, "outer")) v = 0;
+      else if (!std::strcmp(e, "alpha")) v = 1;
+      else if (!std::strcmp(e, "scalar")) v = 2;
+    }
+    g_forced_scaling.store(v);
+  }
+  return v;
+}
+
+using Fp8Key = std::tuple<int, int64_t, int64_t, int64_t, bool, int, int, int>;
+
+// The cached plan for (scaling, shape, bias, alignments); L.mu held.
+Fp8Plan& fp8_plan(Fp8Scaling sc, int64_t M, int64_t N, int64_t K, bool bias, const void* x8, const void* w8,
+                  const void* y) {
+  static std::map<Fp8Key, Fp8Plan> plans;
+  const Fp8Key key{int(sc), M, N, K, bias, alignment(x8), alignment(w8), alignment(y)};
+  auto it = plans.find(key);
+  if (it == plans.end()) it = plans.emplace(key, make_fp8_plan(sc, M, N, K, bias, x8, w8, y)).first;
+  return it->second;
+}
+
 }  // namespace
+
+const char* fp8_scaling_name(Fp8Scaling s) {
+  switch (s) {
+    case Fp8Scaling::OuterVector: return "outer-vector";
+    case Fp8Scaling::AlphaVector: return "alpha-vector";
+    case Fp8Scaling::Scalar: return "scalar";
+  }
+  return "?";
+}
+
+void force_fp8_scaling(int s) { g_forced_scaling.store(s); }
 
 int compute_capability() {
   static const int cc = [] {
@@ -201,34 +252,40 @@ int compute_capability() {
   return cc;
 }
 
-bool linear_fp8(int64_t M, int64_t N, int64_t K, const void* x8, const float* x_scale, const void* w8,
-                const float* w_scale, const void* bias_bf16, void* y) {
+int fp8_scaling_for(int64_t M, int64_t N, int64_t K, bool bias, const void* x8, const void* w8, const void* y) {
   // fp8 tensor-core GEMMs exist from Ada (8.9) on; cuBLASLt wants K and the leading dimensions
   // in multiples of 16 bytes and 16-byte aligned pointers.
-  if (compute_capability() < 89 || M < 1 || N % 16 || K % 16) return false;
-  if (alignment(x8) < 16 || alignment(w8) < 16 || alignment(y) < 16) return false;
-  static std::map<Key, Fp8Plan> plans;
+  if (compute_capability() < 89 || M < 1 || N % 16 || K % 16) return -1;
+  if (alignment(x8) < 16 || alignment(w8) < 16 || alignment(y) < 16) return -1;
+  const int only = forced_scaling();
   Lt& L = lt();
-  const Key key{M, N, K, -1, bias_bf16 != nullptr, 0, alignment(x8), alignment(w8), alignment(y)};
+  std::lock_guard<std::mutex> lk(L.mu);
+  for (int s = 0; s < 3; ++s)
+    if ((only < 0 || only == s) && fp8_plan(Fp8Scaling(s), M, N, K, bias, x8, w8, y).ok) return s;
+  return -1;
+}
+
+bool linear_fp8(Fp8Scaling sc, int64_t M, int64_t N, int64_t K, const void* x8, const float* scale_b, const void* w8,
+                const float* scale_a, const void* bias_bf16, void* y) {
+  Lt& L = lt();
   Fp8Plan* p;
   {
     std::lock_guard<std::mutex> lk(L.mu);
-    auto it = plans.find(key);
-    if (it == plans.end()) it = plans.emplace(key, make_fp8_plan(M, N, K, bias_bf16 != nullptr, x8, w8, y)).first;
-    p = &it->second;
+    p = &fp8_plan(sc, M, N, K, bias_bf16 != nullptr, x8, w8, y);
     if (!p->ok) return false;
-    if (bias_bf16 &&
-        cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias_bf16, sizeof bias_bf16) !=
-            CUBLAS_STATUS_SUCCESS)
+    auto set = [&](cublasLtMatmulDescAttributes_t a, const void* v) {
+      return cublasLtMatmulDescSetAttribute(p->op, a, &v, sizeof v) == CUBLAS_STATUS_SUCCESS;
+    };
+    if (bias_bf16 && !set(CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias_bf16)) return p->ok = false;
+    if (sc == Fp8Scaling::OuterVector &&
+        (!set(CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, scale_a) || !set(CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, scale_b)))
       return p->ok = false;
-    if (cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &w_scale, sizeof w_scale) !=
-            CUBLAS_STATUS_SUCCESS ||
-        cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &x_scale, sizeof x_scale) !=
-            CUBLAS_STATUS_SUCCESS)
-      return p->ok = false;
+    if (sc == Fp8Scaling::Scalar && !set(CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, scale_b)) return p->ok = false;
   }
-  const float alpha = 1.0f, beta = 0.0f;
-  const cublasStatus_t s = cublasLtMatmul(L.handle, p->op, &alpha, w8, p->a, x8, p->b, &beta, y, p->c, y, p->c,
+  const float one = 1.0f, zero = 0.0f;
+  const void* alpha = sc == Fp8Scaling::AlphaVector ? static_cast<const void*>(scale_a) : &one;
+  const void* beta = &zero;  // never read with the alpha vector (its mode fixes beta = 0)
+  const cublasStatus_t s = cublasLtMatmul(L.handle, p->op, alpha, w8, p->a, x8, p->b, beta, y, p->c, y, p->c,
                                           &p->algo, L.workspace, kWorkspaceBytes, stream());
   if (s != CUBLAS_STATUS_SUCCESS) return p->ok = false;  // refused at launch: nothing was computed
   return true;

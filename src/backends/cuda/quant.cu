@@ -1,10 +1,12 @@
 // linear with a weight-format w on the GPU (cuda_ops.h). Two paths:
 //  - fp8 weights with bf16 activations where cuBLASLt has an fp8 kernel (compute capability
 //    ≥ 8.9, shapes and alignment it accepts; gemm_cublaslt.cpp asks it once per shape): the
-//    activation is quantized per row (token) to e4m3 with scale = max|row| / 448 (1 for a zero
-//    row), value = rne(x / scale) (core/quant.cpp's rule, so the bytes equal the CPU's), then
-//    one fp8 GEMM on the tensor cores with the weight's per-output-channel scales and the
-//    activation's per-row scales (profile: "fp8_act_quant" and the linear itself).
+//    activation is quantized to e4m3 with scale = max|x| / 448 (1 for zeros), value =
+//    rne(x / scale) (core/quant.cpp's rule, so the bytes equal the CPU's) — per row (token)
+//    where cuBLASLt takes outer-vector scales, else over the whole tensor —, then one fp8 GEMM
+//    on the tensor cores with the weight's per-output-channel scales applied as the scaling
+//    allows (cuda_ops.h Fp8Scaling; profile: "fp8_act_quant", the linear, and "fp8_rescale"
+//    for the Scalar scaling's channel pass).
 //  - every other case: the weight is dequantized into a workspace buffer in the activation
 //    dtype, then the GEMM of linear() runs on it (profile: "dequant"). For bf16 activations,
 //    Q8_0, Q4_0 and fp8 (K a multiple of 16) take bandwidth-bound kernels: one thread per 8
@@ -264,6 +266,59 @@ __global__ void quantize_rows_e4m3(const bf16* __restrict__ x, uint8_t* __restri
   }
 }
 
+// max|x| over the whole tensor into *amax (as its bits: non-negative floats order like their
+// bit patterns; *amax starts at 0).
+__global__ void absmax_bf16(const bf16* __restrict__ x, int64_t n8, unsigned* __restrict__ amax) {
+  __shared__ float red[32];
+  float m = 0.0f;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n8; i += int64_t(gridDim.x) * blockDim.x) {
+    float f[8];
+    load_vec<bf16>(x + i * 8, f);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) m = fmaxf(m, fabsf(f[k]));
+  }
+  m = block_max(m, red);
+  if (threadIdx.x == 0) atomicMax(amax, __float_as_uint(m));
+}
+
+// The whole tensor with one scale s = amax / 448 (1 for zeros): q = rne-satfinite(x / s);
+// thread 0 writes s to *scale; with `alpha`, the first N threads write alpha[n] = s · w_s[n]
+// (w_s nullptr: 1).
+__global__ void quantize_tensor_e4m3(const bf16* __restrict__ x, uint8_t* __restrict__ q, int64_t n8,
+                                     const unsigned* __restrict__ amax, float* __restrict__ scale,
+                                     const float* __restrict__ w_s, float* __restrict__ alpha, int64_t N) {
+  const float m = __uint_as_float(*amax);
+  const float s = m > 0.0f ? __fdiv_rn(m, 448.0f) : 1.0f;
+  const int64_t t0 = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (t0 == 0) *scale = s;
+  if (alpha)
+    for (int64_t n = t0; n < N; n += int64_t(gridDim.x) * blockDim.x) alpha[n] = w_s ? s * w_s[n] : s;
+  for (int64_t i = t0; i < n8; i += int64_t(gridDim.x) * blockDim.x) {
+    float f[8];
+    load_vec<bf16>(x + i * 8, f);
+    uint32_t w[2] = {0, 0};
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const uint32_t b = __nv_cvt_float_to_fp8(__fdiv_rn(f[k], s), __NV_SATFINITE, __NV_E4M3);
+      w[k / 4] |= (b & 0xffu) << (8 * (k % 4));
+    }
+    *reinterpret_cast<uint2*>(q + i * 8) = make_uint2(w[0], w[1]);
+  }
+}
+
+// y[m, n] = bf16(y[m, n] · w_s[n] (+ bias[n])), 8 values per thread (N a multiple of 16).
+__global__ void rescale_channels(bf16* __restrict__ y, int64_t n8, int64_t N, const float* __restrict__ w_s,
+                                 const bf16* __restrict__ bias) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n8; i += int64_t(gridDim.x) * blockDim.x) {
+    float f[8];
+    load_vec<bf16>(y + i * 8, f);
+    const int64_t c = (i * 8) % N;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) f[k] = f[k] * w_s[c + k] + (bias ? __bfloat162float(bias[c + k]) : 0.0f);
+    store_vec<bf16>(y + i * 8, f);
+  }
+}
+
 __global__ void fill_f32(float* p, int64_t n, float v) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) p[i] = v;
 }
@@ -285,41 +340,71 @@ bool fp8_gemm_enabled() {
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+std::atomic<const char*> g_last_scaling{""};
+
 // The fp8 tensor-core path; false (nothing computed) where it does not apply.
 bool try_linear_fp8(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y) {
   const int64_t N = w.dim(0), K = w.dim(1), M = x.numel() / K;
   if (M < 1 || x.dtype() != DType::BF16 || y.dtype() != DType::BF16 || !fp8_gemm_enabled()) return false;
   if (K % 16 || N % 16 || !x.is_contiguous() || !y.is_contiguous() || !aligned16(x.raw()) || !aligned16(w.raw()))
     return false;
-  // Shapes cuBLASLt refused once are not quantized for again.
-  static std::mutex mu;
-  static std::set<std::tuple<int64_t, int64_t, int64_t, bool>> refused;
-  const auto key = std::make_tuple(M, N, K, bias != nullptr);
-  {
-    std::lock_guard<std::mutex> lk(mu);
-    if (refused.count(key)) return false;
-  }
-  Tensor xq = scratch(M * K), xs = Tensor::empty({M}, DType::F32, Tag::Workspace, Device::CUDA);
-  {
-    OpTimer prof("fp8_act_quant");
-    quantize_rows_e4m3<<<unsigned(M), 256, 0, stream()>>>(x.data<bf16>(), static_cast<uint8_t*>(xq.raw()),
-                                                          xs.data<float>(), K);
-    ZI_CUDA_LAUNCHED();
-  }
-  Tensor ones;
   const float* ws = w.row_scale() ? w.row_scale()->data<float>() : nullptr;
-  if (!ws) {
-    ones = Tensor::empty({N}, DType::F32, Tag::Workspace, Device::CUDA);
-    fill_f32<<<grid_for(N, 256), 256, 0, stream()>>>(ones.data<float>(), N, 1.0f);
-    ZI_CUDA_LAUNCHED();
-    ws = ones.data<float>();
-  }
+  Tensor xq = scratch(M * K);
+  const int sc = fp8_scaling_for(M, N, K, bias != nullptr, xq.raw(), w.raw(), y.raw());
+  if (sc < 0) return false;
+  const Fp8Scaling scaling = Fp8Scaling(sc);
   Tensor b;
   if (bias) b = bias->dtype() == DType::BF16 ? bias->contiguous(Tag::Workspace) : bias->to(DType::BF16, Tag::Workspace);
-  if (linear_fp8(M, N, K, xq.raw(), xs.data<float>(), w.raw(), ws, bias ? b.raw() : nullptr, y.raw())) return true;
-  std::lock_guard<std::mutex> lk(mu);
-  refused.insert(key);
-  return false;
+  uint8_t* q = static_cast<uint8_t*>(xq.raw());
+  if (scaling == Fp8Scaling::OuterVector) {
+    Tensor xs = Tensor::empty({M}, DType::F32, Tag::Workspace, Device::CUDA);
+    {
+      OpTimer prof("fp8_act_quant");
+      quantize_rows_e4m3<<<unsigned(M), 256, 0, stream()>>>(x.data<bf16>(), q, xs.data<float>(), K);
+      ZI_CUDA_LAUNCHED();
+    }
+    Tensor ones;
+    if (!ws) {
+      ones = Tensor::empty({N}, DType::F32, Tag::Workspace, Device::CUDA);
+      fill_f32<<<grid_for(N, 256), 256, 0, stream()>>>(ones.data<float>(), N, 1.0f);
+      ZI_CUDA_LAUNCHED();
+      ws = ones.data<float>();
+    }
+    if (!linear_fp8(scaling, M, N, K, q, xs.data<float>(), w.raw(), ws, bias ? b.raw() : nullptr, y.raw())) return false;
+  } else {
+    // [0]: max|x| bits, [1]: the activation's scale, [2, 2 + N): the alpha vector.
+    Tensor sv = Tensor::empty({2 + N}, DType::F32, Tag::Workspace, Device::CUDA);
+    float* amax = sv.data<float>();
+    float* alpha = scaling == Fp8Scaling::AlphaVector ? amax + 2 : nullptr;
+    const int64_t n8 = M * K / 8;
+    {
+      OpTimer prof("fp8_act_quant");
+      ZI_CUDA(cudaMemsetAsync(amax, 0, sizeof(float), stream()));
+      const unsigned grid = std::min<unsigned>(grid_for(n8, 256), unsigned(4 * sm_count()));
+      absmax_bf16<<<grid, 256, 0, stream()>>>(x.data<bf16>(), n8, reinterpret_cast<unsigned*>(amax));
+      ZI_CUDA_LAUNCHED();
+      quantize_tensor_e4m3<<<grid_for(std::max(n8, N), 256), 256, 0, stream()>>>(
+          x.data<bf16>(), q, n8, reinterpret_cast<const unsigned*>(amax), amax + 1, ws, alpha, N);
+      ZI_CUDA_LAUNCHED();
+    }
+    if (scaling == Fp8Scaling::AlphaVector) {
+      if (!linear_fp8(scaling, M, N, K, q, nullptr, w.raw(), alpha, bias ? b.raw() : nullptr, y.raw())) return false;
+    } else {
+      // Per-channel weight scales (or a bias after them) need the channel pass.
+      const bool epilogue_bias = bias && !ws;
+      if (!linear_fp8(scaling, M, N, K, q, amax + 1, w.raw(), nullptr, epilogue_bias ? b.raw() : nullptr, y.raw()))
+        return false;
+      if (ws) {
+        OpTimer prof("fp8_rescale");
+        const int64_t m8 = M * N / 8;
+        rescale_channels<<<grid_for(m8, 256), 256, 0, stream()>>>(y.data<bf16>(), m8, N, ws,
+                                                                    bias ? b.data<bf16>() : nullptr);
+        ZI_CUDA_LAUNCHED();
+      }
+    }
+  }
+  g_last_scaling.store(fp8_scaling_name(scaling));
+  return true;
 }
 
 int fmt_code(DType t) {
@@ -340,6 +425,7 @@ int fmt_code(DType t) {
 void set_fast_dequant(bool on) { g_fast_dequant.store(on); }
 void set_fp8_gemm(bool on) { g_fp8_gemm.store(on ? 1 : 0); }
 const char* linear_quant_last_path() { return g_last_path.load(); }
+const char* linear_fp8_last_scaling() { return g_last_scaling.load(); }
 
 void linear_quant(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y) {
   const DType dt = x.dtype();
