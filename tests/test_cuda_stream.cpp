@@ -18,6 +18,7 @@
 #include "models/zimage_dit.h"
 #include "ops/ops.h"
 #include "core/check.h"
+#include "edit_cases.h"
 #include "pipeline/memory_report.h"
 #include "pipeline/pipeline.h"
 #include "test_util.h"
@@ -241,4 +242,35 @@ TEST(CudaStream, PinnedRateIsMeasured) {
   const double rate = device::measure_h2d_rate(Device::CUDA);
   std::printf("pinned host -> device: %.1f GB/s\n", rate / 1e9);
   EXPECT_GT(rate, 1e9);  // any PCIe 3 x16 or better
+}
+
+// The image-conditioned modes under budgets (tests/data/edit cases on the GPU): the ControlNet's
+// weights and streams are counted in the denoise phase's plan, and every GPU phase (the VAE
+// encoder's included) stays within the budget, with the resident run's image (same VAE tile).
+TEST(CudaStream, EditModesUnderABudget) {
+  ZI_REQUIRE_GPU();
+  const char* d = std::getenv("ZI_TEST_DATA_DIR");
+  const std::string data = d ? d : ZI_TEST_DATA;
+  for (const char* name : {"controlnet21", "controlnet_inpaint", "img2img_s60"}) {
+    GenerateOptions o = test::edit_case_options(data, tiny_model_dir(), name);
+    o.text_encoder_device = o.transformer_device = o.vae_device = Device::CUDA;
+    o.precision = DType::BF16;
+    GenerateOptions big = o;
+    big.vram_bytes = 1024 * kMiB;
+    const VramPlan whole = plan_generate_memory(big);
+    const int64_t minimum = whole.minimum_bytes;
+    for (int64_t budget : {minimum, minimum + (whole.dit.predicted_peak_bytes - minimum) / 2}) {
+      SCOPED_TRACE(testing::Message() << name << ", budget " << budget);
+      GenerateOptions b = o;
+      b.vram_bytes = budget;
+      const GenerateResult r = generate(b);
+      for (const PhaseRecord& p : r.gpu_phases) EXPECT_LE(p.peak_bytes, budget) << p.name;
+      GenerateOptions t = o;
+      t.vae_tile = r.vae_tile_used;
+      EXPECT_EQ(r.rgb, generate(t).rgb);
+      std::printf("%s budget %.3f MiB: transformer %d/%zu blocks streamed, gpu peak %.3f MiB\n", name,
+                  double(budget) / kMiB, r.vram_plan ? r.vram_plan->dit.streamed_blocks() : 0,
+                  r.vram_plan ? r.vram_plan->dit.resident.size() : size_t(0), double(r.gpu_peak_bytes) / kMiB);
+    }
+  }
 }

@@ -7,8 +7,11 @@
 
 #include "core/check.h"
 #include "io/checkpoint.h"
+#include "io/model_sources.h"
+#include "models/controlnet.h"
 #include "pipeline/memory_plan.h"
 #include "pipeline/pipeline.h"
+#include "edit_cases.h"
 #include "test_util.h"
 
 using namespace zi;
@@ -236,4 +239,27 @@ TEST(VramPlan, TinyModelBudgetsStreamTheTransformer) {
     o.vram_bytes = big.minimum_bytes - 1;
     EXPECT_THROW(plan_generate_memory(o), UsageError);
   }
+}
+
+// A ControlNet's weights are resident in the denoise phase: the plan counts them (file sizes of
+// the tiny 2.1 fixture) and its streams, so the minimum budget and the resident part grow by at
+// least the weights.
+TEST(VramPlan, ControlNetIsCountedInTheDenoisePlan) {
+  GenerateOptions o = test::edit_case_options(ZI_TEST_DATA, test::tiny_model(), "controlnet21");
+  o.transformer_device = Device::CUDA;  // planned, not run
+  o.text_encoder_device = o.vae_device = Device::CPU;
+  o.vram_bytes = int64_t(1) << 30;
+  const VramPlan with = plan_generate_memory(o);
+  GenerateOptions plain = o;
+  plain.controlnet.clear();
+  plain.control_image.clear();
+  const VramPlan without = plan_generate_memory(plain);
+  const ModelSources src = resolve_model_sources({o.model_dir, "", "", ""});
+  const int64_t cn_bytes = controlnet_weight_bytes(inspect_controlnet(o.controlnet, src.folder.transformer),
+                                                   o.controlnet_dtype);
+  EXPECT_GT(cn_bytes, 0);
+  EXPECT_GE(with.dit.resident_bytes - without.dit.resident_bytes, cn_bytes);
+  EXPECT_GE(with.minimum_bytes - without.minimum_bytes, cn_bytes);
+  o.vram_bytes = with.minimum_bytes - 1;
+  EXPECT_THROW(plan_generate_memory(o), UsageError);
 }

@@ -222,6 +222,14 @@ ControlNetConfig inspect_controlnet(const std::string& path, const DitConfig& di
   return c;
 }
 
+int64_t controlnet_weight_bytes(const ControlNetConfig& c, DType wdt) {
+  const TensorStore st = open_store(c);
+  int64_t bytes = 0;
+  for (const auto& f : st.files())
+    for (const auto& t : f->tensors()) bytes += t.shape.size() >= 2 ? int64_t(dtype_bytes(wdt, t.numel())) : 4 * t.numel();
+  return bytes;
+}
+
 ZImageControlNet load_controlnet(const PhaseContext& ctx, const ControlNetConfig& c, const DitConfig& dit, DType wdt) {
   TensorStore st = open_store(c);
   WeightLoader ld(st, Tag::ControlNetWeights, "controlnet", ctx);

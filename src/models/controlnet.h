@@ -58,6 +58,10 @@ struct ZImageControlNet {
 // headers only. Throws zi::Error naming the path and the first mismatches.
 ControlNetConfig inspect_controlnet(const std::string& path, const DitConfig& dit);
 
+// The bytes load_controlnet's weights take (matrices in `wdt`, the rest f32), from the file's
+// tensor list (nothing read): the --vram planner counts them as resident in the denoise phase.
+int64_t controlnet_weight_bytes(const ControlNetConfig& cfg, DType wdt);
+
 // Loads the weights (matrices in `wdt`, norms and biases f32), tagged Tag::ControlNetWeights.
 ZImageControlNet load_controlnet(const PhaseContext& ctx, const ControlNetConfig& cfg, const DitConfig& dit, DType wdt);
 

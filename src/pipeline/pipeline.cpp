@@ -1,12 +1,13 @@
 #include "pipeline/pipeline.h"
 
-#include <chrono>
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <functional>
+#include <optional>
 
 #include "backends/device.h"
 #include "core/torch_random.h"
@@ -300,7 +301,11 @@ VaeDecoder load_vae(const PhaseContext& ctx, const ModelSources& src, const Gene
 // The --vram plan of a run whose latent is h × w (pipeline/memory_plan.h): the phases on the
 // GPU from their configs' sizes, the budget from --vram or free memory, the host → device rate
 // measured once when something streams.
-std::shared_ptr<const VramPlan> make_vram_plan(const GenerateOptions& o, const ModelSources& src, int64_t h, int64_t w) {
+// With a ControlNet (`cn`), its weights are resident beside the transformer's fixed part and its
+// streams (the control context and the hint being added: 4 × [S, dim] f32 counted) add to the
+// denoise activations, so the transformer streams more blocks to stay within the budget.
+std::shared_ptr<const VramPlan> make_vram_plan(const GenerateOptions& o, const ModelSources& src, int64_t h, int64_t w,
+                                               const ControlNetConfig* cn = nullptr) {
   const ModelFolder& mf = src.folder;
   // Allocations the estimates do not itemise (RoPE tables, latents, small temporaries): a
   // quarter more than the activations and 1 MiB.
@@ -327,6 +332,11 @@ std::shared_ptr<const VramPlan> make_vram_plan(const GenerateOptions& o, const M
     in.dit.fixed_bytes = dit_fixed_weight_bytes(dc, storage_dtype(o.transformer_dtype));
     in.dit.block_bytes = dit_block_weight_bytes(dc, o.transformer_dtype);
     in.dit.activation_bytes = estimate_denoise_activation_bytes(dc.dim, dc.ffn_hidden(), o.width, o.height, o.max_sequence_length);
+    if (cn) {
+      in.dit.fixed_bytes += controlnet_weight_bytes(*cn, o.controlnet_dtype);
+      const int64_t tokens = int64_t(o.width / 16) * int64_t(o.height / 16) + 32 + o.max_sequence_length + 32;
+      in.dit.activation_bytes += 4 * tokens * dc.dim * 4;
+    }
     in.dit.activation_bytes += slack(in.dit.activation_bytes);
     in.dit.passes = int64_t(o.steps) * (o.guidance > 0 ? 2 : 1);
   }
@@ -388,7 +398,9 @@ VramPlan plan_generate_memory(const GenerateOptions& o) {
   const ModelSources src = resolve_model_sources({o.model_dir, o.diffusion_model_file, o.text_encoder_file, o.vae_file});
   const int sf = src.folder.vae.scale_factor();
   const int64_t h = 2 * (o.height / (sf * 2)), w = 2 * (o.width / (sf * 2));
-  return *make_vram_plan(o, src, h, w);
+  std::optional<ControlNetConfig> cn;
+  if (!o.controlnet.empty()) cn = inspect_controlnet(o.controlnet, src.folder.transformer);
+  return *make_vram_plan(o, src, h, w, cn ? &*cn : nullptr);
 }
 
 void validate_generate_options(const GenerateOptions& o) {
@@ -526,7 +538,7 @@ GenerateResult generate(const GenerateOptions& options, const GenerateHooks& hoo
     // cache's resident models are not free memory to lose).
     const bool cached = cache && (cache->transformer || cache->text_encoder || cache->vae);
     if (o.vram_bytes >= 0 || !cached) {
-      o.vram_plan = make_vram_plan(o, src, h, w);
+      o.vram_plan = make_vram_plan(o, src, h, w, !edit.controlnet.path.empty() ? &edit.controlnet : nullptr);
       for (const std::string& n : o.vram_plan->notices) notice(hooks, n);
     }
     r.vram_plan = o.vram_plan;
