@@ -30,6 +30,10 @@
 namespace zi::cuda {
 namespace {
 
+// A tuning key's stride part: named only when it is not 1, so that the entries measured before
+// strides existed stay valid.
+std::string stride_key(int stride) { return stride != 1 ? str_cat(" s", stride) : std::string(); }
+
 ConvPath g_path = ConvPath::Auto;
 
 int64_t cudnn_version();  // 0 without cuDNN
@@ -244,9 +248,8 @@ const ConvPlan& conv_plan(int64_t Cin, int64_t H, int64_t W, int64_t Cout, int64
             "conv params");
   dnn_check(d.cudnnSetConvolutionMathType(p.conv, dt == DType::BF16 ? CUDNN_TENSOR_OP_MATH : CUDNN_FMA_MATH),
             "math type");
-  // The stride is named only when it is not 1, so the entries measured before strides existed stay valid.
   const std::string tkey = str_cat("cudnn-algo ", Cin, "x", H, "x", W, "->", Cout, " k", kh, "x", kw, " p", pad,
-                                   stride != 1 ? str_cat(" s", stride) : std::string(), " ", dtype_name(dt),
+                                   stride_key(stride), " ", dtype_name(dt),
                                    nhwc ? " nhwc" : " nchw");
   if (const auto v = tuning().get(tkey)) {  // measured by an earlier process
     const auto algo = cudnnConvolutionFwdAlgo_t(std::atoi(v->c_str()));
@@ -353,10 +356,10 @@ bool run_path(ConvPath path, const Tensor& x, const Tensor& w, const Tensor* bia
 using ShapeKey = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int, int>;
 std::map<ShapeKey, ConvPath> g_picked;
 
-// The tuning cache's key; the stride is named only when it is not 1 (entries from before strides stay valid).
+// The tuning cache's key.
 std::string path_key(const Tensor& x, const Tensor& w, int pad, int stride) {
   return str_cat("conv-path ", x.dim(0), "x", x.dim(1), "x", x.dim(2), "->", w.dim(0), " k", w.dim(2), "x", w.dim(3),
-                 " p", pad, stride != 1 ? str_cat(" s", stride) : std::string(), " ", dtype_name(x.dtype()));
+                 " p", pad, stride_key(stride), " ", dtype_name(x.dtype()));
 }
 const char* path_name(ConvPath p) { return p == ConvPath::Im2col ? "im2col" : p == ConvPath::CudnnNhwc ? "nhwc" : "nchw"; }
 
