@@ -176,12 +176,15 @@ fi
 if [[ "$WHAT" == *" trace "* ]]; then  # (not in all) issue 13: --vram 8/4 with the copy/compute trace (ZI_STREAM_TRACE)
   M=/tmp/zrm
   [ -d "$M" ] || z "$BIN/zimage" make-random-model --preset turbo --dtype bf16 -q "$M" > "$OUT/make_model.log" 2>&1
-  for v in ${ZI_TRACE_BUDGETS:-8 4}; do
-    ZI_STREAM_TRACE=1 ZI_STREAM_TRACE_CSV="$OUT/trace_$v.csv" z "$BIN/zimage" generate --model "$M" -p "$PROMPT" \
-      -W 1024 -H 1024 --steps 8 --seed 1 --count 2 --device cuda --vram $v --memory-report -o "$OUT/zt_$v.png" \
-      > "$OUT/trace_$v.log" 2>&1
-    echo "rc=$?" >> "$OUT/trace_$v.log"
-    echo "== --vram $v"; grep -E "image 2/2|^  (denoise) |stream trace|plan|streamed|GPU peak|rc=|rror" "$OUT/trace_$v.log" | tail -12
+  # v[:chunk MiB]: the copies whole, or in pieces (ZI_STREAM_CHUNK_MB).
+  for vc in ${ZI_TRACE_BUDGETS:-8 4 4:16}; do
+    v=${vc%%:*}; ch=0; [[ "$vc" == *:* ]] && ch=${vc#*:}
+    ZI_STREAM_CHUNK_MB=$ch ZI_STREAM_TRACE=1 ZI_STREAM_TRACE_CSV="$OUT/trace_${v}_$ch.csv" z "$BIN/zimage" generate \
+      --model "$M" -p "$PROMPT" -W 1024 -H 1024 --steps 8 --seed 1 --count 2 --device cuda --vram $v --memory-report \
+      -o "$OUT/zt_$v.png" > "$OUT/trace_${v}_$ch.log" 2>&1
+    echo "rc=$?" >> "$OUT/trace_${v}_$ch.log"
+    echo "== --vram $v chunk $ch MiB"
+    grep -E "image 2/2|^  (denoise) |stream trace|plan|streamed|GPU peak|rc=|rror" "$OUT/trace_${v}_$ch.log" | tail -12
   done
   rm -f "$OUT"/zt_*.png
   stamp "trace done"

@@ -161,7 +161,18 @@ void ring_fill(void* ring, int slot, void* dst, const void* host, size_t bytes) 
     row = &r->rows.back();
     ZI_CUDA(cudaEventRecord(row->copy_begin, r->copy));
   }
-  ZI_CUDA(cudaMemcpyAsync(dst, host, bytes, cudaMemcpyHostToDevice, r->copy));
+  // ZI_STREAM_CHUNK_MB (experiment): the block in pieces of that many MiB, so that a small copy
+  // queued on the compute stream meanwhile need not wait behind a whole block on the copy engine.
+  static const size_t chunk = [] {
+    const char* e = std::getenv("ZI_STREAM_CHUNK_MB");
+    return e ? size_t(std::max(0, std::atoi(e))) << 20 : size_t(0);
+  }();
+  for (size_t off = 0; off < bytes;) {
+    const size_t n = chunk ? std::min(chunk, bytes - off) : bytes - off;
+    ZI_CUDA(cudaMemcpyAsync(static_cast<char*>(dst) + off, static_cast<const char*>(host) + off, n,
+                            cudaMemcpyHostToDevice, r->copy));
+    off += n;
+  }
   if (row) ZI_CUDA(cudaEventRecord(row->copy_end, r->copy));
   ZI_CUDA(cudaEventRecord(r->filled[size_t(slot)], r->copy));
 }
