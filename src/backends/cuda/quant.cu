@@ -372,10 +372,10 @@ bool try_linear_fp8(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor
     }
     if (!linear_fp8(scaling, M, N, K, q, xs.data<float>(), w.raw(), ws, bias ? b.raw() : nullptr, y.raw())) return false;
   } else {
-    // [0]: max|x| bits, [1]: the activation's scale, [2, 2 + N): the alpha vector.
-    Tensor sv = Tensor::empty({2 + N}, DType::F32, Tag::Workspace, Device::CUDA);
+    // [0]: max|x| bits, [1]: the activation's scale, [4, 4 + N): the alpha vector (16-byte aligned).
+    Tensor sv = Tensor::empty({4 + N}, DType::F32, Tag::Workspace, Device::CUDA);
     float* amax = sv.data<float>();
-    float* alpha = scaling == Fp8Scaling::AlphaVector ? amax + 2 : nullptr;
+    float* alpha = scaling == Fp8Scaling::AlphaVector ? amax + 4 : nullptr;
     const int64_t n8 = M * K / 8;
     {
       OpTimer prof("fp8_act_quant");
