@@ -157,7 +157,7 @@ fi
 if [[ "$WHAT" == *" fused "* ]]; then  # (not in all) issue 19: fused q/k/v + w1/w3 on the GPU, off vs on, bf16 and fp8, 1024² 8 steps (2nd image)
   M=/tmp/zrm
   [ -d "$M" ] || z "$BIN/zimage" make-random-model --preset turbo --dtype bf16 -q "$M" > "$OUT/make_model.log" 2>&1
-  for rep in 1 2; do
+  for rep in $(seq 1 ${ZI_FUSED_REPS:-2}); do
     for cfg in "bf16|" "fp8|--transformer-dtype fp8"; do
       IFS='|' read -r name flags <<< "$cfg"
       for f in 0 1; do
