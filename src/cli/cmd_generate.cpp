@@ -389,18 +389,7 @@ void run(GenerateArgs& a) {
     a.o.vae_device = parse_device(a.vae_device, "--vae-device", dev);
   }
   if (a.cache_limit_mib >= 0) a.o.cache_limit_bytes = a.cache_limit_mib << 20;
-  if (!a.vram.empty()) {
-    double gib = 0;
-    size_t used = 0;
-    try {
-      gib = std::stod(a.vram, &used);
-    } catch (...) {
-      used = 0;
-    }
-    if (used != a.vram.size() || !(gib > 0) || gib > 1e6)
-      throw UsageError(str_cat("--vram must be a positive number of GiB, got '", a.vram, "'"));
-    a.o.vram_bytes = int64_t(gib * double(int64_t(1) << 30));
-  }
+  if (!a.vram.empty()) a.o.vram_bytes = parse_vram_flag(a.vram);
   a.o.controlnet_dtype = parse_dtype_flag(a.controlnet_dtype, "--controlnet-dtype");
   // Image-conditioned modes: without -W/-H the output takes the input image's size.
   if (!a.given("width") && !a.given("height") && (!a.o.init_image.empty() || !a.o.control_image.empty())) {

@@ -36,7 +36,7 @@ struct ServeArgs {
   float guidance = 0, cfg_normalization = 0, cfg_truncation = 1;
   std::string negative_prompt;
   std::string te_dtype = "bf16", dit_dtype = "bf16", vae_dtype = "bf16", vae_tile;
-  std::string device, te_device, vae_device, precision = "bf16";
+  std::string device, te_device, vae_device, precision = "bf16", vram;
   std::vector<std::string> loras;
   std::string transformer_override;
   bool quiet = false;
@@ -93,12 +93,15 @@ void run_serve(ServeArgs& a) {
   if (a.precision == "bf16") d.precision = DType::BF16;
   else if (a.precision == "f32") d.precision = DType::F32;
   else throw UsageError(str_cat("--precision must be bf16 or f32, got '", a.precision, "'"));
+  if (!a.vram.empty()) d.vram_bytes = parse_vram_flag(a.vram);
   bool bundled = false;
   d.model_dir = resolve_model_dir(a.model, &bundled);
   {
     GenerateOptions probe = d;
     probe.prompt = "x";
     validate_generate_options(probe);
+    // Under a budget, one that cannot hold the default size fails now, naming the minimum.
+    if (d.vram_bytes >= 0) (void)plan_generate_memory(probe);
   }
   if (int64_t(d.width) * d.height > a.max_pixels)
     throw UsageError(str_cat("the default size ", d.width, "x", d.height, " is above --max-pixels ", a.max_pixels));
@@ -149,9 +152,13 @@ void run_serve(ServeArgs& a) {
   server::HttpServer http(ho, sched, engine);
   const int port = http.bind();
   if (!a.quiet) {
-    std::fprintf(stderr, "zimage serve: model %s; resident: %s (loaded in %.2f s); device %s; max batch %d%s\n",
-                 d.model_dir.c_str(), server::residency_str(eo.resident).c_str(), load_s,
-                 dev == Device::CUDA ? "cuda" : "cpu", max_batch, a.max_batch ? "" : " (from free memory)");
+    if (d.vram_bytes >= 0)
+      std::fprintf(stderr, "zimage serve: model %s; --vram %.2f GiB: one request at a time, models load on first use\n",
+                   d.model_dir.c_str(), double(d.vram_bytes) / double(int64_t(1) << 30));
+    else
+      std::fprintf(stderr, "zimage serve: model %s; resident: %s (loaded in %.2f s); device %s; max batch %d%s\n",
+                   d.model_dir.c_str(), server::residency_str(eo.resident).c_str(), load_s,
+                   dev == Device::CUDA ? "cuda" : "cpu", max_batch, a.max_batch ? "" : " (from free memory)");
     if (a.api_key.empty() && a.host != "127.0.0.1" && a.host != "localhost" && a.host != "::1")
       std::fprintf(stderr, "warning: listening on %s without --api-key\n", a.host.c_str());
   }
@@ -232,6 +239,9 @@ void add_serve(CLI::App& app) {
   c->add_option("--vae-tile", a->vae_tile, "as for generate");
   c->add_option("--lora", a->loras, "as for generate (merged at load, for every request)")->allow_extra_args(false);
   c->add_option("--transformer-override", a->transformer_override, "as for generate");
+  c->add_option("--vram", a->vram,
+                "GiB of GPU memory each request may allocate (as for generate): requests then run one at a "
+                "time, each planned for its size, and kept models are released when a phase needs the room");
   c->add_option("--device", a->device, "cpu or cuda (default: cuda when a GPU is present)");
   c->add_option("--text-encoder-device", a->te_device, "as for generate");
   c->add_option("--vae-device", a->vae_device, "as for generate");

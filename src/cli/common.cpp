@@ -67,4 +67,17 @@ Device parse_device_flag(const std::string& v, const char* flag, Device dflt) {
   throw UsageError(str_cat(flag, " must be cpu or cuda, got '", v, "'"));
 }
 
+int64_t parse_vram_flag(const std::string& value) {
+  double gib = 0;
+  size_t used = 0;
+  try {
+    gib = std::stod(value, &used);
+  } catch (...) {
+    used = 0;
+  }
+  if (value.empty() || used != value.size() || !(gib > 0) || gib > 1e6)
+    throw UsageError(str_cat("--vram must be a positive number of GiB, got '", value, "'"));
+  return int64_t(gib * double(int64_t(1) << 30));
+}
+
 }  // namespace zi::cli

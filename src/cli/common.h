@@ -27,6 +27,8 @@ void notice_bundled_model(bool quiet);
 // A device flag's value: "" → dflt, "cpu", or "cuda" (a UsageError naming `flag` when there is
 // no usable GPU); anything else is a UsageError naming the flag.
 Device parse_device_flag(const std::string& value, const char* flag, Device dflt);
+// --vram's value: a positive number of GiB → bytes (a UsageError otherwise).
+int64_t parse_vram_flag(const std::string& value);
 
 void add_generate(CLI::App& app);
 void add_encode(CLI::App& app);

@@ -96,6 +96,28 @@ void notice(const GenerateHooks& h, const std::string& line) {
 // phase, the largest of them are released (with a notice) until the phase's predicted peak fits
 // beside the rest, so the measured device peak stays within the budget; the released ones load
 // again when their phase comes. Measured from the device's accounting (bytes held per tag).
+// True when a cached model's streamed blocks are the ones `plan` streams (nothing streamed: a
+// plan that keeps every block resident). A model loaded under another plan (another image size
+// or budget: `zimage serve`'s requests) would keep its old residency and could exceed the budget.
+bool streams_as_planned(const WeightStreamer* st, const ComponentPlan& plan) {
+  if (st && st->streamed_blocks() > 0 && st->slots() != plan.ring_slots) return false;
+  for (size_t i = 0; i < plan.resident.size(); ++i)
+    if ((st && st->streams(i)) != (plan.ring_slots > 0 && !plan.resident[i])) return false;
+  return true;
+}
+
+// Drops the cached text encoder and transformer that were loaded under another plan than this
+// run's (they load again, under this one).
+void drop_models_of_other_plans(const GenerateOptions& o, ModelCache* cache) {
+  if (!cache || !o.vram_plan) return;
+  if (cache->text_encoder && o.text_encoder_device == Device::CUDA &&
+      !streams_as_planned(cache->text_encoder->streamer.get(), o.vram_plan->text))
+    cache->text_encoder.reset();
+  if (cache->transformer && o.transformer_device == Device::CUDA &&
+      !streams_as_planned(cache->transformer->streamer.get(), o.vram_plan->dit))
+    cache->transformer.reset();
+}
+
 void fit_cache_to_budget(const GenerateOptions& o, ModelCache* cache, Device phase_device, Tag own,
                          const GenerateHooks& hooks) {
   if (!cache || phase_device != Device::CUDA || !o.vram_plan || o.vram_plan->budget_bytes < 0) return;
@@ -540,6 +562,7 @@ GenerateResult generate(const GenerateOptions& options, const GenerateHooks& hoo
     if (o.vram_bytes >= 0 || !cached) {
       o.vram_plan = make_vram_plan(o, src, h, w, !edit.controlnet.path.empty() ? &edit.controlnet : nullptr);
       for (const std::string& n : o.vram_plan->notices) notice(hooks, n);
+      drop_models_of_other_plans(o, cache);
     }
     r.vram_plan = o.vram_plan;
   }

@@ -49,6 +49,7 @@ Engine::Engine(EngineOptions o) : o_(std::move(o)) {}
 Engine::~Engine() = default;
 
 void Engine::load() {
+  if (budgeted()) return;
   GenerateOptions probe = o_.defaults;
   probe.prompt = "x";
   preload_models(probe, cache_, o_.resident.text_encoder, o_.resident.transformer, o_.resident.vae);
@@ -62,6 +63,7 @@ std::string Engine::model_name() const {
 }
 
 int Engine::max_batch() const {
+  if (budgeted()) return 1;
   if (o_.max_batch > 0) return o_.max_batch;
   const ModelFolder mf = open_model_folder(o_.defaults.model_dir);
   const DitConfig& c = mf.transformer;
@@ -74,6 +76,28 @@ int Engine::max_batch() const {
   const int64_t free_bytes = gpu ? device::memory_free_bytes(Device::CUDA) : available_host_bytes();
   const int64_t b = free_bytes / 2 / std::max<int64_t>(per_image, 1);
   return int(std::clamp<int64_t>(b, 1, 16));
+}
+
+// Under a --vram budget: each item through generate() (the planner, the streaming, the kept
+// models released when a phase needs their room) with the engine's cache as --keep-models'.
+std::vector<BatchItemResult> Engine::run_planned(const std::vector<BatchItem>& items, const BatchHooks& bh) {
+  std::vector<BatchItemResult> res(items.size());
+  for (size_t i = 0; i < items.size(); ++i) {
+    GenerateHooks h;
+    h.on_phase_start = bh.on_phase_start;
+    if (bh.on_step) h.on_step = [&](int s, int n, double e) { bh.on_step(s, n, e, 1); };
+    h.cancel = items[i].cancel;
+    try {
+      res[i].result = generate(items[i].options, h, &cache_);
+    } catch (const Cancelled&) {
+      res[i].cancelled = true;
+    } catch (const std::bad_alloc&) {
+      throw;
+    } catch (...) {
+      res[i].error = std::current_exception();
+    }
+  }
+  return res;
 }
 
 std::vector<BatchOutcome> Engine::run(const BatchWork& w,
@@ -93,7 +117,11 @@ std::vector<BatchOutcome> Engine::run(const BatchWork& w,
   memory_stats(Device::CPU).reset_peaks();
   if (gpu) memory_stats(Device::CUDA).reset_peaks();
   try {
-    res = generate_batch(items, hooks, cache_);
+    if (budgeted()) {
+      res = run_planned(items, hooks);
+    } else {
+      res = generate_batch(items, hooks, cache_);
+    }
   } catch (const std::exception& e) {
     for (auto& o : out) o.error = e.what();
   }

@@ -31,14 +31,17 @@ class Engine {
  public:
   explicit Engine(EngineOptions o);
   ~Engine();
-  // Loads the resident components (once, before serving).
+  // Loads the resident components (once, before serving); nothing under a --vram budget, where
+  // each request's plan decides what is kept.
   void load();
   // The scheduler's BatchRunner.
   std::vector<BatchOutcome> run(const BatchWork& w,
                                 const std::function<void(const std::string&, int, int, double)>& progress);
-  // Images per DiT batch: --max-batch, else what half of the free memory holds at the largest
-  // allowed size (the DiT's activations per image), from 1 to 16.
+  // Images per DiT batch: 1 under a --vram budget (each request runs through generate()'s
+  // planner); else --max-batch, else what half of the free memory holds at the largest allowed
+  // size (the DiT's activations per image), from 1 to 16.
   int max_batch() const;
+  bool budgeted() const { return o_.defaults.vram_bytes >= 0; }
   const EngineOptions& options() const { return o_; }
   std::string model_name() const;  // the model folder's name
   bool uses_gpu() const;           // some component runs on CUDA
@@ -47,6 +50,7 @@ class Engine {
   std::map<int, std::pair<int64_t, int64_t>> peaks_by_batch_size() const;
 
  private:
+  std::vector<BatchItemResult> run_planned(const std::vector<BatchItem>& items, const BatchHooks& hooks);
   EngineOptions o_;
   ModelCache cache_;
   mutable std::mutex peaks_mu_;

@@ -64,3 +64,23 @@ def test_unknown_endpoint_and_job(server):
 
 def test_server_still_healthy_after_bad_input(server):
     assert requests.get(server.url + "/health").json()["status"] == "ok"
+
+
+@pytest.mark.parametrize("value,words", [("x", "--vram must be a positive number of GiB"),
+                                         ("-2", "--vram must be a positive number of GiB"),
+                                         ("4", "--vram")])
+def test_vram_flag_errors_at_startup(value, words):
+    """A bad --vram is a one-line error before the server listens; on a machine without a GPU any
+    budget is refused (it budgets GPU memory), where one exists '4' starts (not tested here)."""
+    import subprocess
+    from conftest import BIN, TINY, BASE_ARGS
+    try:
+        proc = subprocess.run([BIN, "serve", "--port", "0", "--model", TINY, *BASE_ARGS, "--vram", value],
+                              capture_output=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        assert value == "4"
+        pytest.skip("a GPU is present: the budget was accepted and the server kept serving")
+    err = proc.stderr.decode()
+    assert proc.returncode != 0, err
+    assert words in err, err
+    assert len([l for l in err.splitlines() if l.strip()]) == 1, err
