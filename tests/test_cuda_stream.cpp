@@ -274,3 +274,24 @@ TEST(CudaStream, EditModesUnderABudget) {
     }
   }
 }
+
+// One cache across images of different sizes under one budget (zimage serve --vram): a model
+// kept from a differently planned image is loaded again under the new plan, so every phase stays
+// within the budget and every image equals its uncached run's.
+TEST(CudaStream, CacheAcrossSizesStaysWithinTheBudget) {
+  ZI_REQUIRE_GPU();
+  GenerateOptions big = options(256, false);
+  big.vram_bytes = 1024 * kMiB;
+  const int64_t budget = plan_generate_memory(big).minimum_bytes;  // the larger size's minimum
+  ModelCache cache;
+  for (int side : {128, 256, 128, 256}) {
+    GenerateOptions b = options(side, false);
+    b.vram_bytes = budget;
+    SCOPED_TRACE(testing::Message() << side << "², budget " << budget);
+    const GenerateResult r = generate(b, {}, &cache);
+    for (const PhaseRecord& p : r.gpu_phases) EXPECT_LE(p.peak_bytes, budget) << p.name;
+    GenerateOptions t = b;
+    t.vae_tile = r.vae_tile_used;
+    EXPECT_EQ(r.rgb, generate(t).rgb);
+  }
+}
