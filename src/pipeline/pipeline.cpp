@@ -91,11 +91,6 @@ void notice(const GenerateHooks& h, const std::string& line) {
   else std::fprintf(stderr, "warning: %s\n", line.c_str());
 }
 
-// --keep-models under a budget (--vram, or the one planned from free memory): the device bytes
-// of the cached components a phase does not use count against that phase's budget. Before the
-// phase, the largest of them are released (with a notice) until the phase's predicted peak fits
-// beside the rest, so the measured device peak stays within the budget; the released ones load
-// again when their phase comes. Measured from the device's accounting (bytes held per tag).
 // True when a cached model's streamed blocks are the ones `plan` streams (nothing streamed: a
 // plan that keeps every block resident). A model loaded under another plan (another image size
 // or budget: `zimage serve`'s requests) would keep its old residency and could exceed the budget.
@@ -118,6 +113,11 @@ void drop_models_of_other_plans(const GenerateOptions& o, ModelCache* cache) {
     cache->transformer.reset();
 }
 
+// --keep-models under a budget (--vram, or the one planned from free memory): the device bytes
+// of the cached components a phase does not use count against that phase's budget. Before the
+// phase, the largest of them are released (with a notice) until the phase's predicted peak fits
+// beside the rest, so the measured device peak stays within the budget; the released ones load
+// again when their phase comes. Measured from the device's accounting (bytes held per tag).
 void fit_cache_to_budget(const GenerateOptions& o, ModelCache* cache, Device phase_device, Tag own,
                          const GenerateHooks& hooks) {
   if (!cache || phase_device != Device::CUDA || !o.vram_plan || o.vram_plan->budget_bytes < 0) return;
