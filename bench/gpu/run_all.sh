@@ -213,8 +213,9 @@ if [[ "$WHAT" == *" quant "* ]]; then  # issue 14: weight formats at 1024², 8 s
     echo "== profile $f"; sed -n '/image 2\/2/,$p' "$OUT/zimage_q_prof_$f.log" | grep -E "linear|dequant|fp8|gemm|total" | head -30
   done
   QB=$BIN/bench_quant; [ -x "$QB" ] || QB=$ROOT/build-gpu/bench/bench_quant
-  [ "${ZI_QUANT_QUALITY:-1}" = 1 ] && z "$QB" "$M" "$PROMPT" 1024 8 1 bf16=bf16 fp8=fp8 fp8-dequant=fp8:dequant \
-    q8_0=q8_0 q4_0=q4_0 q4_0+q8_0te=q4_0+q8_0 2>&1 | tee "$OUT/quant_quality.log"
+  # ZI_QUANT_QUALITY: the formats to compare (default all; empty: none).
+  QQ=${ZI_QUANT_QUALITY-bf16=bf16 fp8=fp8 fp8-dequant=fp8:dequant q8_0=q8_0 q4_0=q4_0 q4_0+q8_0te=q4_0+q8_0}
+  [ -n "$QQ" ] && z "$QB" "$M" "$PROMPT" 1024 8 1 $QQ 2>&1 | tee "$OUT/quant_quality.log"
   rm -f "$OUT"/zq_*.png
   stamp "quant done"
 fi
