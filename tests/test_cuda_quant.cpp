@@ -82,7 +82,7 @@ struct Fp8Reset {
   ~Fp8Reset() {
     cuda::set_fp8_gemm(true);
     cuda::set_fast_dequant(true);
-    cuda::force_fp8_scaling(-1);
+    cuda::force_fp8_scaling(-2);
   }
 };
 

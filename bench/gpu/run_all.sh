@@ -9,6 +9,8 @@
 # which leaves out budget and quant; bench includes kernels; ZI_GTEST_FILTER narrows the tests). Logs go to $OUT.
 set -uo pipefail
 source "$(dirname "$0")/lib.sh"
+# The fp8 alpha-vector and scalar scalings are off by default until measured (cuda_ops.h Fp8Scaling).
+export ZI_FP8_SCALING=${ZI_FP8_SCALING:-auto}
 WHAT=" ${*:-all} "
 want() { [[ "$WHAT" == *" $1 "* || "$WHAT" == *" all "* ]]; }
 gpu_unpack_bin zimage zimage_gpu_tests bench_kernels bench_quant
