@@ -236,6 +236,19 @@ __device__ __forceinline__ float block_max(float v, float* red) {
   return red[0];
 }
 
+// 8 bf16 values at x (16-byte aligned) → rne-satfinite(x / s) as e4m3 bytes at q (8-byte aligned).
+__device__ __forceinline__ void store_e4m3x8(const bf16* x, float s, uint8_t* q) {
+  float f[8];
+  load_vec<bf16>(x, f);
+  uint32_t w[2] = {0, 0};
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const uint32_t b = __nv_cvt_float_to_fp8(__fdiv_rn(f[i], s), __NV_SATFINITE, __NV_E4M3);
+    w[i / 4] |= (b & 0xffu) << (8 * (i % 4));
+  }
+  *reinterpret_cast<uint2*>(q) = make_uint2(w[0], w[1]);
+}
+
 // One block per row: max|x| (the row is read twice; the second read hits L2), scale =
 // max / 448 (1 for a zero row), byte = rne-satfinite(x / scale).
 __global__ void quantize_rows_e4m3(const bf16* __restrict__ x, uint8_t* __restrict__ q, float* __restrict__ scale,
@@ -254,15 +267,7 @@ __global__ void quantize_rows_e4m3(const bf16* __restrict__ x, uint8_t* __restri
   const float s = m > 0.0f ? __fdiv_rn(m, 448.0f) : 1.0f;
   if (threadIdx.x == 0) scale[blockIdx.x] = s;
   for (int64_t c = threadIdx.x * 8; c < K; c += int64_t(blockDim.x) * 8) {
-    float f[8];
-    load_vec<bf16>(row + c, f);
-    uint32_t w[2] = {0, 0};
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const uint32_t b = __nv_cvt_float_to_fp8(__fdiv_rn(f[i], s), __NV_SATFINITE, __NV_E4M3);
-      w[i / 4] |= (b & 0xffu) << (8 * (i % 4));
-    }
-    *reinterpret_cast<uint2*>(qrow + c) = make_uint2(w[0], w[1]);
+    store_e4m3x8(row + c, s, qrow + c);
   }
 }
 
@@ -294,15 +299,7 @@ __global__ void quantize_tensor_e4m3(const bf16* __restrict__ x, uint8_t* __rest
   if (alpha)
     for (int64_t n = t0; n < N; n += int64_t(gridDim.x) * blockDim.x) alpha[n] = w_s ? s * w_s[n] : s;
   for (int64_t i = t0; i < n8; i += int64_t(gridDim.x) * blockDim.x) {
-    float f[8];
-    load_vec<bf16>(x + i * 8, f);
-    uint32_t w[2] = {0, 0};
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      const uint32_t b = __nv_cvt_float_to_fp8(__fdiv_rn(f[k], s), __NV_SATFINITE, __NV_E4M3);
-      w[k / 4] |= (b & 0xffu) << (8 * (k % 4));
-    }
-    *reinterpret_cast<uint2*>(q + i * 8) = make_uint2(w[0], w[1]);
+    store_e4m3x8(x + i * 8, s, q + i * 8);
   }
 }
 
