@@ -177,6 +177,15 @@ Tensor WeightLoader::load_impl(const std::string& name, const Shape& shape, DTyp
     }
   }
   const float fp8_s = fp8_scale.defined() ? fp8_scale.data<float>()[0] : 1.0f;
+  // The f32 staging copy of this one tensor: ComfyUI's scale applied, then the patches (LoRA).
+  auto staged_f32 = [&] {
+    Tensor staging = e.file->load(*e.info, DType::F32, Tag::Workspace);
+    if (fp8_s != 1.0f)
+      for (float& v : std::span<float>(staging.data<float>(), size_t(staging.numel()))) v *= fp8_s;
+    for (const auto& p : patches_)
+      if (p.wants(name)) p.apply(name, staging);
+    return staging;
+  };
   // A part of a fused matrix (load_matrix_rows): host copies are workspace, and the result is
   // written into its rows.
   const Tag host_tag = dst ? Tag::Workspace : tag_;
@@ -207,11 +216,7 @@ Tensor WeightLoader::load_impl(const std::string& name, const Shape& shape, DTyp
       // embedding would be 1.6 GB in f32).
       q = quant::quantize(e.file->view(*e.info), dt, host_tag);
     } else {
-      Tensor staging = e.file->load(*e.info, DType::F32, Tag::Workspace);
-      if (fp8_s != 1.0f)
-        for (float& v : std::span<float>(staging.data<float>(), size_t(staging.numel()))) v *= fp8_s;
-      for (const auto& p : patches_)
-        if (p.wants(name)) p.apply(name, staging);
+      Tensor staging = staged_f32();
       q = quant::quantize(staging, dt, host_tag);
     }
     if (dst) q = into_dst(q);
@@ -236,11 +241,7 @@ Tensor WeightLoader::load_impl(const std::string& name, const Shape& shape, DTyp
     out = e.file->load(*e.info, dt, host_tag);
   } else {
     // One tensor in f32 in flight, patched, then converted to its final dtype.
-    Tensor staging = e.file->load(*e.info, DType::F32, Tag::Workspace);
-    if (fp8_s != 1.0f)
-      for (float& v : std::span<float>(staging.data<float>(), size_t(staging.numel()))) v *= fp8_s;
-    for (const auto& p : patches_)
-      if (p.wants(name)) p.apply(name, staging);
+    Tensor staging = staged_f32();
     if (dt == DType::F32) {
       out = Tensor::empty(shape, dt, host_tag);
       std::copy_n(staging.f32(), staging.numel(), out.f32());
