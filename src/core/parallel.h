@@ -3,7 +3,9 @@
 // and results are bit-identical for any --threads. The zimage binary starts OpenMP with a
 // passive wait policy (idle workers sleep instead of spinning; see cli/main.cpp).
 #pragma once
+#include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 namespace zi {
 
@@ -30,6 +32,14 @@ void parallel_for(int64_t n, int64_t grain, F&& fn) {
     int64_t e = b + grain < n ? b + grain : n;
     fn(b, e);
   }
+}
+
+// memcpy by several threads in 2 MiB pieces: one core copies ~8 GB/s, and one thread reading a
+// cold mapping is page-fault bound (weight uploads, the streamed blocks' pinned copies).
+inline void parallel_copy(void* dst, const void* src, size_t bytes) {
+  parallel_for(int64_t(bytes), int64_t(2) << 20, [&](int64_t b, int64_t e) {
+    std::memcpy(static_cast<char*>(dst) + b, static_cast<const char*>(src) + b, size_t(e - b));
+  });
 }
 
 }  // namespace zi

@@ -14,9 +14,13 @@
 
 namespace zi {
 
+int64_t denoise_tokens_bound(int width, int height, int caption_len) {
+  return int64_t(width / 16) * int64_t(height / 16) + 32 + caption_len + 32;
+}
+
 int64_t estimate_denoise_activation_bytes(int64_t dim, int64_t ffn_hidden, int width, int height,
                                           int caption_len) {
-  const int64_t tokens = int64_t(width / 16) * int64_t(height / 16) + 32 + caption_len + 32;
+  const int64_t tokens = denoise_tokens_bound(width, height, caption_len);
   // Attention's peak (models/zimage_dit.cpp self_attention): the residual stream, the fused q/k/v
   // projection [S, 3·dim] and q, k, v split from it = 7 × [S, dim] (8 counted: the normed input
   // and the modulation/RoPE tables besides). FFN: the fused w1/w3 output [S, 2·ffn] and the

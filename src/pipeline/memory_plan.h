@@ -17,6 +17,8 @@ namespace zi {
 // tokens: the residual stream, normed copy, q, k, v, attention output (~6 × [S, dim]) and the
 // FFN (3 × [S, ffn]), f32.
 int64_t estimate_denoise_activation_bytes(int64_t dim, int64_t ffn_hidden, int width, int height, int caption_len);
+// The unified sequence's length at most: image tokens and caption, each with a pad block.
+int64_t denoise_tokens_bound(int width, int height, int caption_len);
 
 // vae_decode with a peak bounded by the tile size, equal to it up to f32 rounding (seams
 // included; no blending). The part at latent resolution (conv_in, the mid block with its

@@ -356,7 +356,7 @@ std::shared_ptr<const VramPlan> make_vram_plan(const GenerateOptions& o, const M
     in.dit.activation_bytes = estimate_denoise_activation_bytes(dc.dim, dc.ffn_hidden(), o.width, o.height, o.max_sequence_length);
     if (cn) {
       in.dit.fixed_bytes += controlnet_weight_bytes(*cn, o.controlnet_dtype);
-      const int64_t tokens = int64_t(o.width / 16) * int64_t(o.height / 16) + 32 + o.max_sequence_length + 32;
+      const int64_t tokens = denoise_tokens_bound(o.width, o.height, o.max_sequence_length);
       in.dit.activation_bytes += 4 * tokens * dc.dim * 4;
     }
     in.dit.activation_bytes += slack(in.dit.activation_bytes);

@@ -42,14 +42,6 @@ Ring& ring() {
   return *r;
 }
 
-// Host copy with a few threads: one thread reading a cold mapping is page-fault bound.
-void copy_parallel(void* dst, const void* src, size_t bytes) {
-  constexpr int64_t kGrain = int64_t(2) << 20;
-  parallel_for(int64_t(bytes), kGrain, [&](int64_t b, int64_t e) {
-    std::memcpy(static_cast<char*>(dst) + b, static_cast<const char*>(src) + b, size_t(e - b));
-  });
-}
-
 }  // namespace
 
 void upload_convert(const void* src, DType st, int64_t n, Tensor& dst) {
@@ -66,7 +58,7 @@ void upload_convert(const void* src, DType st, int64_t n, Tensor& dst) {
     const int slot = r.next;
     r.next = (r.next + 1) % kSlots;
     ZI_CUDA(cudaEventSynchronize(r.done[slot]));  // the slot's previous chunk has left it
-    copy_parallel(r.pinned[slot], s + size_t(off) * es, size_t(cnt) * es);
+    parallel_copy(r.pinned[slot], s + size_t(off) * es, size_t(cnt) * es);
     if (st == dt) {
       ZI_CUDA(cudaMemcpyAsync(d + size_t(off) * ed, r.pinned[slot], size_t(cnt) * es, cudaMemcpyHostToDevice,
                               stream()));
