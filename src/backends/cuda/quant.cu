@@ -17,12 +17,10 @@
 // before the bf16 rounding.
 #include <cuda_fp8.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
-#include <mutex>
-#include <set>
-#include <tuple>
 
 #include "backends/cuda/common.cuh"
 #include "backends/cuda/cuda_ops.h"
