@@ -178,15 +178,21 @@ fi
 if [[ "$WHAT" == *" trace "* ]]; then  # (not in all) issue 13: --vram 8/4 with the copy/compute trace (ZI_STREAM_TRACE)
   M=/tmp/zrm
   [ -d "$M" ] || z "$BIN/zimage" make-random-model --preset turbo --dtype bf16 -q "$M" > "$OUT/make_model.log" 2>&1
-  # v[:chunk MiB]: the copies whole, or in pieces (ZI_STREAM_CHUNK_MB).
-  for vc in ${ZI_TRACE_BUDGETS:-8 4 4:16}; do
-    v=${vc%%:*}; ch=0; [[ "$vc" == *:* ]] && ch=${vc#*:}
-    ZI_STREAM_CHUNK_MB=$ch ZI_STREAM_TRACE=1 ZI_STREAM_TRACE_CSV="$OUT/trace_${v}_$ch.csv" z "$BIN/zimage" generate \
+  # v[:chunk MiB[:copy streams[:huge]]]: the copies whole or in pieces (ZI_STREAM_CHUNK_MB), on one
+  # or two copy streams (ZI_STREAM_COPY_STREAMS), pinned blocks on huge pages or not (ZI_PINNED_HUGE).
+  echo "transparent huge pages: $(cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null)"
+  for vc in ${ZI_TRACE_BUDGETS:-8 4 4:16 4:0:2 4:0:1:1}; do
+    IFS=: read -r v ch ns hp <<< "$vc"
+    ch=${ch:-0}; ns=${ns:-1}; hp=${hp:-0}
+    tag="${v}_${ch}_${ns}_${hp}"
+    ZI_STREAM_CHUNK_MB=$ch ZI_STREAM_COPY_STREAMS=$ns ZI_PINNED_HUGE=$hp ZI_STREAM_TRACE=1 \
+      ZI_STREAM_TRACE_CSV="$OUT/trace_$tag.csv" z "$BIN/zimage" generate \
       --model "$M" -p "$PROMPT" -W 1024 -H 1024 --steps 8 --seed 1 --count 2 --device cuda --vram $v --memory-report \
-      -o "$OUT/zt_$v.png" > "$OUT/trace_${v}_$ch.log" 2>&1
-    echo "rc=$?" >> "$OUT/trace_${v}_$ch.log"
-    echo "== --vram $v chunk $ch MiB"
-    grep -E "image 2/2|^  (denoise) |stream trace|plan|streamed|GPU peak|rc=|rror" "$OUT/trace_${v}_$ch.log" | tail -12
+      -o "$OUT/zt_$tag.png" > "$OUT/trace_$tag.log" 2>&1
+    echo "rc=$?" >> "$OUT/trace_$tag.log"
+    echo "== --vram $v chunk $ch MiB, $ns copy stream(s), huge pages $hp; AnonHugePages now: $(grep AnonHugePages /proc/meminfo | tr -s ' ')"
+    grep -E "image 2/2|^  (denoise) |loaded transformer|stream trace|plan|streamed|GPU peak|rc=|rror" "$OUT/trace_$tag.log" | tail -14
+    [ -f "$OUT/zt_${v}_0_1_0-0002.png" ] && [ "$tag" != "${v}_0_1_0" ] && { cmp -s "$OUT/zt_${v}_0_1_0-0002.png" "$OUT/zt_$tag-0002.png" && echo "PNG identical to chunk 0, 1 stream" || echo "PNG DIFFERS from chunk 0, 1 stream"; }
   done
   rm -f "$OUT"/zt_*.png
   stamp "trace done"

@@ -7,12 +7,21 @@
 // (timing events; off by default) and prints, when the ring goes, how busy the copy engine was,
 // the rate it reached, how long copies waited for a free slot and how long the compute stream
 // waited for a block (bench/gpu reads it to tell copy-bound from serialized).
+//
+// Two experiments for the copy rate (bench/gpu/run_all.sh trace; off by default):
+// ZI_STREAM_COPY_STREAMS=2 splits every fill between two copy streams (two DMA engines may
+// together move more than one), and ZI_PINNED_HUGE=1 backs the pinned blocks with transparent
+// huge pages (mmap + MADV_HUGEPAGE + cudaHostRegister: fewer, larger pages for the IOMMU to map).
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <mutex>
 #include <string_view>
+#include <unordered_map>
 #include <vector>
 
 #include "backends/cuda/common.cuh"
@@ -29,7 +38,8 @@ struct TraceRow {
 
 struct Ring {
   cudaStream_t copy = nullptr;
-  std::vector<cudaEvent_t> filled, released;
+  cudaStream_t copy2 = nullptr;  // ZI_STREAM_COPY_STREAMS=2: the second half of every fill
+  std::vector<cudaEvent_t> filled, released, half_done;
   // ZI_STREAM_TRACE: one row per fill, in fill order; per slot, the row its next acquire closes.
   bool trace = false;
   std::vector<TraceRow> rows;
@@ -105,23 +115,62 @@ void print_trace(Ring& r) {
   r.rows.clear();
 }
 
+bool env_on(const char* name) {
+  const char* e = std::getenv(name);
+  return e && *e && std::string_view(e) != "0";
+}
+
+// ZI_PINNED_HUGE: the mappings made here (pointer → bytes), unregistered and unmapped on free.
+std::mutex g_huge_mu;
+std::unordered_map<void*, size_t> g_huge;
+
 }  // namespace
 
 void* pinned_alloc(size_t bytes) {
   ensure_init();
+  static const bool huge = env_on("ZI_PINNED_HUGE");
   void* p = nullptr;
+  if (huge && bytes >= (size_t(2) << 20)) {
+    const size_t n = (bytes + (size_t(2) << 20) - 1) & ~((size_t(2) << 20) - 1);
+    void* m = mmap(nullptr, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m != MAP_FAILED) {
+      (void)madvise(m, n, MADV_HUGEPAGE);
+      if (cudaHostRegister(m, n, cudaHostRegisterDefault) == cudaSuccess) {
+        std::lock_guard<std::mutex> lk(g_huge_mu);
+        g_huge.emplace(m, n);
+        return m;
+      }
+      (void)cudaGetLastError();
+      munmap(m, n);
+    }
+  }
   ZI_CUDA(cudaHostAlloc(&p, bytes, cudaHostAllocDefault));
   return p;
 }
 
 void pinned_free(void* p) {
-  if (p && cudaFreeHost(p) != cudaSuccess) (void)cudaGetLastError();  // never throw here
+  if (!p) return;
+  {
+    std::lock_guard<std::mutex> lk(g_huge_mu);
+    if (auto it = g_huge.find(p); it != g_huge.end()) {
+      if (cudaHostUnregister(p) != cudaSuccess) (void)cudaGetLastError();
+      munmap(p, it->second);
+      g_huge.erase(it);
+      return;
+    }
+  }
+  if (cudaFreeHost(p) != cudaSuccess) (void)cudaGetLastError();  // never throw here
 }
 
 void* ring_create(int slots) {
   ensure_init();
   auto* r = new Ring;
   ZI_CUDA(cudaStreamCreateWithFlags(&r->copy, cudaStreamNonBlocking));
+  if (const char* e = std::getenv("ZI_STREAM_COPY_STREAMS"); e && std::atoi(e) >= 2) {
+    ZI_CUDA(cudaStreamCreateWithFlags(&r->copy2, cudaStreamNonBlocking));
+    r->half_done.resize(size_t(slots));
+    for (cudaEvent_t& ev : r->half_done) ZI_CUDA(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+  }
   r->filled.resize(size_t(slots));
   r->released.resize(size_t(slots));
   const char* t = std::getenv("ZI_STREAM_TRACE");
@@ -145,6 +194,11 @@ void ring_destroy(void* ring) {
   }
   for (cudaEvent_t e : r->filled) (void)cudaEventDestroy(e);
   for (cudaEvent_t e : r->released) (void)cudaEventDestroy(e);
+  for (cudaEvent_t e : r->half_done) (void)cudaEventDestroy(e);
+  if (r->copy2) {
+    (void)cudaStreamSynchronize(r->copy2);
+    (void)cudaStreamDestroy(r->copy2);
+  }
   (void)cudaStreamDestroy(r->copy);
   (void)cudaGetLastError();
   delete r;
@@ -167,11 +221,25 @@ void ring_fill(void* ring, int slot, void* dst, const void* host, size_t bytes) 
     const char* e = std::getenv("ZI_STREAM_CHUNK_MB");
     return e ? size_t(std::max(0, std::atoi(e))) << 20 : size_t(0);
   }();
-  for (size_t off = 0; off < bytes;) {
-    const size_t n = chunk ? std::min(chunk, bytes - off) : bytes - off;
-    ZI_CUDA(cudaMemcpyAsync(static_cast<char*>(dst) + off, static_cast<const char*>(host) + off, n,
-                            cudaMemcpyHostToDevice, r->copy));
-    off += n;
+  auto copy_range = [&](size_t from, size_t to, cudaStream_t s) {
+    for (size_t off = from; off < to;) {
+      const size_t n = chunk ? std::min(chunk, to - off) : to - off;
+      ZI_CUDA(cudaMemcpyAsync(static_cast<char*>(dst) + off, static_cast<const char*>(host) + off, n,
+                              cudaMemcpyHostToDevice, s));
+      off += n;
+    }
+  };
+  if (r->copy2) {
+    // The second half on the second stream, after the same release and the first stream's start.
+    if (row) ZI_CUDA(cudaStreamWaitEvent(r->copy2, row->copy_begin, 0));
+    else ZI_CUDA(cudaStreamWaitEvent(r->copy2, r->released[size_t(slot)], 0));
+    const size_t half = (bytes / 2 + 255) & ~size_t(255);
+    copy_range(0, std::min(half, bytes), r->copy);
+    copy_range(std::min(half, bytes), bytes, r->copy2);
+    ZI_CUDA(cudaEventRecord(r->half_done[size_t(slot)], r->copy2));
+    ZI_CUDA(cudaStreamWaitEvent(r->copy, r->half_done[size_t(slot)], 0));
+  } else {
+    copy_range(0, bytes, r->copy);
   }
   if (row) ZI_CUDA(cudaEventRecord(row->copy_end, r->copy));
   ZI_CUDA(cudaEventRecord(r->filled[size_t(slot)], r->copy));
@@ -202,6 +270,7 @@ void ring_release(void* ring, int slot) {
 
 void ring_drain(void* ring) {
   auto* r = static_cast<Ring*>(ring);
+  if (r->copy2) ZI_CUDA(cudaStreamSynchronize(r->copy2));
   ZI_CUDA(cudaStreamSynchronize(r->copy));
 }
 
