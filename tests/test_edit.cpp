@@ -20,6 +20,7 @@
 #include "models/controlnet.h"
 #include "models/vae_encoder.h"
 #include "pipeline/edit.h"
+#include "pipeline/memory_plan.h"
 #include "pipeline/pipeline.h"
 #include "test_util.h"
 
@@ -91,6 +92,32 @@ TEST(Edit, VaeEncoderMatchesReference) {
   EXPECT_LT(el, 1e-5);
   EXPECT_EQ(hw, 6 * 8);
   std::printf("encoder: mean rel L2 %.3g, logvar rel L2 %.3g\n", em, el);
+}
+
+// The encoder's peak estimate (the --vram plan's encode-image phase) bounds the accounted peak of
+// vae_encode_moments on the CPU, at several sizes and both weight dtypes, and is not loose.
+TEST(Edit, VaeEncoderPeakEstimateBoundsTheMeasuredPeak) {
+  ModelFolder mf = open_model_folder(test::tiny_model());
+  for (DType wdt : {DType::F32, DType::BF16}) {
+    TensorStore store = TensorStore::open_dir(mf.vae_dir);
+    WeightLoader loader(store, Tag::VaeEncoderWeights, "vae encoder");
+    VaeEncoder enc = load_vae_encoder(loader, mf.vae, wdt);
+    loader.finish();
+    for (auto [h, w] : {std::pair{48, 64}, std::pair{128, 96}, std::pair{256, 256}}) {
+      Tensor img = Tensor::empty({3, h, w}, DType::F32);
+      for (int64_t i = 0; i < img.numel(); ++i) img.f32()[i] = float(std::sin(0.37 * double(i)));
+      MemoryStats& ms = memory_stats(Device::CPU);
+      const int64_t before = ms.total().current;
+      ms.reset_peaks();
+      Tensor mom = vae_encode_moments(enc, img);
+      const int64_t measured = ms.total().peak - before;
+      const int64_t est = vae_encode_peak_bytes(mf.vae, h, w);
+      std::printf("encoder peak %s %dx%d: measured %.2f MB, estimate %.2f MB (%.2fx)\n", dtype_name(wdt), h, w,
+                  measured / 1e6, est / 1e6, double(est) / double(measured));
+      EXPECT_LE(measured, est) << h << "x" << w;
+      EXPECT_LE(double(est), 1.5 * double(measured)) << "estimate too loose for " << h << "x" << w;
+    }
+  }
 }
 
 TEST(Edit, Img2ImgStrength60) { run_case("img2img_s60"); }

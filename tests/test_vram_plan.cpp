@@ -263,3 +263,51 @@ TEST(VramPlan, ControlNetIsCountedInTheDenoisePlan) {
   o.vram_bytes = with.minimum_bytes - 1;
   EXPECT_THROW(plan_generate_memory(o), UsageError);
 }
+
+// The image-conditioned modes' VAE-encode phase is planned: its weights and untiled peak (the
+// estimate Edit.VaeEncoderPeakEstimateBoundsTheMeasuredPeak checks) count, and show in the report.
+TEST(VramPlan, VaeEncoderIsCountedForImageInputs) {
+  GenerateOptions o = test::edit_case_options(ZI_TEST_DATA, test::tiny_model(), "img2img_s60");
+  o.vae_device = Device::CUDA;  // planned, not run
+  o.text_encoder_device = o.transformer_device = Device::CPU;
+  o.vram_bytes = int64_t(1) << 30;
+  const VramPlan with = plan_generate_memory(o);
+  GenerateOptions plain = o;
+  plain.init_image.clear();
+  const VramPlan without = plan_generate_memory(plain);
+  const ModelFolder mf = open_model_folder(test::tiny_model());
+  EXPECT_EQ(without.vae_encode_peak_bytes, 0);
+  EXPECT_GT(with.vae_encode_peak_bytes, vae_encode_peak_bytes(mf.vae, o.height, o.width));  // + its weights
+  EXPECT_GE(with.minimum_bytes, with.vae_encode_peak_bytes);
+  EXPECT_NE(format_vram_plan(with).find("vae encoder"), std::string::npos);
+  EXPECT_EQ(format_vram_plan(without).find("vae encoder"), std::string::npos);
+}
+
+// At the real size the encoder runs at full resolution and untiled: at 2048² it needs more than
+// any other phase, so it sets the minimum, and a budget below it is refused naming it.
+TEST(VramPlan, TheVaeEncoderCanSetTheMinimum) {
+  auto with_encoder = [](int side, int64_t budget) {
+    VramPlanInput in = real_input(side, side, budget);
+    in.vae_encoder_weight_bytes = int64_t(70) << 20;
+    in.encode_width = in.encode_height = side;
+    return in;
+  };
+  for (int side : {1024, 2048}) {
+    const VramPlan p = plan_vram(with_encoder(side, -1)), q = plan_vram(real_input(side, side, -1));
+    std::printf("%d²: vae encoder %.2f GiB, minimum %.2f GiB (without the encoder %.2f GiB)\n", side,
+                double(p.vae_encode_peak_bytes) / kGiB, double(p.minimum_bytes) / kGiB, double(q.minimum_bytes) / kGiB);
+    EXPECT_EQ(p.minimum_bytes, std::max(q.minimum_bytes, p.vae_encode_peak_bytes));
+  }
+  const VramPlan p = plan_vram(with_encoder(2048, -1));
+  ASSERT_EQ(p.minimum_bytes, p.vae_encode_peak_bytes);
+  try {
+    plan_vram(with_encoder(2048, p.minimum_bytes - 1));
+    FAIL() << "a budget below the encoder's peak was accepted";
+  } catch (const UsageError& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("--vram"), std::string::npos) << m;
+    EXPECT_NE(m.find("VAE encoder"), std::string::npos) << m;
+    EXPECT_NE(m.find("2048x2048"), std::string::npos) << m;
+  }
+  EXPECT_NO_THROW(plan_vram(with_encoder(2048, p.minimum_bytes)));
+}

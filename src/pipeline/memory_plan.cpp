@@ -271,6 +271,39 @@ Checkpoints choose_checkpoints(const VaeConfig& cfg, int h, int w, int tile) {
 
 }  // namespace
 
+int64_t vae_encode_peak_bytes(const VaeConfig& cfg, int height, int width) {
+  const int64_t T = std::max(1, num_threads());
+  const std::vector<int>& ch = cfg.block_out_channels;
+  int64_t H = height, W = width, c = ch.front();
+  PeakSim s;
+  s.alloc(int64_t(cfg.in_channels) * H * W * kF32);  // the image where the encoder computes
+  sim_conv(s, cfg.in_channels, c, 3, H, W, T);      // conv_in
+  s.free(int64_t(cfg.in_channels) * H * W * kF32);
+  for (size_t i = 0; i < ch.size(); ++i) {
+    for (int j = 0; j < cfg.layers_per_block; ++j) {
+      sim_resnet(s, c, ch[i], H, W, T, false);
+      c = ch[i];
+    }
+    if (i + 1 < ch.size()) {  // downsample: pad (0, 1, 0, 1), then a 3×3 conv of stride 2
+      s.alloc(c * (H + 1) * (W + 1) * kF32);
+      s.free(c * H * W * kF32);
+      sim_conv(s, c, c, 3, H / 2, W / 2, T);
+      s.free(c * (H + 1) * (W + 1) * kF32);
+      H /= 2;
+      W /= 2;
+    }
+  }
+  sim_resnet(s, c, c, H, W, T, false);
+  if (cfg.mid_block_add_attention) sim_attention(s, c, H, W, T);
+  sim_resnet(s, c, c, H, W, T, false);
+  sim_group_norm(s, c, false);
+  const int64_t L2 = 2 * int64_t(cfg.latent_channels);
+  sim_conv(s, c, L2, 3, H, W, T);  // conv_out
+  s.free(c * H * W * kF32);
+  if (cfg.use_quant_conv) sim_conv(s, L2, L2, 1, H, W, T);
+  return s.peak;
+}
+
 int64_t vae_decode_peak_bytes(const VaeConfig& cfg, int h, int w) {
   const int64_t T = std::max(1, num_threads());
   PeakSim s;
@@ -449,6 +482,11 @@ void plan_vae(const VramPlanInput& in, int64_t budget, VramPlan& p) {
   p.vae_peak_bytes = in.vae_weight_bytes + vae_decode_tiled_peak_bytes(in.vae, in.latent_h, in.latent_w, t);
 }
 
+int64_t vae_encode_bytes(const VramPlanInput& in) {
+  if (!in.vae_on_device || in.encode_width <= 0 || in.encode_height <= 0) return 0;
+  return in.vae_encoder_weight_bytes + vae_encode_peak_bytes(in.vae, in.encode_height, in.encode_width);
+}
+
 int64_t vae_minimum_bytes(const VramPlanInput& in) {
   if (!in.vae_on_device || in.latent_h <= 0 || in.latent_w <= 0) return 0;
   return in.vae_weight_bytes + vae_decode_tiled_peak_bytes(in.vae, in.latent_h, in.latent_w, 16);
@@ -502,12 +540,16 @@ VramPlan plan_vram(const VramPlanInput& in) {
   p.h2d_bytes_per_second = in.h2d_bytes_per_second;
   const StreamableComponent* comps[2] = {&in.text, &in.dit};
   // The least budget this image size can run under, and what everything resident needs.
-  int64_t minimum = vae_minimum_bytes(in), resident_need = 0;
+  const int64_t encode = vae_encode_bytes(in);
+  int64_t minimum = vae_minimum_bytes(in), resident_need = encode;
   for (const StreamableComponent* c : comps) {
     const ComponentPlan whole = plan_component(*c, -1, 0);
     minimum = std::max(minimum, whole.minimum_bytes);
     resident_need = std::max(resident_need, whole.predicted_peak_bytes);
   }
+  const bool encoder_bound = encode > minimum;  // the VAE encoder (untiled) sets the minimum
+  minimum = std::max(minimum, encode);
+  p.vae_encode_peak_bytes = encode;
   p.minimum_bytes = minimum;
   const std::string size = str_cat(in.width, "x", in.height);
   int64_t budget = in.budget_bytes;
@@ -520,7 +562,8 @@ VramPlan plan_vram(const VramPlanInput& in) {
     }
     if (budget < minimum)
       throw UsageError(str_cat("--vram ", gib_str(budget), " is below the minimum of ", gib_str(minimum), " for ", size,
-                               " (the largest phase with two blocks streaming and the smallest VAE tile)"));
+                               encoder_bound ? " (the VAE encoder on the input image: it runs untiled)"
+                                             : " (the largest phase with two blocks streaming and the smallest VAE tile)"));
   } else if (in.free_bytes > 0 && std::max(resident_need, vae_minimum_bytes(in)) > in.free_bytes) {
     budget = in.free_bytes - vram_auto_margin(in.free_bytes);
     p.automatic = true;
@@ -572,6 +615,10 @@ std::string format_vram_plan(const VramPlan& p) {
       s += buf;
     }
     s += "\n";
+  }
+  if (p.vae_encode_peak_bytes > 0) {
+    std::snprintf(buf, sizeof buf, "  %-12s untiled, predicted peak %.1f MiB\n", "vae encoder", mib(p.vae_encode_peak_bytes));
+    s += buf;
   }
   if (p.vae_peak_bytes > 0) {
     std::snprintf(buf, sizeof buf, "  %-12s %s, predicted peak %.1f MiB\n", "vae",

@@ -37,6 +37,10 @@ Tensor vae_decode_tiled(const VaeDecoder& m, const Tensor& z, int tile, int over
 // allocations with the CPU backend's workspaces at the current thread count.
 int64_t vae_decode_peak_bytes(const VaeConfig& cfg, int h, int w);
 
+// Activation bytes vae_encode_moments holds at its peak for an image of height × width pixels
+// (the encoder always runs whole: no tiled encode), replayed like vae_decode_peak_bytes.
+int64_t vae_encode_peak_bytes(const VaeConfig& cfg, int height, int width);
+
 // Upper bound of the activation bytes vae_decode_tiled holds at its peak (the chosen plan's),
 // the larger of: the whole latent-resolution part (its peak grows with h·w like the latent,
 // ~11 KB per latent pixel for the Z-Image VAE, mostly the mid attention), and the tiled passes:
@@ -119,6 +123,10 @@ struct VramPlanInput {
   VaeConfig vae;
   int64_t vae_weight_bytes = 0;
   int latent_h = 0, latent_w = 0;  // the decode's latent size
+  // The image-conditioned modes' VAE-encode phase (on the VAE's device): the encoder's weights and
+  // the size of the images it encodes (0: no such phase). It runs whole, so its peak is a floor.
+  int64_t vae_encoder_weight_bytes = 0;
+  int encode_width = 0, encode_height = 0;
   int width = 0, height = 0;       // the image size (for messages)
   double h2d_bytes_per_second = 0; // measured pinned host → device rate; 0: unknown (no prediction)
 };
@@ -131,6 +139,7 @@ struct VramPlan {
   ComponentPlan text, dit;
   int vae_tile = 0;              // decode tile in latent pixels (0: untiled)
   int64_t vae_peak_bytes = 0;    // the decode's weights + estimated peak with that tile
+  int64_t vae_encode_peak_bytes = 0;  // the VAE-encode phase's weights + estimated peak (0: none)
   int64_t minimum_bytes = 0;     // the least budget for this image size (max over the phases)
   double h2d_bytes_per_second = 0;
   bool streams() const { return text.ring_slots > 0 || dit.ring_slots > 0; }

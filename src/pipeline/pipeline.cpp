@@ -326,8 +326,9 @@ VaeDecoder load_vae(const PhaseContext& ctx, const ModelSources& src, const Gene
 // With a ControlNet (`cn`), its weights are resident beside the transformer's fixed part and its
 // streams (the control context and the hint being added: 4 × [S, dim] f32 counted) add to the
 // denoise activations, so the transformer streams more blocks to stay within the budget.
+// `encodes`: the mode runs the VAE encoder on width × height input images (its own phase).
 std::shared_ptr<const VramPlan> make_vram_plan(const GenerateOptions& o, const ModelSources& src, int64_t h, int64_t w,
-                                               const ControlNetConfig* cn = nullptr) {
+                                               const ControlNetConfig* cn, bool encodes) {
   const ModelFolder& mf = src.folder;
   // Allocations the estimates do not itemise (RoPE tables, latents, small temporaries): a
   // quarter more than the activations and 1 MiB.
@@ -365,12 +366,17 @@ std::shared_ptr<const VramPlan> make_vram_plan(const GenerateOptions& o, const M
   in.vae_on_device = o.vae_device == Device::CUDA;
   if (in.vae_on_device) {
     const TensorStore store = src.open(Component::Vae);
-    int64_t n = 0;
+    int64_t n = 0, ne = 0;
     for (const auto& f : store.files())
       for (const auto& t : f->tensors())
-        if (!t.name.starts_with("encoder.") && !t.name.starts_with("quant_conv.")) n += t.numel();
+        (t.name.starts_with("encoder.") || t.name.starts_with("quant_conv.") ? ne : n) += t.numel();
     in.vae = mf.vae;
     in.vae_weight_bytes = int64_t(dtype_bytes(o.vae_dtype, n)) + (int64_t(1) << 20);
+    if (encodes) {
+      in.vae_encoder_weight_bytes = int64_t(dtype_bytes(o.vae_dtype, ne)) + (int64_t(1) << 20);
+      in.encode_width = int(w * mf.vae.scale_factor());
+      in.encode_height = int(h * mf.vae.scale_factor());
+    }
     in.latent_h = int(h);
     in.latent_w = int(w);
   }
@@ -422,7 +428,7 @@ VramPlan plan_generate_memory(const GenerateOptions& o) {
   const int64_t h = 2 * (o.height / (sf * 2)), w = 2 * (o.width / (sf * 2));
   std::optional<ControlNetConfig> cn;
   if (!o.controlnet.empty()) cn = inspect_controlnet(o.controlnet, src.folder.transformer);
-  return *make_vram_plan(o, src, h, w, cn ? &*cn : nullptr);
+  return *make_vram_plan(o, src, h, w, cn ? &*cn : nullptr, edit_mode(o) != EditMode::Text);
 }
 
 void validate_generate_options(const GenerateOptions& o) {
@@ -560,7 +566,8 @@ GenerateResult generate(const GenerateOptions& options, const GenerateHooks& hoo
     // cache's resident models are not free memory to lose).
     const bool cached = cache && (cache->transformer || cache->text_encoder || cache->vae);
     if (o.vram_bytes >= 0 || !cached) {
-      o.vram_plan = make_vram_plan(o, src, h, w, !edit.controlnet.path.empty() ? &edit.controlnet : nullptr);
+      o.vram_plan = make_vram_plan(o, src, h, w, !edit.controlnet.path.empty() ? &edit.controlnet : nullptr,
+                                   edit.needs_encoder());
       for (const std::string& n : o.vram_plan->notices) notice(hooks, n);
       drop_models_of_other_plans(o, cache);
     }
