@@ -409,9 +409,11 @@ int64_t dit_block_bytes(const DitConfig& cfg, DType wdt, bool modulated) {
 
 double gib(int64_t b) { return double(b) / double(int64_t(1) << 30); }
 
+// GiB with two decimals; below 0.1 GiB in MiB (a tiny model's budgets would all read 0.00 GiB).
 std::string gib_str(int64_t b) {
   char buf[32];
-  std::snprintf(buf, sizeof buf, "%.2f GiB", gib(b));
+  if (b < (int64_t(1) << 30) / 10) std::snprintf(buf, sizeof buf, "%.1f MiB", double(b) / double(1 << 20));
+  else std::snprintf(buf, sizeof buf, "%.2f GiB", gib(b));
   return buf;
 }
 
