@@ -106,11 +106,7 @@ TEST(Edit, VaeEncoderPeakEstimateBoundsTheMeasuredPeak) {
     for (auto [h, w] : {std::pair{48, 64}, std::pair{128, 96}, std::pair{256, 256}}) {
       Tensor img = Tensor::empty({3, h, w}, DType::F32);
       for (int64_t i = 0; i < img.numel(); ++i) img.f32()[i] = float(std::sin(0.37 * double(i)));
-      MemoryStats& ms = memory_stats(Device::CPU);
-      const int64_t before = ms.total().current;
-      ms.reset_peaks();
-      Tensor mom = vae_encode_moments(enc, img);
-      const int64_t measured = ms.total().peak - before;
+      const int64_t measured = test::measured_peak([&] { vae_encode_moments(enc, img); });
       const int64_t est = vae_encode_peak_bytes(mf.vae, h, w);
       std::printf("encoder peak %s %dx%d: measured %.2f MB, estimate %.2f MB (%.2fx)\n", dtype_name(wdt), h, w,
                   measured / 1e6, est / 1e6, double(est) / double(measured));

@@ -11,6 +11,7 @@
 #include <vector>
 #include <string>
 
+#include "core/allocator.h"
 #include "core/check.h"
 #include "core/tensor.h"
 #include "io/safetensors.h"
@@ -105,6 +106,17 @@ inline double max_abs_diff(const Tensor& a, const Tensor& b) {
     m = d > m ? d : m;
   }
   return m;
+}
+
+// Activation bytes `fn` holds at its CPU peak beyond what was held before (weights, inputs), by the
+// allocator's accounting.
+template <class F>
+int64_t measured_peak(F&& fn) {
+  MemoryStats& ms = memory_stats(Device::CPU);
+  const int64_t before = ms.total().current;
+  ms.reset_peaks();
+  fn();
+  return ms.total().peak - before;
 }
 
 }  // namespace zi::test

@@ -20,6 +20,7 @@
 
 namespace fs = std::filesystem;
 using namespace zi;
+using test::measured_peak;
 
 namespace {
 
@@ -58,16 +59,6 @@ bool all_finite(const Tensor& t) {
   for (int64_t i = 0; i < t.numel(); ++i)
     if (!std::isfinite(p[i])) return false;
   return true;
-}
-
-// Activation bytes `fn` holds at its peak beyond what was held before (weights, inputs).
-template <class F>
-int64_t measured_peak(F&& fn) {
-  MemoryStats& ms = memory_stats(Device::CPU);
-  const int64_t before = ms.total().current;
-  ms.reset_peaks();
-  fn();
-  return ms.total().peak - before;
 }
 
 struct TempDir {

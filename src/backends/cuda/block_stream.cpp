@@ -173,8 +173,7 @@ void* ring_create(int slots) {
   }
   r->filled.resize(size_t(slots));
   r->released.resize(size_t(slots));
-  const char* t = std::getenv("ZI_STREAM_TRACE");
-  r->trace = t && *t && std::string_view(t) != "0";
+  r->trace = env_on("ZI_STREAM_TRACE");
   r->pending.assign(size_t(slots), SIZE_MAX);
   r->in_use.assign(size_t(slots), SIZE_MAX);
   for (int i = 0; i < slots; ++i) {
@@ -230,9 +229,8 @@ void ring_fill(void* ring, int slot, void* dst, const void* host, size_t bytes) 
     }
   };
   if (r->copy2) {
-    // The second half on the second stream, after the same release and the first stream's start.
-    if (row) ZI_CUDA(cudaStreamWaitEvent(r->copy2, row->copy_begin, 0));
-    else ZI_CUDA(cudaStreamWaitEvent(r->copy2, r->released[size_t(slot)], 0));
+    // The second half on the second stream, after the same release.
+    ZI_CUDA(cudaStreamWaitEvent(r->copy2, r->released[size_t(slot)], 0));
     const size_t half = (bytes / 2 + 255) & ~size_t(255);
     copy_range(0, std::min(half, bytes), r->copy);
     copy_range(std::min(half, bytes), bytes, r->copy2);
