@@ -148,6 +148,13 @@ TEST(Quant, LinearPaths) {
         cpu::linear_quant(x, q, &bias, y1, cpu::QuantPath::Int8);
         EXPECT_LT(rel_l2(a1, y1), 1e-6) << "AVX2 vs VNNI int8 paths";
       }
+      // A row's result does not depend on the rows beside it (a server batch equals single runs):
+      // row 33 alone (the last full tile of 4 is rows 32–35) and rows 36.. (the tail) equal the full run's.
+      for (int64_t r0 : {int64_t(33), int64_t(36)}) {
+        Tensor xs = x.slice(0, r0, r0 + 1).contiguous(), ys = Tensor::empty({1, N}, DType::F32);
+        cpu::linear_quant(xs, q, &bias, ys, cpu::QuantPath::Int8Avx2);
+        EXPECT_TRUE(bit_equal(ys, a1.slice(0, r0, r0 + 1).contiguous())) << "row " << r0;
+      }
     }
     // Through ops::linear (the models' entry point).
     Tensor y = ops::linear(x, q, &bias);

@@ -11,11 +11,17 @@
 //            s8, started from −128·Σw so the int32 lanes hold Σ x·w exactly), converts each
 //            2-block int32 vector to f32 and accumulates it times dx·dw. Partial sums are
 //            reduced per 1024-wide K chunk in a fixed order.
-//   Int8Avx2 the same on CPUs with AVX2 but no VNNI: x's bytes back to signed q, then per
-//            32-block vpmaddubsw(|w|, sign(x, w)) (pairs of products: |sum| ≤ 2·128·127, no
-//            saturation) and vpmaddwd with ones, so each int32 lane holds the same 4-value sum
-//            as vpdpbusd's; scales, order of the chunks and of the tiles as Int8 (the lanes'
-//            final reduction differs: 8-wide vectors instead of 16).
+//   Int8Avx2 Q8_0 / Q4_0 on CPUs with AVX2 but no VNNI: x's rows quantized the same way (kept
+//            signed, one scale and one sum per 32-block); each panel of w is repacked into
+//            groups of 8 rows whose 32-byte vectors hold 4 consecutive k of each of the 8 rows,
+//            so one vpmaddubsw serves 8 outputs of a row of x (its 4 values broadcast) and the
+//            lanes are outputs, not k: no horizontal sums, one conversion and one FMA per
+//            block and row for 8 outputs. Q8_0: vpmaddubsw(|w|, sign(x, w)) (pairs ≤ 2·128·127,
+//            no saturation), vpmaddwd with ones, int32 adds over the block's 8 quads. Q4_0: the
+//            nibbles q ∈ [0, 15] as the unsigned operand, x signed, 8 quads summed in int16
+//            (≤ 8·2·15·127 < 2¹⁵), one vpmaddwd per block, then − 8·Σx of the block. The
+//            block's int32 sums are exact, the same integers as the Int8 path's; only the f32
+//            accumulation order differs (per block, k ascending, per output).
 // Both are deterministic for any thread count: panels and chunks do not depend on it.
 #include <cblas.h>
 // GCC 12's AVX-512 masked-load intrinsics start from an "undefined" vector it then reports.
@@ -144,44 +150,158 @@ ZI_VNNI void tile_vnni(const uint8_t* xu, const float* dxe, const int8_t* w8, co
 
 #define ZI_AVX2 __attribute__((target("avx2,fma")))
 
-ZI_AVX2 inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
+// ---- AVX2 path: w repacked so that the vector lanes are 8 outputs ---------------------------
+
+constexpr int kGroup = 8;   // rows of w (outputs) per packed group: one 8-lane vector
+constexpr int kRows = 4;    // rows of x per kernel call (registers: 2 vectors per row)
+
+// x rows → s8 q (|q| ≤ 127), the scale of each 32-block and the sum of its q (Q4_0's offset).
+void quantize_x_blocks(const float* x, int64_t M, int64_t K, int8_t* xq, float* dx, int32_t* xsum) {
+  const int64_t nb = K / 32;
+  parallel_for(M, 4, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t b = 0; b < nb; ++b) {
+        const float* xb = x + r * K + b * 32;
+        float amax = 0;
+        for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(xb[j]));
+        const float d = amax / 127, id = d != 0 ? 1.0f / d : 0.0f;
+        int32_t sum = 0;
+        for (int j = 0; j < 32; ++j) {
+          const int q = int(std::roundf(xb[j] * id));
+          xq[r * K + b * 32 + j] = int8_t(q);
+          sum += q;
+        }
+        dx[r * nb + b] = d;
+        xsum[r * nb + b] = sum;
+      }
+  });
 }
 
-// tile_vnni's arithmetic on AVX2: one 32-block (8 lanes of 4 values) per step.
-ZI_AVX2 void tile_avx2(const uint8_t* xu, const float* dxe, const int8_t* w8, const float* dwe, int64_t K, int64_t k0,
-                       int64_t k1, int mr, int nr, float* y, int64_t ldy) {
-  __m256 acc[4][4];
-  for (int i = 0; i < 4; ++i)
-    for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_setzero_ps();
-  const int64_t K4 = K / 4;
-  const __m256i flip = _mm256_set1_epi8(char(0x80)), ones = _mm256_set1_epi16(1);
-  for (int64_t k = k0; k < k1; k += 32) {
-    __m256i xv[4];
-    __m256 xs[4];
-    for (int i = 0; i < 4; ++i) {
-      const int ii = i < mr ? i : 0;
-      // u8 (q + 128) → s8 q, |q| ≤ 127.
-      xv[i] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xu + ii * K + k)), flip);
-      xs[i] = _mm256_loadu_ps(dxe + ii * K4 + k / 4);
+// Rows [n0, n0 + np) of w → groups of kGroup rows; per group and 32-block, 8 vectors (one per
+// quad of k) of [row][4 values] bytes: Q8_0 the signed values, Q4_0 the nibbles q (value q − 8);
+// and the block's 8 scales. Rows past np are zero with scale 0.
+void pack_panel_avx2(const Tensor& w, int64_t n0, int64_t np, int64_t K, int8_t* pw, float* pd) {
+  const uint8_t* base = static_cast<const uint8_t*>(w.raw());
+  const size_t bb = dtype_block_bytes(w.dtype()), rb = dtype_bytes(w.dtype(), K);
+  const int64_t nb = K / 32, ng = (np + kGroup - 1) / kGroup;
+  const bool q8 = w.dtype() == DType::Q8_0;
+  for (int64_t g = 0; g < ng; ++g)
+    for (int c = 0; c < kGroup; ++c) {
+      const int64_t r = g * kGroup + c;
+      const uint8_t* src = r < np ? base + size_t(n0 + r) * rb : nullptr;
+      for (int64_t b = 0; b < nb; ++b) {
+        int8_t* dst = pw + (g * nb + b) * 256 + c * 4;
+        float& scale = pd[(g * nb + b) * kGroup + c];
+        if (!src) {
+          for (int q = 0; q < 8; ++q) std::memset(dst + q * 32, 0, 4);
+          scale = 0;
+          continue;
+        }
+        const uint8_t* blk = src + size_t(b) * bb;
+        uint16_t h;
+        std::memcpy(&h, blk, 2);
+        scale = f16_to_f32(h);
+        int8_t v[32];
+        if (q8) {
+          std::memcpy(v, blk + 2, 32);
+        } else {
+          for (int j = 0; j < 16; ++j) {
+            v[j] = int8_t(blk[2 + j] & 0x0F);
+            v[16 + j] = int8_t(blk[2 + j] >> 4);
+          }
+        }
+        for (int q = 0; q < 8; ++q) std::memcpy(dst + q * 32, v + 4 * q, 4);
+      }
     }
-    for (int j = 0; j < 4; ++j) {
-      if (j >= nr) break;
-      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w8 + j * K + k));
-      const __m256i wabs = _mm256_sign_epi8(wv, wv);  // −128 stays 0x80 = 128 unsigned
-      const __m256 ws = _mm256_loadu_ps(dwe + j * K4 + k / 4);
-      for (int i = 0; i < 4; ++i) {
-        const __m256i p16 = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(xv[i], wv));
-        const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
-        acc[i][j] = _mm256_fmadd_ps(f, _mm256_mul_ps(xs[i], ws), acc[i][j]);
+}
+
+// y[r, 0..nc) = bias + Σ_k x[r, k] · w[c, k] for R rows of x and one packed group (nc ≤ 8 outputs).
+template <int R, bool Q4>
+ZI_AVX2 void group_avx2(const int8_t* xq, const float* dx, const int32_t* xsum, int64_t K, const int8_t* pw,
+                        const float* pd, const float* bias, int nc, float* y, int64_t ldy) {
+  const int64_t nb = K / 32;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const int8_t* wb = pw + b * 256;
+    __m256i s[R];  // Q8_0: int32 sums per output; Q4_0: int16 pair sums
+    for (int r = 0; r < R; ++r) s[r] = _mm256_setzero_si256();
+    _Pragma("GCC unroll 2") for (int q = 0; q < 8; ++q) {
+      const __m256i wv = _mm256_load_si256(reinterpret_cast<const __m256i*>(wb + q * 32));
+      if constexpr (Q4) {
+        for (int r = 0; r < R; ++r) {
+          int32_t a4;
+          std::memcpy(&a4, xq + r * K + b * 32 + q * 4, 4);
+          s[r] = _mm256_add_epi16(s[r], _mm256_maddubs_epi16(wv, _mm256_set1_epi32(a4)));
+        }
+      } else {
+        const __m256i wa = _mm256_abs_epi8(wv);  // −128 → 0x80 = 128 unsigned
+        for (int r = 0; r < R; ++r) {
+          int32_t a4;
+          std::memcpy(&a4, xq + r * K + b * 32 + q * 4, 4);
+          const __m256i p = _mm256_maddubs_epi16(wa, _mm256_sign_epi8(_mm256_set1_epi32(a4), wv));
+          s[r] = _mm256_add_epi32(s[r], _mm256_madd_epi16(p, ones));
+        }
+      }
+    }
+    const __m256 ws = _mm256_load_ps(pd + b * kGroup);
+    for (int r = 0; r < R; ++r) {
+      __m256i t = s[r];
+      if constexpr (Q4) t = _mm256_sub_epi32(_mm256_madd_epi16(t, ones), _mm256_set1_epi32(8 * xsum[r * nb + b]));
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_mul_ps(ws, _mm256_set1_ps(dx[r * nb + b])), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    alignas(32) float t[kGroup];
+    _mm256_store_ps(t, acc[r]);
+    for (int c = 0; c < nc; ++c) y[r * ldy + c] = bias ? bias[c] + t[c] : t[c];
+  }
+}
+
+template <bool Q4>
+void linear_avx2(const float* x, const Tensor& w, const float* bias, float* y, int64_t M, int64_t N, int64_t K) {
+  const int64_t nb = K / 32;
+  Tensor xq = Tensor::empty({M, K}, DType::U8, Tag::Workspace);  // s8 values
+  Tensor dx = Tensor::empty({M, nb}, DType::F32, Tag::Workspace);
+  Tensor xsum = Tensor::empty({M, nb}, DType::I32, Tag::Workspace);
+  quantize_x_blocks(x, M, K, static_cast<int8_t*>(xq.raw()), dx.data<float>(), xsum.data<int32_t>());
+  const int64_t tasks = (N + kPanel - 1) / kPanel;
+  const int T = int(std::min<int64_t>(std::max(1, num_threads()), tasks));
+  // Per thread: the packed panel [P, K] bytes and its scales [P, K/32] (P = kPanel, a multiple of kGroup).
+  static_assert(kPanel % kGroup == 0);
+  const int64_t per = kPanel * K + kPanel * nb * int64_t(sizeof(float));
+  Tensor buf = Tensor::empty({T, per}, DType::U8, Tag::Workspace);
+  const int8_t* xqp = static_cast<const int8_t*>(xq.raw());
+  const float* dxp = dx.data<float>();
+  const int32_t* xsp = xsum.data<int32_t>();
+#pragma omp parallel for schedule(dynamic, 1) num_threads(T)
+  for (int64_t t = 0; t < tasks; ++t) {
+    const int64_t n0 = t * kPanel, np = std::min(kPanel, N - n0);
+    uint8_t* mine = buf.data<uint8_t>() + int64_t(omp_get_thread_num()) * per;  // per % 32 == 0: K % 32 == 0
+    int8_t* pw = reinterpret_cast<int8_t*>(mine);
+    float* pd = reinterpret_cast<float*>(mine + kPanel * K);
+    pack_panel_avx2(w, n0, np, K, pw, pd);
+    const int64_t ng = (np + kGroup - 1) / kGroup;
+    // Rows of x outer, groups inner: R rows of x (R·K bytes) stay in L1 across the panel.
+    for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+      const int rows = int(std::min<int64_t>(kRows, M - m0));
+      for (int64_t g = 0; g < ng; ++g) {
+        const int nc = int(std::min<int64_t>(kGroup, np - g * kGroup));
+        const int8_t* gw = pw + g * nb * 256;
+        const float* gd = pd + g * nb * kGroup;
+        const float* gb = bias ? bias + n0 + g * kGroup : nullptr;
+        float* yo = y + m0 * N + n0 + g * kGroup;
+        if (rows == kRows) {
+          group_avx2<kRows, Q4>(xqp + m0 * K, dxp + m0 * nb, xsp + m0 * nb, K, gw, gd, gb, nc, yo, N);
+        } else {  // each row alone: the same arithmetic per row as in a full tile
+          for (int r = 0; r < rows; ++r)
+            group_avx2<1, Q4>(xqp + (m0 + r) * K, dxp + (m0 + r) * nb, xsp + (m0 + r) * nb, K, gw, gd, gb, nc,
+                              yo + r * N, N);
+        }
       }
     }
   }
-  for (int i = 0; i < mr; ++i)
-    for (int j = 0; j < nr; ++j) y[i * ldy + j] += hsum256(acc[i][j]);
 }
 
 bool have_avx2() {
@@ -195,8 +315,7 @@ bool have_vnni() {
   return v;
 }
 
-void linear_int8(const float* x, const Tensor& w, const float* bias, float* y, int64_t M, int64_t N, int64_t K,
-                 bool vnni) {
+void linear_int8(const float* x, const Tensor& w, const float* bias, float* y, int64_t M, int64_t N, int64_t K) {
   Tensor xu = Tensor::empty({M, K}, DType::U8, Tag::Workspace);
   Tensor dxe = Tensor::empty({M, K / 4}, DType::F32, Tag::Workspace);
   quantize_x(x, M, K, xu.data<uint8_t>(), dxe.data<float>());
@@ -221,12 +340,8 @@ void linear_int8(const float* x, const Tensor& w, const float* bias, float* y, i
         const int mr = int(std::min<int64_t>(4, M - m0));
         for (int64_t j0 = 0; j0 < np; j0 += 4) {
           const int nr = int(std::min<int64_t>(4, np - j0));
-          if (vnni)
-            tile_vnni(xu.data<uint8_t>() + m0 * K, dxe.data<float>() + m0 * (K / 4), w8 + j0 * K,
-                      negc + j0 * (K / 4), dwe + j0 * (K / 4), K, k0, k1, mr, nr, y + m0 * N + n0 + j0, N);
-          else
-            tile_avx2(xu.data<uint8_t>() + m0 * K, dxe.data<float>() + m0 * (K / 4), w8 + j0 * K,
-                      dwe + j0 * (K / 4), K, k0, k1, mr, nr, y + m0 * N + n0 + j0, N);
+          tile_vnni(xu.data<uint8_t>() + m0 * K, dxe.data<float>() + m0 * (K / 4), w8 + j0 * K,
+                    negc + j0 * (K / 4), dwe + j0 * (K / 4), K, k0, k1, mr, nr, y + m0 * N + n0 + j0, N);
         }
       }
     }
@@ -253,10 +368,13 @@ void linear_quant(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& 
                                                   : QuantPath::Dequant;
   if (path == QuantPath::Int8) {
     ZI_CHECK(quant_int8_available(w.dtype()), "[linear] the int8 path needs Q8_0/Q4_0 weights and AVX-512 VNNI");
-    linear_int8(x.data<float>(), w, bp, y.data<float>(), M, N, K, true);
+    linear_int8(x.data<float>(), w, bp, y.data<float>(), M, N, K);
   } else if (path == QuantPath::Int8Avx2) {
     ZI_CHECK(quant_int8_avx2_available(w.dtype()), "[linear] the AVX2 int8 path needs Q8_0/Q4_0 weights and AVX2");
-    linear_int8(x.data<float>(), w, bp, y.data<float>(), M, N, K, false);
+    if (w.dtype() == DType::Q4_0)
+      linear_avx2<true>(x.data<float>(), w, bp, y.data<float>(), M, N, K);
+    else
+      linear_avx2<false>(x.data<float>(), w, bp, y.data<float>(), M, N, K);
   } else {
     linear_dequant(x.data<float>(), w, bp, y.data<float>(), M, N, K);
   }
