@@ -163,6 +163,56 @@ TEST(Quant, LinearPaths) {
   set_num_threads(0);
 }
 
+// The AVX2 activation quantization rounds like roundf (half away from zero), exact halves and
+// the float just below one half included.
+TEST(Quant, AvxActivationQuantizationIsRoundf) {
+  if (!cpu::quant_int8_avx2_available(DType::Q8_0)) GTEST_SKIP() << "no AVX2";
+  const int64_t M = 3, K = 96;
+  Tensor x = randn({M, K}, 30.0f, 7);
+  float* p = x.f32();
+  // Row 0, block 0: max 127 makes d = 1, so x / d is x itself.
+  const float special[] = {127.0f, 0.5f, -0.5f, 1.5f, -1.5f, 2.5f, -2.5f, 126.5f, -126.5f, 0.49999997f, -0.49999997f,
+                           3.4999998f, 0.0f, -0.0f};
+  for (size_t i = 0; i < sizeof(special) / sizeof(special[0]); ++i) p[i] = special[i];
+  for (int64_t k = 32; k < 64; ++k) p[k] = 0.0f;  // an all-zero block: d = 0
+  std::vector<int8_t> q(size_t(M * K));
+  std::vector<float> d(size_t(M * K / 32));
+  std::vector<int32_t> sum(size_t(M * K / 32));
+  cpu::quantize_activation_blocks(p, M, K, q.data(), d.data(), sum.data());
+  int bad = 0;
+  for (int64_t r = 0; r < M; ++r)
+    for (int64_t b = 0; b < K / 32; ++b) {
+      float amax = 0;
+      for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(p[r * K + b * 32 + j]));
+      const float want_d = amax / 127, id = want_d != 0 ? 1.0f / want_d : 0.0f;
+      EXPECT_EQ(d[size_t(r * (K / 32) + b)], want_d);
+      int32_t want_sum = 0;
+      for (int j = 0; j < 32; ++j) {
+        const int want = int(std::roundf(p[r * K + b * 32 + j] * id));
+        want_sum += want;
+        bad += q[size_t(r * K + b * 32 + j)] != want;
+      }
+      EXPECT_EQ(sum[size_t(r * (K / 32) + b)], want_sum);
+    }
+  EXPECT_EQ(bad, 0);
+  EXPECT_EQ(q[1], 1);    // 0.5 → 1
+  EXPECT_EQ(q[2], -1);   // −0.5 → −1
+  EXPECT_EQ(q[5], 3);    // 2.5 → 3 (nearest-even would give 2)
+  EXPECT_EQ(q[9], 0);    // 0.49999997 → 0
+}
+
+// Q8_0's load-time quantizer rounds half away from zero like ggml's roundf (exact halves, the
+// float just below one half, negative zero).
+TEST(Quant, Q8_0RoundsLikeRoundf) {
+  Tensor w = Tensor::empty({1, 32}, DType::F32);
+  const float v[32] = {127.0f, 0.5f, -0.5f, 1.5f, -1.5f, 2.5f, -2.5f, 126.5f, -126.5f, 0.49999997f, -0.49999997f,
+                       3.4999998f, -3.4999998f, 0.0f, -0.0f, 64.5f, -64.5f, 100.25f, -100.75f, 7.0f};
+  std::copy(v, v + 32, w.f32());  // max |x| = 127: d = 1, so x / d is x itself
+  Tensor q = quant::quantize(w, DType::Q8_0, Tag::Workspace);
+  const int8_t* qs = reinterpret_cast<const int8_t*>(static_cast<const uint8_t*>(q.raw()) + 2);
+  for (int j = 0; j < 32; ++j) EXPECT_EQ(int(qs[j]), int(std::roundf(v[j]))) << "x = " << v[j];
+}
+
 TEST(Quant, QwenNamesFromLlama) {
   EXPECT_EQ(qwen3_name_from_llama("token_embd.weight"), "embed_tokens.weight");
   EXPECT_EQ(qwen3_name_from_llama("blk.12.attn_q.weight"), "layers.12.self_attn.q_proj.weight");

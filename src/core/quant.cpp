@@ -42,13 +42,24 @@ const std::array<float, 256> kE4m3 = make_e4m3_table();
 
 // ---- block quantizers (ggml quantize_row_*_ref) ---------------------------------------------
 
+// roundf for |v| < 2³¹ without the libm call (the baseline x86-64 build cannot inline it): the
+// truncation, then one step away from zero when the dropped fraction is at least one half
+// (v − trunc(v) is exact in float).
+inline int round_half_away(float v) {
+  int q = int(v);
+  const float f = v - float(q);
+  if (f >= 0.5f) ++q;
+  else if (f <= -0.5f) --q;
+  return q;
+}
+
 void quant_q8_0(const float* x, uint8_t* y) {
   float amax = 0;
   for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[j]));
   const float d = amax / 127;
   const float id = d != 0 ? 1.0f / d : 0.0f;
   put_f16(y, d);
-  for (int j = 0; j < 32; ++j) y[2 + j] = uint8_t(int8_t(std::roundf(x[j] * id)));
+  for (int j = 0; j < 32; ++j) y[2 + j] = uint8_t(int8_t(round_half_away(x[j] * id)));
 }
 
 // Q4_0 / Q5_0: d = (the value of largest magnitude, first on ties) / −2^(bits−1).

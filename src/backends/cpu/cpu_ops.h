@@ -53,6 +53,9 @@ enum class QuantPath { Auto, Dequant, Int8, Int8Avx2 };
 bool quant_int8_available(DType t);       // Int8 (VNNI)
 bool quant_int8_avx2_available(DType t);  // Int8Avx2
 void linear_quant(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y, QuantPath path = QuantPath::Auto);
+// Int8Avx2's activation quantization (needs AVX2; exposed for its test): rows of x [M, K] →
+// q = roundf(x / d) per 32-block with d = max|x| / 127, d per block, Σq per block.
+void quantize_activation_blocks(const float* x, int64_t M, int64_t K, int8_t* q, float* d, int32_t* sum);
 
 // Every other op (norm.cpp, fused.cpp, elementwise.cpp, rope.cpp, attention.cpp, conv.cpp; the
 // plain GroupNorm without the silu flag is norm.cpp's own):

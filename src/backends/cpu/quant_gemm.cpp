@@ -155,24 +155,53 @@ ZI_VNNI void tile_vnni(const uint8_t* xu, const float* dxe, const int8_t* w8, co
 constexpr int kGroup = 8;   // rows of w (outputs) per packed group: one 8-lane vector
 constexpr int kRows = 4;    // rows of x per kernel call (registers: 2 vectors per row)
 
+// One 32-block of x → s8 q = roundf(x / d) with d = max|x| / 127 (round half away from zero:
+// the nearest-even conversion, then the exact halves moved away from zero); returns Σq.
+ZI_AVX2 int32_t quantize_block_avx2(const float* xb, float d, int8_t* q) {
+  const float id = d != 0 ? 1.0f / d : 0.0f;
+  const __m256 vid = _mm256_set1_ps(id), half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
+  const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+  __m256i qi[4];
+  for (int i = 0; i < 4; ++i) {
+    const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(xb + 8 * i), vid);
+    const __m256 t = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    const __m256 tie = _mm256_cmp_ps(_mm256_andnot_ps(sign_bit, _mm256_sub_ps(v, t)), half, _CMP_EQ_OQ);
+    const __m256 away = _mm256_add_ps(t, _mm256_or_ps(one, _mm256_and_ps(sign_bit, v)));  // t ± 1
+    const __m256 r = _mm256_blendv_ps(_mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), away, tie);
+    qi[i] = _mm256_cvtps_epi32(r);
+  }
+  // int32 → int8 in order: packs interleave 128-bit lanes, the permute restores k order.
+  const __m256i p16a = _mm256_packs_epi32(qi[0], qi[1]), p16b = _mm256_packs_epi32(qi[2], qi[3]);
+  const __m256i p8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p16a, p16b), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), p8);
+  __m256i s = _mm256_add_epi32(_mm256_add_epi32(qi[0], qi[1]), _mm256_add_epi32(qi[2], qi[3]));
+  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+  return _mm_cvtsi128_si32(s4);
+}
+
+ZI_AVX2 float block_amax_avx2(const float* xb) {
+  const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+  __m256 m = _mm256_andnot_ps(sign_bit, _mm256_loadu_ps(xb));
+  for (int i = 1; i < 4; ++i) m = _mm256_max_ps(m, _mm256_andnot_ps(sign_bit, _mm256_loadu_ps(xb + 8 * i)));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
+}
+
 // x rows → s8 q (|q| ≤ 127), the scale of each 32-block and the sum of its q (Q4_0's offset).
+// The same numbers as quantize_x's (test Quant.AvxActivationQuantizationIsRoundf).
 void quantize_x_blocks(const float* x, int64_t M, int64_t K, int8_t* xq, float* dx, int32_t* xsum) {
   const int64_t nb = K / 32;
   parallel_for(M, 4, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t b = 0; b < nb; ++b) {
         const float* xb = x + r * K + b * 32;
-        float amax = 0;
-        for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(xb[j]));
-        const float d = amax / 127, id = d != 0 ? 1.0f / d : 0.0f;
-        int32_t sum = 0;
-        for (int j = 0; j < 32; ++j) {
-          const int q = int(std::roundf(xb[j] * id));
-          xq[r * K + b * 32 + j] = int8_t(q);
-          sum += q;
-        }
+        const float d = block_amax_avx2(xb) / 127;
         dx[r * nb + b] = d;
-        xsum[r * nb + b] = sum;
+        xsum[r * nb + b] = quantize_block_avx2(xb, d, xq + r * K + b * 32);
       }
   });
 }
@@ -225,9 +254,10 @@ ZI_AVX2 void group_avx2(const int8_t* xq, const float* dx, const int32_t* xsum, 
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const int8_t* wb = pw + b * 256;
+    for (int l = 0; l < 256; l += 64) _mm_prefetch(reinterpret_cast<const char*>(wb + 4 * 256 + l), _MM_HINT_T0);
     __m256i s[R];  // Q8_0: int32 sums per output; Q4_0: int16 pair sums
     for (int r = 0; r < R; ++r) s[r] = _mm256_setzero_si256();
-    _Pragma("GCC unroll 2") for (int q = 0; q < 8; ++q) {
+    _Pragma("GCC unroll 4") for (int q = 0; q < 8; ++q) {
       const __m256i wv = _mm256_load_si256(reinterpret_cast<const __m256i*>(wb + q * 32));
       if constexpr (Q4) {
         for (int r = 0; r < R; ++r) {
@@ -352,6 +382,10 @@ void linear_int8(const float* x, const Tensor& w, const float* bias, float* y, i
 
 bool quant_int8_available(DType t) {
   return (t == DType::Q8_0 || t == DType::Q4_0) && have_vnni();
+}
+void quantize_activation_blocks(const float* x, int64_t M, int64_t K, int8_t* q, float* d, int32_t* sum) {
+  ZI_CHECK(have_avx2() && K % 32 == 0, "[quantize_activation_blocks] needs AVX2 and K a multiple of 32");
+  quantize_x_blocks(x, M, K, q, d, sum);
 }
 bool quant_int8_avx2_available(DType t) {
   return (t == DType::Q8_0 || t == DType::Q4_0) && have_avx2();
