@@ -8,12 +8,15 @@
 //   3 openblas_sbgemm    cblas_sbgemm (bf16 × bf16 → f32), if this OpenBLAS exports it
 //   4 linear_quant<fmt, Dequant|Int8|Int8Avx2>  quantized weights, each CPU path forced
 //                        (skipped where the CPU lacks it)
+//   5 linear_kquant<fmt, Dequant|Int8Avx2>  K-quant / Q5_0 weights (random blocks with sane
+//                        scales: zimage reads K-quants, it does not make them)
 // GFLOP/s = 2·M·N·K / wall time.
 #include <benchmark/benchmark.h>
 #include <cblas.h>
 #include <dlfcn.h>
 
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "backends/cpu/cpu_ops.h"
@@ -111,6 +114,44 @@ void BM_4_linear_quant(benchmark::State& st) {
   rate.report(st, gemm_flops(st));
 }
 
+// Random blocks of a read-only format: random bytes, then the f16 scale fields set to 0.001.
+zi::Tensor random_blocks(zi::DType t, int64_t N, int64_t K) {
+  zi::Tensor w = zi::Tensor::empty({N, K}, t, zi::Tag::Workspace);
+  uint8_t* p = static_cast<uint8_t*>(w.raw());
+  uint64_t state = 0x9E3779B97F4A7C15ull;
+  for (size_t i = 0; i < w.nbytes(); ++i) {
+    state = state * 6364136223846793005ull + 1442695040888963407ull;
+    p[i] = uint8_t(state >> 56);
+  }
+  std::vector<size_t> f16_at;  // offsets of the f16 fields in a block
+  switch (t) {
+    case zi::DType::Q5_0: f16_at = {0}; break;
+    case zi::DType::Q4_K: case zi::DType::Q5_K: f16_at = {0, 2}; break;
+    case zi::DType::Q6_K: f16_at = {208}; break;
+    case zi::DType::Q3_K: f16_at = {108}; break;
+    default: break;
+  }
+  const uint16_t h = zi::f32_to_f16(0.001f);
+  const size_t bb = zi::dtype_block_bytes(t);
+  for (size_t b = 0; b < w.nbytes() / bb; ++b)
+    for (size_t o : f16_at) std::memcpy(p + b * bb + o, &h, 2);
+  return w;
+}
+
+template <zi::DType WT, zi::cpu::QuantPath PATH>
+void BM_5_linear_kquant(benchmark::State& st) {
+  if (PATH == zi::cpu::QuantPath::Int8Avx2 && !zi::cpu::quant_int8_avx2_available(WT)) {
+    st.SkipWithError("this CPU lacks the path");
+    return;
+  }
+  const int64_t M = st.range(0), K = st.range(1), N = st.range(2);
+  zi::Tensor x = random_tensor({M, K}, 1), y = zi::Tensor::empty({M, N}, zi::DType::F32);
+  zi::Tensor w = random_blocks(WT, N, K);
+  CpuRate rate;
+  for (auto _ : st) zi::cpu::linear_quant(x, w, nullptr, y, PATH);
+  rate.report(st, gemm_flops(st));
+}
+
 // Small shapes run to the default time; the 1024² feed-forward (325 GFLOP) twice only.
 void shapes(benchmark::internal::Benchmark* b) {
   b->Unit(benchmark::kMillisecond)->UseRealTime();
@@ -135,6 +176,13 @@ BENCHMARK(BM_4_linear_quant<zi::DType::Q8_0, zi::cpu::QuantPath::Dequant>)->Appl
 BENCHMARK(BM_4_linear_quant<zi::DType::Q8_0, zi::cpu::QuantPath::Int8>)->Apply(shapes);
 BENCHMARK(BM_4_linear_quant<zi::DType::Q8_0, zi::cpu::QuantPath::Int8Avx2>)->Apply(shapes);
 BENCHMARK(BM_4_linear_quant<zi::DType::Q4_0, zi::cpu::QuantPath::Int8Avx2>)->Apply(shapes);
+BENCHMARK(BM_5_linear_kquant<zi::DType::Q4_K, zi::cpu::QuantPath::Dequant>)->Apply(shapes);
+BENCHMARK(BM_5_linear_kquant<zi::DType::Q4_K, zi::cpu::QuantPath::Int8Avx2>)->Apply(shapes);
+BENCHMARK(BM_5_linear_kquant<zi::DType::Q5_K, zi::cpu::QuantPath::Int8Avx2>)->Apply(shapes);
+BENCHMARK(BM_5_linear_kquant<zi::DType::Q6_K, zi::cpu::QuantPath::Dequant>)->Apply(shapes);
+BENCHMARK(BM_5_linear_kquant<zi::DType::Q6_K, zi::cpu::QuantPath::Int8Avx2>)->Apply(shapes);
+BENCHMARK(BM_5_linear_kquant<zi::DType::Q3_K, zi::cpu::QuantPath::Int8Avx2>)->Apply(shapes);
+BENCHMARK(BM_5_linear_kquant<zi::DType::Q5_0, zi::cpu::QuantPath::Int8Avx2>)->Apply(shapes);
 BENCHMARK(BM_0_openblas_sgemm)->Apply(big_shape);
 BENCHMARK(BM_2_linear<zi::DType::F32>)->Apply(big_shape);
 BENCHMARK(BM_2_linear_path<zi::DType::F32, kPanels>)->Apply(big_shape);

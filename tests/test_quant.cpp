@@ -62,6 +62,42 @@ TEST(Quant, DequantizeEqualsGgufPackage) {
   EXPECT_EQ(checked, 10);
 }
 
+// The integer form (scale · q − offset per 16 values) that the CPU's int8 GEMM uses gives the
+// dequantized values of every unsigned block format.
+TEST(Quant, UnsignedIntegerFormEqualsDequantization) {
+  SafetensorsFile g = SafetensorsFile::open(kDir + "quant_types.gguf");
+  for (DType t : {DType::Q4_0, DType::Q5_0, DType::Q4_K, DType::Q5_K, DType::Q6_K, DType::Q3_K}) {
+    SCOPED_TRACE(dtype_name(t));
+    std::string name = dtype_name(t);
+    for (char& c : name) c = char(std::toupper(c));
+    const TensorInfo* ti = g.find(name);
+    ASSERT_NE(ti, nullptr);
+    Tensor w = g.load(*ti, t);
+    Tensor want = quant::dequantize(w);
+    const int64_t bs = dtype_block(t), nblocks = w.numel() / bs;
+    std::vector<uint8_t> q(static_cast<size_t>(bs));
+    std::vector<float> sc(static_cast<size_t>(bs / 16)), off(static_cast<size_t>(bs / 16));
+    double worst = 0;
+    int64_t top = 0;
+    for (int64_t i = 0; i < nblocks; ++i) {
+      const uint8_t* blk = static_cast<const uint8_t*>(w.raw()) + size_t(i) * dtype_block_bytes(t);
+      ASSERT_TRUE(quant::unpack_block_unsigned(t, blk, q.data(), sc.data(), off.data()));
+      for (int64_t j = 0; j < bs; ++j) {
+        EXPECT_LE(q[size_t(j)], 63);
+        const double v = double(sc[size_t(j / 16)]) * q[size_t(j)] - off[size_t(j / 16)];
+        const double ref = want.f32()[i * bs + j];
+        worst = std::max(worst, std::fabs(v - ref) / std::max(1e-30, double(std::fabs(sc[size_t(j / 16)]))));
+        top = std::max<int64_t>(top, q[size_t(j)]);
+      }
+    }
+    EXPECT_LT(worst, 1e-4) << "in units of the sub-block's scale";
+    EXPECT_GT(top, 0);
+  }
+  uint8_t q[32];
+  float sc[2], off[2];
+  EXPECT_FALSE(quant::unpack_block_unsigned(DType::Q8_0, nullptr, q, sc, off));
+}
+
 // zimage's load-time quantizers give the bytes of gguf.quants.quantize (ggml's reference).
 TEST(Quant, QuantizeEqualsGgufPackage) {
   SafetensorsFile g = SafetensorsFile::open(kDir + "quant_types.gguf");
@@ -177,7 +213,7 @@ TEST(Quant, AvxActivationQuantizationIsRoundf) {
   for (int64_t k = 32; k < 64; ++k) p[k] = 0.0f;  // an all-zero block: d = 0
   std::vector<int8_t> q(size_t(M * K));
   std::vector<float> d(size_t(M * K / 32));
-  std::vector<int32_t> sum(size_t(M * K / 32));
+  std::vector<int32_t> sum(size_t(M * K / 16));
   cpu::quantize_activation_blocks(p, M, K, q.data(), d.data(), sum.data());
   int bad = 0;
   for (int64_t r = 0; r < M; ++r)
@@ -186,13 +222,14 @@ TEST(Quant, AvxActivationQuantizationIsRoundf) {
       for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(p[r * K + b * 32 + j]));
       const float want_d = amax / 127, id = want_d != 0 ? 1.0f / want_d : 0.0f;
       EXPECT_EQ(d[size_t(r * (K / 32) + b)], want_d);
-      int32_t want_sum = 0;
+      int32_t want_sum[2] = {0, 0};
       for (int j = 0; j < 32; ++j) {
         const int want = int(std::roundf(p[r * K + b * 32 + j] * id));
-        want_sum += want;
+        want_sum[j / 16] += want;
         bad += q[size_t(r * K + b * 32 + j)] != want;
       }
-      EXPECT_EQ(sum[size_t(r * (K / 32) + b)], want_sum);
+      EXPECT_EQ(sum[size_t(r * (K / 16) + 2 * b)], want_sum[0]);
+      EXPECT_EQ(sum[size_t(r * (K / 16) + 2 * b + 1)], want_sum[1]);
     }
   EXPECT_EQ(bad, 0);
   EXPECT_EQ(q[1], 1);    // 0.5 → 1
@@ -211,6 +248,46 @@ TEST(Quant, Q8_0RoundsLikeRoundf) {
   Tensor q = quant::quantize(w, DType::Q8_0, Tag::Workspace);
   const int8_t* qs = reinterpret_cast<const int8_t*>(static_cast<const uint8_t*>(q.raw()) + 2);
   for (int j = 0; j < 32; ++j) EXPECT_EQ(int(qs[j]), int(std::roundf(v[j]))) << "x = " << v[j];
+}
+
+// The K-quants and Q5_0 on the AVX2 int8 path (their integer form, per-16 scales and offsets):
+// within the activation rounding of the dequantized-weight GEMM, the same for 1 and 2 threads,
+// and a row's result independent of the rows beside it. The gguf package's blocks, 4 rows
+// repeated to 12 (one full group of 8 and a part group).
+TEST(Quant, KQuantsOnTheAvx2Int8Path) {
+  SafetensorsFile g = SafetensorsFile::open(kDir + "quant_types.gguf");
+  for (DType t : {DType::Q5_0, DType::Q4_K, DType::Q5_K, DType::Q6_K, DType::Q3_K}) {
+    SCOPED_TRACE(dtype_name(t));
+    if (!cpu::quant_int8_avx2_available(t)) GTEST_SKIP() << "no AVX2";
+    std::string name = dtype_name(t);
+    for (char& c : name) c = char(std::toupper(c));
+    const TensorInfo* ti = g.find(name);
+    ASSERT_NE(ti, nullptr);
+    Tensor w4 = g.load(*ti, t);
+    const int64_t K = w4.dim(1), N = 12, M = 9;
+    Tensor w = Tensor::empty({N, K}, t, Tag::Workspace);
+    const size_t rb = dtype_bytes(t, K);
+    for (int64_t r = 0; r < N; ++r)
+      std::memcpy(static_cast<uint8_t*>(w.raw()) + size_t(r) * rb, static_cast<const uint8_t*>(w4.raw()) + size_t(r % 4) * rb, rb);
+    Tensor x = randn({M, K}, 1.0f, 11), bias = randn({N}, 0.1f, 12);
+    Tensor ref = Tensor::empty({M, N}, DType::F32), a1 = Tensor::empty({M, N}, DType::F32),
+           a2 = Tensor::empty({M, N}, DType::F32);
+    cpu::linear_quant(x, w, &bias, ref, cpu::QuantPath::Dequant);
+    set_num_threads(1);
+    cpu::linear_quant(x, w, &bias, a1, cpu::QuantPath::Int8Avx2);
+    set_num_threads(2);
+    cpu::linear_quant(x, w, &bias, a2, cpu::QuantPath::Int8Avx2);
+    EXPECT_TRUE(bit_equal(a1, a2));
+    const double e = rel_l2(a1, ref);
+    EXPECT_LT(e, 0.01) << "AVX2 int8 path vs dequantized weights";
+    EXPECT_GT(e, 0.0);
+    Tensor y = ops::linear(x, w, &bias);  // the models' entry point (Auto)
+    EXPECT_LT(rel_l2(y, ref), 0.01);
+    Tensor xs = x.slice(0, 5, 6).contiguous(), ys = Tensor::empty({1, N}, DType::F32);  // row 5: in the tile of rows 4–7
+    cpu::linear_quant(xs, w, &bias, ys, cpu::QuantPath::Int8Avx2);
+    EXPECT_TRUE(bit_equal(ys, a1.slice(0, 5, 6).contiguous()));
+  }
+  set_num_threads(0);
 }
 
 TEST(Quant, QwenNamesFromLlama) {

@@ -211,6 +211,85 @@ void deq_q3_k(const uint8_t* b, float* y) {
 
 }  // namespace
 
+bool unpack_block_unsigned(DType t, const uint8_t* b, uint8_t* q, float* scale, float* offset) {
+  switch (t) {
+    case DType::Q4_0: {
+      const float d = f16at(b);
+      for (int j = 0; j < 16; ++j) {
+        q[j] = b[2 + j] & 0x0F;
+        q[16 + j] = b[2 + j] >> 4;
+      }
+      for (int h = 0; h < 2; ++h) scale[h] = d, offset[h] = 8 * d;
+      return true;
+    }
+    case DType::Q5_0: {
+      const float d = f16at(b);
+      uint32_t qh;
+      std::memcpy(&qh, b + 2, 4);
+      for (int j = 0; j < 16; ++j) {
+        q[j] = uint8_t((b[6 + j] & 0x0F) | (((qh >> j) & 1) << 4));
+        q[16 + j] = uint8_t((b[6 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4));
+      }
+      for (int h = 0; h < 2; ++h) scale[h] = d, offset[h] = 16 * d;
+      return true;
+    }
+    case DType::Q4_K:
+    case DType::Q5_K: {
+      const bool five = t == DType::Q5_K;
+      const float d = f16at(b), dmin = f16at(b + 2);
+      const uint8_t* scales = b + 4;
+      const uint8_t* qh = b + 16;                 // Q5_K only
+      const uint8_t* ql = b + (five ? 48 : 16);
+      for (int s = 0; s < 8; ++s) {  // sub-blocks of 32: the low nibbles of 32 bytes, then the high
+        uint8_t sc, m;
+        scale_min_k4(s, scales, &sc, &m);
+        const int g = s / 2, shift = 4 * (s % 2);
+        for (int l = 0; l < 32; ++l) {
+          int v = (ql[32 * g + l] >> shift) & 0x0F;
+          if (five) v |= ((qh[l] >> s) & 1) << 4;
+          q[32 * s + l] = uint8_t(v);
+        }
+        for (int h = 0; h < 2; ++h) scale[2 * s + h] = d * float(sc), offset[2 * s + h] = dmin * float(m);
+      }
+      return true;
+    }
+    case DType::Q6_K: {
+      const uint8_t* ql = b;
+      const uint8_t* qh = b + 128;
+      const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+      const float d = f16at(b + 208);
+      for (int c = 0; c < 8; ++c) {
+        const int g = c / 4, r = c % 4;
+        const int shift_l = 4 * (r / 2), off_l = 64 * g + 32 * (r % 2), shift_h = 2 * r;
+        for (int l = 0; l < 32; ++l)
+          q[32 * c + l] = uint8_t(((ql[off_l + l] >> shift_l) & 0x0F) | (((qh[32 * g + l] >> shift_h) & 3) << 4));
+      }
+      for (int i = 0; i < 16; ++i) scale[i] = d * float(sc[i]), offset[i] = 32 * scale[i];
+      return true;
+    }
+    case DType::Q3_K: {
+      const uint8_t* hm = b;
+      const uint8_t* qs = b + 32;
+      const uint8_t* s = b + 96;
+      const float d = f16at(b + 108);
+      for (int i = 0; i < 16; ++i) {
+        const int lo = i < 8 ? (s[i] & 0x0F) : (s[i - 8] >> 4);
+        const int hi = (s[8 + (i % 4)] >> (2 * (i / 4))) & 3;
+        scale[i] = d * float(int8_t(uint8_t(lo | (hi << 4))) - 32);
+        offset[i] = 4 * scale[i];
+      }
+      for (int c = 0; c < 8; ++c) {
+        const int g = c / 4, shift = 2 * (c % 4);
+        for (int l = 0; l < 32; ++l)
+          q[32 * c + l] = uint8_t(((qs[32 * g + l] >> shift) & 3) + (((hm[l] >> c) & 1) ? 4 : 0));
+      }
+      return true;
+    }
+    default:
+      return false;
+  }
+}
+
 float e4m3_to_f32(uint8_t b) { return kE4m3[b]; }
 
 uint8_t f32_to_e4m3(float f) {

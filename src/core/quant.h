@@ -24,6 +24,12 @@ float e5m2_to_f32(uint8_t b);
 // One row of k values (k a multiple of the block) to/from a block type.
 void quantize_row(DType t, const float* x, void* y, int64_t k);    // Q8_0, Q4_0, Q5_0
 void dequantize_row(DType t, const void* x, float* y, int64_t k);  // every block type
+// Integer form of one block of a format whose values are scale · q − offset with an unsigned q
+// per value and a (scale, offset) per 16 values: Q4_0, Q5_0, Q4_K, Q5_K, Q6_K, Q3_K (the CPU's
+// int8 GEMM; not Q8_0, whose q is signed). q gets dtype_block(t) values in order (q ≤ 63), scale
+// and offset dtype_block(t) / 16 each. The values equal dequantize_row's up to f32 rounding
+// (Q4_K, Q5_K: exactly). Returns false for other formats.
+bool unpack_block_unsigned(DType t, const uint8_t* block, uint8_t* q, float* scale, float* offset);
 // True when zimage can make this format at load time.
 bool can_quantize(DType t);
 

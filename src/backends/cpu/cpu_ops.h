@@ -47,14 +47,14 @@ void linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y, Gem
 // quant_gemm.cpp. linear with a weight-format w (Q8_0 … Q3_K, F8_E4M3; see that file):
 //   Dequant  panels of w dequantized to f32, single-threaded sgemm per panel (any format)
 //   Int8     Q8_0/Q4_0 with AVX-512 VNNI: x quantized to 8-bit blocks, int8 dot products
-//   Int8Avx2 the same products with AVX2 (vpmaddubsw/vpmaddwd) for CPUs without VNNI
+//   Int8Avx2 the same products with AVX2 (vpmaddubsw/vpmaddwd), also for Q5_0 and the K-quants
 // Auto takes Int8 where available, else Int8Avx2 where available, else Dequant.
 enum class QuantPath { Auto, Dequant, Int8, Int8Avx2 };
 bool quant_int8_available(DType t);       // Int8 (VNNI)
-bool quant_int8_avx2_available(DType t);  // Int8Avx2
+bool quant_int8_avx2_available(DType t);  // Int8Avx2: Q8_0, Q4_0, Q5_0, Q4_K, Q5_K, Q6_K, Q3_K
 void linear_quant(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y, QuantPath path = QuantPath::Auto);
 // Int8Avx2's activation quantization (needs AVX2; exposed for its test): rows of x [M, K] →
-// q = roundf(x / d) per 32-block with d = max|x| / 127, d per block, Σq per block.
+// q = roundf(x / d) per 32-block with d = max|x| / 127, d per block [M, K/32], Σq per 16 values [M, K/16].
 void quantize_activation_blocks(const float* x, int64_t M, int64_t K, int8_t* q, float* d, int32_t* sum);
 
 // Every other op (norm.cpp, fused.cpp, elementwise.cpp, rope.cpp, attention.cpp, conv.cpp; the

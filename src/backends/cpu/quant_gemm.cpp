@@ -156,8 +156,9 @@ constexpr int kGroup = 8;   // rows of w (outputs) per packed group: one 8-lane 
 constexpr int kRows = 4;    // rows of x per kernel call (registers: 2 vectors per row)
 
 // One 32-block of x → s8 q = roundf(x / d) with d = max|x| / 127 (round half away from zero:
-// the nearest-even conversion, then the exact halves moved away from zero); returns Σq.
-ZI_AVX2 int32_t quantize_block_avx2(const float* xb, float d, int8_t* q) {
+// the nearest-even conversion, then the exact halves moved away from zero); sums[0], sums[1]:
+// Σq of its two halves of 16.
+ZI_AVX2 void quantize_block_avx2(const float* xb, float d, int8_t* q, int32_t* sums) {
   const float id = d != 0 ? 1.0f / d : 0.0f;
   const __m256 vid = _mm256_set1_ps(id), half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
   const __m256 sign_bit = _mm256_set1_ps(-0.0f);
@@ -174,11 +175,13 @@ ZI_AVX2 int32_t quantize_block_avx2(const float* xb, float d, int8_t* q) {
   const __m256i p16a = _mm256_packs_epi32(qi[0], qi[1]), p16b = _mm256_packs_epi32(qi[2], qi[3]);
   const __m256i p8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p16a, p16b), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), p8);
-  __m256i s = _mm256_add_epi32(_mm256_add_epi32(qi[0], qi[1]), _mm256_add_epi32(qi[2], qi[3]));
-  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
-  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
-  return _mm_cvtsi128_si32(s4);
+  for (int h = 0; h < 2; ++h) {
+    const __m256i s = _mm256_add_epi32(qi[2 * h], qi[2 * h + 1]);
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+    sums[h] = _mm_cvtsi128_si32(s4);
+  }
 }
 
 ZI_AVX2 float block_amax_avx2(const float* xb) {
@@ -191,8 +194,8 @@ ZI_AVX2 float block_amax_avx2(const float* xb) {
   return _mm_cvtss_f32(h);
 }
 
-// x rows → s8 q (|q| ≤ 127), the scale of each 32-block and the sum of its q (Q4_0's offset).
-// The same numbers as quantize_x's (test Quant.AvxActivationQuantizationIsRoundf).
+// x rows → s8 q (|q| ≤ 127), the scale of each 32-block and the sums of its q per 16 [M, K/16]
+// (the formats' offsets). The same numbers as quantize_x's (test Quant.AvxActivationQuantizationIsRoundf).
 void quantize_x_blocks(const float* x, int64_t M, int64_t K, int8_t* xq, float* dx, int32_t* xsum) {
   const int64_t nb = K / 32;
   parallel_for(M, 4, [&](int64_t r0, int64_t r1) {
@@ -201,7 +204,7 @@ void quantize_x_blocks(const float* x, int64_t M, int64_t K, int8_t* xq, float* 
         const float* xb = x + r * K + b * 32;
         const float d = block_amax_avx2(xb) / 127;
         dx[r * nb + b] = d;
-        xsum[r * nb + b] = quantize_block_avx2(xb, d, xq + r * K + b * 32);
+        quantize_block_avx2(xb, d, xq + r * K + b * 32, xsum + r * 2 * nb + 2 * b);
       }
   });
 }
@@ -278,7 +281,9 @@ ZI_AVX2 void group_avx2(const int8_t* xq, const float* dx, const int32_t* xsum, 
     const __m256 ws = _mm256_load_ps(pd + b * kGroup);
     for (int r = 0; r < R; ++r) {
       __m256i t = s[r];
-      if constexpr (Q4) t = _mm256_sub_epi32(_mm256_madd_epi16(t, ones), _mm256_set1_epi32(8 * xsum[r * nb + b]));
+      if constexpr (Q4)
+        t = _mm256_sub_epi32(_mm256_madd_epi16(t, ones),
+                             _mm256_set1_epi32(8 * (xsum[r * 2 * nb + 2 * b] + xsum[r * 2 * nb + 2 * b + 1])));
       acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_mul_ps(ws, _mm256_set1_ps(dx[r * nb + b])), acc[r]);
     }
   }
@@ -289,18 +294,117 @@ ZI_AVX2 void group_avx2(const int8_t* xq, const float* dx, const int32_t* xsum, 
   }
 }
 
-template <bool Q4>
+// The other block formats (Q5_0, Q4_K, Q5_K, Q6_K, Q3_K; core/quant.h unpack_block_unsigned):
+// the same quad layout of unsigned q ≤ 63, and per group and 32-block 32 floats: the 8 rows'
+// scales of the first 16 values, of the second 16, then their offsets likewise
+// (value = scale · q − offset).
+void pack_panel_unsigned(const Tensor& w, int64_t n0, int64_t np, int64_t K, int8_t* pw, float* pd) {
+  const DType t = w.dtype();
+  const uint8_t* base = static_cast<const uint8_t*>(w.raw());
+  const int64_t bs = dtype_block(t), rb = int64_t(dtype_bytes(t, K)), bb = int64_t(dtype_block_bytes(t));
+  const int64_t nb = K / 32, ng = (np + kGroup - 1) / kGroup;
+  uint8_t q[256];
+  float sc[16], off[16];
+  for (int64_t g = 0; g < ng; ++g)
+    for (int c = 0; c < kGroup; ++c) {
+      const int64_t r = g * kGroup + c;
+      for (int64_t k0 = 0; k0 < K; k0 += bs) {  // one block of the format: bs / 32 blocks of ours
+        if (r < np) {
+          const bool ok = quant::unpack_block_unsigned(t, base + (n0 + r) * rb + (k0 / bs) * bb, q, sc, off);
+          ZI_CHECK(ok, "[linear] no integer form for ", dtype_name(t));
+        } else {
+          std::memset(q, 0, size_t(bs));
+          std::fill(sc, sc + bs / 16, 0.0f);
+          std::fill(off, off + bs / 16, 0.0f);
+        }
+        for (int64_t j = 0; j < bs / 32; ++j) {
+          const int64_t b = k0 / 32 + j;
+          int8_t* dst = pw + (g * nb + b) * 256 + c * 4;
+          for (int qd = 0; qd < 8; ++qd) std::memcpy(dst + qd * 32, q + 32 * j + 4 * qd, 4);
+          float* f = pd + (g * nb + b) * 32;
+          for (int h = 0; h < 2; ++h) {
+            f[h * kGroup + c] = sc[2 * j + h];
+            f[16 + h * kGroup + c] = off[2 * j + h];
+          }
+        }
+      }
+    }
+}
+
+// group_avx2 for pack_panel_unsigned's layout: pairs of quads summed in int16
+// (≤ 2 · 2 · 63 · 127 < 2¹⁵), one vpmaddwd per pair, then scale · Σ(a·q) − offset · Σa in f32,
+// per half block (Q6_K, Q3_K: scales per 16) or per block (the others: Halves = false).
+template <int R, bool Halves>
+ZI_AVX2 void group_avx2_unsigned(const int8_t* xq, const float* dx, const int32_t* xsum, int64_t K, const int8_t* pw,
+                                 const float* pd, const float* bias, int nc, float* y, int64_t ldy) {
+  const int64_t nb = K / 32;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const int8_t* wb = pw + b * 256;
+    const float* f = pd + b * 32;
+    for (int l = 0; l < 256; l += 64) _mm_prefetch(reinterpret_cast<const char*>(wb + 4 * 256 + l), _MM_HINT_T0);
+    constexpr int parts = Halves ? 2 : 1, quads = 8 / parts;
+    for (int h = 0; h < parts; ++h) {
+      __m256i s[R];
+      for (int r = 0; r < R; ++r) s[r] = _mm256_setzero_si256();
+      for (int qd = quads * h; qd < quads * h + quads; qd += 2) {
+        const __m256i w0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(wb + qd * 32));
+        const __m256i w1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(wb + qd * 32 + 32));
+        for (int r = 0; r < R; ++r) {
+          int32_t a0, a1;
+          std::memcpy(&a0, xq + r * K + b * 32 + qd * 4, 4);
+          std::memcpy(&a1, xq + r * K + b * 32 + qd * 4 + 4, 4);
+          const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(w0, _mm256_set1_epi32(a0)),
+                                             _mm256_maddubs_epi16(w1, _mm256_set1_epi32(a1)));
+          s[r] = _mm256_add_epi32(s[r], _mm256_madd_epi16(p, ones));
+        }
+      }
+      const __m256 sc = _mm256_load_ps(f + h * kGroup), off = _mm256_load_ps(f + 16 + h * kGroup);
+      for (int r = 0; r < R; ++r) {
+        const float d = dx[r * nb + b];
+        const int32_t* xs = xsum + r * 2 * nb + 2 * b;
+        const int32_t sum = Halves ? xs[h] : xs[0] + xs[1];
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[r]), _mm256_mul_ps(sc, _mm256_set1_ps(d)), acc[r]);
+        acc[r] = _mm256_fnmadd_ps(off, _mm256_set1_ps(d * float(sum)), acc[r]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    alignas(32) float t[kGroup];
+    _mm256_store_ps(t, acc[r]);
+    for (int c = 0; c < nc; ++c) y[r * ldy + c] = bias ? bias[c] + t[c] : t[c];
+  }
+}
+
+// Q8_0; Q4_0; pack_panel_unsigned's formats with a scale per 32 (Q5_0, Q4_K, Q5_K) or per 16 (Q6_K, Q3_K).
+enum class Avx2Kind { Signed8, Nibble, Unsigned32, Unsigned16 };
+
+template <Avx2Kind Kd, int R>
+void run_group(const int8_t* xq, const float* dx, const int32_t* xsum, int64_t K, const int8_t* gw, const float* gd,
+               const float* gb, int nc, float* yo, int64_t ldy) {
+  if constexpr (Kd == Avx2Kind::Unsigned32 || Kd == Avx2Kind::Unsigned16)
+    group_avx2_unsigned<R, Kd == Avx2Kind::Unsigned16>(xq, dx, xsum, K, gw, gd, gb, nc, yo, ldy);
+  else
+    group_avx2<R, Kd == Avx2Kind::Nibble>(xq, dx, xsum, K, gw, gd, gb, nc, yo, ldy);
+}
+
+template <Avx2Kind Kd>
 void linear_avx2(const float* x, const Tensor& w, const float* bias, float* y, int64_t M, int64_t N, int64_t K) {
   const int64_t nb = K / 32;
   Tensor xq = Tensor::empty({M, K}, DType::U8, Tag::Workspace);  // s8 values
   Tensor dx = Tensor::empty({M, nb}, DType::F32, Tag::Workspace);
-  Tensor xsum = Tensor::empty({M, nb}, DType::I32, Tag::Workspace);
+  Tensor xsum = Tensor::empty({M, 2 * nb}, DType::I32, Tag::Workspace);
   quantize_x_blocks(x, M, K, static_cast<int8_t*>(xq.raw()), dx.data<float>(), xsum.data<int32_t>());
   const int64_t tasks = (N + kPanel - 1) / kPanel;
   const int T = int(std::min<int64_t>(std::max(1, num_threads()), tasks));
-  // Per thread: the packed panel [P, K] bytes and its scales [P, K/32] (P = kPanel, a multiple of kGroup).
+  // Per thread: the packed panel [P, K] bytes and its floats, per group and 32-block 8 (scales)
+  // or 32 (scales and offsets per half) (P = kPanel, a multiple of kGroup).
   static_assert(kPanel % kGroup == 0);
-  const int64_t per = kPanel * K + kPanel * nb * int64_t(sizeof(float));
+  constexpr bool unsigned_form = Kd == Avx2Kind::Unsigned32 || Kd == Avx2Kind::Unsigned16;
+  const int64_t floats_per = unsigned_form ? 32 : kGroup;
+  const int64_t per = kPanel * K + (kPanel / kGroup) * nb * floats_per * int64_t(sizeof(float));
   Tensor buf = Tensor::empty({T, per}, DType::U8, Tag::Workspace);
   const int8_t* xqp = static_cast<const int8_t*>(xq.raw());
   const float* dxp = dx.data<float>();
@@ -311,7 +415,10 @@ void linear_avx2(const float* x, const Tensor& w, const float* bias, float* y, i
     uint8_t* mine = buf.data<uint8_t>() + int64_t(omp_get_thread_num()) * per;  // per % 32 == 0: K % 32 == 0
     int8_t* pw = reinterpret_cast<int8_t*>(mine);
     float* pd = reinterpret_cast<float*>(mine + kPanel * K);
-    pack_panel_avx2(w, n0, np, K, pw, pd);
+    if constexpr (unsigned_form)
+      pack_panel_unsigned(w, n0, np, K, pw, pd);
+    else
+      pack_panel_avx2(w, n0, np, K, pw, pd);
     const int64_t ng = (np + kGroup - 1) / kGroup;
     // Rows of x outer, groups inner: R rows of x (R·K bytes) stay in L1 across the panel.
     for (int64_t m0 = 0; m0 < M; m0 += kRows) {
@@ -319,15 +426,15 @@ void linear_avx2(const float* x, const Tensor& w, const float* bias, float* y, i
       for (int64_t g = 0; g < ng; ++g) {
         const int nc = int(std::min<int64_t>(kGroup, np - g * kGroup));
         const int8_t* gw = pw + g * nb * 256;
-        const float* gd = pd + g * nb * kGroup;
+        const float* gd = pd + g * nb * floats_per;
         const float* gb = bias ? bias + n0 + g * kGroup : nullptr;
         float* yo = y + m0 * N + n0 + g * kGroup;
         if (rows == kRows) {
-          group_avx2<kRows, Q4>(xqp + m0 * K, dxp + m0 * nb, xsp + m0 * nb, K, gw, gd, gb, nc, yo, N);
+          run_group<Kd, kRows>(xqp + m0 * K, dxp + m0 * nb, xsp + m0 * 2 * nb, K, gw, gd, gb, nc, yo, N);
         } else {  // each row alone: the same arithmetic per row as in a full tile
           for (int r = 0; r < rows; ++r)
-            group_avx2<1, Q4>(xqp + (m0 + r) * K, dxp + (m0 + r) * nb, xsp + (m0 + r) * nb, K, gw, gd, gb, nc,
-                              yo + r * N, N);
+            run_group<Kd, 1>(xqp + (m0 + r) * K, dxp + (m0 + r) * nb, xsp + (m0 + r) * 2 * nb, K, gw, gd, gb, nc,
+                             yo + r * N, N);
         }
       }
     }
@@ -388,7 +495,9 @@ void quantize_activation_blocks(const float* x, int64_t M, int64_t K, int8_t* q,
   quantize_x_blocks(x, M, K, q, d, sum);
 }
 bool quant_int8_avx2_available(DType t) {
-  return (t == DType::Q8_0 || t == DType::Q4_0) && have_avx2();
+  const bool fmt = t == DType::Q8_0 || t == DType::Q4_0 || t == DType::Q5_0 || t == DType::Q4_K || t == DType::Q5_K ||
+                   t == DType::Q6_K || t == DType::Q3_K;
+  return fmt && have_avx2();
 }
 
 void linear_quant(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y, QuantPath path) {
@@ -404,11 +513,16 @@ void linear_quant(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& 
     ZI_CHECK(quant_int8_available(w.dtype()), "[linear] the int8 path needs Q8_0/Q4_0 weights and AVX-512 VNNI");
     linear_int8(x.data<float>(), w, bp, y.data<float>(), M, N, K);
   } else if (path == QuantPath::Int8Avx2) {
-    ZI_CHECK(quant_int8_avx2_available(w.dtype()), "[linear] the AVX2 int8 path needs Q8_0/Q4_0 weights and AVX2");
-    if (w.dtype() == DType::Q4_0)
-      linear_avx2<true>(x.data<float>(), w, bp, y.data<float>(), M, N, K);
+    ZI_CHECK(quant_int8_avx2_available(w.dtype()), "[linear] the AVX2 int8 path needs block-format weights (Q8_0 … Q3_K, not ",
+             dtype_name(w.dtype()), ") and AVX2");
+    if (w.dtype() == DType::Q8_0)
+      linear_avx2<Avx2Kind::Signed8>(x.data<float>(), w, bp, y.data<float>(), M, N, K);
+    else if (w.dtype() == DType::Q4_0)
+      linear_avx2<Avx2Kind::Nibble>(x.data<float>(), w, bp, y.data<float>(), M, N, K);
+    else if (w.dtype() == DType::Q6_K || w.dtype() == DType::Q3_K)
+      linear_avx2<Avx2Kind::Unsigned16>(x.data<float>(), w, bp, y.data<float>(), M, N, K);
     else
-      linear_avx2<false>(x.data<float>(), w, bp, y.data<float>(), M, N, K);
+      linear_avx2<Avx2Kind::Unsigned32>(x.data<float>(), w, bp, y.data<float>(), M, N, K);
   } else {
     linear_dequant(x.data<float>(), w, bp, y.data<float>(), M, N, K);
   }
