@@ -99,11 +99,11 @@ inline std::vector<Row> make_rows(const std::string& only = "") {
   }
   }
   // ---- linear with a weight format (core/quant.h): the reference is ops_ref::linear on the
-  // dequantized weight. On a CPU with AVX-512 VNNI, Q8_0/Q4_0 take the int8 path (x quantized to
-  // 8-bit blocks: rel L2 ~3e-3, bounded at 1e-2 like tests/test_quant.cpp); the other formats
-  // dequantize panels (f32 sums). Q8_0/Q4_0 rows stay off the GPU table because the CPU result
-  // they would be compared with carries the int8 path's error (tests/test_cuda_quant.cpp checks
-  // the GPU's dequantization of every format). ----
+  // dequantized weight. On a CPU with AVX2 (or AVX-512 VNNI), Q8_0/Q4_0/Q5_0 take the int8 path
+  // (x quantized to 8-bit blocks: rel L2 ~3e-3, bounded at 1e-2 like tests/test_quant.cpp); fp8
+  // dequantizes panels (f32 sums). The int8 formats' rows stay off the GPU table because the CPU
+  // result they would be compared with carries the int8 path's error (tests/test_cuda_quant.cpp
+  // checks the GPU's dequantization of every format). ----
   if (want({"linear_quant"})) {
     struct LinQ { int64_t M, K, N; bool bias; };
     const LinQ lqs[] = {{1, 32, 8, true}, {5, 64, 24, true}, {33, 256, 40, false}};
@@ -111,7 +111,7 @@ inline std::vector<Row> make_rows(const std::string& only = "") {
       for (DType qt : {DType::Q8_0, DType::Q4_0, DType::Q5_0, DType::F8_E4M3}) {
         const Tensor x = rnd({c.M, c.K}, seed++), b = rnd({c.N}, seed++);
         const Tensor wq = quant::quantize(rnd({c.N, c.K}, seed++), qt, Tag::DitWeights);
-        const bool int8 = qt == DType::Q8_0 || qt == DType::Q4_0;
+        const bool int8 = qt == DType::Q8_0 || qt == DType::Q4_0 || qt == DType::Q5_0;
         R.push_back({"linear_quant",
                      str_cat("M=", c.M, " K=", c.K, " N=", c.N, " w ", dtype_name(qt), c.bias ? " bias" : ""),
                      int8 ? 1e-2 : kTolGemm, -1, !int8, 1.0, [=](const Env& e) {
