@@ -247,6 +247,16 @@ void pack_panel_avx2(const Tensor& w, int64_t n0, int64_t np, int64_t K, int8_t*
     }
 }
 
+// y[r, 0..nc) = bias + acc[r] for the R rows of one packed group.
+template <int R>
+ZI_AVX2 void store_rows(const __m256* acc, const float* bias, int nc, float* y, int64_t ldy) {
+  for (int r = 0; r < R; ++r) {
+    alignas(32) float t[kGroup];
+    _mm256_store_ps(t, acc[r]);
+    for (int c = 0; c < nc; ++c) y[r * ldy + c] = bias ? bias[c] + t[c] : t[c];
+  }
+}
+
 // y[r, 0..nc) = bias + Σ_k x[r, k] · w[c, k] for R rows of x and one packed group (nc ≤ 8 outputs).
 template <int R, bool Q4>
 ZI_AVX2 void group_avx2(const int8_t* xq, const float* dx, const int32_t* xsum, int64_t K, const int8_t* pw,
@@ -287,11 +297,7 @@ ZI_AVX2 void group_avx2(const int8_t* xq, const float* dx, const int32_t* xsum, 
       acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_mul_ps(ws, _mm256_set1_ps(dx[r * nb + b])), acc[r]);
     }
   }
-  for (int r = 0; r < R; ++r) {
-    alignas(32) float t[kGroup];
-    _mm256_store_ps(t, acc[r]);
-    for (int c = 0; c < nc; ++c) y[r * ldy + c] = bias ? bias[c] + t[c] : t[c];
-  }
+  store_rows<R>(acc, bias, nc, y, ldy);
 }
 
 // The other block formats (Q5_0, Q4_K, Q5_K, Q6_K, Q3_K; core/quant.h unpack_block_unsigned):
@@ -371,11 +377,7 @@ ZI_AVX2 void group_avx2_unsigned(const int8_t* xq, const float* dx, const int32_
       }
     }
   }
-  for (int r = 0; r < R; ++r) {
-    alignas(32) float t[kGroup];
-    _mm256_store_ps(t, acc[r]);
-    for (int c = 0; c < nc; ++c) y[r * ldy + c] = bias ? bias[c] + t[c] : t[c];
-  }
+  store_rows<R>(acc, bias, nc, y, ldy);
 }
 
 // Q8_0; Q4_0; pack_panel_unsigned's formats with a scale per 32 (Q5_0, Q4_K, Q5_K) or per 16 (Q6_K, Q3_K).
