@@ -11,8 +11,9 @@
 //            s8, started from −128·Σw so the int32 lanes hold Σ x·w exactly), converts each
 //            2-block int32 vector to f32 and accumulates it times dx·dw. Partial sums are
 //            reduced per 1024-wide K chunk in a fixed order.
-//   Int8Avx2 Q8_0 / Q4_0 on CPUs with AVX2 but no VNNI: x's rows quantized the same way (kept
-//            signed, one scale and one sum per 32-block); each panel of w is repacked into
+//   Int8Avx2 Q8_0 / Q4_0 on CPUs with AVX2 but no VNNI, and Q5_0 / Q4_K / Q5_K / Q6_K / Q3_K on
+//            any AVX2 CPU: x's rows quantized the same way (kept signed, one scale per 32-block,
+//            the sums of q per 16); each panel of w is repacked into
 //            groups of 8 rows whose 32-byte vectors hold 4 consecutive k of each of the 8 rows,
 //            so one vpmaddubsw serves 8 outputs of a row of x (its 4 values broadcast) and the
 //            lanes are outputs, not k: no horizontal sums, one conversion and one FMA per
@@ -21,7 +22,10 @@
 //            nibbles q ∈ [0, 15] as the unsigned operand, x signed, 8 quads summed in int16
 //            (≤ 8·2·15·127 < 2¹⁵), one vpmaddwd per block, then − 8·Σx of the block. The
 //            block's int32 sums are exact, the same integers as the Int8 path's; only the f32
-//            accumulation order differs (per block, k ascending, per output).
+//            accumulation order differs (per block, k ascending, per output). The other
+//            formats: q unsigned ≤ 63 with a scale and an offset per 16 values
+//            (quant::unpack_block_unsigned), pairs of quads summed in int16, then
+//            scale · Σ x·q − offset · Σx per 16 (Q6_K, Q3_K) or per 32 values.
 // Both are deterministic for any thread count: panels and chunks do not depend on it.
 #include <cblas.h>
 // GCC 12's AVX-512 masked-load intrinsics start from an "undefined" vector it then reports.
