@@ -70,23 +70,6 @@ void linear_dequant(const float* x, const Tensor& w, const float* bias, float* y
 
 // ---- int8 path ------------------------------------------------------------------------------
 
-// x rows → u8 (q + 128) and per-lane (4 values) scales dx of their 32-block.
-void quantize_x(const float* x, int64_t M, int64_t K, uint8_t* xu, float* dxe) {
-  parallel_for(M, 4, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* xr = x + r * K;
-      for (int64_t b = 0; b < K / 32; ++b) {
-        float amax = 0;
-        for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(xr[b * 32 + j]));
-        const float d = amax / 127, id = d != 0 ? 1.0f / d : 0.0f;
-        for (int j = 0; j < 32; ++j)
-          xu[r * K + b * 32 + j] = uint8_t(int(std::roundf(xr[b * 32 + j] * id)) + 128);
-        for (int l = 0; l < 8; ++l) dxe[r * (K / 4) + b * 8 + l] = d;
-      }
-    }
-  });
-}
-
 // Rows [n0, n0 + np) of w → int8 values, −128·(sum of each lane's 4 values), per-lane scales.
 void unpack_panel(const Tensor& w, int64_t n0, int64_t np, int64_t K, int8_t* w8, int32_t* negc, float* dwe) {
   const uint8_t* base = static_cast<const uint8_t*>(w.raw());
@@ -199,7 +182,7 @@ ZI_AVX2 float block_amax_avx2(const float* xb) {
 }
 
 // x rows → s8 q (|q| ≤ 127), the scale of each 32-block and the sums of its q per 16 [M, K/16]
-// (the formats' offsets). The same numbers as quantize_x's (test Quant.AvxActivationQuantizationIsRoundf).
+// (the formats' offsets): q = roundf(x / d) (test Quant.AvxActivationQuantizationIsRoundf).
 void quantize_x_blocks(const float* x, int64_t M, int64_t K, int8_t* xq, float* dx, int32_t* xsum) {
   const int64_t nb = K / 32;
   parallel_for(M, 4, [&](int64_t r0, int64_t r1) {
@@ -209,6 +192,23 @@ void quantize_x_blocks(const float* x, int64_t M, int64_t K, int8_t* xq, float* 
         const float d = block_amax_avx2(xb) / 127;
         dx[r * nb + b] = d;
         quantize_block_avx2(xb, d, xq + r * K + b * 32, xsum + r * 2 * nb + 2 * b);
+      }
+  });
+}
+
+// The VNNI path's form of the same quantization: rows → u8 (q + 128) and per-lane (4 values)
+// scales dx of their 32-block (VNNI CPUs have AVX2).
+void quantize_x(const float* x, int64_t M, int64_t K, uint8_t* xu, float* dxe) {
+  parallel_for(M, 4, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t b = 0; b < K / 32; ++b) {
+        const float* xb = x + r * K + b * 32;
+        const float d = block_amax_avx2(xb) / 127;
+        uint8_t* q = xu + r * K + b * 32;
+        int32_t sums[2];
+        quantize_block_avx2(xb, d, reinterpret_cast<int8_t*>(q), sums);
+        for (int j = 0; j < 32; ++j) q[j] ^= 0x80;  // s8 q → u8 q + 128
+        for (int l = 0; l < 8; ++l) dxe[r * (K / 4) + b * 8 + l] = d;
       }
   });
 }
