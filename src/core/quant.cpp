@@ -139,37 +139,14 @@ inline void scale_min_k4(int j, const uint8_t* q, uint8_t* sc, uint8_t* m) {
   }
 }
 
-void deq_q4_k(const uint8_t* b, float* y) {
-  const float d = f16at(b), dmin = f16at(b + 2);
-  const uint8_t* scales = b + 4;
-  const uint8_t* q = b + 16;
-  for (int g = 0; g < 4; ++g) {  // 4 × (two sub-blocks of 32 from 32 bytes)
-    uint8_t sc, m;
-    scale_min_k4(2 * g, scales, &sc, &m);
-    const float d1 = d * float(sc), m1 = dmin * float(m);
-    scale_min_k4(2 * g + 1, scales, &sc, &m);
-    const float d2 = d * float(sc), m2 = dmin * float(m);
-    for (int l = 0; l < 32; ++l) y[64 * g + l] = d1 * float(q[32 * g + l] & 0x0F) - m1;
-    for (int l = 0; l < 32; ++l) y[64 * g + 32 + l] = d2 * float(q[32 * g + l] >> 4) - m2;
-  }
-}
-
-void deq_q5_k(const uint8_t* b, float* y) {
-  const float d = f16at(b), dmin = f16at(b + 2);
-  const uint8_t* scales = b + 4;
-  const uint8_t* qh = b + 16;
-  const uint8_t* ql = b + 48;
-  for (int g = 0; g < 4; ++g) {
-    uint8_t sc, m;
-    scale_min_k4(2 * g, scales, &sc, &m);
-    const float d1 = d * float(sc), m1 = dmin * float(m);
-    scale_min_k4(2 * g + 1, scales, &sc, &m);
-    const float d2 = d * float(sc), m2 = dmin * float(m);
-    for (int l = 0; l < 32; ++l)
-      y[64 * g + l] = d1 * float((ql[32 * g + l] & 0x0F) | (((qh[l] >> (2 * g)) & 1) << 4)) - m1;
-    for (int l = 0; l < 32; ++l)
-      y[64 * g + 32 + l] = d2 * float((ql[32 * g + l] >> 4) | (((qh[l] >> (2 * g + 1)) & 1) << 4)) - m2;
-  }
+// Q4_K / Q5_K: their integer form's scale · q − offset is the reference's own expression
+// (d · sc) · q − dmin · m, so the values are bit-exact (unpack_block_unsigned, below).
+template <DType T>
+void deq_k_min(const uint8_t* b, float* y) {
+  uint8_t q[256];
+  float sc[16], off[16];
+  unpack_block_unsigned(T, b, q, sc, off);
+  for (int j = 0; j < 256; ++j) y[j] = sc[j / 16] * float(q[j]) - off[j / 16];
 }
 
 void deq_q6_k(const uint8_t* b, float* y) {
@@ -342,8 +319,8 @@ void dequantize_row(DType t, const void* xv, float* y, int64_t k) {
     case DType::Q8_0: f = deq_q8_0; break;
     case DType::Q4_0: f = deq_q4_0; break;
     case DType::Q5_0: f = deq_q5_0; break;
-    case DType::Q4_K: f = deq_q4_k; break;
-    case DType::Q5_K: f = deq_q5_k; break;
+    case DType::Q4_K: f = deq_k_min<DType::Q4_K>; break;
+    case DType::Q5_K: f = deq_k_min<DType::Q5_K>; break;
     case DType::Q6_K: f = deq_q6_k; break;
     case DType::Q3_K: f = deq_q3_k; break;
     default: fail(str_cat("[dequantize] ", dtype_name(t), " is not a block format"));
