@@ -149,41 +149,14 @@ void deq_k_min(const uint8_t* b, float* y) {
   for (int j = 0; j < 256; ++j) y[j] = sc[j / 16] * float(q[j]) - off[j / 16];
 }
 
-void deq_q6_k(const uint8_t* b, float* y) {
-  const uint8_t* ql = b;
-  const uint8_t* qh = b + 128;
-  const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
-  const float d = f16at(b + 208);
-  for (int c = 0; c < 8; ++c) {  // 8 chunks of 32 values
-    const int g = c / 4, r = c % 4;
-    const int shift_l = 4 * (r / 2), off_l = 64 * g + 32 * (r % 2), shift_h = 2 * r;
-    for (int l = 0; l < 32; ++l) {
-      const int e = 32 * c + l;
-      const int q = int(((ql[off_l + l] >> shift_l) & 0x0F) | (((qh[32 * g + l] >> shift_h) & 3) << 4)) - 32;
-      y[e] = (d * float(sc[e / 16])) * float(q);
-    }
-  }
-}
-
-void deq_q3_k(const uint8_t* b, float* y) {
-  const uint8_t* hm = b;
-  const uint8_t* qs = b + 32;
-  const uint8_t* s = b + 96;
-  const float d = f16at(b + 108);
-  float dl[16];
-  for (int i = 0; i < 16; ++i) {
-    const int lo = i < 8 ? (s[i] & 0x0F) : (s[i - 8] >> 4);
-    const int hi = (s[8 + (i % 4)] >> (2 * (i / 4))) & 3;
-    dl[i] = d * float(int8_t(uint8_t(lo | (hi << 4))) - 32);
-  }
-  for (int c = 0; c < 8; ++c) {
-    const int g = c / 4, shift = 2 * (c % 4);
-    for (int l = 0; l < 32; ++l) {
-      const int e = 32 * c + l;
-      const int q = int((qs[32 * g + l] >> shift) & 3) - (((hm[l] >> c) & 1) ? 0 : 4);
-      y[e] = dl[e / 16] * float(q);
-    }
-  }
+// Q6_K / Q3_K: value = scale · (q − zero), the reference's own expression, from the same
+// integer form (bit-exact).
+template <DType T, int Zero>
+void deq_k_sym(const uint8_t* b, float* y) {
+  uint8_t q[256];
+  float sc[16], off[16];
+  unpack_block_unsigned(T, b, q, sc, off);
+  for (int j = 0; j < 256; ++j) y[j] = sc[j / 16] * float(int(q[j]) - Zero);
 }
 
 }  // namespace
@@ -321,8 +294,8 @@ void dequantize_row(DType t, const void* xv, float* y, int64_t k) {
     case DType::Q5_0: f = deq_q5_0; break;
     case DType::Q4_K: f = deq_k_min<DType::Q4_K>; break;
     case DType::Q5_K: f = deq_k_min<DType::Q5_K>; break;
-    case DType::Q6_K: f = deq_q6_k; break;
-    case DType::Q3_K: f = deq_q3_k; break;
+    case DType::Q6_K: f = deq_k_sym<DType::Q6_K, 32>; break;
+    case DType::Q3_K: f = deq_k_sym<DType::Q3_K, 4>; break;
     default: fail(str_cat("[dequantize] ", dtype_name(t), " is not a block format"));
   }
   for (int64_t i = 0; i < nb; ++i) f(x + size_t(i) * bb, y + i * bs);
