@@ -22,6 +22,7 @@
 #include "io/safetensors.h"
 #include "io/weight_loader.h"
 #include "models/vae_decoder.h"
+#include "models/zimage_dit.h"
 #include "pipeline/memory_plan.h"
 #include "ops/ops.h"
 #include "pipeline/memory_report.h"
@@ -350,6 +351,80 @@ TEST(CudaPipeline, BatchMatchesOneAtATime) {
     std::printf("batched image %zu vs one at a time: max |diff| %d\n", i, maxd);
     EXPECT_LE(maxd, 1) << i;
   }
+}
+
+// The denoise step recorded as a CUDA graph and replayed (issue 19): per activation dtype, the
+// tiny DiT's forwards over several steps with two captions of different padded lengths (a CFG
+// step's two geometries) give exactly the eager model's bits; after each geometry's first
+// (eager) forward every forward is a replay; the graph memory is accounted while the recordings
+// live and given back by dit_release_recordings; and a released model records again.
+TEST(CudaPipeline, RecordedStepsGiveTheEagerBits) {
+  ZI_REQUIRE_GPU();
+  const ModelFolder mf = open_model_folder(tiny_model_dir());
+  for (DType act : kActs) {
+    SCOPED_TRACE(dtype_name(act));
+    auto dit = [&](int graphs) {
+      PhaseContext ctx = PhaseContext::on(Device::CUDA, act);
+      ctx.cuda_graphs = graphs;
+      TensorStore store = TensorStore::open_dir(mf.transformer_dir);
+      WeightLoader ld(store, Tag::DitWeights, "transformer", ctx);
+      ZImageDit m = load_zimage_dit(ld, mf.transformer, DType::BF16);
+      ld.finish();
+      return m;
+    };
+    auto bytes = [](const Tensor& t) {
+      const Tensor h = ops::to_host_f32(t);
+      return std::vector<float>(h.f32(), h.f32() + h.numel());
+    };
+    const ZImageDit eager = dit(0);
+    const ZImageDit rec = dit(1);
+    ASSERT_FALSE(dit_records_steps(eager));
+    ASSERT_TRUE(dit_records_steps(rec));
+    std::vector<Tensor> caps;
+    for (int64_t len : {6, 40}) {  // padded to 32 and 64 rows
+      Tensor cap = Tensor::zeros({len, mf.transformer.cap_feat_dim}, DType::F32);
+      for (int64_t i = 0; i < cap.numel(); ++i) cap.f32()[i] = float((i * 7 + len) % 13) / 13.0f - 0.5f;
+      caps.push_back(cap);
+    }
+    int64_t after_first = 0;
+    for (int step = 0; step < 4; ++step) {
+      Tensor latent = Tensor::zeros({mf.transformer.in_channels, 1, 16, 24}, DType::F32);
+      for (int64_t i = 0; i < latent.numel(); ++i) latent.f32()[i] = float((i + 5 * step) % 17) / 17.0f - 0.5f;
+      const float t = 0.1f + 0.2f * float(step);
+      for (const Tensor& cap : caps)
+        EXPECT_EQ(bytes(dit_forward(rec, latent, t, cap)), bytes(dit_forward(eager, latent, t, cap))) << "step " << step;
+      if (step == 0) after_first = memory_stats(Device::CUDA).total().current;
+      else EXPECT_GT(memory_stats(Device::CUDA).total().current, after_first) << "the recordings' memory is accounted";
+    }
+    EXPECT_EQ(dit_recording_failure(rec), "");
+    EXPECT_EQ(dit_step_replays(rec), 2 * 3);
+    dit_release_recordings(rec);
+    EXPECT_EQ(memory_stats(Device::CUDA).total().current, after_first);
+    // Released, the model records again at the next forward, with the same bits.
+    Tensor latent = Tensor::zeros({mf.transformer.in_channels, 1, 16, 24}, DType::F32);
+    EXPECT_EQ(bytes(dit_forward(rec, latent, 0.5f, caps[0])), bytes(dit_forward(eager, latent, 0.5f, caps[0])));
+    EXPECT_EQ(dit_step_replays(rec), 2 * 3 + 1);
+  }
+}
+
+// The whole pipeline with recorded steps (ZI_CUDA_GRAPHS=1): the CFG fixture case (two captions
+// per step) gives the image of the op-by-op run, byte for byte, and every GPU byte is given back.
+TEST(CudaPipeline, RecordedStepsInThePipeline) {
+  ZI_REQUIRE_GPU();
+  GenerateOptions o = options_for_case("cfg");
+  o.precision = DType::BF16;
+  ::setenv("ZI_CUDA_GRAPHS", "0", 1);
+  const GenerateResult plain = generate(o);
+  const int64_t gpu_before = memory_stats(Device::CUDA).total().current;
+  ::setenv("ZI_CUDA_GRAPHS", "1", 1);
+  std::vector<std::string> notices;
+  GenerateHooks h;
+  h.on_notice = [&](const std::string& n) { notices.push_back(n); };
+  const GenerateResult r = generate(o, h);
+  ::unsetenv("ZI_CUDA_GRAPHS");
+  EXPECT_EQ(r.rgb, plain.rgb);
+  for (const std::string& n : notices) EXPECT_EQ(n.find("could not be recorded"), std::string::npos) << n;
+  EXPECT_EQ(memory_stats(Device::CUDA).total().current, gpu_before);
 }
 
 // The tiled VAE decode on the GPU: the pieces against the CPU, and the tiled image against the

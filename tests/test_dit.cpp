@@ -16,6 +16,7 @@
 #include "io/safetensors.h"
 #include "io/weight_loader.h"
 #include "models/zimage_dit.h"
+#include "ops/ops.h"
 #include "test_util.h"
 
 using namespace zi;
@@ -143,6 +144,44 @@ TEST(Dit, CfgStepsMatchReferenceForBothBranches) {
     }
   }
   EXPECT_EQ(branches, 8);  // 5 positive + 3 negative
+}
+
+// The RoPE tables are cached for the last two geometries (a CFG step's two captions): three
+// captions of different padded lengths in turn, then the first again (evicted by then), give
+// the bits of a model whose cache is cold at every call.
+TEST(Dit, RopeCacheOfSeveralGeometries) {
+  const ZImageDit& m = tiny_bf16();
+  const SafetensorsFile f = SafetensorsFile::open(test::data_path("expected/components.safetensors"));
+  const Tensor x = f.load("dit.x0", DType::F32), cap = f.load("dit.cap0", DType::F32);
+  std::vector<Tensor> caps;
+  for (int64_t rows : {int64_t(5), int64_t(40), int64_t(70)}) {
+    Tensor c = Tensor::zeros({rows, cap.dim(1)}, DType::F32);
+    for (int64_t i = 0; i < c.numel(); ++i) c.f32()[i] = cap.f32()[i % cap.numel()];
+    caps.push_back(c);
+  }
+  std::vector<Tensor> want;
+  for (const Tensor& c : caps) {
+    m.rope_cache.reset();
+    want.push_back(dit_forward(m, x, 0.4f, c));
+  }
+  m.rope_cache.reset();
+  for (size_t k : {0, 1, 0, 1, 2, 0, 2}) EXPECT_EQ(test::max_abs_diff(dit_forward(m, x, 0.4f, caps[k]), want[k]), 0.0) << k;
+}
+
+// Recording the step is a GPU feature: on the CPU a context asking for it runs op by op, and
+// ops::record says why it cannot record.
+TEST(Dit, RecordingIsForTheGpuOnly) {
+  const ZImageDit m = load_dit(tiny_transformer(), DType::BF16);
+  ZImageDit asks = load_dit(tiny_transformer(), DType::BF16);
+  asks.ctx.cuda_graphs = 1;
+  EXPECT_FALSE(dit_records_steps(asks));
+  const SafetensorsFile f = SafetensorsFile::open(test::data_path("expected/components.safetensors"));
+  const Tensor x = f.load("dit.x0", DType::F32), cap = f.load("dit.cap0", DType::F32);
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(test::max_abs_diff(dit_forward(asks, x, 0.3f, cap), dit_forward(m, x, 0.3f, cap)), 0.0);
+  EXPECT_EQ(dit_step_replays(asks), 0);
+  std::string why;
+  EXPECT_FALSE(ops::record(asks.ctx, [] {}, &why).defined());
+  EXPECT_NE(why.find("GPU"), std::string::npos) << why;
 }
 
 TEST(Dit, BatchEqualsIndividualCallsExactly) {

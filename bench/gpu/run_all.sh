@@ -156,19 +156,23 @@ PY
   stamp "diffusers group offload done"
 fi
 
-if [[ "$WHAT" == *" fused "* ]]; then  # (not in all) issue 19: fused q/k/v + w1/w3 on the GPU, off vs on, bf16 and fp8, 1024² 8 steps (2nd image)
+if [[ "$WHAT" == *" fused "* ]]; then  # (not in all) issue 19: fused q/k/v + w1/w3 and the recorded step (CUDA graph), off vs on, bf16 and fp8, 1024² 8 steps (2nd image)
   M=/tmp/zrm
   [ -d "$M" ] || z "$BIN/zimage" make-random-model --preset turbo --dtype bf16 -q "$M" > "$OUT/make_model.log" 2>&1
   for rep in $(seq 1 ${ZI_FUSED_REPS:-2}); do
     for cfg in "bf16|" "fp8|--transformer-dtype fp8"; do
       IFS='|' read -r name flags <<< "$cfg"
-      for f in 0 1; do
-        ZI_FUSED_PROJECTIONS=$f z "$BIN/zimage" generate --model "$M" -p "$PROMPT" -W 1024 -H 1024 --steps 8 --seed 1 \
-          --count 2 --device cuda $flags -o "$OUT/zf_${name}_$f.png" > "$OUT/fused_${name}_${f}_$rep.log" 2>&1
-        echo "rc=$?" >> "$OUT/fused_${name}_${f}_$rep.log"
-        echo "== $name fused=$f rep $rep: $(sed -n '/image 2\/2/,$p' "$OUT/fused_${name}_${f}_$rep.log" | grep -E "^  denoise |total|rc=|rror" | tr -s ' ' | tr '\n' ';')"
+      for fg in ${ZI_FUSED_CFGS:-0:0 1:0 0:1 1:1}; do  # fused:graphs
+        IFS=: read -r f gr <<< "$fg"
+        ZI_FUSED_PROJECTIONS=$f ZI_CUDA_GRAPHS=$gr z "$BIN/zimage" generate --model "$M" -p "$PROMPT" -W 1024 -H 1024 --steps 8 --seed 1 \
+          --count 2 --device cuda $flags --memory-report -o "$OUT/zf_${name}_${f}${gr}.png" > "$OUT/fused_${name}_${f}${gr}_$rep.log" 2>&1
+        echo "rc=$?" >> "$OUT/fused_${name}_${f}${gr}_$rep.log"
+        echo "== $name fused=$f graphs=$gr rep $rep: $(sed -n '/image 2\/2/,$p' "$OUT/fused_${name}_${f}${gr}_$rep.log" | grep -E "^  denoise |total|GPU peak|rc=|rror|recorded" | tr -s ' ' | tr '\n' ';')"
       done
-      cmp -s "$OUT/zf_${name}_0-0002.png" "$OUT/zf_${name}_1-0002.png" && echo "$name: PNG identical fused/unfused" || echo "$name: PNG differs fused/unfused"
+      for fg in 10 01 11; do
+        [ -f "$OUT/zf_${name}_$fg-0002.png" ] || continue
+        cmp -s "$OUT/zf_${name}_00-0002.png" "$OUT/zf_${name}_$fg-0002.png" && echo "$name: PNG $fg identical to 00" || echo "$name: PNG $fg DIFFERS from 00"
+      done
     done
   done
   rm -f "$OUT"/zf_*.png

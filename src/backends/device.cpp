@@ -137,6 +137,18 @@ void reset_pool_peaks(Device d) {
   if (d == Device::CUDA) cuda::reset_pool_peaks();
 }
 
+Graph::~Graph() { cuda::graph_destroy(exec_); }
+void Graph::launch() const { cuda::graph_launch(exec_); }
+bool can_record(Device d) { return d == Device::CUDA && cuda::can_record(); }
+std::unique_ptr<Graph> record(Device d, const std::function<void()>& work, std::string* why) {
+  if (!can_record(d)) {
+    if (why) *why = d == Device::CUDA ? "ZI_CUDA_PROFILE is on" : "only the GPU records graphs";
+    return nullptr;
+  }
+  void* exec = cuda::graph_record(work, why);
+  return exec ? std::make_unique<Graph>(exec) : nullptr;
+}
+
 std::string profile_report(Device d) { return d == Device::CUDA ? cuda::profile_report() : std::string(); }
 
 }  // namespace zi::device

@@ -8,6 +8,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -100,6 +101,31 @@ struct PoolStats {
 };
 PoolStats pool_stats(Device d);  // zeros on the CPU
 void reset_pool_peaks(Device d);
+
+// ---- recorded work (CUDA graphs; issue 19) ----
+// The work `work` queues on the GPU's compute stream, recorded without running it and replayed
+// by launch() in one submission with the same kernels, pointers and scalars (so the same bits).
+// Memory the work allocates becomes the graph's own: the driver reserves it while the graph
+// lives (shared by the graphs of this process, launched one after another), and
+// memory_stats(CUDA) accounts it under Tag::Activations at the driver's measured reservation.
+// Only device work may be recorded: a host synchronisation, a copy to or from pageable host
+// memory or an exception inside `work` makes record() return null with the reason in *why,
+// and the stream works as before. The work must not free memory it did not allocate.
+class Graph {
+ public:
+  explicit Graph(void* exec) : exec_(exec) {}
+  ~Graph();
+  Graph(const Graph&) = delete;
+  Graph& operator=(const Graph&) = delete;
+  void launch() const;  // queued on the compute stream, after the work queued before it
+
+ private:
+  void* exec_;
+};
+// Whether `d` can record: the GPU, unless ZI_CUDA_PROFILE times each op (its events would be
+// recorded once, not per launch).
+bool can_record(Device d);
+std::unique_ptr<Graph> record(Device d, const std::function<void()>& work, std::string* why);
 
 // Per-op GPU time when ZI_CUDA_PROFILE=1 (empty otherwise); clears what it reports.
 std::string profile_report(Device d);

@@ -42,5 +42,12 @@ void ring_acquire(void*, int) { no_cuda(); }
 void ring_release(void*, int) { no_cuda(); }
 void ring_drain(void*) {}
 double measure_h2d_rate(size_t) { return 0; }
+bool can_record() { return false; }
+void* graph_record(const std::function<void()>&, std::string* why) {
+  if (why) *why = "this zimage was built without CUDA";
+  return nullptr;
+}
+void graph_launch(void*) { no_cuda(); }
+void graph_destroy(void*) {}
 }  // namespace cuda
 }  // namespace zi

@@ -231,6 +231,14 @@ void Tensor::set_row_scale(Tensor s) {
   row_scale_ = std::make_shared<Tensor>(std::move(s));
 }
 
+void Tensor::copy_from(const Tensor& src) const {
+  ZI_CHECK(defined() && src.defined() && src.dtype_ == dtype_ && src.shape_ == shape_ && is_contiguous() &&
+               src.is_contiguous(),
+           "[tensor] copy_from: ", defined() ? desc() : std::string("undefined"), " <- ",
+           src.defined() ? src.desc() : std::string("undefined"), " (same shape and dtype, contiguous)");
+  device::copy(raw(), device(), src.raw(), src.device(), nbytes());
+}
+
 std::string Tensor::desc() const { return str_cat(dtype_name(dtype_), shape_str(shape_)); }
 
 }  // namespace zi

@@ -38,6 +38,7 @@ struct PhaseContext {
   DType act = DType::F32;      // activation dtype: F32 on the CPU; F32 or BF16 on CUDA
   int64_t ffn_chunk_rows = 0;  // DiT feed-forward rows per chunk; 0: the device's default
   int fused_projections = -1;  // DiT q/k/v and w1/w3 as one matrix each: 1 on, 0 off, -1 the default
+  int cuda_graphs = -1;        // DiT step recorded once and replayed (GPU): 1 on, 0 off, -1 the default
   // The context of a phase on `d` with activations in `precision` (the CPU computes in f32).
   static PhaseContext on(Device d, DType precision = DType::F32) {
     PhaseContext c;
@@ -95,6 +96,10 @@ class Tensor {
   Tensor to(DType dt, Tag tag = Tag::Activations) const;
   // A contiguous copy on device `d` (this tensor itself if it is already there and contiguous).
   Tensor to_device(Device d, Tag tag = Tag::Activations) const;
+
+  // Copies src's elements into this tensor's storage (same shape and dtype, both contiguous,
+  // any devices): a fixed buffer that recorded work reads (ops::record) gets new inputs.
+  void copy_from(const Tensor& src) const;
 
   std::string desc() const;  // "f32[2, 3]"
 

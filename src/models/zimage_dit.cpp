@@ -143,9 +143,9 @@ Geometry geometry(const DitConfig& c, const Tensor& latent, const Tensor& cap) {
   return g;
 }
 
-// [1, A]: c = mlp.2(SiLU(mlp.0(sinusoid(t · t_scale)))) (§3.4), in f32 like the reference's
-// autocast-free sinusoid. Shared by every modulated block and the final layer.
-Tensor embed_timestep(const ZImageDit& m, float t) {
+// [1, 256] f32 on the host: the sinusoid of t · t_scale (§3.4), in f32 like the reference's
+// autocast-free sinusoid.
+Tensor timestep_sinusoid(const ZImageDit& m, float t) {
   const int half = kTimeFreqDim / 2;
   const float tau = t * float(m.cfg.t_scale);
   const float neg_log_period = float(-std::log(kTimeMaxPeriod));
@@ -155,9 +155,19 @@ Tensor embed_timestep(const ZImageDit& m, float t) {
     e[size_t(k)] = std::cos(tau * freq);                                     // cosine half first
     e[size_t(half + k)] = std::sin(tau * freq);
   }
-  Tensor h = ops::linear(ops::to_compute(m.ctx, Tensor::from_vector(e, {1, kTimeFreqDim})), m.t_mlp0_w, &m.t_mlp0_b);  // [1, 1024]
+  return Tensor::from_vector(e, {1, kTimeFreqDim});
+}
+
+// [1, A]: c = mlp.2(SiLU(mlp.0(sinusoid))) from the sinusoid on the phase's device. Shared by
+// every modulated block and the final layer.
+Tensor embed_time(const ZImageDit& m, const Tensor& sinusoid) {
+  Tensor h = ops::linear(sinusoid, m.t_mlp0_w, &m.t_mlp0_b);  // [1, 1024]
   ops::silu_(h);
   return ops::linear(h, m.t_mlp2_w, &m.t_mlp2_b);  // [1, A]
+}
+
+Tensor embed_timestep(const ZImageDit& m, float t) {
+  return embed_time(m, ops::to_compute(m.ctx, timestep_sinusoid(m, t)));
 }
 
 // [N, p·p·C]: token (h, w) holds latent[c, 0, p·h + ph, p·w + pw] at feature (ph·p + pw)·C + c,
@@ -203,10 +213,15 @@ Tensor append_pad_rows(Tensor x, const Tensor& pad_token, int64_t total) {
   return ops::concat0(parts);
 }
 
-// [Nx, D]: patch embedding, then x_pad_token in the Nx − N pad slots (§3.10 step 2).
-Tensor embed_image(const ZImageDit& m, const Tensor& latent, const Geometry& g) {
-  Tensor x = ops::linear(ops::to_compute(m.ctx, patchify(latent, g, m.cfg.patch_size)), m.x_embed_w, &m.x_embed_b);  // [N, D]
+// [Nx, D]: patch embedding of the patchified latent on the phase's device (`tokens` [N, p·p·C]),
+// then x_pad_token in the Nx − N pad slots (§3.10 step 2).
+Tensor embed_tokens(const ZImageDit& m, const Tensor& tokens, const Geometry& g) {
+  Tensor x = ops::linear(tokens, m.x_embed_w, &m.x_embed_b);  // [N, D]
   return append_pad_rows(std::move(x), m.x_pad_token, g.nx);
+}
+
+Tensor embed_image(const ZImageDit& m, const Tensor& latent, const Geometry& g) {
+  return embed_tokens(m, ops::to_compute(m.ctx, patchify(latent, g, m.cfg.patch_size)), g);
 }
 
 // [Lc, D]: RMSNorm (norm_eps) → Linear on the L real rows, then cap_pad_token (step 4).
@@ -483,9 +498,15 @@ ZImageDit load_zimage_dit(WeightLoader& ld, const DitConfig& cfg, DType wdt) {
 
 // The three RoPE tables of one geometry: image tokens, caption tokens, and both (unified).
 struct ZImageDit::RopeCache {
-  int64_t ht = -1, wt = -1, nx = -1, lc = -1;
-  Device device = Device::CPU;
-  Rope x, cap, u;
+  // One geometry's tables: the image's, the caption's and the unified sequence's.
+  struct Tables {
+    int64_t ht = -1, wt = -1, nx = -1, lc = -1;
+    Device device = Device::CPU;
+    Rope x, cap, u;
+  };
+  // The last two geometries, the most recent last: a CFG step's two captions may differ in
+  // padded length, and one set of tables would be remade on the host twice per step.
+  std::vector<std::shared_ptr<const Tables>> recent;
   // The last batch's tables, its items' rows stacked (dit_forward_batch): one batch runs all its
   // steps with the same captions, so they are made once per batch.
   struct Stacked {
@@ -499,21 +520,33 @@ struct ZImageDit::RopeCache {
 
 namespace {
 
-const ZImageDit::RopeCache& rope_tables(const ZImageDit& m, const Geometry& g) {
+std::shared_ptr<const ZImageDit::RopeCache::Tables> rope_tables_shared(const ZImageDit& m, const Geometry& g) {
+  using Tables = ZImageDit::RopeCache::Tables;
   const Device dev = m.ctx.device;
   auto& rc = m.rope_cache;
-  if (!rc || rc->ht != g.ht || rc->wt != g.wt || rc->nx != g.nx || rc->lc != g.lc || rc->device != dev) {
-    std::shared_ptr<ZImageDit::RopeCache::Stacked> keep = rc ? rc->stacked : nullptr;
-    rc.reset();  // the old tables go before the new ones are made
-    auto n = std::make_shared<ZImageDit::RopeCache>();
-    n->ht = g.ht, n->wt = g.wt, n->nx = g.nx, n->lc = g.lc, n->device = dev;
-    n->x = make_rope(m.ctx, m.cfg, image_positions(g));
-    n->cap = make_rope(m.ctx, m.cfg, caption_positions(g));
-    n->u = Rope{ops::concat0({n->x.cos, n->cap.cos}), ops::concat0({n->x.sin, n->cap.sin})};
-    n->stacked = std::move(keep);
-    rc = std::move(n);
+  if (!rc) rc = std::make_shared<ZImageDit::RopeCache>();
+  auto& recent = rc->recent;
+  for (size_t i = 0; i < recent.size(); ++i) {
+    const Tables& t = *recent[i];
+    if (t.ht == g.ht && t.wt == g.wt && t.nx == g.nx && t.lc == g.lc && t.device == dev) {
+      std::shared_ptr<const Tables> hit = recent[i];
+      recent.erase(recent.begin() + std::ptrdiff_t(i));
+      recent.push_back(hit);
+      return hit;
+    }
   }
-  return *rc;
+  if (recent.size() >= 2) recent.erase(recent.begin());  // the oldest goes before the new ones are made
+  auto n = std::make_shared<Tables>();
+  n->ht = g.ht, n->wt = g.wt, n->nx = g.nx, n->lc = g.lc, n->device = dev;
+  n->x = make_rope(m.ctx, m.cfg, image_positions(g));
+  n->cap = make_rope(m.ctx, m.cfg, caption_positions(g));
+  n->u = Rope{ops::concat0({n->x.cos, n->cap.cos}), ops::concat0({n->x.sin, n->cap.sin})};
+  recent.push_back(n);
+  return n;
+}
+
+const ZImageDit::RopeCache::Tables& rope_tables(const ZImageDit& m, const Geometry& g) {
+  return *rope_tables_shared(m, g);  // the cache holds it until two newer geometries come
 }
 
 // The RoPE tables of a batch: each item's image, caption and unified tables, stacked in item
@@ -553,15 +586,19 @@ size_t context_refiner_index(const ZImageDit& m, size_t i) { return m.noise_refi
 size_t layer_index(const ZImageDit& m, size_t i) { return m.noise_refiner.size() + m.context_refiner.size() + i; }
 }  // namespace
 
-Tensor dit_forward(const ZImageDit& m, const Tensor& latent, float t, const Tensor& cap_feats) {
+namespace {
+
+// The forward on the phase's device from the patchified latent `tokens` [N, p·p·C] and the
+// timestep's sinusoid [1, 256] (both already there) to the output tokens [N, p·p·C]. Device
+// ops only (cap_feats may be host data: it is copied in), so that it can be recorded.
+Tensor dit_core(const ZImageDit& m, const Geometry& g, const ZImageDit::RopeCache::Tables& rope,
+                const Tensor& tokens, const Tensor& sinusoid, const Tensor& cap_feats) {
   const DitConfig& cfg = m.cfg;
-  const Geometry g = geometry(cfg, latent, cap_feats);
-  const Tensor c = embed_timestep(m, t);  // [1, A]
-  const ZImageDit::RopeCache& rope = rope_tables(m, g);
+  const Tensor c = embed_time(m, sinusoid);  // [1, A]
   const int64_t chunk = dit_ffn_chunk_rows(m.ctx);
 
   // Image stream, refined alone with modulation (§3.10 steps 2–3).
-  Tensor x = embed_image(m, latent, g);  // [Nx, D]
+  Tensor x = embed_tokens(m, tokens, g);  // [Nx, D]
   for (size_t i = 0; i < m.noise_refiner.size(); ++i) {
     BlockUse in(m.streamer.get(), noise_refiner_index(m, i));
     block_forward(m.noise_refiner[i], cfg, x, c, rope.x, chunk);
@@ -581,9 +618,120 @@ Tensor dit_forward(const ZImageDit& m, const Tensor& latent, float t, const Tens
     BlockUse in(m.streamer.get(), layer_index(m, i));
     block_forward(m.layers[i], cfg, u, c, rope.u, chunk);
   }
+  return final_layer(m, u, c, g.n);  // [N, p·p·C]  (steps 8–9)
+}
 
-  Tensor out = final_layer(m, u, c, g.n);  // [N, p·p·C]  (steps 8–9)
-  u = Tensor();
+}  // namespace
+
+// ---- the step recorded (issue 19) ----
+// dit_core's device work recorded once per geometry and replayed: one submission per forward
+// instead of ~20 kernel launches per block, and no launch gaps. The first forward of a geometry
+// runs eagerly (first-use costs: kernel picks, cuBLASLt plans, module loads), the second
+// records and replays, later ones replay. The recording reads fixed device buffers (the
+// tokens, the sinusoid, the caption features) that each forward refills, and writes a fixed
+// output; its RoPE tables are held with it. Same kernels on the same values: the same bits.
+struct ZImageDit::StepRecordings {
+  struct Entry {
+    int64_t ht = -1, wt = -1, nx = -1, l = -1, lc = -1;
+    std::shared_ptr<const RopeCache::Tables> rope;
+    Tensor tokens, sinusoid, cap, out;
+    ops::Recording rec;
+  };
+  std::vector<std::unique_ptr<Entry>> entries;  // up to two (a CFG step's captions), the most recent last
+  std::string failed;                           // why recording failed: every forward runs eagerly then
+  int64_t replays = 0;
+};
+
+bool dit_records_steps(const ZImageDit& m) {
+  if (m.streamer) return false;  // (the ring's copy stream is not recorded)
+  int on = m.ctx.cuda_graphs;
+  if (on < 0) {
+    const char* e = std::getenv("ZI_CUDA_GRAPHS");
+    on = e && std::strcmp(e, "1") == 0 ? 1 : 0;
+  }
+  return on == 1 && ops::can_record(m.ctx);
+}
+
+int64_t dit_step_replays(const ZImageDit& m) { return m.recordings ? m.recordings->replays : 0; }
+std::string dit_recording_failure(const ZImageDit& m) { return m.recordings ? m.recordings->failed : std::string(); }
+
+void dit_release_recordings(const ZImageDit& m) {
+  if (!m.recordings) return;
+  for (auto& e : m.recordings->entries) {
+    e->rec = ops::Recording();
+    e->rope.reset();
+    e->tokens = e->sinusoid = e->cap = e->out = Tensor();
+  }
+}
+
+namespace {
+
+// The forward's output tokens through a recording, or an undefined tensor when this forward
+// runs eagerly (recording off, the geometry's first forward, or recording failed).
+Tensor recorded_forward(const ZImageDit& m, const Geometry& g, const Tensor& tokens, const Tensor& sinusoid,
+                        const Tensor& cap_feats) {
+  if (!dit_records_steps(m)) return Tensor();
+  auto& sr = m.recordings;
+  if (!sr) sr = std::make_shared<ZImageDit::StepRecordings>();
+  if (!sr->failed.empty()) return Tensor();
+  using Entry = ZImageDit::StepRecordings::Entry;
+  auto& es = sr->entries;
+  Entry* e = nullptr;
+  for (size_t i = 0; i < es.size(); ++i)
+    if (es[i]->ht == g.ht && es[i]->wt == g.wt && es[i]->nx == g.nx && es[i]->l == g.l && es[i]->lc == g.lc) {
+      std::unique_ptr<Entry> hit = std::move(es[i]);
+      es.erase(es.begin() + std::ptrdiff_t(i));
+      es.push_back(std::move(hit));
+      e = es.back().get();
+      break;
+    }
+  if (!e) {  // first forward of this geometry: eager
+    if (es.size() >= 2) es.erase(es.begin());
+    auto n = std::make_unique<Entry>();
+    n->ht = g.ht, n->wt = g.wt, n->nx = g.nx, n->l = g.l, n->lc = g.lc;
+    es.push_back(std::move(n));
+    return Tensor();
+  }
+  if (!e->rec.defined()) {
+    e->rope = rope_tables_shared(m, g);
+    e->tokens = ops::to_compute(m.ctx, tokens, /*fresh=*/true);
+    e->sinusoid = ops::to_compute(m.ctx, sinusoid, /*fresh=*/true);
+    e->cap = ops::to_compute(m.ctx, cap_feats, /*fresh=*/true);
+    e->out = Tensor::empty({g.n, patch_dim(m.cfg)}, e->tokens.dtype(), Tag::Activations, m.ctx.device);
+    std::string why;
+    e->rec = ops::record(
+        m.ctx,
+        [&] {
+          const Tensor o = dit_core(m, g, *e->rope, e->tokens, e->sinusoid, e->cap);
+          e->out.copy_from(o);
+        },
+        &why);
+    if (!e->rec.defined()) {
+      sr->failed = why.empty() ? std::string("unknown reason") : why;
+      es.clear();
+      return Tensor();
+    }
+  } else {
+    e->tokens.copy_from(ops::to_compute(m.ctx, tokens));
+    e->sinusoid.copy_from(ops::to_compute(m.ctx, sinusoid));
+    e->cap.copy_from(ops::to_compute(m.ctx, cap_feats));
+  }
+  e->rec.replay();
+  ++sr->replays;
+  return e->out;
+}
+
+}  // namespace
+
+Tensor dit_forward(const ZImageDit& m, const Tensor& latent, float t, const Tensor& cap_feats) {
+  const DitConfig& cfg = m.cfg;
+  const Geometry g = geometry(cfg, latent, cap_feats);
+  const Tensor tokens = patchify(latent, g, cfg.patch_size);  // [N, p·p·C] on the host
+  const Tensor sinusoid = timestep_sinusoid(m, t);            // [1, 256] on the host
+  Tensor out = recorded_forward(m, g, tokens, sinusoid, cap_feats);
+  if (!out.defined())
+    out = dit_core(m, g, rope_tables(m, g), ops::to_compute(m.ctx, tokens), ops::to_compute(m.ctx, sinusoid),
+                   cap_feats);
   return unpatchify(ops::to_host_f32(out), g, cfg.patch_size, cfg.in_channels);  // [C, 1, Hl, Wl] on the host
 }
 
@@ -619,7 +767,7 @@ Tensor dit_forward_control(const ZImageDit& m, const Tensor& latent, float t, co
            "[dit_forward_control] control context must be [", cc.control_in_dim, ", 1, ", latent.dim(2), ", ",
            latent.dim(3), "], got ", control.desc());
   const Tensor c = embed_timestep(m, t);  // [1, A], shared with the ControlNet (from_transformer)
-  const ZImageDit::RopeCache& rope = rope_tables(m, g);
+  const auto& rope = rope_tables(m, g);
   const int64_t chunk = dit_ffn_chunk_rows(m.ctx);
 
   Tensor x = embed_image(m, latent, g);  // [Nx, D]

@@ -61,6 +61,10 @@ struct ZImageDit {
   // left the GPU idle for tens of milliseconds per step at 1024²). Freed with the model.
   struct RopeCache;
   mutable std::shared_ptr<RopeCache> rope_cache;
+  // The denoise step recorded per geometry (dit_forward; GPU, ctx.cuda_graphs or
+  // ZI_CUDA_GRAPHS=1): its recordings, their fixed buffers and the graph memory they hold.
+  struct StepRecordings;
+  mutable std::shared_ptr<StepRecordings> recordings;
   // The blocks the --vram plan streams (null: all resident). Block i: noise_refiner 0…,
   // context_refiner next, then layers; the forwards bracket each block with a BlockUse.
   std::shared_ptr<WeightStreamer> streamer;
@@ -86,6 +90,16 @@ DitBlock load_dit_block(WeightLoader& loader, const std::string& prefix, const D
 // One item: latent [C, 1, Hl, Wl] f32, t = 1 − σ (the model multiplies by t_scale),
 // cap_feats [L, cap_feat_dim] f32 → velocity [C, 1, Hl, Wl] f32 (≈ x₀ − ε, spec §3.11).
 Tensor dit_forward(const ZImageDit& m, const Tensor& latent, float t, const Tensor& cap_feats);
+
+// Recorded steps (issue 19): whether dit_forward records and replays its device work (the GPU,
+// no streamed blocks, ctx.cuda_graphs or else ZI_CUDA_GRAPHS=1; off by default until measured);
+// how many forwards were replays; why recording failed ("" if it did not; the forwards then run
+// eagerly). dit_release_recordings frees the recordings and their graph memory (the end of a
+// denoise phase whose model stays loaded); the next forward records again.
+bool dit_records_steps(const ZImageDit& m);
+int64_t dit_step_replays(const ZImageDit& m);
+std::string dit_recording_failure(const ZImageDit& m);
+void dit_release_recordings(const ZImageDit& m);
 
 // dit_forward with a Fun ControlNet Union (ZImageControlNetPipeline / ZImageControlNetModel):
 // control [control_in_dim, 1, Hl, Wl] f32, the control context (condition latents, and for

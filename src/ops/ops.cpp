@@ -488,4 +488,21 @@ Tensor embedding(const Tensor& table_in, const std::vector<int32_t>& ids, DType 
   return out;
 }
 
+// ---- recorded work ----
+
+Recording::Recording() = default;
+Recording::~Recording() = default;
+Recording::Recording(Recording&&) noexcept = default;
+Recording& Recording::operator=(Recording&&) noexcept = default;
+void Recording::replay() const {
+  ZI_CHECK(g_, "[record] replay of an empty recording");
+  g_->launch();
+}
+bool can_record(const PhaseContext& c) { return device::can_record(c.device); }
+Recording record(const PhaseContext& c, const std::function<void()>& work, std::string* why) {
+  Recording r;
+  r.g_ = device::record(c.device, work, why);
+  return r;
+}
+
 }  // namespace zi::ops

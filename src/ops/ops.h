@@ -11,9 +11,16 @@
 // on one device. Shapes are written [rows, cols]; `_` at the end of a name means in place.
 // Results are new tensors tagged Tag::Activations.
 #pragma once
+#include <functional>
+#include <memory>
+#include <string>
 #include <vector>
 
 #include "core/tensor.h"
+
+namespace zi::device {
+class Graph;
+}
 
 namespace zi::ops {
 
@@ -102,5 +109,30 @@ Tensor concat0(const std::vector<Tensor>& parts);
 // out[i, :] = table[ids[i], :] in the activation dtype `act` (f32; bf16 on the GPU only).
 // table [V, D] (f32/bf16/f16) → [n, D].
 Tensor embedding(const Tensor& table, const std::vector<int32_t>& ids, DType act = DType::F32);
+
+// ---- recorded work ----
+// The ops `work` runs on the phase's device, recorded once (a CUDA graph: backends/device.h) and
+// replayed with the same kernels on the same buffers: new inputs go into the tensors the
+// recording read (Tensor::copy_from), results come from the tensors it wrote. Memory the work
+// allocates belongs to the recording while it lives (accounted). `work` must only queue device
+// ops: no host data in or out, and no freeing of tensors made before it.
+class Recording {
+ public:
+  Recording();
+  ~Recording();
+  Recording(Recording&&) noexcept;
+  Recording& operator=(Recording&&) noexcept;
+  bool defined() const { return g_ != nullptr; }
+  void replay() const;
+
+ private:
+  friend Recording record(const PhaseContext&, const std::function<void()>&, std::string*);
+  std::unique_ptr<device::Graph> g_;
+};
+// Whether the phase's device can record (the GPU, unless ZI_CUDA_PROFILE times each op).
+bool can_record(const PhaseContext& c);
+// An undefined Recording, with the reason in *why, when it cannot (the device, or `work` did
+// something a recording cannot hold); the device works as before either way.
+Recording record(const PhaseContext& c, const std::function<void()>& work, std::string* why);
 
 }  // namespace zi::ops

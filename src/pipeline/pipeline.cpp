@@ -1,6 +1,7 @@
 #include "pipeline/pipeline.h"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -277,6 +278,8 @@ void run_denoise(const PhaseContext& ctx, const ModelSources& src, const Generat
     *load_seconds += now_s() - t0;
     if (ex.component_weights) ex.component_weights->emplace_back("controlnet", tag_bytes(ctx, Tag::ControlNetWeights) - before);
   }
+  // Recorded steps hold graph memory the --vram plan does not itemise: not under a budget.
+  if (o.vram_bytes > 0) dit->ctx.cuda_graphs = 0;
   auto forward = [&](const Tensor& x, float t, const Tensor& cap) {
     if (ex.controlnet) return dit_forward_control(*dit, x, t, cap, *cn, *ex.control, ex.control_scale);
     return dit_forward(*dit, x, t, cap);
@@ -307,6 +310,10 @@ void run_denoise(const PhaseContext& ctx, const ModelSources& src, const Generat
     if (hooks.on_latents) hooks.on_latents(k, latents);
     if (hooks.on_step) hooks.on_step(k + 1, sched.steps() - ex.start, now_s() - t0);
   }
+  static std::atomic<bool> told{false};  // once per process (a kept model keeps its failure)
+  if (const std::string why = dit_recording_failure(*dit); !why.empty() && !told.exchange(true))
+    notice(hooks, "the denoise step could not be recorded as a CUDA graph (" + why + "); it ran op by op");
+  dit_release_recordings(*dit);  // their graph memory is this phase's only (a kept model records again)
 }
 
 VaeDecoder load_vae(const PhaseContext& ctx, const ModelSources& src, const GenerateOptions& o,

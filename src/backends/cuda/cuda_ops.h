@@ -7,6 +7,7 @@
 // every function here as a stub that reports it.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -42,6 +43,14 @@ void trim_cache();  // returns every cached block of the pool to the driver
 using device::PoolStats;
 PoolStats pool_stats();
 void reset_pool_peaks();
+
+// Recorded graphs (device::Graph): the executable's handle, or null with the reason in *why.
+// graph_destroy waits for the stream, destroys it and trims the driver's graph memory; the
+// accounting follows the driver's reservation.
+bool can_record();
+void* graph_record(const std::function<void()>& work, std::string* why);
+void graph_launch(void* exec);
+void graph_destroy(void* exec);
 
 // GPU time per op when the environment sets ZI_CUDA_PROFILE=1: ops.cpp wraps each CUDA op in
 // an OpTimer (two events on the stream); profile_report() waits for the GPU and returns a

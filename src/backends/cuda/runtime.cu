@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 #include <cstring>
+#include <atomic>
+#include <functional>
 #include <mutex>
 
 #include "backends/cuda/common.cuh"
@@ -30,6 +32,7 @@ struct Runtime {
 Runtime* g_rt = nullptr;
 std::once_flag g_once;
 size_t g_cache_limit = SIZE_MAX;
+std::atomic<bool> g_recording{false};  // a graph is being recorded on the compute stream
 
 void init_runtime() {
   auto* rt = new Runtime;
@@ -223,6 +226,81 @@ std::string profile_report() {
   return out;
 }
 
+// ---- recorded graphs ------------------------------------------------------------------------
+
+namespace {
+std::mutex g_graph_mu;
+int64_t g_graph_accounted = 0;  // graph memory counted in memory_stats(CUDA) so far
+
+// memory_stats(CUDA) follows the driver's reservation for graph allocations (all graphs of the
+// process share it), under Tag::Activations. Never throws (called from destructors).
+void sync_graph_accounting() {
+  uint64_t v = 0;
+  if (cudaDeviceGetGraphMemAttribute(g_rt->device, cudaGraphMemAttrReservedMemCurrent, &v) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return;
+  }
+  std::lock_guard<std::mutex> lk(g_graph_mu);
+  const int64_t d = int64_t(v) - g_graph_accounted;
+  if (d > 0) memory_stats(Device::CUDA).on_alloc(size_t(d), Tag::Activations);
+  if (d < 0) memory_stats(Device::CUDA).on_free(size_t(-d), Tag::Activations);
+  g_graph_accounted = int64_t(v);
+}
+}  // namespace
+
+bool can_record() { return available() && !profile().on; }
+
+void* graph_record(const std::function<void()>& work, std::string* why) {
+  ensure_init();
+  cudaStream_t s = g_rt->stream;
+  ZI_CUDA(cudaStreamSynchronize(s));  // nothing of the eager work is left in flight
+  ZI_CUDA(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+  g_recording = true;
+  std::string err;
+  try {
+    work();
+  } catch (const std::exception& e) {
+    err = e.what();
+  }
+  g_recording = false;
+  cudaGraph_t g = nullptr;
+  const cudaError_t ec = cudaStreamEndCapture(s, &g);
+  if (err.empty() && ec != cudaSuccess) err = str_cat("the recording was invalidated (", cudaGetErrorString(ec), ")");
+  (void)cudaGetLastError();
+  cudaGraphExec_t x = nullptr;
+  if (err.empty()) {
+    const cudaError_t ei = cudaGraphInstantiate(&x, g, 0);
+    if (ei != cudaSuccess) err = str_cat("cudaGraphInstantiate: ", cudaGetErrorString(ei));
+  }
+  if (g) (void)cudaGraphDestroy(g);
+  if (err.empty()) {
+    const cudaError_t eu = cudaGraphUpload(x, s);  // the driver reserves the graph's memory now
+    if (eu != cudaSuccess) err = str_cat("cudaGraphUpload: ", cudaGetErrorString(eu));
+  }
+  if (!err.empty()) {
+    (void)cudaGetLastError();
+    if (x) (void)cudaGraphExecDestroy(x);
+    if (why) *why = err;
+    return nullptr;
+  }
+  ZI_CUDA(cudaStreamSynchronize(s));
+  sync_graph_accounting();
+  return x;
+}
+
+void graph_launch(void* exec) {
+  ZI_CUDA(cudaGraphLaunch(static_cast<cudaGraphExec_t>(exec), stream()));
+  sync_graph_accounting();  // (a launch may grow the reservation)
+}
+
+void graph_destroy(void* exec) {
+  if (!exec || !g_rt) return;
+  if (cudaStreamSynchronize(g_rt->stream) != cudaSuccess) (void)cudaGetLastError();
+  if (cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(exec)) != cudaSuccess) (void)cudaGetLastError();
+  if (cudaDeviceGraphMemTrim(g_rt->device) != cudaSuccess) (void)cudaGetLastError();
+  sync_graph_accounting();
+}
+
 // ---- kernels ----------------------------------------------------------------------------------
 
 namespace {
@@ -286,8 +364,12 @@ void* cuda_device_alloc(size_t bytes, Tag tag) {
   cuda::ensure_init();
   void* p = nullptr;
   const size_t n = bytes ? bytes : 1;
-  cudaError_t e = cudaMallocAsync(&p, n, cuda::g_rt->pool, cuda::g_rt->stream);
-  if (e == cudaErrorMemoryAllocation) {
+  // While a graph records, the allocation becomes one of its nodes (the graph's own memory,
+  // from the device's current pool, which is g_rt->pool), and nothing may synchronise.
+  const bool rec = cuda::g_recording.load();
+  cudaError_t e = rec ? cudaMallocAsync(&p, n, cuda::g_rt->stream)
+                      : cudaMallocAsync(&p, n, cuda::g_rt->pool, cuda::g_rt->stream);
+  if (e == cudaErrorMemoryAllocation && !rec) {
     (void)cudaGetLastError();
     cuda::trim_cache();  // cached blocks of other sizes may be what is missing
     e = cudaMallocAsync(&p, n, cuda::g_rt->pool, cuda::g_rt->stream);
