@@ -42,6 +42,7 @@ void convert(Device d, const void* src, DType st, void* dst, DType dt, size_t n)
 void copy_strided_gpu(const Tensor& src, const Tensor& dst) { cuda_copy_strided(src, dst); }
 void upload_convert(const void* src, DType st, int64_t n, Tensor& dst) { cuda::upload_convert(src, st, n, dst); }
 UploadStats upload_stats() { return cuda::upload_stats(); }
+RuntimeTimes runtime_times(Device d) { return d == Device::CUDA ? cuda::runtime_times() : RuntimeTimes{}; }
 
 // ---- block streaming ----
 

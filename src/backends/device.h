@@ -41,10 +41,21 @@ void copy_strided_gpu(const Tensor& src, const Tensor& dst);
 // through a ring of pinned staging buffers, converted on the GPU.
 void upload_convert(const void* src, DType st, int64_t n, Tensor& dst);
 struct UploadStats {
-  int64_t bytes = 0;   // bytes read from the host
-  double seconds = 0;  // wall time spent in upload_convert
+  int64_t bytes = 0;          // bytes read from the host
+  double seconds = 0;         // wall time spent in upload_convert
+  double copy_seconds = 0;    //   of which copying the mapping into the pinned ring (page faults included)
+  double wait_seconds = 0;    //   of which waiting for a ring slot's previous copy to the device
 };
 UploadStats upload_stats();
+// Where the device runtime's own time goes (the load report): creating the context (once per
+// process, the first call that needs the GPU) and allocating device memory (stream-ordered
+// allocations that grow the pool map new memory). Zeros on the CPU.
+struct RuntimeTimes {
+  double init_seconds = 0;
+  double alloc_seconds = 0;
+  int64_t allocs = 0;
+};
+RuntimeTimes runtime_times(Device d);
 
 // ---- block streaming (--vram, io/weight_stream.h) ----
 // Host memory the device copies from at full speed: page-locked on CUDA, plain on the CPU;

@@ -33,6 +33,7 @@ PoolStats pool_stats() { return {}; }
 void reset_pool_peaks() {}
 void upload_convert(const void*, DType, int64_t, Tensor&) { no_cuda(); }
 UploadStats upload_stats() { return {}; }
+device::RuntimeTimes runtime_times() { return {}; }
 void* pinned_alloc(size_t) { no_cuda(); }
 void pinned_free(void*) {}
 void* ring_create(int) { no_cuda(); }

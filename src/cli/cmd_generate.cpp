@@ -539,14 +539,23 @@ void run(GenerateArgs& a) {
                      r.phases[i].seconds, load, r.phases[i].seconds - load - rel);
         if (rel > 0.0005) std::fprintf(stderr, ", release %.3f s", rel);
         std::fprintf(stderr, ")\n");
+        if (i < r.load_detail.size() && r.load_detail[i].upload_bytes > 0) {
+          const LoadDetail& d = r.load_detail[i];
+          std::fprintf(stderr, "           load: uploaded %.2f GB in %.3f s (%.1f GB/s; copying into pinned memory %.3f s, "
+                       "waiting for the bus %.3f s), device allocations %.3f s\n",
+                       double(d.upload_bytes) / 1e9, d.upload_seconds,
+                       d.upload_seconds > 0 ? double(d.upload_bytes) / 1e9 / d.upload_seconds : 0.0, d.copy_seconds,
+                       d.wait_seconds, d.alloc_seconds);
+        }
       }
       if (!r.gpu_phases.empty()) {
         const device::PoolStats ps = device::pool_stats(Device::CUDA);
         const device::UploadStats us = device::upload_stats();
-        std::fprintf(stderr, "  gpu %s: accounted peak %.1f MiB, pool reserved high %.1f MiB; uploaded %.2f GB at %.2f GB/s\n",
+        std::fprintf(stderr, "  gpu %s: accounted peak %.1f MiB, pool reserved high %.1f MiB; uploaded %.2f GB at %.2f GB/s; "
+                     "context created in %.3f s\n",
                      device::description(Device::CUDA).c_str(), double(r.gpu_peak_bytes) / (1 << 20),
                      double(ps.reserved_high) / (1 << 20), double(us.bytes) / 1e9,
-                     us.seconds > 0 ? double(us.bytes) / 1e9 / us.seconds : 0.0);
+                     us.seconds > 0 ? double(us.bytes) / 1e9 / us.seconds : 0.0, r.gpu_init_seconds);
       }
       std::fprintf(stderr, "wrote %s (%dx%d %s)\n", path == "-" ? "stdout" : path.c_str(), r.width, r.height,
                    image_format_name(f));

@@ -25,6 +25,23 @@ std::string memory_report_json(const GenerateResult& r) {
     j["components"] = nlohmann::json::object();
     for (const auto& [n, b] : r.component_weights) j["components"][n] = b;
   }
+  // The GPU phases' loading, in the order of `phases` (issue 19's load report).
+  bool any_upload = false;
+  for (const LoadDetail& d : r.load_detail) any_upload = any_upload || d.upload_bytes > 0 || d.alloc_seconds > 0;
+  if (any_upload) {
+    j["load"] = nlohmann::json::array();
+    for (size_t i = 0; i < r.load_detail.size(); ++i) {
+      const LoadDetail& d = r.load_detail[i];
+      j["load"].push_back({{"phase", i < r.phases.size() ? r.phases[i].name : std::string()},
+                           {"seconds", i < r.load_seconds.size() ? r.load_seconds[i] : 0.0},
+                           {"upload_bytes", d.upload_bytes},
+                           {"upload_seconds", d.upload_seconds},
+                           {"copy_seconds", d.copy_seconds},
+                           {"wait_seconds", d.wait_seconds},
+                           {"alloc_seconds", d.alloc_seconds}});
+    }
+    j["gpu_init_seconds"] = r.gpu_init_seconds;
+  }
   j["peak_bytes"] = r.peak_bytes;
   if (!r.gpu_phases.empty()) j["gpu_peak_bytes"] = r.gpu_peak_bytes;
   j["peak_rss_bytes"] = r.peak_rss_bytes;

@@ -586,6 +586,23 @@ GenerateResult generate(const GenerateOptions& options, const GenerateHooks& hoo
   const size_t ienc = 1, iden = encodes ? 2 : 1, idec = encodes ? 3 : 2;
   r.load_seconds.assign(nphases, 0.0);
   r.release_seconds.assign(nphases, 0.0);
+  r.load_detail.assign(nphases, LoadDetail{});
+  if (any_gpu) r.gpu_init_seconds = device::runtime_times(Device::CUDA).init_seconds;
+  // The upload and allocation figures of phase i: the device runtime's totals across it.
+  struct Snapshot {
+    device::UploadStats up;
+    device::RuntimeTimes rt;
+  };
+  auto snap = [&] { return any_gpu ? Snapshot{device::upload_stats(), device::runtime_times(Device::CUDA)} : Snapshot{}; };
+  auto detail = [&](size_t i, const Snapshot& a) {
+    const Snapshot b = snap();
+    LoadDetail& d = r.load_detail[i];
+    d.upload_bytes = b.up.bytes - a.up.bytes;
+    d.upload_seconds = b.up.seconds - a.up.seconds;
+    d.copy_seconds = b.up.copy_seconds - a.up.copy_seconds;
+    d.wait_seconds = b.up.wait_seconds - a.up.wait_seconds;
+    d.alloc_seconds = b.rt.alloc_seconds - a.rt.alloc_seconds;
+  };
 
   Embeddings emb;
   {
@@ -593,8 +610,10 @@ GenerateResult generate(const GenerateOptions& options, const GenerateHooks& hoo
     PhaseScope phase("encode");
     DevicePhase on(o.text_encoder_device, o.precision, "encode", &r.release_seconds[0]);
     fit_cache_to_budget(o, cache, o.text_encoder_device, Tag::TextWeights, hooks);
+    const Snapshot s0 = snap();
     emb = run_encode(on.ctx, src, o, cfg, cache);
     r.load_seconds[0] = emb.load_seconds;
+    detail(0, s0);
   }
   if (hooks.on_phase_end) hooks.on_phase_end("encode", ms.finished_phases().back().seconds);
   r.prompt_ids = emb.ids;
@@ -614,7 +633,9 @@ GenerateResult generate(const GenerateOptions& options, const GenerateHooks& hoo
     if (hooks.on_phase_start) hooks.on_phase_start("vae-encode");
     PhaseScope phase("vae-encode");
     DevicePhase on(o.vae_device, o.precision, "vae-encode", &r.release_seconds[ienc]);
+    const Snapshot s0 = snap();
     el = encode_edit_inputs(on.ctx, edit, mf, o.vae_dtype);
+    detail(ienc, s0);
     r.component_weights.emplace_back("vae_encoder", el.encoder_weight_bytes);
   }
   check_cancel(hooks);
@@ -654,7 +675,9 @@ GenerateResult generate(const GenerateOptions& options, const GenerateHooks& hoo
     PhaseScope phase("denoise");
     DevicePhase on(o.transformer_device, o.precision, "denoise", &r.release_seconds[iden]);
     fit_cache_to_budget(o, cache, o.transformer_device, Tag::DitWeights, hooks);
+    const Snapshot s0 = snap();
     run_denoise(on.ctx, src, o, emb, latents, hooks, cache, &r.load_seconds[iden], ex);
+    detail(iden, s0);
     emb = Embeddings{};  // the captions are not needed past this point
   }
   if (hooks.on_phase_end) hooks.on_phase_end("denoise", ms.finished_phases().back().seconds);
@@ -664,7 +687,9 @@ GenerateResult generate(const GenerateOptions& options, const GenerateHooks& hoo
     PhaseScope phase("decode");
     DevicePhase on(o.vae_device, o.precision, "decode", &r.release_seconds[idec]);
     fit_cache_to_budget(o, cache, o.vae_device, Tag::VaeWeights, hooks);
+    const Snapshot s0 = snap();
     r.decoded = run_decode(on.ctx, src, o, latents, cache, &r.load_seconds[idec], &r.vae_tile_used);
+    detail(idec, s0);
     latents = Tensor();
   }
   if (hooks.on_phase_end) hooks.on_phase_end("decode", ms.finished_phases().back().seconds);

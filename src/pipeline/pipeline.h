@@ -115,6 +115,16 @@ struct GenerateHooks {
   std::function<void(const std::string&)> on_notice;
 };
 
+// Where a GPU phase's loading time went (the load report, issue 19): the streamed upload (host
+// mapping → pinned ring → device) and its parts, and the device allocations of the phase.
+struct LoadDetail {
+  int64_t upload_bytes = 0;
+  double upload_seconds = 0;  // inside device::upload_convert
+  double copy_seconds = 0;    //   copying the mapping into the pinned ring
+  double wait_seconds = 0;    //   waiting for the bus (a ring slot still in flight)
+  double alloc_seconds = 0;   // device allocations (weights and activations) during the phase
+};
+
 struct GenerateResult {
   int width = 0, height = 0;
   std::vector<uint8_t> rgb;          // height·width·3, HWC
@@ -127,6 +137,8 @@ struct GenerateResult {
   int64_t gpu_peak_bytes = 0;           // max over gpu_phases
   std::vector<double> load_seconds;     // per phase (as `phases`): weight loading
   std::vector<double> release_seconds;  // per phase: returning the freed GPU memory to the driver
+  std::vector<LoadDetail> load_detail;  // per phase (as `phases`; zeros for CPU phases)
+  double gpu_init_seconds = 0;          // creating the CUDA context (once per process: every run reports it)
   int64_t peak_rss_bytes = 0;
   int vae_tile_used = 0;  // latent pixels per decode tile (0: untiled), what "auto" resolved to
   std::shared_ptr<const VramPlan> vram_plan;  // the GPU phases' memory plan (null: no GPU phase)

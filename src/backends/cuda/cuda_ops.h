@@ -87,6 +87,7 @@ double measure_h2d_rate(size_t bytes);
 void upload_convert(const void* src, DType st, int64_t n, Tensor& dst);
 using device::UploadStats;
 UploadStats upload_stats();
+device::RuntimeTimes runtime_times();
 
 // ---- matrix products (gemm_cublaslt.cpp) ----
 // y = x · wᵀ (+ bias). x [M, K] f32 or bf16; w [N, K] f32/bf16/f16 (converted to x's dtype on

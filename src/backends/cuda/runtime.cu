@@ -11,6 +11,7 @@
 #include <vector>
 #include <cstring>
 #include <atomic>
+#include <chrono>
 #include <functional>
 #include <mutex>
 
@@ -34,7 +35,13 @@ std::once_flag g_once;
 size_t g_cache_limit = SIZE_MAX;
 std::atomic<bool> g_recording{false};  // a graph is being recorded on the compute stream
 
+std::atomic<double> g_init_seconds{0};
+std::mutex g_times_mu;
+double g_alloc_seconds = 0;
+int64_t g_allocs = 0;
+
 void init_runtime() {
+  const auto t0 = std::chrono::steady_clock::now();
   auto* rt = new Runtime;
   int n = 0;
   ZI_CUDA(cudaGetDeviceCount(&n));
@@ -45,7 +52,9 @@ void init_runtime() {
   ZI_CUDA(cudaDeviceGetDefaultMemPool(&rt->pool, rt->device));
   uint64_t thr = g_cache_limit == SIZE_MAX ? UINT64_MAX : uint64_t(g_cache_limit);
   ZI_CUDA(cudaMemPoolSetAttribute(rt->pool, cudaMemPoolAttrReleaseThreshold, &thr));
+  ZI_CUDA(cudaFree(nullptr));  // the context exists now (cudaSetDevice alone may defer it)
   g_rt = rt;
+  g_init_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
 }  // namespace
@@ -116,6 +125,11 @@ std::string device_description() {
 }
 
 void synchronize() { ZI_CUDA(cudaStreamSynchronize(stream())); }
+
+device::RuntimeTimes runtime_times() {
+  std::lock_guard<std::mutex> lk(g_times_mu);
+  return {g_init_seconds.load(), g_alloc_seconds, g_allocs};
+}
 
 void set_cache_limit(size_t bytes) {
   g_cache_limit = bytes;
@@ -366,6 +380,7 @@ void* cuda_device_alloc(size_t bytes, Tag tag) {
   const size_t n = bytes ? bytes : 1;
   // While a graph records, the allocation becomes one of its nodes (the graph's own memory,
   // from the device's current pool, which is g_rt->pool), and nothing may synchronise.
+  const auto t0 = std::chrono::steady_clock::now();
   const bool rec = cuda::g_recording.load();
   cudaError_t e = rec ? cudaMallocAsync(&p, n, cuda::g_rt->stream)
                       : cudaMallocAsync(&p, n, cuda::g_rt->pool, cuda::g_rt->stream);
@@ -383,6 +398,11 @@ void* cuda_device_alloc(size_t bytes, Tag tag) {
                  memory_stats(Device::CUDA).total().current >> 20, " MiB)"));
   }
   memory_stats(Device::CUDA).on_alloc(bytes, tag);
+  {
+    std::lock_guard<std::mutex> lk(cuda::g_times_mu);
+    cuda::g_alloc_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    ++cuda::g_allocs;
+  }
   return p;
 }
 

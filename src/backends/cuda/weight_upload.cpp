@@ -57,8 +57,12 @@ void upload_convert(const void* src, DType st, int64_t n, Tensor& dst) {
     const int64_t cnt = std::min(per_chunk, n - off);
     const int slot = r.next;
     r.next = (r.next + 1) % kSlots;
+    const auto w0 = std::chrono::steady_clock::now();
     ZI_CUDA(cudaEventSynchronize(r.done[slot]));  // the slot's previous chunk has left it
+    const auto c0 = std::chrono::steady_clock::now();
     parallel_copy(r.pinned[slot], s + size_t(off) * es, size_t(cnt) * es);
+    r.stats.wait_seconds += std::chrono::duration<double>(c0 - w0).count();
+    r.stats.copy_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - c0).count();
     if (st == dt) {
       ZI_CUDA(cudaMemcpyAsync(d + size_t(off) * ed, r.pinned[slot], size_t(cnt) * es, cudaMemcpyHostToDevice,
                               stream()));
