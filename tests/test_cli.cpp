@@ -540,6 +540,10 @@ TEST_F(Cli, CfgNormalizationNaN) {
   expect_fails(generate(test::tiny_model(), {"--cfg-normalization", "nan"}), 2, {"--cfg-normalization"});
 }
 
+TEST_F(Cli, PrefetchUnknownValue) {
+  expect_fails(generate(test::tiny_model(), {"--prefetch", "maybe"}), 2, {"--prefetch", "auto, on or off", "maybe"});
+}
+
 TEST_F(Cli, UnknownFlag) { expect_fails(generate(test::tiny_model(), {"--colour", "red"}), 2, {"--colour"}); }
 
 // ---- output ----------------------------------------------------------------------------------

@@ -427,6 +427,56 @@ TEST(CudaPipeline, RecordedStepsInThePipeline) {
   EXPECT_EQ(memory_stats(Device::CUDA).total().current, gpu_before);
 }
 
+// The next phase's weights loaded ahead on a side stream (issue 19, GenerateOptions::prefetch):
+// on the GPU without a budget, Auto prefetches the transformer during the encode and the VAE
+// during the last step; the image is the one of the run that loads phase by phase, byte for
+// byte, in both precisions and with recorded steps; the GPU is left as it was.
+TEST(CudaPipeline, PrefetchGivesTheSameBits) {
+  ZI_REQUIRE_GPU();
+  for (DType act : kActs) {
+    SCOPED_TRACE(dtype_name(act));
+    GenerateOptions o = options_for_case("cfg");
+    o.precision = act;
+    o.prefetch = GenerateOptions::Prefetch::Off;
+    const GenerateResult plain = generate(o);
+    EXPECT_TRUE(plain.prefetched.empty());
+    const int64_t gpu_before = memory_stats(Device::CUDA).total().current;
+    for (const char* graphs : {"0", "1"}) {
+      ::setenv("ZI_CUDA_GRAPHS", graphs, 1);
+      o.prefetch = GenerateOptions::Prefetch::Auto;
+      const GenerateResult r = generate(o);
+      ::unsetenv("ZI_CUDA_GRAPHS");
+      EXPECT_EQ(r.rgb, plain.rgb) << "graphs " << graphs;
+      ASSERT_EQ(r.prefetched.size(), 2u);
+      EXPECT_EQ(r.prefetched[0].component, "transformer");
+      EXPECT_EQ(r.prefetched[0].during, "encode");
+      EXPECT_EQ(r.prefetched[1].component, "vae");
+      EXPECT_EQ(r.prefetched[1].during, "denoise");
+      EXPECT_EQ(memory_stats(Device::CUDA).total().current, gpu_before);
+    }
+  }
+  // Under budgets from the minimum up, Auto prefetches the transformer exactly when the plan
+  // holds it beside the encode phase's peak, and every run stays within its budget with the
+  // image of the same budget's run without prefetching.
+  GenerateOptions o = options_for_case("turbo");
+  o.precision = DType::BF16;
+  const int64_t minimum = plan_generate_memory(o).minimum_bytes;
+  for (int64_t budget : {minimum, minimum * 3 / 2, minimum * 3}) {
+    o.vram_bytes = budget;
+    const VramPlan p = plan_generate_memory(o);
+    const bool fits = p.dit.ring_slots == 0 && p.text.predicted_peak_bytes + p.dit.resident_bytes <= budget;
+    o.prefetch = GenerateOptions::Prefetch::Off;
+    const GenerateResult plain = generate(o);
+    o.prefetch = GenerateOptions::Prefetch::Auto;
+    const GenerateResult r = generate(o);
+    bool prefetched = false;
+    for (const PrefetchRecord& pf : r.prefetched) prefetched = prefetched || pf.component == "transformer";
+    EXPECT_EQ(prefetched, fits) << "budget " << budget;
+    EXPECT_LE(r.gpu_peak_bytes, budget);
+    EXPECT_EQ(r.rgb, plain.rgb) << "budget " << budget;
+  }
+}
+
 // The tiled VAE decode on the GPU: the pieces against the CPU, and the tiled image against the
 // whole one (both on the GPU; the tiles see whole-image GroupNorm statistics, so only rounding
 // differs).

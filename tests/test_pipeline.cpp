@@ -73,6 +73,44 @@ TEST(Pipeline, InitialNoiseMatchesTorch) {
   EXPECT_EQ(test::max_abs_diff(init.reshape(x0.shape()), x0), 0.0);
 }
 
+// Loading ahead (GenerateOptions::prefetch, issue 19), forced on the CPU: the transformer loads
+// on its own thread during the encode and the VAE during the last step, the image is the
+// phase-by-phase run's byte for byte, the reports name both loads, the transformer's weights
+// are counted once, and the encode phase's peak holds both the encoder and the transformer (the
+// reason Auto does this on the GPU only, when the plan holds both). Auto on the CPU: nothing.
+TEST(Pipeline, PrefetchGivesTheSameImage) {
+  GenerateOptions o = options_for_case("cfg");
+  o.prefetch = GenerateOptions::Prefetch::Off;
+  const GenerateResult plain = generate(o);
+  EXPECT_TRUE(plain.prefetched.empty());
+  o.prefetch = GenerateOptions::Prefetch::Auto;
+  EXPECT_TRUE(generate(o).prefetched.empty()) << "Auto prefetches for a GPU transformer only";
+  o.prefetch = GenerateOptions::Prefetch::On;
+  const GenerateResult r = generate(o);
+  EXPECT_EQ(r.rgb, plain.rgb);
+  ASSERT_EQ(r.prefetched.size(), 2u);
+  EXPECT_EQ(r.prefetched[0].component, "transformer");
+  EXPECT_EQ(r.prefetched[0].during, "encode");
+  EXPECT_EQ(r.prefetched[1].component, "vae");
+  EXPECT_EQ(r.prefetched[1].during, "denoise");
+  for (const PrefetchRecord& p : r.prefetched) {
+    EXPECT_GT(p.load_seconds, 0.0);
+    EXPECT_GE(p.waited_seconds, 0.0);
+  }
+  int64_t dit_bytes = 0;
+  int transformers = 0;
+  for (const auto& [n, b] : r.component_weights)
+    if (n == "transformer") dit_bytes = b, ++transformers;
+  EXPECT_EQ(transformers, 1);
+  for (const auto& [n, b] : plain.component_weights)
+    if (n == "transformer") EXPECT_EQ(dit_bytes, b);
+  EXPECT_GE(r.phases[0].peak_bytes, plain.phases[0].peak_bytes + dit_bytes);
+  nlohmann::json j = nlohmann::json::parse(memory_report_json(r));
+  ASSERT_EQ(j["prefetched"].size(), 2u);
+  EXPECT_EQ(j["prefetched"][0]["component"], "transformer");
+  EXPECT_GE(j["prefetched"][0]["overlapped_seconds"].get<double>(), 0.0);
+}
+
 TEST(Pipeline, MemoryReportJson) {
   GenerateOptions o = options_for_case("turbo");
   GenerateResult r = generate(o);

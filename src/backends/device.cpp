@@ -140,6 +140,23 @@ void reset_pool_peaks(Device d) {
 
 Graph::~Graph() { cuda::graph_destroy(exec_); }
 void Graph::launch() const { cuda::graph_launch(exec_); }
+bool profiling(Device d) { return d == Device::CUDA && cuda::profiling(); }
+
+SideStream::SideStream(Device d) {
+  if (d == Device::CUDA) impl_ = cuda::side_stream_begin();
+}
+SideStream::~SideStream() {
+  try {
+    finish();
+  } catch (...) {  // an exception is already on its way, or finish() reported it
+  }
+}
+void SideStream::finish() {
+  void* s = impl_;
+  impl_ = nullptr;
+  cuda::side_stream_end(s);
+}
+
 bool can_record(Device d) { return d == Device::CUDA && cuda::can_record(); }
 std::unique_ptr<Graph> record(Device d, const std::function<void()>& work, std::string* why) {
   if (!can_record(d)) {

@@ -140,5 +140,23 @@ std::unique_ptr<Graph> record(Device d, const std::function<void()>& work, std::
 
 // Per-op GPU time when ZI_CUDA_PROFILE=1 (empty otherwise); clears what it reports.
 std::string profile_report(Device d);
+bool profiling(Device d);  // that profile is on (GPU only)
+
+// ---- work beside the compute stream (the next phase's model loading: issue 19) ----
+// While a SideStream lives, the device work its thread queues on `d` (allocations, uploads,
+// conversions, copies) goes to a stream of that thread's own instead of the compute stream, so
+// it runs beside what another thread computes. finish() (or the destructor, which never throws)
+// waits for that work; its results may be used on any stream after that. Nothing on the CPU.
+class SideStream {
+ public:
+  explicit SideStream(Device d);
+  ~SideStream();
+  SideStream(const SideStream&) = delete;
+  SideStream& operator=(const SideStream&) = delete;
+  void finish();  // waits for the stream's work; throws if it failed
+
+ private:
+  void* impl_ = nullptr;
+};
 
 }  // namespace zi::device

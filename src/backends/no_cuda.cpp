@@ -44,6 +44,9 @@ void ring_release(void*, int) { no_cuda(); }
 void ring_drain(void*) {}
 double measure_h2d_rate(size_t) { return 0; }
 bool can_record() { return false; }
+bool profiling() { return false; }
+void* side_stream_begin() { no_cuda(); }
+void side_stream_end(void*) {}
 void* graph_record(const std::function<void()>&, std::string* why) {
   if (why) *why = "this zimage was built without CUDA";
   return nullptr;

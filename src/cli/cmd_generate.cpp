@@ -52,6 +52,7 @@ struct GenerateArgs {
   int count = 1;
   int64_t cache_limit_mib = -1;
   std::string vram;
+  std::string prefetch = "auto";
   std::string device, te_device, vae_device, precision = "bf16";
   std::string controlnet_dtype = "bf16";
   int threads = 0;
@@ -390,6 +391,10 @@ void run(GenerateArgs& a) {
   }
   if (a.cache_limit_mib >= 0) a.o.cache_limit_bytes = a.cache_limit_mib << 20;
   if (!a.vram.empty()) a.o.vram_bytes = parse_vram_flag(a.vram);
+  if (a.prefetch == "auto") a.o.prefetch = GenerateOptions::Prefetch::Auto;
+  else if (a.prefetch == "on") a.o.prefetch = GenerateOptions::Prefetch::On;
+  else if (a.prefetch == "off") a.o.prefetch = GenerateOptions::Prefetch::Off;
+  else throw UsageError("--prefetch: expected auto, on or off, got '" + a.prefetch + "'");
   a.o.controlnet_dtype = parse_dtype_flag(a.controlnet_dtype, "--controlnet-dtype");
   // Image-conditioned modes: without -W/-H the output takes the input image's size.
   if (!a.given("width") && !a.given("height") && (!a.o.init_image.empty() || !a.o.control_image.empty())) {
@@ -548,6 +553,10 @@ void run(GenerateArgs& a) {
                        d.wait_seconds, d.alloc_seconds);
         }
       }
+      for (const PrefetchRecord& pf : r.prefetched)
+        std::fprintf(stderr, "  %s loaded during %s in %.3f s; %.3f s of it overlapped, the next phase waited %.3f s\n",
+                     pf.component.c_str(), pf.during.c_str(), pf.load_seconds,
+                     std::max(0.0, pf.load_seconds - pf.waited_seconds), pf.waited_seconds);
       if (!r.gpu_phases.empty()) {
         const device::PoolStats ps = device::pool_stats(Device::CUDA);
         const device::UploadStats us = device::upload_stats();
@@ -658,6 +667,11 @@ void add_generate(CLI::App& app) {
                     "GiB of GPU memory the GPU phases may allocate: blocks that do not fit stream from pinned host "
                     "memory, the VAE decodes in tiles (default: everything resident, or a budget from free memory "
                     "when the model does not fit; --memory-report prints the plan)"));
+  reg(c->add_option("--prefetch", a->prefetch,
+                    "load the next phase's weights while the current one computes (the transformer during the "
+                    "prompt encoding, the VAE during the last step): auto = on the GPU when memory holds both, on "
+                    "(the CPU too: both in RAM at once), off")
+          ->capture_default_str());
   reg(c->add_option("--device", a->device, "where to run: cpu or cuda (default: cuda when a GPU is present)"));
   reg(c->add_option("--text-encoder-device", a->te_device, "run the text encoder on cpu or cuda (default: --device)"));
   reg(c->add_option("--vae-device", a->vae_device, "run the VAE decoder on cpu or cuda (default: --device)"));

@@ -540,6 +540,7 @@ int64_t estimate_text_activation_bytes(const Qwen3Config& cfg, int tokens) {
 VramPlan plan_vram(const VramPlanInput& in) {
   VramPlan p;
   p.h2d_bytes_per_second = in.h2d_bytes_per_second;
+  p.vae_weight_bytes = in.vae_on_device ? in.vae_weight_bytes : 0;
   const StreamableComponent* comps[2] = {&in.text, &in.dit};
   // The least budget this image size can run under, and what everything resident needs.
   const int64_t encode = vae_encode_bytes(in);

@@ -139,6 +139,7 @@ struct VramPlan {
   ComponentPlan text, dit;
   int vae_tile = 0;              // decode tile in latent pixels (0: untiled)
   int64_t vae_peak_bytes = 0;    // the decode's weights + estimated peak with that tile
+  int64_t vae_weight_bytes = 0;  // the decoder's weights on the device (0: the VAE is on the CPU)
   int64_t vae_encode_peak_bytes = 0;  // the VAE-encode phase's weights + estimated peak (0: none)
   int64_t minimum_bytes = 0;     // the least budget for this image size (max over the phases)
   double h2d_bytes_per_second = 0;

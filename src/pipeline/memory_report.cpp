@@ -42,6 +42,15 @@ std::string memory_report_json(const GenerateResult& r) {
     }
     j["gpu_init_seconds"] = r.gpu_init_seconds;
   }
+  if (!r.prefetched.empty()) {
+    j["prefetched"] = nlohmann::json::array();
+    for (const PrefetchRecord& p : r.prefetched)
+      j["prefetched"].push_back({{"component", p.component},
+                                 {"during", p.during},
+                                 {"load_seconds", p.load_seconds},
+                                 {"waited_seconds", p.waited_seconds},
+                                 {"overlapped_seconds", std::max(0.0, p.load_seconds - p.waited_seconds)}});
+  }
   j["peak_bytes"] = r.peak_bytes;
   if (!r.gpu_phases.empty()) j["gpu_peak_bytes"] = r.gpu_peak_bytes;
   j["peak_rss_bytes"] = r.peak_rss_bytes;

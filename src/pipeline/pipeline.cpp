@@ -8,9 +8,11 @@
 #include <cstring>
 #include <fstream>
 #include <functional>
+#include <future>
 #include <optional>
 
 #include "backends/device.h"
+#include "core/parallel.h"
 #include "core/torch_random.h"
 #include "io/checkpoint.h"
 #include "io/model_sources.h"
@@ -90,6 +92,77 @@ class DevicePhase {
 void notice(const GenerateHooks& h, const std::string& line) {
   if (h.on_notice) h.on_notice(line);
   else std::fprintf(stderr, "warning: %s\n", line.c_str());
+}
+
+// A component loading on a thread of its own while the current phase computes
+// (GenerateOptions::prefetch); on the GPU its allocations and uploads go to a side stream, so
+// they run beside the phase's kernels. take() waits for it (the time the next phase lost),
+// rethrows its failure, and passes on the notices its loading gave, in order. The destructor
+// of an untaken one (the run failed or was cancelled) waits for the load and frees the model.
+template <class T>
+class Prefetched {
+ public:
+  Prefetched(std::string component, std::string during, Device dev, Tag tag,
+             std::function<T(const GenerateHooks&)> load) {
+    rec_.component = std::move(component);
+    rec_.during = std::move(during);
+    const int threads = num_threads();
+    fut_ = std::async(std::launch::async, [this, dev, tag, threads, load = std::move(load)] {
+      set_num_threads(threads);  // OpenMP's thread count is per thread
+      GenerateHooks h;
+      h.on_notice = [this](const std::string& n) { notes_.push_back(n); };
+      const double t0 = now_s();
+      const int64_t before = memory_stats(dev).tag(tag).current;
+      device::SideStream side(dev);
+      auto m = std::make_unique<T>(load(h));
+      side.finish();
+      bytes_ = memory_stats(dev).tag(tag).current - before;
+      rec_.load_seconds = now_s() - t0;
+      return m;
+    });
+  }
+  ~Prefetched() {
+    if (fut_.valid()) fut_.wait();
+  }
+  Prefetched(const Prefetched&) = delete;
+  Prefetched& operator=(const Prefetched&) = delete;
+
+  std::unique_ptr<T> take(const GenerateHooks& hooks, std::vector<PrefetchRecord>* records,
+                          std::vector<std::pair<std::string, int64_t>>* component_weights) {
+    const double t0 = now_s();
+    std::unique_ptr<T> m;
+    try {
+      m = fut_.get();
+    } catch (...) {
+      for (const std::string& n : notes_) notice(hooks, n);
+      throw;
+    }
+    rec_.waited_seconds = now_s() - t0;
+    for (const std::string& n : notes_) notice(hooks, n);
+    if (records) records->push_back(rec_);
+    if (component_weights) component_weights->emplace_back(rec_.component, bytes_);
+    return m;
+  }
+  double waited_seconds() const { return rec_.waited_seconds; }
+
+ private:
+  PrefetchRecord rec_;
+  std::vector<std::string> notes_;
+  int64_t bytes_ = 0;
+  std::future<std::unique_ptr<T>> fut_;
+};
+
+// Whether `next_bytes` of the next phase's weights may be loaded while the current phase holds
+// up to `current_peak` on the GPU (prefetch Auto): within the --vram budget, or without one,
+// within the free memory less the automatic budget's margin.
+bool prefetch_fits(const GenerateOptions& o, int64_t current_peak, int64_t next_bytes) {
+  if (!o.vram_plan) return false;
+  if (o.vram_plan->budget_bytes >= 0) return current_peak + next_bytes <= o.vram_plan->budget_bytes;
+  // Without a budget: what the current phase has yet to allocate, and the next weights, within
+  // the free memory now less the margin.
+  const int64_t held = memory_stats(Device::CUDA).total().current;
+  const int64_t free = device::memory_free_bytes(Device::CUDA);
+  return std::max<int64_t>(0, current_peak - held) + next_bytes + vram_auto_margin(free) <= free;
 }
 
 // True when a cached model's streamed blocks are the ones `plan` streams (nothing streamed: a
@@ -242,6 +315,9 @@ struct DenoiseExtras {
   const Tensor* control = nullptr;        // the control context [control_in_dim, 1, h, w]
   float control_scale = 1.0f;
   std::vector<std::pair<std::string, int64_t>>* component_weights = nullptr;
+  Prefetched<ZImageDit>* transformer = nullptr;  // loading since the encode (prefetch)
+  std::vector<PrefetchRecord>* prefetched = nullptr;
+  std::function<void()> before_last_step;        // starts the VAE's prefetch
 };
 
 int64_t tag_bytes(const PhaseContext& ctx, Tag t) { return memory_stats(ctx.device).tag(t).current; }
@@ -261,7 +337,10 @@ void run_denoise(const PhaseContext& ctx, const ModelSources& src, const Generat
   Schedule sched = make_schedule(sc, o.steps, seq);
   std::unique_ptr<ZImageDit> local;
   std::unique_ptr<ZImageDit>& dit = cache ? cache->transformer : local;
-  if (!dit) {
+  if (!dit && ex.transformer) {
+    dit = ex.transformer->take(hooks, ex.prefetched, ex.component_weights);
+    *load_seconds = ex.transformer->waited_seconds();
+  } else if (!dit) {
     const double t0 = now_s();
     const int64_t before = tag_bytes(ctx, Tag::DitWeights);
     dit = std::make_unique<ZImageDit>(load_transformer(ctx, src, o, &hooks));
@@ -288,6 +367,7 @@ void run_denoise(const PhaseContext& ctx, const ModelSources& src, const Generat
   const double t0 = now_s();
   for (int i = ex.start; i < sched.steps(); ++i) {
     check_cancel(hooks);
+    if (i + 1 == sched.steps() && ex.before_last_step) ex.before_last_step();
     const float t = model_time(sched, i);
     const bool cfg = emb.neg.defined() && cfg_active(o.guidance, o.cfg_truncation, t);
     Tensor x = latents.reshape({C, 1, h, w});
@@ -396,11 +476,15 @@ std::shared_ptr<const VramPlan> make_vram_plan(const GenerateOptions& o, const M
 }
 
 Tensor run_decode(const PhaseContext& ctx, const ModelSources& src, const GenerateOptions& o, const Tensor& latents,
-                  ModelCache* cache, double* load_seconds, int* tile_used) {
+                  ModelCache* cache, double* load_seconds, int* tile_used, Prefetched<VaeDecoder>* prefetched,
+                  const GenerateHooks& hooks, std::vector<PrefetchRecord>* records) {
   const ModelFolder& mf = src.folder;
   std::unique_ptr<VaeDecoder> local;
   std::unique_ptr<VaeDecoder>& vae = cache ? cache->vae : local;
-  if (!vae) {
+  if (!vae && prefetched) {
+    vae = prefetched->take(hooks, records, nullptr);
+    *load_seconds = prefetched->waited_seconds();
+  } else if (!vae) {
     const double t0 = now_s();
     vae = std::make_unique<VaeDecoder>(load_vae(ctx, src, o));
     *load_seconds = now_s() - t0;
@@ -604,6 +688,28 @@ GenerateResult generate(const GenerateOptions& options, const GenerateHooks& hoo
     d.alloc_seconds = b.rt.alloc_seconds - a.rt.alloc_seconds;
   };
 
+  // Prefetch (GenerateOptions::prefetch): the transformer loads during the encode, the VAE
+  // during the last step, each on a thread (and GPU stream) of its own, when allowed.
+  using Prefetch = GenerateOptions::Prefetch;
+  const bool prefetching = o.prefetch == Prefetch::On ||
+                           (o.prefetch == Prefetch::Auto && o.transformer_device == Device::CUDA &&
+                            !device::profiling(Device::CUDA));
+  const VramPlan* plan = o.vram_plan.get();
+  bool prefetch_dit = prefetching && !(cache && cache->transformer);
+  if (prefetch_dit && o.prefetch == Prefetch::Auto) {
+    // The transformer, resident (it streams nothing), beside the encode phase's (and the VAE
+    // encoder's) peak.
+    prefetch_dit = plan && plan->dit.ring_slots == 0 &&
+                   prefetch_fits(o, std::max(plan->text.predicted_peak_bytes, plan->vae_encode_peak_bytes),
+                                 plan->dit.resident_bytes);
+  }
+  bool prefetch_vae = prefetching && !(cache && cache->vae);
+  if (prefetch_vae && o.prefetch == Prefetch::Auto)
+    prefetch_vae = plan && prefetch_fits(o, o.transformer_device == Device::CUDA ? plan->dit.predicted_peak_bytes : 0,
+                                         plan->vae_weight_bytes);
+  std::optional<Prefetched<ZImageDit>> dit_ahead;
+  std::optional<Prefetched<VaeDecoder>> vae_ahead;
+
   Embeddings emb;
   {
     if (hooks.on_phase_start) hooks.on_phase_start("encode");
@@ -611,6 +717,11 @@ GenerateResult generate(const GenerateOptions& options, const GenerateHooks& hoo
     DevicePhase on(o.text_encoder_device, o.precision, "encode", &r.release_seconds[0]);
     fit_cache_to_budget(o, cache, o.text_encoder_device, Tag::TextWeights, hooks);
     const Snapshot s0 = snap();
+    if (prefetch_dit) {
+      const PhaseContext dctx = PhaseContext::on(o.transformer_device, o.precision);
+      dit_ahead.emplace("transformer", "encode", o.transformer_device, Tag::DitWeights,
+                        [&o, &src, dctx](const GenerateHooks& h) { return load_transformer(dctx, src, o, &h); });
+    }
     emb = run_encode(on.ctx, src, o, cfg, cache);
     r.load_seconds[0] = emb.load_seconds;
     detail(0, s0);
@@ -643,6 +754,14 @@ GenerateResult generate(const GenerateOptions& options, const GenerateHooks& hoo
   Tensor latents = Tensor::empty({C, h, w}, DType::F32);
   DenoiseExtras ex;
   ex.component_weights = &r.component_weights;
+  ex.prefetched = &r.prefetched;
+  if (dit_ahead) ex.transformer = &*dit_ahead;
+  if (prefetch_vae)
+    ex.before_last_step = [&] {
+      const PhaseContext vctx = PhaseContext::on(o.vae_device, o.precision);
+      vae_ahead.emplace("vae", "denoise", o.vae_device, Tag::VaeWeights,
+                        [&o, &src, vctx](const GenerateHooks&) { return load_vae(vctx, src, o); });
+    };
   Tensor image_latents, noise;
   if (edit.mode == EditMode::Img2Img || edit.mode == EditMode::Inpaint) {
     // One generator: the posterior sample draws first, then the noise (prepare_latents).
@@ -688,7 +807,8 @@ GenerateResult generate(const GenerateOptions& options, const GenerateHooks& hoo
     DevicePhase on(o.vae_device, o.precision, "decode", &r.release_seconds[idec]);
     fit_cache_to_budget(o, cache, o.vae_device, Tag::VaeWeights, hooks);
     const Snapshot s0 = snap();
-    r.decoded = run_decode(on.ctx, src, o, latents, cache, &r.load_seconds[idec], &r.vae_tile_used);
+    r.decoded = run_decode(on.ctx, src, o, latents, cache, &r.load_seconds[idec], &r.vae_tile_used,
+                           vae_ahead ? &*vae_ahead : nullptr, hooks, &r.prefetched);
     detail(idec, s0);
     latents = Tensor();
   }
@@ -886,7 +1006,8 @@ std::vector<BatchItemResult> generate_batch(const std::vector<BatchItem>& items,
         if (!live[i]) continue;
         double l = 0;
         GenerateResult& r = res[i].result;
-        r.decoded = run_decode(on.ctx, src, items[i].options, latents[i], &cache, &l, &r.vae_tile_used);
+        r.decoded = run_decode(on.ctx, src, items[i].options, latents[i], &cache, &l, &r.vae_tile_used, nullptr, {},
+                               nullptr);
         load[2] += l;
         latents[i] = Tensor();
         r.width = int(w * sf);

@@ -80,6 +80,12 @@ struct GenerateOptions {
   // none (everything resident, or a budget from free memory when the model does not fit).
   int64_t vram_bytes = -1;
   std::shared_ptr<const VramPlan> vram_plan;  // set by generate() from the above
+  // --prefetch: the next phase's weights load on a thread (and, on the GPU, a stream) of their
+  // own while the current phase computes: the transformer during the encode, the VAE during the
+  // last step. Auto: when the transformer runs on the GPU and the memory plan holds both
+  // components at once (budget, or free memory less the margin); On: whenever the next phase's
+  // component is not cached (the CPU too: both in host memory at once); Off: one after another.
+  enum class Prefetch { Auto, On, Off } prefetch = Prefetch::Auto;
 };
 
 struct Qwen3Encoder;
@@ -125,6 +131,16 @@ struct LoadDetail {
   double alloc_seconds = 0;   // device allocations (weights and activations) during the phase
 };
 
+// A component loaded ahead of its phase (GenerateOptions::prefetch): how long its load took,
+// how much of that the phase it was needed in still waited for (the rest overlapped the phase
+// it loaded during).
+struct PrefetchRecord {
+  std::string component;     // "transformer", "vae"
+  std::string during;        // the phase it loaded during: "encode", "denoise"
+  double load_seconds = 0;   // from the start of its load to its end
+  double waited_seconds = 0; // the phase that needed it waited this long at its start
+};
+
 struct GenerateResult {
   int width = 0, height = 0;
   std::vector<uint8_t> rgb;          // height·width·3, HWC
@@ -143,6 +159,7 @@ struct GenerateResult {
   int vae_tile_used = 0;  // latent pixels per decode tile (0: untiled), what "auto" resolved to
   std::shared_ptr<const VramPlan> vram_plan;  // the GPU phases' memory plan (null: no GPU phase)
   int64_t streamed_bytes = 0;                 // bytes the streamers copied host → device
+  std::vector<PrefetchRecord> prefetched;     // the components loaded ahead of their phase
   std::shared_ptr<const PromptEmbeddings> embeddings;  // what the encode phase produced (reuse: --count)
 };
 

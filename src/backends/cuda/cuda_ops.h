@@ -48,6 +48,11 @@ void reset_pool_peaks();
 // graph_destroy waits for the stream, destroys it and trims the driver's graph memory; the
 // accounting follows the driver's reservation.
 bool can_record();
+bool profiling();  // ZI_CUDA_PROFILE is on
+// device::SideStream: a stream of this thread's own that stream() returns until the end, which
+// waits for its work and destroys it (throws if that work failed).
+void* side_stream_begin();
+void side_stream_end(void* s);
 void* graph_record(const std::function<void()>& work, std::string* why);
 void graph_launch(void* exec);
 void graph_destroy(void* exec);

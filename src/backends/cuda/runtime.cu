@@ -33,7 +33,11 @@ struct Runtime {
 Runtime* g_rt = nullptr;
 std::once_flag g_once;
 size_t g_cache_limit = SIZE_MAX;
-std::atomic<bool> g_recording{false};  // a graph is being recorded on the compute stream
+// A graph is being recorded on the compute stream by this thread (the capture is thread-local:
+// another thread's work, a model prefetching on its side stream, is not part of it).
+thread_local bool g_recording = false;
+// This thread's stream when a device::SideStream is active on it (null: the compute stream).
+thread_local cudaStream_t t_side = nullptr;
 
 std::atomic<double> g_init_seconds{0};
 std::mutex g_times_mu;
@@ -68,7 +72,27 @@ void ensure_init() { std::call_once(g_once, init_runtime); }
 
 cudaStream_t stream() {
   ensure_init();
-  return g_rt->stream;
+  return t_side ? t_side : g_rt->stream;
+}
+
+void* side_stream_begin() {
+  ensure_init();
+  ZI_CHECK(!t_side, "[cuda] a side stream is already active on this thread");
+  cudaStream_t s = nullptr;
+  ZI_CUDA(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  t_side = s;
+  return s;
+}
+
+void side_stream_end(void* s) {
+  if (!s) return;
+  const cudaError_t e = cudaStreamSynchronize(static_cast<cudaStream_t>(s));
+  t_side = nullptr;
+  (void)cudaStreamDestroy(static_cast<cudaStream_t>(s));
+  if (e != cudaSuccess) {
+    (void)cudaGetLastError();
+    fail(str_cat("[cuda] ", cudaGetErrorString(e), " in the work of a side stream"));
+  }
 }
 
 int sm_count() {
@@ -263,6 +287,7 @@ void sync_graph_accounting() {
 }  // namespace
 
 bool can_record() { return available() && !profile().on; }
+bool profiling() { return profile().on; }
 
 void* graph_record(const std::function<void()>& work, std::string* why) {
   ensure_init();
@@ -381,13 +406,15 @@ void* cuda_device_alloc(size_t bytes, Tag tag) {
   // While a graph records, the allocation becomes one of its nodes (the graph's own memory,
   // from the device's current pool, which is g_rt->pool), and nothing may synchronise.
   const auto t0 = std::chrono::steady_clock::now();
-  const bool rec = cuda::g_recording.load();
-  cudaError_t e = rec ? cudaMallocAsync(&p, n, cuda::g_rt->stream)
-                      : cudaMallocAsync(&p, n, cuda::g_rt->pool, cuda::g_rt->stream);
+  // On this thread's stream (a side stream's allocation is ordered after its own work; the pool
+  // orders reuse across streams by the frees' events).
+  const bool rec = cuda::g_recording;
+  const cudaStream_t s = cuda::stream();
+  cudaError_t e = rec ? cudaMallocAsync(&p, n, s) : cudaMallocAsync(&p, n, cuda::g_rt->pool, s);
   if (e == cudaErrorMemoryAllocation && !rec) {
     (void)cudaGetLastError();
     cuda::trim_cache();  // cached blocks of other sizes may be what is missing
-    e = cudaMallocAsync(&p, n, cuda::g_rt->pool, cuda::g_rt->stream);
+    e = cudaMallocAsync(&p, n, cuda::g_rt->pool, s);
   }
   if (e != cudaSuccess) {
     (void)cudaGetLastError();
@@ -409,7 +436,7 @@ void* cuda_device_alloc(size_t bytes, Tag tag) {
 void cuda_device_free(void* p, size_t bytes, Tag tag) {
   if (!p || !cuda::g_rt) return;
   // Stream-ordered: the block returns to the pool once the work queued so far is done.
-  if (cudaFreeAsync(p, cuda::g_rt->stream) != cudaSuccess) (void)cudaGetLastError();  // never throw here
+  if (cudaFreeAsync(p, cuda::stream()) != cudaSuccess) (void)cudaGetLastError();  // never throw here
   memory_stats(Device::CUDA).on_free(bytes, tag);
 }
 
