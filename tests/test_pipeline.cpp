@@ -77,14 +77,14 @@ TEST(Pipeline, InitialNoiseMatchesTorch) {
 // on its own thread during the encode and the VAE during the last step, the image is the
 // phase-by-phase run's byte for byte, the reports name both loads, the transformer's weights
 // are counted once, and the encode phase's peak holds both the encoder and the transformer (the
-// reason Auto does this on the GPU only, when the plan holds both). Auto on the CPU: nothing.
+// reason Auto does it only within a --vram budget that holds both). Auto on the CPU: nothing.
 TEST(Pipeline, PrefetchGivesTheSameImage) {
   GenerateOptions o = options_for_case("cfg");
   o.prefetch = GenerateOptions::Prefetch::Off;
   const GenerateResult plain = generate(o);
   EXPECT_TRUE(plain.prefetched.empty());
   o.prefetch = GenerateOptions::Prefetch::Auto;
-  EXPECT_TRUE(generate(o).prefetched.empty()) << "Auto prefetches for a GPU transformer only";
+  EXPECT_TRUE(generate(o).prefetched.empty()) << "Auto prefetches within a --vram budget only";
   o.prefetch = GenerateOptions::Prefetch::On;
   const GenerateResult r = generate(o);
   EXPECT_EQ(r.rgb, plain.rgb);

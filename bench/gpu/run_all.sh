@@ -5,8 +5,8 @@
 # one profiled 1024² image (ZI_CUDA_PROFILE=1: GPU time per op), then diffusers eager and
 # torch.compile on the same card, and one table last (summarize.py). About 2.5 minutes on an H200.
 # Here first: bench/gpu/pack_carry.sh, and .carry/diffusers_src.tar.xz (diffusers' src/ tree).
-# Use: bench/gpu/run_all.sh [tests|kernels|bench|vaetile|firstuse|controlnet|diffusers|budget|quant|fused|trace|all]...  (default: all,
-# which leaves out budget and quant; bench includes kernels; ZI_GTEST_FILTER narrows the tests). Logs go to $OUT.
+# Use: bench/gpu/run_all.sh [tests|kernels|bench|vaetile|firstuse|controlnet|diffusers|budget|quant|fused|trace|oneshot|all]...  (default: all,
+# which leaves out budget, quant, fused, trace and oneshot; bench includes kernels; ZI_GTEST_FILTER narrows the tests). Logs go to $OUT.
 set -uo pipefail
 source "$(dirname "$0")/lib.sh"
 # The fp8 alpha-vector and scalar scalings are off by default until measured (cuda_ops.h Fp8Scaling).
@@ -83,6 +83,40 @@ if want firstuse; then  # one image per process: the 2nd process reuses the 1st 
   done
   wc -l "$ZIMAGE_CACHE_DIR"/*.txt; unset ZIMAGE_CACHE_DIR
   stamp "first use done"
+fi
+
+if [[ "$WHAT" == *" oneshot "* ]]; then  # (not in all) issue 19: one process, exec to PNG on disk, 1024² 8 steps, warm page cache and tuning cache; beside diffusers' from_pretrained + one image
+  M=/tmp/zrm
+  [ -d "$M" ] || z "$BIN/zimage" make-random-model --preset turbo --dtype bf16 -q "$M" > "$OUT/make_model.log" 2>&1
+  export ZIMAGE_CACHE_DIR=/tmp/zi-tuning-oneshot
+  cat "$M"/*/*.safetensors > /dev/null  # the page cache holds the model
+  z "$BIN/zimage" generate --model "$M" -p "$PROMPT" -W 1024 -H 1024 --steps 8 --seed 1 --device cuda -q -o /tmp/zo_warm.png
+  for rep in $(seq 1 ${ZI_ONESHOT_REPS:-2}); do
+    for pf in off on; do
+      t0=$(date +%s.%N)
+      z "$BIN/zimage" generate --model "$M" -p "$PROMPT" -W 1024 -H 1024 --steps 8 --seed 1 --device cuda --prefetch $pf \
+        --memory-report "$OUT/oneshot_$pf.json" -o "$OUT/zo_$pf.png" > "$OUT/oneshot_${pf}_$rep.log" 2>&1
+      rc=$?; t1=$(date +%s.%N)
+      echo "ONESHOT zimage prefetch=$pf rep=$rep rc=$rc wall_s=$(python3 -c "print(f'{$t1 - $t0:.3f}')")"
+      grep -E "^  (encode|denoise|decode) |load:|loaded during|context created|rror" "$OUT/oneshot_${pf}_$rep.log" | head -12
+    done
+    cmp -s "$OUT/zo_off.png" "$OUT/zo_on.png" && echo "PNG prefetch on identical to off" || echo "PNG prefetch on DIFFERS from off"
+  done
+  unset ZIMAGE_CACHE_DIR
+  rm -f "$OUT"/zo_*.png
+  stamp "zimage one-shot done"
+  if [ -f .carry/diffusers_src.tar.xz ]; then
+    mkdir -p /tmp/diffusers && tar -C /tmp/diffusers -xJf .carry/diffusers_src.tar.xz
+    export DIFFUSERS_SRC=/tmp/diffusers/src
+  fi
+  for rep in $(seq 1 ${ZI_ONESHOT_REPS:-2}); do
+    t0=$(date +%s.%N)
+    PYTHONUNBUFFERED=1 timeout 300 python3 bench/gpu/oneshot_diffusers.py "$M" /tmp/zo_diffusers.png > "$OUT/oneshot_diffusers_$rep.log" 2>&1
+    rc=$?; t1=$(date +%s.%N)
+    echo "ONESHOT diffusers rep=$rep rc=$rc wall_s=$(python3 -c "print(f'{$t1 - $t0:.3f}')")"
+    grep -E "ONESHOT_DIFFUSERS|Error|error" "$OUT/oneshot_diffusers_$rep.log" | tail -3
+  done
+  stamp "diffusers one-shot done"
 fi
 
 if want controlnet; then  # issue 17: a random Fun ControlNet Union 2.1 (published config) at 1024², 8 steps, beside plain t2i

@@ -669,8 +669,8 @@ void add_generate(CLI::App& app) {
                     "when the model does not fit; --memory-report prints the plan)"));
   reg(c->add_option("--prefetch", a->prefetch,
                     "load the next phase's weights while the current one computes (the transformer during the "
-                    "prompt encoding, the VAE during the last step): auto = on the GPU when memory holds both, on "
-                    "(the CPU too: both in RAM at once), off")
+                    "prompt encoding, the VAE during the last step; faster, and both are in memory at once): auto = "
+                    "within a --vram budget that holds both, on = whenever memory holds both (the CPU too), off")
           ->capture_default_str());
   reg(c->add_option("--device", a->device, "where to run: cpu or cuda (default: cuda when a GPU is present)"));
   reg(c->add_option("--text-encoder-device", a->te_device, "run the text encoder on cpu or cuda (default: --device)"));

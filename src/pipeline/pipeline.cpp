@@ -689,24 +689,27 @@ GenerateResult generate(const GenerateOptions& options, const GenerateHooks& hoo
   };
 
   // Prefetch (GenerateOptions::prefetch): the transformer loads during the encode, the VAE
-  // during the last step, each on a thread (and GPU stream) of its own, when allowed.
+  // during the last step, each on a thread (and GPU stream) of its own. Auto: only within an
+  // explicit --vram budget that holds both (without one, the run's peak stays the largest
+  // phase's); On: whenever the memory holds both (on the CPU: always).
   using Prefetch = GenerateOptions::Prefetch;
-  const bool prefetching = o.prefetch == Prefetch::On ||
-                           (o.prefetch == Prefetch::Auto && o.transformer_device == Device::CUDA &&
-                            !device::profiling(Device::CUDA));
   const VramPlan* plan = o.vram_plan.get();
-  bool prefetch_dit = prefetching && !(cache && cache->transformer);
-  if (prefetch_dit && o.prefetch == Prefetch::Auto) {
-    // The transformer, resident (it streams nothing), beside the encode phase's (and the VAE
-    // encoder's) peak.
-    prefetch_dit = plan && plan->dit.ring_slots == 0 &&
-                   prefetch_fits(o, std::max(plan->text.predicted_peak_bytes, plan->vae_encode_peak_bytes),
-                                 plan->dit.resident_bytes);
-  }
-  bool prefetch_vae = prefetching && !(cache && cache->vae);
-  if (prefetch_vae && o.prefetch == Prefetch::Auto)
-    prefetch_vae = plan && prefetch_fits(o, o.transformer_device == Device::CUDA ? plan->dit.predicted_peak_bytes : 0,
-                                         plan->vae_weight_bytes);
+  const bool explicit_budget = plan && plan->budget_bytes >= 0 && !plan->automatic;
+  auto may_prefetch = [&](Device dev, int64_t current_peak, int64_t next_bytes) {
+    if (o.prefetch == Prefetch::Off || device::profiling(Device::CUDA)) return false;
+    if (dev == Device::CPU) return o.prefetch == Prefetch::On;  // host memory: asked for
+    if (o.prefetch == Prefetch::Auto && !explicit_budget) return false;
+    return plan && prefetch_fits(o, current_peak, next_bytes);
+  };
+  const bool prefetch_dit =
+      !(cache && cache->transformer) && (o.transformer_device == Device::CPU || (plan && plan->dit.ring_slots == 0)) &&
+      may_prefetch(o.transformer_device,
+                   plan ? std::max(plan->text.predicted_peak_bytes, plan->vae_encode_peak_bytes) : 0,
+                   plan ? plan->dit.resident_bytes : 0);
+  const bool prefetch_vae =
+      !(cache && cache->vae) &&
+      may_prefetch(o.vae_device, plan && o.transformer_device == Device::CUDA ? plan->dit.predicted_peak_bytes : 0,
+                   plan ? plan->vae_weight_bytes : 0);
   std::optional<Prefetched<ZImageDit>> dit_ahead;
   std::optional<Prefetched<VaeDecoder>> vae_ahead;
 

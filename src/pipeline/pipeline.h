@@ -82,9 +82,10 @@ struct GenerateOptions {
   std::shared_ptr<const VramPlan> vram_plan;  // set by generate() from the above
   // --prefetch: the next phase's weights load on a thread (and, on the GPU, a stream) of their
   // own while the current phase computes: the transformer during the encode, the VAE during the
-  // last step. Auto: when the transformer runs on the GPU and the memory plan holds both
-  // components at once (budget, or free memory less the margin); On: whenever the next phase's
-  // component is not cached (the CPU too: both in host memory at once); Off: one after another.
+  // last step. Both components are then held at once, so the run's peak grows: Auto does it only
+  // within an explicit --vram budget whose plan holds both (the current phase's predicted peak
+  // plus the next weights); On whenever memory holds both (the budget, or the GPU's free memory
+  // less the margin; on a CPU-only run always); Off never.
   enum class Prefetch { Auto, On, Off } prefetch = Prefetch::Auto;
 };
 
