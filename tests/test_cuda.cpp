@@ -479,6 +479,22 @@ TEST(CudaPipeline, PrefetchGivesTheSameBits) {
   EXPECT_TRUE(any) << "the largest budget holds both";
 }
 
+// Weights uploaded by reading the files (pread into the pinned ring, ZI_UPLOAD_READ=1) instead of
+// copying from their mappings: the same image, byte for byte, both precisions (issue 19).
+TEST(CudaPipeline, UploadByReadGivesTheSameBits) {
+  ZI_REQUIRE_GPU();
+  for (DType act : kActs) {
+    GenerateOptions o = options_for_case("turbo");
+    o.precision = act;
+    const GenerateResult mapped = generate(o);
+    ::setenv("ZI_UPLOAD_READ", "1", 1);
+    const GenerateResult read = generate(o);
+    ::unsetenv("ZI_UPLOAD_READ");
+    EXPECT_EQ(read.rgb, mapped.rgb) << dtype_name(act);
+    EXPECT_GT(read.load_detail[0].upload_bytes, 0) << "the encoder's weights went through the upload";
+  }
+}
+
 // The tiled VAE decode on the GPU: the pieces against the CPU, and the tiled image against the
 // whole one (both on the GPU; the tiles see whole-image GroupNorm statistics, so only rounding
 // differs).

@@ -55,6 +55,28 @@ TEST(Safetensors, RoundTripAllDtypes) {
   EXPECT_EQ(f.find("nope"), nullptr);
 }
 
+// Reading a tensor's bytes with pread (the GPU upload's ZI_UPLOAD_READ path) gives the mapping's
+// bytes, for pieces that cross the readers' 2 MiB split, and a read past the end is an error
+// naming the file.
+TEST(Safetensors, ReadGivesTheMappedBytes) {
+  TempDir d;
+  const int64_t n = (int64_t(5) << 20) / 4 + 3;  // 5 MiB and 12 bytes of f32
+  Tensor big = Tensor::empty({n}, DType::F32);
+  for (int64_t i = 0; i < n; ++i) big.f32()[i] = float(i % 9973) * 0.5f - 7.0f;
+  write_safetensors(d / "r.safetensors", {{"small", Tensor::from_vector({1, 2, 3}, {3})}, {"big", big}});
+  SafetensorsFile f = SafetensorsFile::open(d / "r.safetensors");
+  const TensorInfo& bi = *f.find("big");
+  for (auto [off, len] : std::vector<std::pair<size_t, size_t>>{{0, size_t(n) * 4}, {4, 12}, {(size_t(2) << 20) - 8, 4096 + 16}, {100, (size_t(4) << 20) + 5}}) {
+    std::vector<char> got(len);
+    f.read(bi, off, got.data(), len);
+    EXPECT_EQ(std::memcmp(got.data(), f.data(bi) + off, len), 0) << off << " + " << len;
+  }
+  std::vector<char> buf(64);
+  const std::string e = error_of([&] { f.file()->read(buf.data(), f.file()->size() - 8, 64); });
+  EXPECT_NE(e.find("r.safetensors"), std::string::npos) << e;
+  EXPECT_NE(e.find("beyond its end"), std::string::npos) << e;
+}
+
 TEST(Safetensors, MalformedFilesGiveOneLineErrorsNamingFileAndTensor) {
   TempDir d;
   const std::string good_entry = R"("w":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]})";

@@ -4,6 +4,8 @@
 
 #include <cstring>
 #include <fstream>
+#include <mutex>
+#include <thread>
 
 #include "backends/cuda/cuda_ops.h"
 #include "core/check.h"
@@ -14,6 +16,23 @@ namespace zi::device {
 bool gpu_available() { return cuda::available(); }
 std::string gpu_unavailable_reason() { return cuda::available() ? std::string() : cuda::unavailable_reason(); }
 std::string description(Device d) { return d == Device::CUDA ? cuda::device_description() : std::string("CPU"); }
+
+namespace {
+// The warm-up's thread, waited for at exit (a thread inside the driver must not outlive main).
+struct WarmUp {
+  std::thread t;
+  ~WarmUp() {
+    if (t.joinable()) t.join();
+  }
+};
+}  // namespace
+
+void warm_up_async(Device d) {
+  if (d != Device::CUDA || !cuda::available()) return;
+  static WarmUp w;
+  static std::once_flag once;
+  std::call_once(once, [] { w.t = std::thread([] { cuda::warm_up(); }); });
+}
 
 void* alloc(Device d, size_t bytes, Tag tag) {
   return d == Device::CPU ? host_alloc(bytes, tag) : cuda_device_alloc(bytes, tag);
@@ -41,6 +60,9 @@ void convert(Device d, const void* src, DType st, void* dst, DType dt, size_t n)
 
 void copy_strided_gpu(const Tensor& src, const Tensor& dst) { cuda_copy_strided(src, dst); }
 void upload_convert(const void* src, DType st, int64_t n, Tensor& dst) { cuda::upload_convert(src, st, n, dst); }
+void upload_convert_read(const HostReader& read, DType st, int64_t n, Tensor& dst) {
+  cuda::upload_convert_read(read, st, n, dst);
+}
 UploadStats upload_stats() { return cuda::upload_stats(); }
 RuntimeTimes runtime_times(Device d) { return d == Device::CUDA ? cuda::runtime_times() : RuntimeTimes{}; }
 

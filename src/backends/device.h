@@ -26,6 +26,11 @@ namespace zi::device {
 bool gpu_available();              // a usable GPU and its libraries are present (never throws)
 std::string gpu_unavailable_reason();  // why not, one line ("" when available)
 std::string description(Device d);     // "NVIDIA H100 80GB HBM3, 132 SMs, 79.1 GiB, sm_90" / "CPU"
+// Starts the GPU's first-use work (the context, the cuBLASLt and cuDNN handles) on a thread of
+// its own and returns at once; device calls that need it wait for it. The CLI calls it as soon as
+// it knows a phase runs on the GPU, so that work overlaps the checks and the tokenizer's parse.
+// Nothing on the CPU or without a GPU; never throws.
+void warm_up_async(Device d);
 
 // ---- memory (accounted in memory_stats(d) under `tag`) ----
 void* alloc(Device d, size_t bytes, Tag tag);
@@ -40,6 +45,10 @@ void copy_strided_gpu(const Tensor& src, const Tensor& dst);
 // n elements of type st in host memory (a mapping) into `dst`, a GPU tensor of its own dtype,
 // through a ring of pinned staging buffers, converted on the GPU.
 void upload_convert(const void* src, DType st, int64_t n, Tensor& dst);
+// The same from a reader instead of a mapping: read(dst, offset, bytes) puts bytes
+// [offset, offset+bytes) of the source (n elements of st) into the pinned buffer dst.
+using HostReader = std::function<void(void* dst, size_t offset, size_t bytes)>;
+void upload_convert_read(const HostReader& read, DType st, int64_t n, Tensor& dst);
 struct UploadStats {
   int64_t bytes = 0;          // bytes read from the host
   double seconds = 0;         // wall time spent in upload_convert

@@ -32,6 +32,7 @@ void trim_cache() {}
 PoolStats pool_stats() { return {}; }
 void reset_pool_peaks() {}
 void upload_convert(const void*, DType, int64_t, Tensor&) { no_cuda(); }
+void upload_convert_read(const device::HostReader&, DType, int64_t, Tensor&) { no_cuda(); }
 UploadStats upload_stats() { return {}; }
 device::RuntimeTimes runtime_times() { return {}; }
 void* pinned_alloc(size_t) { no_cuda(); }
@@ -45,6 +46,9 @@ void ring_drain(void*) {}
 double measure_h2d_rate(size_t) { return 0; }
 bool can_record() { return false; }
 bool profiling() { return false; }
+void warm_up() {}
+void blas_warm_up() {}
+void dnn_warm_up() {}
 void* side_stream_begin() { no_cuda(); }
 void side_stream_end(void*) {}
 void* graph_record(const std::function<void()>&, std::string* why) {

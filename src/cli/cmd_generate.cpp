@@ -389,6 +389,10 @@ void run(GenerateArgs& a) {
     a.o.text_encoder_device = parse_device(a.te_device, "--text-encoder-device", dev);
     a.o.vae_device = parse_device(a.vae_device, "--vae-device", dev);
   }
+  // The GPU's context and libraries start now, beside the checks and the tokenizer's parse.
+  if (a.o.transformer_device == Device::CUDA || a.o.text_encoder_device == Device::CUDA ||
+      a.o.vae_device == Device::CUDA)
+    device::warm_up_async(Device::CUDA);
   if (a.cache_limit_mib >= 0) a.o.cache_limit_bytes = a.cache_limit_mib << 20;
   if (!a.vram.empty()) a.o.vram_bytes = parse_vram_flag(a.vram);
   if (a.prefetch == "auto") a.o.prefetch = GenerateOptions::Prefetch::Auto;
@@ -547,10 +551,10 @@ void run(GenerateArgs& a) {
         if (i < r.load_detail.size() && r.load_detail[i].upload_bytes > 0) {
           const LoadDetail& d = r.load_detail[i];
           std::fprintf(stderr, "           load: uploaded %.2f GB in %.3f s (%.1f GB/s; copying into pinned memory %.3f s, "
-                       "waiting for the bus %.3f s), device allocations %.3f s\n",
+                       "waiting for the bus %.3f s), device allocations %.3f s, unmapping file pages %.3f s\n",
                        double(d.upload_bytes) / 1e9, d.upload_seconds,
                        d.upload_seconds > 0 ? double(d.upload_bytes) / 1e9 / d.upload_seconds : 0.0, d.copy_seconds,
-                       d.wait_seconds, d.alloc_seconds);
+                       d.wait_seconds, d.alloc_seconds, d.unmap_seconds);
         }
       }
       for (const PrefetchRecord& pf : r.prefetched)

@@ -75,6 +75,10 @@ class SafetensorsFile {
   // Convenience: load by name in its natural dtype (I64 → I32). Throws if absent.
   Tensor load(std::string_view name) const;
   Tensor load(std::string_view name, DType dt) const;
+  // Bytes [offset, offset+len) of a tensor's data read into dst (MappedFile::read).
+  void read(const TensorInfo& t, size_t offset, void* dst, size_t len) const {
+    file_->read(dst, size_t(data_start_ + t.begin) + offset, len);
+  }
   // Drops the pages of a tensor from the resident set after it was copied out.
   void release(const TensorInfo& t) const { file_->release(size_t(data_start_ + t.begin), size_t(t.nbytes())); }
 

@@ -1,5 +1,7 @@
 #include "io/weight_loader.h"
 
+#include <cstdlib>
+
 #include <algorithm>
 #include <set>
 
@@ -13,12 +15,20 @@ namespace zi {
 
 namespace {
 thread_local WeightLoader::ProgressFn t_progress;
+
+// ZI_UPLOAD_READ=1: GPU uploads read the file with pread into the pinned ring instead of copying
+// from the mapping (page faults, then MADV_DONTNEED); an experiment until measured on a GPU.
+bool upload_by_read() {
+  const char* e = std::getenv("ZI_UPLOAD_READ");
+  return e && *e == '1';
+}
 }
 
 LoadProgressScope::LoadProgressScope(WeightLoader::ProgressFn fn) : prev_(std::move(t_progress)) {
   t_progress = std::move(fn);
 }
 LoadProgressScope::~LoadProgressScope() { t_progress = std::move(prev_); }
+WeightLoader::ProgressFn LoadProgressScope::current() { return t_progress; }
 
 WeightLoader::WeightLoader(const TensorStore& store, Tag tag, std::string component, PhaseContext ctx)
     : store_(store), tag_(tag), ctx_(ctx), component_(std::move(component)) {
@@ -236,7 +246,15 @@ Tensor WeightLoader::load_impl(const std::string& name, const Shape& shape, DTyp
   const bool float_dst = dt == DType::F32 || dt == DType::BF16 || dt == DType::F16;
   if (!patched && ctx_.device == Device::CUDA && float_src && float_dst) {
     out = dst ? *dst : Tensor::empty(shape, dt, tag_, Device::CUDA);  // straight into the fused rows
-    device::upload_convert(e.file->data(*e.info), sdt, out.numel(), out);
+    if (upload_by_read()) {
+      // pread into the pinned ring: no page of the mapping is touched (nothing to release).
+      const SafetensorsFile& f = *e.file;
+      const TensorInfo& info = *e.info;
+      device::upload_convert_read([&f, &info](void* d, size_t off, size_t len) { f.read(info, off, d, len); }, sdt,
+                                  out.numel(), out);
+    } else {
+      device::upload_convert(e.file->data(*e.info), sdt, out.numel(), out);
+    }
   } else if (!patched) {
     out = e.file->load(*e.info, dt, host_tag);
   } else {

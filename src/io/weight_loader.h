@@ -153,6 +153,7 @@ class LoadProgressScope {
  public:
   explicit LoadProgressScope(WeightLoader::ProgressFn fn);
   ~LoadProgressScope();
+  static WeightLoader::ProgressFn current();  // this thread's (to chain a scope inside another)
   LoadProgressScope(const LoadProgressScope&) = delete;
   LoadProgressScope& operator=(const LoadProgressScope&) = delete;
 

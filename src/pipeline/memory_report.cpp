@@ -38,7 +38,8 @@ std::string memory_report_json(const GenerateResult& r) {
                            {"upload_seconds", d.upload_seconds},
                            {"copy_seconds", d.copy_seconds},
                            {"wait_seconds", d.wait_seconds},
-                           {"alloc_seconds", d.alloc_seconds}});
+                           {"alloc_seconds", d.alloc_seconds},
+                           {"unmap_seconds", d.unmap_seconds}});
     }
     j["gpu_init_seconds"] = r.gpu_init_seconds;
   }

@@ -15,6 +15,7 @@
 #include "core/parallel.h"
 #include "core/torch_random.h"
 #include "io/checkpoint.h"
+#include "io/mapped_file.h"
 #include "io/model_sources.h"
 #include "io/png.h"
 #include "io/safetensors.h"
@@ -251,22 +252,39 @@ Embeddings run_encode(const PhaseContext& ctx, const ModelSources& src, const Ge
   std::unique_ptr<Qwen3Encoder> enc_local;
   std::unique_ptr<BpeTokenizer>& tok = cache ? cache->tokenizer : tok_local;
   std::unique_ptr<Qwen3Encoder>& enc = cache ? cache->text_encoder : enc_local;
-  if (!tok) {  // parsing tokenizer.json is loading too
-    const double t0 = now_s();
-    tok = std::make_unique<BpeTokenizer>(BpeTokenizer::load_dir(mf.tokenizer_dir));
-    e.load_seconds += now_s() - t0;
-  }
-  // Tokenize before loading weights: a bad prompt fails fast.
-  if (!e.pos.defined()) (void)tokenize_zimage_prompt(*tok, o.prompt, o.max_sequence_length);
-  if (cfg) (void)tokenize_zimage_prompt(*tok, o.negative_prompt, o.max_sequence_length);
+  // The tokenizer (parsing tokenizer.json: a fifth of a second) on a thread of its own while
+  // the encoder's weights load; a tokenizer failure stops that load at its next tensor.
+  std::future<std::unique_ptr<BpeTokenizer>> tok_ahead;
+  if (!tok)
+    tok_ahead = std::async(std::launch::async, [dir = mf.tokenizer_dir] {
+      return std::make_unique<BpeTokenizer>(BpeTokenizer::load_dir(dir));
+    });
+  auto take_tokenizer = [&] {
+    if (tok_ahead.valid()) tok = tok_ahead.get();
+  };
   if (!enc) {
     const double t0 = now_s();
-    const TensorStore store = src.open(Component::TextEncoder);
-    enc = std::make_unique<Qwen3Encoder>(
-        load_text_encoder(store, mf.text_encoder, o.text_encoder_dtype, o.text_rope_dtype, ctx,
-                          o.vram_plan ? &o.vram_plan->text : nullptr));
+    {
+      WeightLoader::ProgressFn outer = LoadProgressScope::current();
+      LoadProgressScope check([&](const std::string& c, int64_t done, int64_t total) {
+        if (outer) outer(c, done, total);
+        using namespace std::chrono_literals;
+        if (tok_ahead.valid() && tok_ahead.wait_for(0s) == std::future_status::ready) take_tokenizer();  // throws its error
+      });
+      const TensorStore store = src.open(Component::TextEncoder);
+      enc = std::make_unique<Qwen3Encoder>(
+          load_text_encoder(store, mf.text_encoder, o.text_encoder_dtype, o.text_rope_dtype, ctx,
+                            o.vram_plan ? &o.vram_plan->text : nullptr));
+    }
     e.load_seconds += now_s() - t0;
   }
+  if (tok_ahead.valid()) {
+    const double t0 = now_s();
+    take_tokenizer();
+    e.load_seconds += now_s() - t0;
+  }
+  if (!e.pos.defined()) (void)tokenize_zimage_prompt(*tok, o.prompt, o.max_sequence_length);
+  if (cfg) (void)tokenize_zimage_prompt(*tok, o.negative_prompt, o.max_sequence_length);
   if (!e.pos.defined()) e.pos = encode_prompt(*enc, *tok, o.prompt, o.max_sequence_length, &e.ids);
   if (cfg) e.neg = encode_prompt(*enc, *tok, o.negative_prompt, o.max_sequence_length);
   return e;
@@ -676,8 +694,12 @@ GenerateResult generate(const GenerateOptions& options, const GenerateHooks& hoo
   struct Snapshot {
     device::UploadStats up;
     device::RuntimeTimes rt;
+    double unmap = 0;
   };
-  auto snap = [&] { return any_gpu ? Snapshot{device::upload_stats(), device::runtime_times(Device::CUDA)} : Snapshot{}; };
+  auto snap = [&] {
+    return any_gpu ? Snapshot{device::upload_stats(), device::runtime_times(Device::CUDA), MappedFile::release_seconds_total()}
+                   : Snapshot{};
+  };
   auto detail = [&](size_t i, const Snapshot& a) {
     const Snapshot b = snap();
     LoadDetail& d = r.load_detail[i];
@@ -686,6 +708,7 @@ GenerateResult generate(const GenerateOptions& options, const GenerateHooks& hoo
     d.copy_seconds = b.up.copy_seconds - a.up.copy_seconds;
     d.wait_seconds = b.up.wait_seconds - a.up.wait_seconds;
     d.alloc_seconds = b.rt.alloc_seconds - a.rt.alloc_seconds;
+    d.unmap_seconds = b.unmap - a.unmap;
   };
 
   // Prefetch (GenerateOptions::prefetch): the transformer loads during the encode, the VAE

@@ -130,6 +130,7 @@ struct LoadDetail {
   double copy_seconds = 0;    //   copying the mapping into the pinned ring
   double wait_seconds = 0;    //   waiting for the bus (a ring slot still in flight)
   double alloc_seconds = 0;   // device allocations (weights and activations) during the phase
+  double unmap_seconds = 0;   // giving the loaded tensors' mapped file pages back (MADV_DONTNEED)
 };
 
 // A component loaded ahead of its phase (GenerateOptions::prefetch): how long its load took,

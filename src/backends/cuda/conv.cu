@@ -207,6 +207,7 @@ Cudnn& cudnn() {
 
 int64_t cudnn_version() { return cudnn().ok ? int64_t(cudnn().cudnnGetVersion()) : 0; }
 
+
 void dnn_check(cudnnStatus_t s, const char* what) {
   if (s != CUDNN_STATUS_SUCCESS) fail(str_cat("[cudnn] ", what, ": ", cudnn().cudnnGetErrorString(s)));
 }
@@ -441,5 +442,7 @@ void conv2d(const Tensor& x, const Tensor& w, const Tensor* bias, int pad, int s
     ZI_CUDA_LAUNCHED();
   }
 }
+
+void dnn_warm_up() { (void)cudnn(); }
 
 }  // namespace zi::cuda

@@ -33,6 +33,12 @@ std::string unavailable_reason();  // why available() is false, one line ("" whe
 // "" when cuBLAS and cuBLASLt could be opened (blas_loader.cpp), else which one is missing.
 std::string blas_unavailable_reason();
 std::string device_description();  // "NVIDIA H100 80GB HBM3, 132 SMs, 79.1 GiB"
+// What the first GPU work of a process would otherwise wait for: the context, the cuBLASLt
+// handle and workspace (gemm_cublaslt.cpp), cuDNN's library and handle (conv.cu). Never throws
+// (a failure is reported by the first real use).
+void warm_up();
+void blas_warm_up();
+void dnn_warm_up();
 int compute_capability();  // 10·major + minor of the device (90 for H100; gemm_cublaslt.cpp)
 int64_t memory_free_bytes();        // free device memory (cudaMemGetInfo) plus the pool's cache
 int64_t memory_total_bytes();       // the card's memory (cudaMemGetInfo's total)
@@ -90,6 +96,7 @@ double measure_h2d_rate(size_t bytes);
 // dtype `dt` (f32/bf16/f16; st may be any of those too), through a ring of pinned staging
 // buffers: the host copy into one buffer overlaps the transfer and conversion of the previous.
 void upload_convert(const void* src, DType st, int64_t n, Tensor& dst);
+void upload_convert_read(const device::HostReader& read, DType st, int64_t n, Tensor& dst);
 using device::UploadStats;
 UploadStats upload_stats();
 device::RuntimeTimes runtime_times();

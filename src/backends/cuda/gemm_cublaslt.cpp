@@ -62,6 +62,12 @@ Lt& lt() {
   return *s;
 }
 
+}  // namespace
+
+void blas_warm_up() { (void)lt(); }
+
+namespace {
+
 int alignment(const void* p) {
   const uintptr_t v = reinterpret_cast<uintptr_t>(p);
   int a = 256;

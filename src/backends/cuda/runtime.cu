@@ -95,6 +95,16 @@ void side_stream_end(void* s) {
   }
 }
 
+void warm_up() {
+  try {
+    if (!available()) return;
+    ensure_init();
+    blas_warm_up();
+    dnn_warm_up();
+  } catch (...) {  // the first real use reports it
+  }
+}
+
 int sm_count() {
   ensure_init();
   return g_rt->prop.multiProcessorCount;

@@ -45,13 +45,17 @@ Ring& ring() {
 }  // namespace
 
 void upload_convert(const void* src, DType st, int64_t n, Tensor& dst) {
+  const char* s = static_cast<const char*>(src);
+  upload_convert_read([s](void* d, size_t off, size_t bytes) { parallel_copy(d, s + off, bytes); }, st, n, dst);
+}
+
+void upload_convert_read(const device::HostReader& read, DType st, int64_t n, Tensor& dst) {
   const auto t0 = std::chrono::steady_clock::now();
   Ring& r = ring();
   std::lock_guard<std::mutex> lk(r.mu);
   const DType dt = dst.dtype();
   const size_t es = dtype_size(st), ed = dtype_size(dt);
   const int64_t per_chunk = int64_t(kSlotBytes / es);
-  const char* s = static_cast<const char*>(src);
   char* d = static_cast<char*>(dst.raw());
   for (int64_t off = 0; off < n; off += per_chunk) {
     const int64_t cnt = std::min(per_chunk, n - off);
@@ -60,7 +64,7 @@ void upload_convert(const void* src, DType st, int64_t n, Tensor& dst) {
     const auto w0 = std::chrono::steady_clock::now();
     ZI_CUDA(cudaEventSynchronize(r.done[slot]));  // the slot's previous chunk has left it
     const auto c0 = std::chrono::steady_clock::now();
-    parallel_copy(r.pinned[slot], s + size_t(off) * es, size_t(cnt) * es);
+    read(r.pinned[slot], size_t(off) * es, size_t(cnt) * es);
     r.stats.wait_seconds += std::chrono::duration<double>(c0 - w0).count();
     r.stats.copy_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - c0).count();
     if (st == dt) {
