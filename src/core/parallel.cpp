@@ -20,6 +20,8 @@ void set_num_threads(int n) {
   set_blas_threads(1);
 }
 
+void adopt_num_threads() { omp_set_num_threads(num_threads()); }
+
 int num_threads() { return g_threads > 0 ? g_threads : omp_get_max_threads(); }
 
 }  // namespace zi

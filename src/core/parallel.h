@@ -12,6 +12,9 @@ namespace zi {
 // Sets the number of threads for our kernels (OpenBLAS stays at 1). n <= 0: all cores.
 void set_num_threads(int n);
 int num_threads();
+// On a thread we started (a model loading ahead): its parallel regions use num_threads() threads
+// like the main thread's (OpenMP's setting is per thread). Touches nothing global.
+void adopt_num_threads();
 // The BLAS library's own thread count; defined by the CPU backend (backends/cpu/common.cpp),
 // which owns the BLAS library.
 void set_blas_threads(int n);

@@ -107,9 +107,8 @@ class Prefetched {
              std::function<T(const GenerateHooks&)> load) {
     rec_.component = std::move(component);
     rec_.during = std::move(during);
-    const int threads = num_threads();
-    fut_ = std::async(std::launch::async, [this, dev, tag, threads, load = std::move(load)] {
-      set_num_threads(threads);  // OpenMP's thread count is per thread
+    fut_ = std::async(std::launch::async, [this, dev, tag, load = std::move(load)] {
+      adopt_num_threads();
       GenerateHooks h;
       h.on_notice = [this](const std::string& n) { notes_.push_back(n); };
       const double t0 = now_s();
