@@ -461,10 +461,11 @@ TEST(CudaPipeline, PrefetchGivesTheSameBits) {
   o.precision = DType::BF16;
   const int64_t minimum = plan_generate_memory(o).minimum_bytes;
   bool any = false;
-  for (int64_t budget : {minimum, minimum * 3 / 2, minimum * 3, minimum * 100}) {
+  for (int64_t budget : {minimum, minimum * 3 / 2, minimum * 3, minimum * 100 + (int64_t(128) << 20)}) {
     o.vram_bytes = budget;
     const VramPlan p = plan_generate_memory(o);
-    const bool fits = p.dit.ring_slots == 0 && p.text.predicted_peak_bytes + p.dit.resident_bytes <= budget;
+    const bool fits = p.dit.ring_slots == 0 && p.text.predicted_peak_bytes + p.dit.resident_bytes +
+                                                     std::max<int64_t>(int64_t(64) << 20, budget / 20) <= budget;
     o.prefetch = GenerateOptions::Prefetch::Off;
     const GenerateResult plain = generate(o);
     o.prefetch = GenerateOptions::Prefetch::Auto;

@@ -157,7 +157,10 @@ class Prefetched {
 // within the free memory less the automatic budget's margin.
 bool prefetch_fits(const GenerateOptions& o, int64_t current_peak, int64_t next_bytes) {
   if (!o.vram_plan) return false;
-  if (o.vram_plan->budget_bytes >= 0) return current_peak + next_bytes <= o.vram_plan->budget_bytes;
+  // Within a budget: the predictions are upper bounds with slack, and a margin of 5 % (at least
+  // 64 MiB) stays free for what they do not itemise, as the automatic budget keeps.
+  const int64_t budget = o.vram_plan->budget_bytes;
+  if (budget >= 0) return current_peak + next_bytes + std::max<int64_t>(int64_t(64) << 20, budget / 20) <= budget;
   // Without a budget: what the current phase has yet to allocate, and the next weights, within
   // the free memory now less the margin.
   const int64_t held = memory_stats(Device::CUDA).total().current;
