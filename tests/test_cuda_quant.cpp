@@ -149,8 +149,8 @@ TEST(CudaQuant, Fp8TensorCoresMatchDequantPath) {
       Tensor y8 = ops::to_host_f32(ops::linear(xg, qg, c.bias ? &bg : nullptr));
       const std::string path = cuda::linear_quant_last_path();
       if (path != "fp8") {
-        std::printf("fp8 GEMM %s M=%lld bias=%d: cuBLASLt has no kernel, dequant path taken\n",
-                    cuda::fp8_scaling_name(sc), (long long)c.M, int(c.bias));
+        std::printf("fp8 GEMM %s M=%lld bias=%d: dequant path taken (%s)\n", cuda::fp8_scaling_name(sc),
+                    (long long)c.M, int(c.bias), cuda::linear_fp8_last_refusal().c_str());
         continue;
       }
       ASSERT_STREQ(cuda::linear_fp8_last_scaling(), cuda::fp8_scaling_name(sc));
@@ -203,7 +203,8 @@ TEST(CudaQuant, Fp8ActivationQuantizationMatchesCpu) {
     cuda::force_fp8_scaling(int(sc));
     Tensor y = ops::to_host_f32(ops::linear(xg, qg));
     if (std::string(cuda::linear_quant_last_path()) != "fp8") {
-      std::printf("fp8 %s: cuBLASLt has no kernel\n", cuda::fp8_scaling_name(sc));
+      std::printf("fp8 %s: dequant path taken (%s)\n", cuda::fp8_scaling_name(sc),
+                  cuda::linear_fp8_last_refusal().c_str());
       continue;
     }
     ++ran;

@@ -8,6 +8,7 @@
 
 #include <cstdio>
 #include <map>
+#include <vector>
 #include <nlohmann/json.hpp>
 
 #include "backends/device.h"
@@ -259,7 +260,13 @@ TEST(CudaStream, EditModesUnderABudget) {
     big.vram_bytes = 1024 * kMiB;
     const VramPlan whole = plan_generate_memory(big);
     const int64_t minimum = whole.minimum_bytes;
-    for (int64_t budget : {minimum, minimum + (whole.dit.predicted_peak_bytes - minimum) / 2}) {
+    // Half way to the transformer's resident peak streams some of its blocks; where another phase
+    // (the VAE encode of a control image) sets the minimum above that peak, nothing can stream
+    // and the minimum is the only budget.
+    std::vector<int64_t> budgets{minimum};
+    if (whole.dit.predicted_peak_bytes > minimum)
+      budgets.push_back(minimum + (whole.dit.predicted_peak_bytes - minimum) / 2);
+    for (int64_t budget : budgets) {
       SCOPED_TRACE(testing::Message() << name << ", budget " << budget);
       GenerateOptions b = o;
       b.vram_bytes = budget;

@@ -5,7 +5,7 @@
 # one profiled 1024² image (ZI_CUDA_PROFILE=1: GPU time per op), then diffusers eager and
 # torch.compile on the same card, and one table last (summarize.py). About 2.5 minutes on an H200.
 # Here first: bench/gpu/pack_carry.sh, and .carry/diffusers_src.tar.xz (diffusers' src/ tree).
-# Use: bench/gpu/run_all.sh [tests|kernels|bench|vaetile|firstuse|controlnet|diffusers|budget|quant|fused|trace|oneshot|all]...  (default: all,
+# Use: bench/gpu/run_all.sh [fp8probe|tests|kernels|bench|vaetile|firstuse|controlnet|diffusers|budget|quant|fused|trace|oneshot|all]...  (default: all,
 # which leaves out budget, quant, fused, trace and oneshot; bench includes kernels; ZI_GTEST_FILTER narrows the tests). Logs go to $OUT.
 set -uo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -13,11 +13,20 @@ source "$(dirname "$0")/lib.sh"
 export ZI_FP8_SCALING=${ZI_FP8_SCALING:-auto}
 WHAT=" ${*:-all} "
 want() { [[ "$WHAT" == *" $1 "* || "$WHAT" == *" all "* ]]; }
-gpu_unpack_bin zimage zimage_gpu_tests bench_kernels bench_quant
+gpu_unpack_bin zimage zimage_gpu_tests bench_kernels bench_quant fp8_probe
 stamp "binaries ready ($BIN)"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/gpu.txt"
 (dpkg -l 2>/dev/null | grep -E "libopenblas|libpng-dev|libpcre2-dev|libutf8proc|libgtest|nlohmann|libcli11" | awk '{print $2}' | tr '\n' ' '; echo) > "$OUT/build_deps.txt"
 z ldd "$BIN/zimage" | grep -E "not found|cublas|cudnn" | tee "$OUT/ldd.txt"
+
+if [[ "$WHAT" == *" fp8probe "* ]]; then  # (not in all) which fp8 GEMMs this cuBLASLt has (bench/gpu/fp8_probe.cpp)
+  z "$BIN/fp8_probe" > "$OUT/fp8_probe.log" 2>&1
+  grep FP8PROBE "$OUT/fp8_probe.log" | head -70
+  # cuBLASLt's own reasons for the descriptor zimage builds (errors and hints), one shape.
+  CUBLASLT_LOG_LEVEL=${ZI_FP8_LOG_LEVEL:-3} z "$BIN/fp8_probe" > "$OUT/fp8_probe_lt.log" 2>&1
+  grep -v FP8PROBE "$OUT/fp8_probe_lt.log" | grep -vi "cublasLtCreate\|trace" | head -40
+  stamp "fp8 probe done"
+fi
 
 if want tests; then
   ZI_TEST_DATA_DIR=$ROOT/tests/data ZI_TINY_MODEL_DIR=$ROOT/models/tiny-zimage \
@@ -99,7 +108,7 @@ if [[ "$WHAT" == *" oneshot "* ]]; then  # (not in all) issue 19: one process, e
         --prefetch $pf --memory-report "$OUT/oneshot_${pf}$rd.json" -o "$OUT/zo_${pf}$rd.png" > "$OUT/oneshot_${pf}${rd}_$rep.log" 2>&1
       rc=$?; t1=$(date +%s.%N)
       echo "ONESHOT zimage prefetch=$pf upload_read=$rd rep=$rep rc=$rc wall_s=$(python3 -c "print(f'{$t1 - $t0:.3f}')")"
-      grep -E "^  (encode|denoise|decode) |load:|loaded during|context created|rror" "$OUT/oneshot_${pf}${rd}_$rep.log" | head -12
+      grep -E "^  (encode|denoise|decode) |load:|loaded during|context created|wall clock|rror" "$OUT/oneshot_${pf}${rd}_$rep.log" | head -13
       [ -f "$OUT/zo_off0.png" ] && [ "$pf$rd" != off0 ] && { cmp -s "$OUT/zo_off0.png" "$OUT/zo_${pf}$rd.png" && echo "PNG identical to prefetch off, mapped upload" || echo "PNG DIFFERS from prefetch off, mapped upload"; }
     done
   done
@@ -110,7 +119,7 @@ if [[ "$WHAT" == *" oneshot "* ]]; then  # (not in all) issue 19: one process, e
     mkdir -p /tmp/diffusers && tar -C /tmp/diffusers -xJf .carry/diffusers_src.tar.xz
     export DIFFUSERS_SRC=/tmp/diffusers/src
   fi
-  for rep in $(seq 1 ${ZI_ONESHOT_REPS:-2}); do
+  for rep in $(seq 1 ${ZI_ONESHOT_DIFFUSERS_REPS:-${ZI_ONESHOT_REPS:-2}}); do  # 0: diffusers not run
     t0=$(date +%s.%N)
     PYTHONUNBUFFERED=1 timeout 300 python3 bench/gpu/oneshot_diffusers.py "$M" /tmp/zo_diffusers.png > "$OUT/oneshot_diffusers_$rep.log" 2>&1
     rc=$?; t1=$(date +%s.%N)
@@ -217,20 +226,21 @@ fi
 if [[ "$WHAT" == *" trace "* ]]; then  # (not in all) issue 13: --vram 8/4 with the copy/compute trace (ZI_STREAM_TRACE)
   M=/tmp/zrm
   [ -d "$M" ] || z "$BIN/zimage" make-random-model --preset turbo --dtype bf16 -q "$M" > "$OUT/make_model.log" 2>&1
-  # v[:chunk MiB[:copy streams[:huge]]]: the copies whole or in pieces (ZI_STREAM_CHUNK_MB), on one
-  # or two copy streams (ZI_STREAM_COPY_STREAMS), pinned blocks on huge pages or not (ZI_PINNED_HUGE).
+  # v[:chunk MiB[:copy streams[:huge[:async unpin]]]]: the copies whole or in pieces (ZI_STREAM_CHUNK_MB),
+  # on one or two copy streams (ZI_STREAM_COPY_STREAMS), pinned blocks on huge pages or not
+  # (ZI_PINNED_HUGE), pinned blocks freed on a thread of their own or not (ZI_ASYNC_UNPIN).
   echo "transparent huge pages: $(cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null)"
   for vc in ${ZI_TRACE_BUDGETS:-8 4 4:16 4:0:2 4:0:1:1}; do
-    IFS=: read -r v ch ns hp <<< "$vc"
-    ch=${ch:-0}; ns=${ns:-1}; hp=${hp:-0}
-    tag="${v}_${ch}_${ns}_${hp}"
-    ZI_STREAM_CHUNK_MB=$ch ZI_STREAM_COPY_STREAMS=$ns ZI_PINNED_HUGE=$hp ZI_STREAM_TRACE=1 \
+    IFS=: read -r v ch ns hp au <<< "$vc"
+    ch=${ch:-0}; ns=${ns:-1}; hp=${hp:-0}; au=${au:-0}
+    tag="${v}_${ch}_${ns}_${hp}"; [ "$au" = 0 ] || tag="${tag}_u"
+    ZI_ASYNC_UNPIN=$au ZI_STREAM_CHUNK_MB=$ch ZI_STREAM_COPY_STREAMS=$ns ZI_PINNED_HUGE=$hp ZI_STREAM_TRACE=1 \
       ZI_STREAM_TRACE_CSV="$OUT/trace_$tag.csv" z "$BIN/zimage" generate \
       --model "$M" -p "$PROMPT" -W 1024 -H 1024 --steps 8 --seed 1 --count 2 --device cuda --vram $v --memory-report \
       -o "$OUT/zt_$tag.png" > "$OUT/trace_$tag.log" 2>&1
     echo "rc=$?" >> "$OUT/trace_$tag.log"
-    echo "== --vram $v chunk $ch MiB, $ns copy stream(s), huge pages $hp; AnonHugePages now: $(grep AnonHugePages /proc/meminfo | tr -s ' ')"
-    grep -E "image 2/2|^  (denoise) |loaded transformer|stream trace|plan|streamed|GPU peak|rc=|rror" "$OUT/trace_$tag.log" | tail -14
+    echo "== --vram $v chunk $ch MiB, $ns copy stream(s), huge pages $hp, async unpin $au; AnonHugePages now: $(grep AnonHugePages /proc/meminfo | tr -s ' ')"
+    grep -E "image 2/2|^  (denoise|decode) |loaded transformer|stream trace|plan|streamed|GPU peak|wall clock|rc=|rror" "$OUT/trace_$tag.log" | tail -16
     [ -f "$OUT/zt_${v}_0_1_0-0002.png" ] && [ "$tag" != "${v}_0_1_0" ] && { cmp -s "$OUT/zt_${v}_0_1_0-0002.png" "$OUT/zt_$tag-0002.png" && echo "PNG identical to chunk 0, 1 stream" || echo "PNG DIFFERS from chunk 0, 1 stream"; }
   done
   rm -f "$OUT"/zt_*.png

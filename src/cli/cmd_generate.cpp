@@ -494,7 +494,11 @@ void run(GenerateArgs& a) {
   else if (!a.quiet) std::fprintf(stderr, "seed %llu\n", static_cast<unsigned long long>(a.o.seed));
   GenerateHooks hooks;
   hooks.cancel = &g_cancel;
-  hooks.on_phase_start = [&](const std::string& p) { prog.phase_start(p); };
+  double first_phase_at = -1;  // seconds since exec when the first phase began
+  hooks.on_phase_start = [&](const std::string& p) {
+    if (first_phase_at < 0) first_phase_at = seconds_since_exec();
+    prog.phase_start(p);
+  };
   hooks.on_phase_end = [&](const std::string& p, double s) { prog.phase_end(p, s); };
   hooks.on_step = [&](int s, int n, double e) { prog.step(s, n, e); };
   hooks.on_load = [&](const std::string& c, int64_t d, int64_t t) { prog.load(c, d, t); };
@@ -536,7 +540,9 @@ void run(GenerateArgs& a) {
     mi.prompt_embeds_file = embeds_file;
     mi.full_paths = a.metadata_paths == "on";
     const TextChunks meta = a.no_metadata ? TextChunks{} : image_metadata(mi);
+    const double write_begin = seconds_since_exec();
     write_image_atomic(path, f, r.rgb.data(), r.width, r.height, enc, meta);
+    const double written_at = seconds_since_exec();
     if (mode == Progress::Json) {
       prog.event(str_cat("\"event\":\"wrote\",\"path\":", json_str(path), ",\"format\":", json_str(image_format_name(f)),
                          ",\"width\":", r.width, ",\"height\":", r.height, ",\"seed\":", a.o.seed));
@@ -569,6 +575,12 @@ void run(GenerateArgs& a) {
                      device::description(Device::CUDA).c_str(), double(r.gpu_peak_bytes) / (1 << 20),
                      double(ps.reserved_high) / (1 << 20), double(us.bytes) / 1e9,
                      us.seconds > 0 ? double(us.bytes) / 1e9 / us.seconds : 0.0, r.gpu_init_seconds);
+      }
+      if (k == 0 && first_phase_at >= 0 && written_at >= 0) {
+        double phases = 0;
+        for (const PhaseRecord& p : r.phases) phases += p.seconds;
+        std::fprintf(stderr, "  wall clock: %.2f s from exec to the image written (startup %.2f s, phases %.2f s, "
+                     "writing %.2f s)\n", written_at, first_phase_at, phases, written_at - write_begin);
       }
       std::fprintf(stderr, "wrote %s (%dx%d %s)\n", path == "-" ? "stdout" : path.c_str(), r.width, r.height,
                    image_format_name(f));

@@ -29,6 +29,8 @@ void notice_bundled_model(bool quiet);
 Device parse_device_flag(const std::string& value, const char* flag, Device dflt);
 // --vram's value: a positive number of GiB → bytes (a UsageError otherwise).
 int64_t parse_vram_flag(const std::string& value);
+// Seconds since this process was started (exec), from /proc (10 ms resolution); -1 if unknown.
+double seconds_since_exec();
 
 void add_generate(CLI::App& app);
 void add_encode(CLI::App& app);

@@ -99,6 +99,8 @@ ZI_BLAS_FWD(true, cublasLtMatmulDescSetAttribute,
             (matmulDesc, attr, buf, sizeInBytes))
 ZI_BLAS_FWD(true, cublasLtMatmulPreferenceCreate, (cublasLtMatmulPreference_t * pref), (pref))
 ZI_BLAS_FWD(true, cublasLtMatmulPreferenceDestroy, (cublasLtMatmulPreference_t pref), (pref))
+ZI_BLAS_FWD(true, cublasLtMatmulDescDestroy, (cublasLtMatmulDesc_t matmulDesc), (matmulDesc))
+ZI_BLAS_FWD(true, cublasLtMatrixLayoutDestroy, (cublasLtMatrixLayout_t matLayout), (matLayout))
 ZI_BLAS_FWD(true, cublasLtMatmulPreferenceSetAttribute,
             (cublasLtMatmulPreference_t pref, cublasLtMatmulPreferenceAttributes_t attr, const void* buf,
              size_t sizeInBytes),

@@ -137,6 +137,10 @@ int fp8_scaling_for(int64_t M, int64_t N, int64_t K, bool bias, const void* x8, 
 void force_fp8_scaling(int s);  // 0..2: that one; -1: any; -2: as the environment says
 // The scaling of the latest fp8 GEMM linear_quant ran ("" before the first).
 const char* linear_fp8_last_scaling();
+// Why the latest fp8 GEMM linear_quant tried did not run on the tensor cores: the condition that
+// ruled it out, or the plan cuBLASLt refused (scaling, shape, step, status); "" when it ran.
+std::string linear_fp8_last_refusal();
+std::string fp8_plan_refusal();  // the latest refused plan (gemm_cublaslt.cpp)
 // y[M, N] bf16 = Σ_k x8[m, k] · w8[n, k], scaled per `s` (see Fp8Scaling; `scale_a` is w_s[N] for
 // OuterVector, the alpha vector [N] for AlphaVector, unused (nullptr) for Scalar; `scale_b` is
 // x_s[M] for OuterVector, nullptr for AlphaVector, the device scalar x_s for Scalar) (+ bias[N]

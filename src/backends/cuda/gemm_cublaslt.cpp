@@ -22,6 +22,7 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <string>
 #include <tuple>
 
 #include "backends/cuda/common.cuh"
@@ -47,6 +48,10 @@ using Key = std::tuple<int64_t, int64_t, int64_t, int, bool, int, int, int, int>
 struct Lt {
   cublasLtHandle_t handle = nullptr;
   void* workspace = nullptr;
+  // Stand-in scale pointers for fp8 plans: cuBLASLt's heuristic wants the scale pointers a
+  // scaling mode needs set (outer vectors: "requires a custom pointer"), 16-byte aligned like the
+  // real ones that replace them at launch. Never read.
+  void* scale_stub = nullptr;
   std::map<Key, Plan> plans;
   std::mutex mu;
 };
@@ -57,6 +62,7 @@ Lt& lt() {
     ensure_init();
     lt_check(cublasLtCreate(&l->handle), "cublasLtCreate");
     ZI_CUDA(cudaMalloc(&l->workspace, kWorkspaceBytes));
+    ZI_CUDA(cudaMalloc(&l->scale_stub, 256));
     return l;
   }();
   return *s;
@@ -150,44 +156,66 @@ const NnPlan& nn_plan(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
 
 struct Fp8Plan {
   bool ok = false;
+  std::string refusal;  // when !ok: the step cuBLASLt refused and its status
   cublasLtMatmulDesc_t op = nullptr;
   cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
   cublasLtMatmulAlgo_t algo{};
 };
 
 
-// The plan, or ok = false when cuBLASLt refuses any step (no exception: the caller falls back).
+// The plan, or ok = false (and the refused step in `refusal`) when cuBLASLt refuses any step (no
+// exception: the caller falls back).
 Fp8Plan make_fp8_plan(Fp8Scaling scaling, int64_t M, int64_t N, int64_t K, bool bias, const void* x, const void* w,
                       const void* y) {
   Fp8Plan p;
-  auto ok = [](cublasStatus_t s) { return s == CUBLAS_STATUS_SUCCESS; };
-  if (!ok(cublasLtMatmulDescCreate(&p.op, CUBLAS_COMPUTE_32F, CUDA_R_32F))) return p;
+  auto ok = [&p](cublasStatus_t s, const char* step) {
+    if (s != CUBLAS_STATUS_SUCCESS) p.refusal = str_cat(step, ": status ", int(s));
+    return s == CUBLAS_STATUS_SUCCESS;
+  };
+  if (!ok(cublasLtMatmulDescCreate(&p.op, CUBLAS_COMPUTE_32F, CUDA_R_32F), "MatmulDescCreate")) return p;
   const cublasOperation_t tr = CUBLAS_OP_T, nt = CUBLAS_OP_N;
-  if (!ok(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &tr, sizeof tr)) ||
-      !ok(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &nt, sizeof nt)))
+  if (!ok(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &tr, sizeof tr), "TRANSA") ||
+      !ok(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &nt, sizeof nt), "TRANSB"))
     return p;
   if (scaling == Fp8Scaling::OuterVector) {
     const int32_t outer = CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
-    if (!ok(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &outer, sizeof outer)) ||
-        !ok(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &outer, sizeof outer)))
+    if (!ok(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &outer, sizeof outer),
+            "A_SCALE_MODE") ||
+        !ok(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &outer, sizeof outer),
+            "B_SCALE_MODE"))
       return p;
-  } else if (scaling == Fp8Scaling::AlphaVector) {
+  }
+  const void* stub = lt().scale_stub;
+  if (scaling == Fp8Scaling::OuterVector &&
+      (!ok(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &stub, sizeof stub),
+           "A_SCALE_POINTER") ||
+       !ok(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &stub, sizeof stub),
+           "B_SCALE_POINTER")))
+    return p;
+  if (scaling == Fp8Scaling::Scalar &&
+      !ok(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &stub, sizeof stub),
+          "B_SCALE_POINTER"))
+    return p;
+  if (scaling == Fp8Scaling::AlphaVector) {
     const int32_t mode = CUBLASLT_POINTER_MODE_ALPHA_DEVICE_VECTOR_BETA_ZERO;
-    if (!ok(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_POINTER_MODE, &mode, sizeof mode))) return p;
+    if (!ok(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_POINTER_MODE, &mode, sizeof mode),
+            "POINTER_MODE"))
+      return p;
   }
   if (bias) {
     const cublasLtEpilogue_t ep = CUBLASLT_EPILOGUE_BIAS;
     const cudaDataType_t bt = CUDA_R_16BF;
-    if (!ok(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &ep, sizeof ep)) ||
-        !ok(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt, sizeof bt)))
+    if (!ok(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &ep, sizeof ep), "EPILOGUE") ||
+        !ok(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt, sizeof bt),
+            "BIAS_DATA_TYPE"))
       return p;
   }
-  if (!ok(cublasLtMatrixLayoutCreate(&p.a, CUDA_R_8F_E4M3, uint64_t(K), uint64_t(N), K)) ||
-      !ok(cublasLtMatrixLayoutCreate(&p.b, CUDA_R_8F_E4M3, uint64_t(K), uint64_t(M), K)) ||
-      !ok(cublasLtMatrixLayoutCreate(&p.c, CUDA_R_16BF, uint64_t(N), uint64_t(M), N)))
+  if (!ok(cublasLtMatrixLayoutCreate(&p.a, CUDA_R_8F_E4M3, uint64_t(K), uint64_t(N), K), "layout A") ||
+      !ok(cublasLtMatrixLayoutCreate(&p.b, CUDA_R_8F_E4M3, uint64_t(K), uint64_t(M), K), "layout B") ||
+      !ok(cublasLtMatrixLayoutCreate(&p.c, CUDA_R_16BF, uint64_t(N), uint64_t(M), N), "layout C"))
     return p;
   cublasLtMatmulPreference_t pref;
-  if (!ok(cublasLtMatmulPreferenceCreate(&pref))) return p;
+  if (!ok(cublasLtMatmulPreferenceCreate(&pref), "PreferenceCreate")) return p;
   const uint64_t ws = kWorkspaceBytes;
   cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
   const uint32_t aa = uint32_t(alignment(w)), ab = uint32_t(alignment(x)), ac = uint32_t(alignment(y));
@@ -201,9 +229,12 @@ Fp8Plan make_fp8_plan(Fp8Scaling scaling, int64_t M, int64_t N, int64_t K, bool 
       cublasLtMatmulAlgoGetHeuristic(lt().handle, p.op, p.a, p.b, p.c, p.c, pref, 1, &res, &found);
   cublasLtMatmulPreferenceDestroy(pref);
   p.algo = res.algo;
-  p.ok = ok(s) && found > 0;
+  p.ok = s == CUBLAS_STATUS_SUCCESS && found > 0;
+  if (!p.ok) p.refusal = str_cat("AlgoGetHeuristic: status ", int(s), ", ", found, " algorithms");
   return p;
 }
+
+std::string g_refusal;  // the last plan's refusal (L.mu held)
 
 std::atomic<int> g_forced_scaling{-2};  // -2: not read from the environment yet; -1: any
 
@@ -232,7 +263,12 @@ Fp8Plan& fp8_plan(Fp8Scaling sc, int64_t M, int64_t N, int64_t K, bool bias, con
   static std::map<Fp8Key, Fp8Plan> plans;
   const Fp8Key key{int(sc), M, N, K, bias, alignment(x8), alignment(w8), alignment(y)};
   auto it = plans.find(key);
-  if (it == plans.end()) it = plans.emplace(key, make_fp8_plan(sc, M, N, K, bias, x8, w8, y)).first;
+  if (it == plans.end()) {
+    it = plans.emplace(key, make_fp8_plan(sc, M, N, K, bias, x8, w8, y)).first;
+    if (!it->second.ok)
+      g_refusal = str_cat(fp8_scaling_name(sc), " M=", M, " N=", N, " K=", K, bias ? " bias" : "", ": ",
+                          it->second.refusal);
+  }
   return it->second;
 }
 
@@ -248,6 +284,11 @@ const char* fp8_scaling_name(Fp8Scaling s) {
 }
 
 void force_fp8_scaling(int s) { g_forced_scaling.store(s); }
+
+std::string fp8_plan_refusal() {
+  std::lock_guard<std::mutex> lk(lt().mu);
+  return g_refusal;
+}
 
 int compute_capability() {
   static const int cc = [] {
@@ -296,7 +337,12 @@ bool linear_fp8(Fp8Scaling sc, int64_t M, int64_t N, int64_t K, const void* x8, 
   const void* beta = &zero;  // never read with the alpha vector (its mode fixes beta = 0)
   const cublasStatus_t s = cublasLtMatmul(L.handle, p->op, alpha, w8, p->a, x8, p->b, beta, y, p->c, y, p->c,
                                           &p->algo, L.workspace, kWorkspaceBytes, stream());
-  if (s != CUBLAS_STATUS_SUCCESS) return p->ok = false;  // refused at launch: nothing was computed
+  if (s != CUBLAS_STATUS_SUCCESS) {  // refused at launch: nothing was computed
+    std::lock_guard<std::mutex> lk(L.mu);
+    g_refusal = str_cat(fp8_scaling_name(sc), " M=", M, " N=", N, " K=", K, bias_bf16 ? " bias" : "",
+                        ": cublasLtMatmul: status ", int(s));
+    return p->ok = false;
+  }
   return true;
 }
 

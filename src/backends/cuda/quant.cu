@@ -19,6 +19,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <mutex>
+#include <string>
 #include <cstdlib>
 #include <cstring>
 
@@ -337,16 +339,33 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 
 std::atomic<const char*> g_last_scaling{""};
 
-// The fp8 tensor-core path; false (nothing computed) where it does not apply.
+std::mutex g_refusal_mu;
+std::string g_refusal;  // linear_fp8_last_refusal()
+
+bool refuse(std::string why) {
+  std::lock_guard<std::mutex> lk(g_refusal_mu);
+  g_refusal = std::move(why);
+  return false;
+}
+
+// The fp8 tensor-core path; false (nothing computed, the reason kept) where it does not apply.
 bool try_linear_fp8(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y) {
   const int64_t N = w.dim(0), K = w.dim(1), M = x.numel() / K;
-  if (M < 1 || x.dtype() != DType::BF16 || y.dtype() != DType::BF16 || !fp8_gemm_enabled()) return false;
-  if (K % 16 || N % 16 || !x.is_contiguous() || !y.is_contiguous() || !aligned16(x.raw()) || !aligned16(w.raw()))
-    return false;
+  if (!fp8_gemm_enabled()) return refuse("fp8 GEMMs are off (ZI_FP8_GEMM=0)");
+  if (M < 1 || x.dtype() != DType::BF16 || y.dtype() != DType::BF16)
+    return refuse(str_cat("activations ", x.desc(), " -> ", y.desc(), ": bf16 needed"));
+  if (K % 16 || N % 16) return refuse(str_cat("N=", N, " K=", K, ": multiples of 16 needed"));
+  if (!x.is_contiguous() || !y.is_contiguous() || !aligned16(x.raw()) || !aligned16(w.raw()))
+    return refuse("operands not contiguous or not 16-byte aligned");
   const float* ws = w.row_scale() ? w.row_scale()->data<float>() : nullptr;
   Tensor xq = scratch(M * K);
   const int sc = fp8_scaling_for(M, N, K, bias != nullptr, xq.raw(), w.raw(), y.raw());
-  if (sc < 0) return false;
+  if (sc < 0) {
+    const std::string plan = fp8_plan_refusal();
+    return refuse(plan.empty() ? str_cat("no scaling allowed for M=", M, " N=", N, " K=", K,
+                                         " (compute capability ", compute_capability(), ", ZI_FP8_SCALING)")
+                               : plan);
+  }
   const Fp8Scaling scaling = Fp8Scaling(sc);
   Tensor b;
   if (bias) b = bias->dtype() == DType::BF16 ? bias->contiguous(Tag::Workspace) : bias->to(DType::BF16, Tag::Workspace);
@@ -365,12 +384,15 @@ bool try_linear_fp8(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor
       ZI_CUDA_LAUNCHED();
       ws = ones.data<float>();
     }
-    if (!linear_fp8(scaling, M, N, K, q, xs.data<float>(), w.raw(), ws, bias ? b.raw() : nullptr, y.raw())) return false;
+    if (!linear_fp8(scaling, M, N, K, q, xs.data<float>(), w.raw(), ws, bias ? b.raw() : nullptr, y.raw()))
+        return refuse(fp8_plan_refusal());
   } else {
-    // [0]: max|x| bits, [1]: the activation's scale, [4, 4 + N): the alpha vector (16-byte aligned).
-    Tensor sv = Tensor::empty({4 + N}, DType::F32, Tag::Workspace, Device::CUDA);
+    // [0]: max|x| bits, [4]: the activation's scale, [8, 8 + N): the alpha vector (cuBLASLt wants
+    // its scale pointers 16-byte aligned).
+    Tensor sv = Tensor::empty({8 + N}, DType::F32, Tag::Workspace, Device::CUDA);
     float* amax = sv.data<float>();
-    float* alpha = scaling == Fp8Scaling::AlphaVector ? amax + 4 : nullptr;
+    float* x_scale = amax + 4;
+    float* alpha = scaling == Fp8Scaling::AlphaVector ? amax + 8 : nullptr;
     const int64_t n8 = M * K / 8;
     {
       OpTimer prof("fp8_act_quant");
@@ -379,16 +401,17 @@ bool try_linear_fp8(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor
       absmax_bf16<<<grid, 256, 0, stream()>>>(x.data<bf16>(), n8, reinterpret_cast<unsigned*>(amax));
       ZI_CUDA_LAUNCHED();
       quantize_tensor_e4m3<<<grid_for(std::max(n8, N), 256), 256, 0, stream()>>>(
-          x.data<bf16>(), q, n8, reinterpret_cast<const unsigned*>(amax), amax + 1, ws, alpha, N);
+          x.data<bf16>(), q, n8, reinterpret_cast<const unsigned*>(amax), x_scale, ws, alpha, N);
       ZI_CUDA_LAUNCHED();
     }
     if (scaling == Fp8Scaling::AlphaVector) {
-      if (!linear_fp8(scaling, M, N, K, q, nullptr, w.raw(), alpha, bias ? b.raw() : nullptr, y.raw())) return false;
+      if (!linear_fp8(scaling, M, N, K, q, nullptr, w.raw(), alpha, bias ? b.raw() : nullptr, y.raw()))
+        return refuse(fp8_plan_refusal());
     } else {
       // Per-channel weight scales (or a bias after them) need the channel pass.
       const bool epilogue_bias = bias && !ws;
-      if (!linear_fp8(scaling, M, N, K, q, amax + 1, w.raw(), nullptr, epilogue_bias ? b.raw() : nullptr, y.raw()))
-        return false;
+      if (!linear_fp8(scaling, M, N, K, q, x_scale, w.raw(), nullptr, epilogue_bias ? b.raw() : nullptr, y.raw()))
+        return refuse(fp8_plan_refusal());
       if (ws) {
         OpTimer prof("fp8_rescale");
         const int64_t m8 = M * N / 8;
@@ -399,6 +422,7 @@ bool try_linear_fp8(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor
     }
   }
   g_last_scaling.store(fp8_scaling_name(scaling));
+  refuse("");
   return true;
 }
 
@@ -421,6 +445,10 @@ void set_fast_dequant(bool on) { g_fast_dequant.store(on); }
 void set_fp8_gemm(bool on) { g_fp8_gemm.store(on ? 1 : 0); }
 const char* linear_quant_last_path() { return g_last_path.load(); }
 const char* linear_fp8_last_scaling() { return g_last_scaling.load(); }
+std::string linear_fp8_last_refusal() {
+  std::lock_guard<std::mutex> lk(g_refusal_mu);
+  return g_refusal;
+}
 
 void linear_quant(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y) {
   const DType dt = x.dtype();
