@@ -2,10 +2,9 @@
 // runtime (or the no-CUDA stubs, which say why there is no GPU).
 #include "backends/device.h"
 
-#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
-#include <deque>
+#include <map>
 #include <fstream>
 #include <mutex>
 #include <thread>
@@ -71,78 +70,54 @@ RuntimeTimes runtime_times(Device d) { return d == Device::CUDA ? cuda::runtime_
 
 // ---- block streaming ----
 
+namespace {
+// Pinned blocks given back are kept for the next alloc_pinned of the same size (the next image of
+// --count, a model loaded again under the same plan, the server's next request): pinning and
+// unpinning cost about a second per 6 GB each way. While kept they are accounted under
+// Tag::PinnedCache. A request of another size first gives every kept block back to the driver,
+// so the pinned bytes never exceed what one plan needs (issue 13's host-memory bound); the rest
+// go at exit with the process.
+struct PinnedCache {
+  std::mutex mu;
+  std::multimap<size_t, void*> blocks;
+};
+PinnedCache& pinned_cache() {
+  static auto* c = new PinnedCache;  // never destroyed: the driver may be gone at static destruction
+  return *c;
+}
+}  // namespace
+
 void* alloc_pinned(Device d, size_t bytes, Tag tag) {
   if (d == Device::CPU) return host_alloc(bytes, tag);
+  PinnedCache& c = pinned_cache();
+  {
+    std::lock_guard<std::mutex> lk(c.mu);
+    if (auto it = c.blocks.find(bytes); it != c.blocks.end()) {
+      void* p = it->second;
+      c.blocks.erase(it);
+      memory_stats(Device::CPU).on_free(bytes, Tag::PinnedCache);
+      memory_stats(Device::CPU).on_alloc(bytes, tag);
+      return p;
+    }
+    for (const auto& [n, p] : c.blocks) {
+      cuda::pinned_free(p);
+      memory_stats(Device::CPU).on_free(n, Tag::PinnedCache);
+    }
+    c.blocks.clear();
+  }
   void* p = cuda::pinned_alloc(bytes);
   memory_stats(Device::CPU).on_alloc(bytes, tag);
   return p;
 }
 
-namespace {
-// ZI_ASYNC_UNPIN=1 (an experiment; bench/gpu/run_all.sh trace): pinned blocks are given back on a
-// thread of their own, so that unpinning them (~0.1 s per GB) overlaps the next phase instead of
-// ending this one. Each free is accounted when it is done; the thread drains at exit.
-class Unpinner {
- public:
-  static Unpinner* get() {
-    static const bool on = [] {
-      const char* e = std::getenv("ZI_ASYNC_UNPIN");
-      return e && *e && std::strcmp(e, "0") != 0;
-    }();
-    if (!on) return nullptr;
-    static Unpinner u;
-    return &u;
-  }
-  void push(void* p, size_t bytes, Tag tag) {
-    {
-      std::lock_guard<std::mutex> lk(mu_);
-      queue_.push_back({p, bytes, tag});
-    }
-    cv_.notify_one();
-  }
-  ~Unpinner() {
-    {
-      std::lock_guard<std::mutex> lk(mu_);
-      stop_ = true;
-    }
-    cv_.notify_one();
-    if (t_.joinable()) t_.join();
-  }
-
- private:
-  struct Item {
-    void* p;
-    size_t bytes;
-    Tag tag;
-  };
-  Unpinner() : t_([this] { run(); }) {}
-  void run() {
-    std::unique_lock<std::mutex> lk(mu_);
-    for (;;) {
-      cv_.wait(lk, [this] { return stop_ || !queue_.empty(); });
-      if (queue_.empty()) return;  // stop_ and drained
-      const Item it = queue_.front();
-      queue_.pop_front();
-      lk.unlock();
-      cuda::pinned_free(it.p);
-      memory_stats(Device::CPU).on_free(it.bytes, it.tag);
-      lk.lock();
-    }
-  }
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<Item> queue_;
-  bool stop_ = false;
-  std::thread t_;
-};
-}  // namespace
-
 void free_pinned(Device d, void* p, size_t bytes, Tag tag) {
   if (!p) return;
   if (d == Device::CPU) return host_free(p, bytes, tag);
-  if (Unpinner* u = Unpinner::get()) return u->push(p, bytes, tag);
-  cuda::pinned_free(p);
+  PinnedCache& c = pinned_cache();
+  std::lock_guard<std::mutex> lk(c.mu);
+  c.blocks.emplace(bytes, p);
   memory_stats(Device::CPU).on_free(bytes, tag);
+  memory_stats(Device::CPU).on_alloc(bytes, Tag::PinnedCache);
 }
 
 double measure_h2d_rate(Device d, size_t bytes) {

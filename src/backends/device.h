@@ -68,7 +68,9 @@ RuntimeTimes runtime_times(Device d);
 
 // ---- block streaming (--vram, io/weight_stream.h) ----
 // Host memory the device copies from at full speed: page-locked on CUDA, plain on the CPU;
-// accounted in memory_stats(Device::CPU) under `tag`.
+// accounted in memory_stats(Device::CPU) under `tag`. On CUDA a freed block is kept (accounted
+// as Tag::PinnedCache) for the next request of its size; a request of another size first gives
+// all kept blocks back, so at most one plan's pinned bytes are held.
 void* alloc_pinned(Device d, size_t bytes, Tag tag);
 void free_pinned(Device d, void* p, size_t bytes, Tag tag);
 // Pinned host → device bytes per second, measured once per process with a copy of `bytes`

@@ -23,6 +23,7 @@ const char* tag_name(Tag t) {
     case Tag::ControlNetWeights: return "weights/controlnet";
     case Tag::Activations: return "activations";
     case Tag::Workspace: return "workspace";
+    case Tag::PinnedCache: return "pinned_cache";
     case Tag::Count_: break;
   }
   return "?";

@@ -24,6 +24,7 @@ enum class Tag : uint8_t {
   ControlNetWeights,
   Activations,
   Workspace,
+  PinnedCache,  // pinned host blocks kept for reuse after their weights were freed (device.cpp)
   Count_
 };
 constexpr int kTagCount = int(Tag::Count_);

@@ -129,9 +129,8 @@ enum class Fp8Scaling { OuterVector = 0, AlphaVector = 1, Scalar = 2 };
 const char* fp8_scaling_name(Fp8Scaling s);
 // The scaling linear_quant uses for this shape (M, N, K, bias, pointers' alignments), or -1 when
 // cuBLASLt has no fp8 kernel for any (compute capability < 8.9, K or N not a multiple of 16,
-// pointers not 16-byte aligned, or its heuristic finds none; remembered per shape). Until the
-// alpha-vector and scalar ways have run on a GPU only OuterVector is tried by default;
-// ZI_FP8_SCALING=auto tries all three, =outer|alpha|scalar only that one; force_fp8_scaling()
+// pointers not 16-byte aligned, or its heuristic finds none; remembered per shape). All three
+// are tried in order; ZI_FP8_SCALING=outer|alpha|scalar allows only that one; force_fp8_scaling()
 // overrides the environment (tests).
 int fp8_scaling_for(int64_t M, int64_t N, int64_t K, bool bias, const void* x8, const void* w8, const void* y);
 void force_fp8_scaling(int s);  // 0..2: that one; -1: any; -2: as the environment says
