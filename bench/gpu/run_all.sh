@@ -249,8 +249,10 @@ fi
 if [[ "$WHAT" == *" quant "* ]]; then  # issue 14: weight formats at 1024², 8 steps (warm 2nd image), peaks, quality vs bf16
   M=/tmp/zrm
   [ -d "$M" ] || z "$BIN/zimage" make-random-model --preset turbo --dtype bf16 -q "$M" > "$OUT/make_model.log" 2>&1
-  # name|environment|flags: fp8 on the tensor cores, fp8 through the dequant path (ZI_FP8_GEMM=0), q8_0, q4_0, q4_0 + q8_0 encoder.
-  QCFGS=("bf16||" "fp8||--transformer-dtype fp8" "fp8deq|ZI_FP8_GEMM=0|--transformer-dtype fp8"
+  # name|environment|flags: fp8 on the tensor cores (plain, and with fast accumulation), fp8 through the dequant path
+  # (ZI_FP8_GEMM=0), q8_0, q4_0, q4_0 + q8_0 encoder.
+  QCFGS=("bf16||" "fp8||--transformer-dtype fp8" "fp8fa|ZI_FP8_FAST_ACCUM=1|--transformer-dtype fp8"
+         "fp8deq|ZI_FP8_GEMM=0|--transformer-dtype fp8"
          "q8_0||--transformer-dtype q8_0" "q4_0||--transformer-dtype q4_0"
          "q4_0te8||--transformer-dtype q4_0 --text-encoder-dtype q8_0")
   [ -n "${ZI_QUANT_FIRST:-}" ] && QCFGS=("${QCFGS[@]:0:$ZI_QUANT_FIRST}")  # only the first N (short calls)

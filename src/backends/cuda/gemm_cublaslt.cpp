@@ -186,6 +186,17 @@ Fp8Plan make_fp8_plan(Fp8Scaling scaling, int64_t M, int64_t N, int64_t K, bool 
             "B_SCALE_MODE"))
       return p;
   }
+  // ZI_FP8_FAST_ACCUM=1 (experiment): Hopper's faster fp8 accumulation (partial sums kept at
+  // lower precision inside the tensor cores).
+  static const bool fast_accum = [] {
+    const char* e = std::getenv("ZI_FP8_FAST_ACCUM");
+    return e && *e && std::strcmp(e, "0") != 0;
+  }();
+  if (fast_accum) {
+    const int8_t on = 1;
+    if (!ok(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_FAST_ACCUM, &on, sizeof on), "FAST_ACCUM"))
+      return p;
+  }
   const void* stub = lt().scale_stub;
   if (scaling == Fp8Scaling::OuterVector &&
       (!ok(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &stub, sizeof stub),
