@@ -63,6 +63,7 @@ struct RuntimeTimes {
   double init_seconds = 0;
   double alloc_seconds = 0;
   int64_t allocs = 0;
+  double probe_seconds = 0;  // the first availability check: the driver asked, cuBLAS/cuBLASLt opened
 };
 RuntimeTimes runtime_times(Device d);
 

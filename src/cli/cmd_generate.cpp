@@ -579,8 +579,11 @@ void run(GenerateArgs& a) {
       if (k == 0 && first_phase_at >= 0 && written_at >= 0) {
         double phases = 0;
         for (const PhaseRecord& p : r.phases) phases += p.seconds;
-        std::fprintf(stderr, "  wall clock: %.2f s from exec to the image written (startup %.2f s, phases %.2f s, "
-                     "writing %.2f s)\n", written_at, first_phase_at, phases, written_at - write_begin);
+        const double probe = device::runtime_times(Device::CUDA).probe_seconds;
+        std::fprintf(stderr, "  wall clock: %.2f s from exec to the image written (startup %.2f s", written_at,
+                     first_phase_at);
+        if (probe > 0) std::fprintf(stderr, " of which %.2f s finding the GPU and opening cuBLAS", probe);
+        std::fprintf(stderr, ", phases %.2f s, writing %.2f s)\n", phases, written_at - write_begin);
       }
       std::fprintf(stderr, "wrote %s (%dx%d %s)\n", path == "-" ? "stdout" : path.c_str(), r.width, r.height,
                    image_format_name(f));

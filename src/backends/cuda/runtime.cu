@@ -114,9 +114,12 @@ namespace {
 std::string g_unavailable;  // why available() is false
 }  // namespace
 
+static std::atomic<double> g_probe_seconds{0};  // available()'s first call: the driver, cuBLAS and cuBLASLt opened
+
 bool available() {
   static int ok = -1;
   if (ok < 0) {
+    const auto t0 = std::chrono::steady_clock::now();
     int n = 0;
     const cudaError_t e = cudaGetDeviceCount(&n);
     ok = e == cudaSuccess && n > 0 ? 1 : 0;
@@ -128,6 +131,7 @@ bool available() {
       ok = 0;
       g_unavailable = why;
     }
+    g_probe_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }
   return ok == 1;
 }
@@ -162,7 +166,7 @@ void synchronize() { ZI_CUDA(cudaStreamSynchronize(stream())); }
 
 device::RuntimeTimes runtime_times() {
   std::lock_guard<std::mutex> lk(g_times_mu);
-  return {g_init_seconds.load(), g_alloc_seconds, g_allocs};
+  return {g_init_seconds.load(), g_alloc_seconds, g_allocs, g_probe_seconds.load()};
 }
 
 void set_cache_limit(size_t bytes) {
