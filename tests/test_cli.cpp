@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "io/image_codec.h"
 #include "io/safetensors.h"
 #include "test_util.h"
 
@@ -542,6 +543,21 @@ TEST_F(Cli, CfgNormalizationNaN) {
 
 TEST_F(Cli, PrefetchUnknownValue) {
   expect_fails(generate(test::tiny_model(), {"--prefetch", "maybe"}), 2, {"--prefetch", "auto, on or off", "maybe"});
+}
+
+TEST_F(Cli, PngLevelOutOfRange) {
+  expect_fails(generate(test::tiny_model(), {"--png-level", "12"}), 2, {"--png-level", "0 to 9", "12"});
+}
+
+// Every level writes the same pixels.
+TEST_F(Cli, PngLevelKeepsThePixels) {
+  ASSERT_EQ(generate(test::tiny_model(), {"--png-level", "1"}).exit_code, 0);
+  const std::string fast = out;
+  out = (out_dir / "level9.png").string();
+  ASSERT_EQ(generate(test::tiny_model(), {"--png-level", "9"}).exit_code, 0);
+  const DecodedImage a = read_image_file(fast), b = read_image_file(out);
+  EXPECT_EQ(a.width, b.width);
+  EXPECT_EQ(a.rgb, b.rgb);
 }
 
 TEST_F(Cli, UnknownFlag) { expect_fails(generate(test::tiny_model(), {"--colour", "red"}), 2, {"--colour"}); }
