@@ -99,15 +99,15 @@ if [[ "$WHAT" == *" oneshot "* ]]; then  # (not in all) issue 19: one process, e
   cat "$M"/*/*.safetensors > /dev/null  # the page cache holds the model
   z "$BIN/zimage" generate --model "$M" -p "$PROMPT" -W 1024 -H 1024 --steps 8 --seed 1 --device cuda -q -o /tmp/zo_warm.png
   for rep in $(seq 1 ${ZI_ONESHOT_REPS:-2}); do
-    for cf in ${ZI_ONESHOT_CFGS:-off:0 on:0 on:1}; do  # --prefetch : ZI_UPLOAD_READ
-      IFS=: read -r pf rd <<< "$cf"
+    for cf in ${ZI_ONESHOT_CFGS:-off:0 on:0 on:1}; do  # --prefetch : ZI_UPLOAD_READ [: --png-level]
+      IFS=: read -r pf rd pl <<< "$cf"
       t0=$(date +%s.%N)
       ZI_UPLOAD_READ=$rd z "$BIN/zimage" generate --model "$M" -p "$PROMPT" -W 1024 -H 1024 --steps 8 --seed 1 --device cuda \
-        --prefetch $pf --memory-report "$OUT/oneshot_${pf}$rd.json" -o "$OUT/zo_${pf}$rd.png" > "$OUT/oneshot_${pf}${rd}_$rep.log" 2>&1
+        --prefetch $pf ${pl:+--png-level $pl} --memory-report "$OUT/oneshot_${pf}$rd$pl.json" -o "$OUT/zo_${pf}$rd$pl.png" > "$OUT/oneshot_${pf}${rd}${pl}_$rep.log" 2>&1
       rc=$?; t1=$(date +%s.%N)
-      echo "ONESHOT zimage prefetch=$pf upload_read=$rd rep=$rep rc=$rc wall_s=$(python3 -c "print(f'{$t1 - $t0:.3f}')")"
-      grep -E "^  (encode|denoise|decode) |load:|loaded during|context created|wall clock|rror" "$OUT/oneshot_${pf}${rd}_$rep.log" | head -13
-      [ -f "$OUT/zo_off0.png" ] && [ "$pf$rd" != off0 ] && { cmp -s "$OUT/zo_off0.png" "$OUT/zo_${pf}$rd.png" && echo "PNG identical to prefetch off, mapped upload" || echo "PNG DIFFERS from prefetch off, mapped upload"; }
+      echo "ONESHOT zimage prefetch=$pf upload_read=$rd png_level=${pl:-default} rep=$rep rc=$rc wall_s=$(python3 -c "print(f'{$t1 - $t0:.3f}')")"
+      grep -E "^  (encode|denoise|decode) |load:|loaded during|context created|wall clock|rror" "$OUT/oneshot_${pf}${rd}${pl}_$rep.log" | head -13
+      [ -z "$pl" ] && [ -f "$OUT/zo_off0.png" ] && [ "$pf$rd" != off0 ] && { cmp -s "$OUT/zo_off0.png" "$OUT/zo_${pf}$rd.png" && echo "PNG identical to prefetch off, mapped upload" || echo "PNG DIFFERS from prefetch off, mapped upload"; }
     done
   done
   unset ZIMAGE_CACHE_DIR
