@@ -291,5 +291,7 @@ if want diffusers; then
 fi
 
 python3 bench/gpu/summarize.py "$OUT" | tee "$OUT/summary.md"
-# The device call returns a limited number of files: the logs travel as one archive.
-(cd "$OUT" && tar -czf logs.tgz ./*.log && rm -f ./*.log)
+# The device call returns at most about eight files (2026-12-07: the rest were left out, the logs
+# among them): everything but the summary travels as one archive.
+(cd "$OUT" && shopt -s nullglob && f=(./*.log ./*.json ./*.csv ./build_deps.tx[t] ./ldd.tx[t]) &&
+  tar -czf logs.tgz "${f[@]}" && rm -f "${f[@]}")
