@@ -284,3 +284,49 @@ TEST(CudaQuant, TinyPipelineFp8VsBf16) {
   EXPECT_LT(e8d, 0.12);
   EXPECT_LE(mean_diff(i8, ib), 6.0);
 }
+
+// ZI_GEMM_TUNE (experiment): timing the heuristic's candidates and keeping the fastest changes
+// nothing but the algorithm — bf16 and fp8 linears (with and without bias) agree with the
+// untimed plans' results within bf16 rounding, and plans were actually timed. New shapes, so
+// that the plans are made here.
+TEST(CudaQuant, TunedGemmAlgorithmsAgreeWithTheHeuristicsFirst) {
+  ZI_NEED_GPU();
+  Fp8Reset reset;
+  struct Tuning {
+    ~Tuning() { cuda::set_gemm_tuning(false); }
+  } tuning;
+  struct Case {
+    int64_t M, N, K;
+    bool bias;
+  };
+  const Case cases[] = {{77, 528, 272, true}, {1040, 1056, 688, false}};
+  std::vector<Tensor> plain;
+  auto run = [&](std::vector<Tensor>& out) {
+    uint64_t seed = 41;
+    for (const Case& c : cases) {
+      Tensor x = randn({c.M, c.K}, 1.0f, seed++), w = randn({c.N, c.K}, 0.05f, seed++), b = randn({c.N}, 0.1f, seed++);
+      Tensor xg = x.to(DType::BF16).to_device(Device::CUDA), bg = b.to(DType::BF16).to_device(Device::CUDA);
+      Tensor wg = w.to(DType::BF16).to_device(Device::CUDA);
+      out.push_back(ops::to_host_f32(ops::linear(xg, wg, c.bias ? &bg : nullptr)));
+      if (fp8_tensor_cores()) {
+        Tensor qg = quant::quantize(w, DType::F8_E4M3, Tag::Workspace).to_device(Device::CUDA);
+        out.push_back(ops::to_host_f32(ops::linear(xg, qg, c.bias ? &bg : nullptr)));
+      }
+    }
+  };
+  cuda::set_gemm_tuning(false);
+  run(plain);
+  // The same shapes again with timing on: the plans exist, untimed, and are timed at this launch.
+  cuda::set_gemm_tuning(true);
+  const int before = cuda::gemm_tuned_plans();
+  std::vector<Tensor> tuned;
+  run(tuned);
+  ASSERT_EQ(tuned.size(), plain.size());
+  for (size_t i = 0; i < plain.size(); ++i) {
+    const double e = rel_l2(tuned[i], plain[i]);
+    std::printf("tuned GEMM %zu: rel L2 %.3g against the heuristic's first algorithm\n", i, e);
+    EXPECT_LT(e, 1e-2) << i;
+  }
+  std::printf("plans timed: %d\n", cuda::gemm_tuned_plans() - before);
+  EXPECT_GT(cuda::gemm_tuned_plans(), before) << "no plan had more than one candidate to time";
+}

@@ -249,9 +249,10 @@ fi
 if [[ "$WHAT" == *" quant "* ]]; then  # issue 14: weight formats at 1024², 8 steps (warm 2nd image), peaks, quality vs bf16
   M=/tmp/zrm
   [ -d "$M" ] || z "$BIN/zimage" make-random-model --preset turbo --dtype bf16 -q "$M" > "$OUT/make_model.log" 2>&1
-  # name|environment|flags: fp8 on the tensor cores (plain, and with fast accumulation), fp8 through the dequant path
-  # (ZI_FP8_GEMM=0), q8_0, q4_0, q4_0 + q8_0 encoder.
+  # name|environment|flags: fp8 on the tensor cores (plain, and with fast accumulation), bf16 and fp8 with the GEMM
+  # algorithms timed (ZI_GEMM_TUNE=1), fp8 through the dequant path (ZI_FP8_GEMM=0), q8_0, q4_0, q4_0 + q8_0 encoder.
   QCFGS=("bf16||" "fp8||--transformer-dtype fp8" "fp8fa|ZI_FP8_FAST_ACCUM=1|--transformer-dtype fp8"
+         "bf16tune|ZI_GEMM_TUNE=1|" "fp8tune|ZI_GEMM_TUNE=1|--transformer-dtype fp8"
          "fp8deq|ZI_FP8_GEMM=0|--transformer-dtype fp8"
          "q8_0||--transformer-dtype q8_0" "q4_0||--transformer-dtype q4_0"
          "q4_0te8||--transformer-dtype q4_0 --text-encoder-dtype q8_0")
@@ -262,7 +263,7 @@ if [[ "$WHAT" == *" quant "* ]]; then  # issue 14: weight formats at 1024², 8 s
       -W 1024 -H 1024 --steps 8 --seed 1 --count 2 --device cuda $flags --memory-report -o "$OUT/zq_$name.png" \
       > "$OUT/zimage_q_$name.log" 2>&1
     echo "rc=$?" >> "$OUT/zimage_q_$name.log"
-    echo "== $name ($envs $flags)"; grep -E "^  (encode|denoise|decode) |peak|rc=|rror" "$OUT/zimage_q_$name.log" | tail -9
+    echo "== $name ($envs $flags)"; sed -n '/image 2\/2/,$p' "$OUT/zimage_q_$name.log" | grep -E "^  (denoise|decode) |GPU peak|rc=|rror" | head -5
   done
   # One profiled fp8 and q4_0 image each (the 2nd): the fp8 GEMMs, fp8_act_quant and dequant rows.
   for f in ${ZI_QUANT_PROFILES-fp8 q4_0}; do

@@ -140,6 +140,11 @@ const char* linear_fp8_last_scaling();
 // ruled it out, or the plan cuBLASLt refused (scaling, shape, step, status); "" when it ran.
 std::string linear_fp8_last_refusal();
 std::string fp8_plan_refusal();  // the latest refused plan (gemm_cublaslt.cpp)
+// ZI_GEMM_TUNE=1 (experiment): each cuBLASLt plan's candidate algorithms are timed at its first
+// launch outside a recording and the fastest kept (gemm_cublaslt.cpp); the setter overrides the
+// environment (tests), the count says how many plans were timed.
+void set_gemm_tuning(bool on);
+int gemm_tuned_plans();
 // y[M, N] bf16 = Σ_k x8[m, k] · w8[n, k], scaled per `s` (see Fp8Scaling; `scale_a` is w_s[N] for
 // OuterVector, the alpha vector [N] for AlphaVector, unused (nullptr) for Scalar; `scale_b` is
 // x_s[M] for OuterVector, nullptr for AlphaVector, the device scalar x_s for Scalar) (+ bias[N]

@@ -25,6 +25,7 @@
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "backends/cuda/common.cuh"
 #include "backends/cuda/cuda_ops.h"
@@ -38,11 +39,34 @@ void lt_check(cublasStatus_t s, const char* what) {
   if (s != CUBLAS_STATUS_SUCCESS) fail(str_cat("[cublasLt] ", what, " failed with status ", int(s)));
 }
 
+constexpr int kCandidates = 8;  // the heuristic's algorithms kept per plan (timed with ZI_GEMM_TUNE=1)
+
 struct Plan {
   cublasLtMatmulDesc_t op = nullptr;
   cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
   cublasLtMatmulAlgo_t algo{};
+  std::vector<cublasLtMatmulAlgo_t> candidates;  // the heuristic's, best first; algo = the first or the fastest
+  bool tuned = false;
 };
+
+// ZI_GEMM_TUNE=1 (an experiment, off by default): at a plan's first launch outside a recording,
+// its candidates are timed on the call's own operands and the fastest is kept for the process.
+std::atomic<int> g_tuning{-1};  // -1: not read from the environment yet
+std::atomic<int> g_tuned_plans{0};
+bool gemm_tuning() {
+  int v = g_tuning.load();
+  if (v < 0) {
+    const char* e = std::getenv("ZI_GEMM_TUNE");
+    v = e && *e && std::strcmp(e, "0") != 0 ? 1 : 0;
+    g_tuning.store(v);
+  }
+  return v == 1;
+}
+
+bool recording(cudaStream_t s) {
+  cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+  return cudaStreamIsCapturing(s, &st) != cudaSuccess || st != cudaStreamCaptureStatusNone;
+}
 
 using Key = std::tuple<int64_t, int64_t, int64_t, int, bool, int, int, int, int>;
 
@@ -82,10 +106,11 @@ int alignment(const void* p) {
   return a;
 }
 
-// The heuristic's first algorithm for this operation within the workspace, given the pointers'
-// alignments (A, B, C = D); false when there is none.
-bool pick_algo(cublasLtMatmulDesc_t op, cublasLtMatrixLayout_t a, cublasLtMatrixLayout_t b, cublasLtMatrixLayout_t c,
-               const void* A, const void* B, const void* C, cublasLtMatmulAlgo_t* algo) {
+// The heuristic's algorithms for this operation within the workspace, given the pointers'
+// alignments (A, B, C = D), best first (at most kCandidates); empty when there is none.
+std::vector<cublasLtMatmulAlgo_t> heuristic_algos(cublasLtMatmulDesc_t op, cublasLtMatrixLayout_t a,
+                                                  cublasLtMatrixLayout_t b, cublasLtMatrixLayout_t c, const void* A,
+                                                  const void* B, const void* C) {
   cublasLtMatmulPreference_t pref;
   lt_check(cublasLtMatmulPreferenceCreate(&pref), "PreferenceCreate");
   const uint64_t ws = kWorkspaceBytes;
@@ -95,16 +120,52 @@ bool pick_algo(cublasLtMatmulDesc_t op, cublasLtMatrixLayout_t a, cublasLtMatrix
   cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &ab, sizeof ab);
   cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &ac, sizeof ac);
   cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &ac, sizeof ac);
-  cublasLtMatmulHeuristicResult_t res{};
+  cublasLtMatmulHeuristicResult_t res[kCandidates]{};
   int found = 0;
-  lt_check(cublasLtMatmulAlgoGetHeuristic(lt().handle, op, a, b, c, c, pref, 1, &res, &found), "AlgoGetHeuristic");
+  lt_check(cublasLtMatmulAlgoGetHeuristic(lt().handle, op, a, b, c, c, pref, kCandidates, res, &found),
+           "AlgoGetHeuristic");
   cublasLtMatmulPreferenceDestroy(pref);
-  *algo = res.algo;
-  return found > 0;
+  std::vector<cublasLtMatmulAlgo_t> algos;
+  for (int i = 0; i < found; ++i) algos.push_back(res[i].algo);
+  return algos;
 }
 
-const Plan& plan_for(int64_t M, int64_t N, int64_t K, DType dt, bool bias, DType bias_dt, const void* x,
-                     const void* w, const void* y) {
+// The fastest of `cands` on these operands (one warm-up and three timed launches each, on the
+// compute stream; D = C is overwritten, the caller's launch follows); the first when none times.
+cublasLtMatmulAlgo_t fastest_algo(cublasLtMatmulDesc_t op, cublasLtMatrixLayout_t a, cublasLtMatrixLayout_t b,
+                                  cublasLtMatrixLayout_t c, const void* alpha, const void* A, const void* B, void* C,
+                                  const std::vector<cublasLtMatmulAlgo_t>& cands) {
+  const float zero = 0.0f;
+  cudaEvent_t e0 = nullptr, e1 = nullptr;
+  if (cudaEventCreate(&e0) != cudaSuccess || cudaEventCreate(&e1) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return cands.front();
+  }
+  size_t best = 0;
+  float best_ms = -1;
+  for (size_t i = 0; i < cands.size(); ++i) {
+    auto launch = [&] {
+      return cublasLtMatmul(lt().handle, op, alpha, A, a, B, b, &zero, C, c, C, c, &cands[i], lt().workspace,
+                            kWorkspaceBytes, stream()) == CUBLAS_STATUS_SUCCESS;
+    };
+    if (!launch()) continue;
+    bool ok = cudaEventRecord(e0, stream()) == cudaSuccess;
+    for (int r = 0; r < 3 && ok; ++r) ok = launch();
+    ok = ok && cudaEventRecord(e1, stream()) == cudaSuccess && cudaEventSynchronize(e1) == cudaSuccess;
+    float ms = 0;
+    if (ok && cudaEventElapsedTime(&ms, e0, e1) == cudaSuccess && (best_ms < 0 || ms < best_ms)) {
+      best_ms = ms;
+      best = i;
+    }
+  }
+  (void)cudaGetLastError();
+  (void)cudaEventDestroy(e0);
+  (void)cudaEventDestroy(e1);
+  return cands[best];
+}
+
+Plan& plan_for(int64_t M, int64_t N, int64_t K, DType dt, bool bias, DType bias_dt, const void* x,
+               const void* w, const void* y) {
   Lt& L = lt();
   const Key key{M, N, K, int(dt), bias, int(bias_dt), alignment(x), alignment(w), alignment(y)};
   std::lock_guard<std::mutex> lk(L.mu);
@@ -125,8 +186,9 @@ const Plan& plan_for(int64_t M, int64_t N, int64_t K, DType dt, bool bias, DType
   lt_check(cublasLtMatrixLayoutCreate(&p.a, t, uint64_t(K), uint64_t(N), K), "layout A");
   lt_check(cublasLtMatrixLayoutCreate(&p.b, t, uint64_t(K), uint64_t(M), K), "layout B");
   lt_check(cublasLtMatrixLayoutCreate(&p.c, t, uint64_t(N), uint64_t(M), N), "layout C");
-  ZI_CHECK(pick_algo(p.op, p.a, p.b, p.c, w, x, y, &p.algo), "[cublasLt] no algorithm for M=", M, " N=", N, " K=", K,
-           " ", dtype_name(dt));
+  p.candidates = heuristic_algos(p.op, p.a, p.b, p.c, w, x, y);
+  ZI_CHECK(!p.candidates.empty(), "[cublasLt] no algorithm for M=", M, " N=", N, " K=", K, " ", dtype_name(dt));
+  p.algo = p.candidates.front();
   return L.plans.emplace(key, p).first->second;
 }
 
@@ -150,7 +212,9 @@ const NnPlan& nn_plan(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
   lt_check(cublasLtMatrixLayoutCreate(&p.a, t, uint64_t(m), uint64_t(k), lda), "layout A");
   lt_check(cublasLtMatrixLayoutCreate(&p.b, t, uint64_t(k), uint64_t(n), ldb), "layout B");
   lt_check(cublasLtMatrixLayoutCreate(&p.c, t, uint64_t(m), uint64_t(n), ldc), "layout C");
-  ZI_CHECK(pick_algo(p.op, p.a, p.b, p.c, A, B, C, &p.algo), "[cublasLt] no algorithm for gemm_nn m=", m, " n=", n,
+  const std::vector<cublasLtMatmulAlgo_t> algos = heuristic_algos(p.op, p.a, p.b, p.c, A, B, C);
+  if (!algos.empty()) p.algo = algos.front();
+  ZI_CHECK(!algos.empty(), "[cublasLt] no algorithm for gemm_nn m=", m, " n=", n,
            " k=", k);
   return plans.emplace(key, p).first->second;
 }
@@ -158,6 +222,8 @@ const NnPlan& nn_plan(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
 struct Fp8Plan {
   bool ok = false;
   std::string refusal;  // when !ok: the step cuBLASLt refused and its status
+  std::vector<cublasLtMatmulAlgo_t> candidates;  // the heuristic's, best first (timed with ZI_GEMM_TUNE=1)
+  bool tuned = false;
   cublasLtMatmulDesc_t op = nullptr;
   cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
   cublasLtMatmulAlgo_t algo{};
@@ -235,12 +301,13 @@ Fp8Plan make_fp8_plan(Fp8Scaling scaling, int64_t M, int64_t N, int64_t K, bool 
   cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &ab, sizeof ab);
   cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &ac, sizeof ac);
   cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &ac, sizeof ac);
-  cublasLtMatmulHeuristicResult_t res{};
+  cublasLtMatmulHeuristicResult_t res[kCandidates]{};
   int found = 0;
   const cublasStatus_t s =
-      cublasLtMatmulAlgoGetHeuristic(lt().handle, p.op, p.a, p.b, p.c, p.c, pref, 1, &res, &found);
+      cublasLtMatmulAlgoGetHeuristic(lt().handle, p.op, p.a, p.b, p.c, p.c, pref, kCandidates, res, &found);
   cublasLtMatmulPreferenceDestroy(pref);
-  p.algo = res.algo;
+  p.algo = res[0].algo;
+  for (int i = 0; i < found; ++i) p.candidates.push_back(res[i].algo);
   p.ok = s == CUBLAS_STATUS_SUCCESS && found > 0;
   if (!p.ok) p.refusal = str_cat("AlgoGetHeuristic: status ", int(s), ", ", found, " algorithms");
   return p;
@@ -297,6 +364,9 @@ const char* fp8_scaling_name(Fp8Scaling s) {
 
 void force_fp8_scaling(int s) { g_forced_scaling.store(s); }
 
+void set_gemm_tuning(bool on) { g_tuning.store(on ? 1 : 0); }
+int gemm_tuned_plans() { return g_tuned_plans.load(); }
+
 std::string fp8_plan_refusal() {
   std::lock_guard<std::mutex> lk(lt().mu);
   return g_refusal;
@@ -347,6 +417,12 @@ bool linear_fp8(Fp8Scaling sc, int64_t M, int64_t N, int64_t K, const void* x8, 
   const float one = 1.0f, zero = 0.0f;
   const void* alpha = sc == Fp8Scaling::AlphaVector ? static_cast<const void*>(scale_a) : &one;
   const void* beta = &zero;  // never read with the alpha vector (its mode fixes beta = 0)
+  if (gemm_tuning() && !p->tuned && p->candidates.size() > 1 && !recording(stream())) {
+    std::lock_guard<std::mutex> lk(L.mu);
+    p->algo = fastest_algo(p->op, p->a, p->b, p->c, alpha, w8, x8, y, p->candidates);
+    p->tuned = true;
+    ++g_tuned_plans;
+  }
   const cublasStatus_t s = cublasLtMatmul(L.handle, p->op, alpha, w8, p->a, x8, p->b, beta, y, p->c, y, p->c,
                                           &p->algo, L.workspace, kWorkspaceBytes, stream());
   if (s != CUBLAS_STATUS_SUCCESS) {  // refused at launch: nothing was computed
@@ -376,13 +452,19 @@ void linear(const Tensor& x, const Tensor& w_in, const Tensor* bias, Tensor& y) 
   Tensor w = w_in.dtype() == dt ? w_in : w_in.to(dt, Tag::Workspace);
   Tensor b;
   if (bias) b = bias->dtype() == dt ? bias->contiguous(Tag::Workspace) : bias->to(dt, Tag::Workspace);
-  const Plan& p = plan_for(M, N, K, dt, bias != nullptr, dt, x.raw(), w.raw(), y.raw());
+  Plan& p = plan_for(M, N, K, dt, bias != nullptr, dt, x.raw(), w.raw(), y.raw());
   Lt& L = lt();
   if (bias) {
     const void* bp = b.raw();
     lt_check(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp, sizeof bp), "BIAS_POINTER");
   }
   const float alpha = 1.0f, beta = 0.0f;
+  if (gemm_tuning() && !p.tuned && p.candidates.size() > 1 && !recording(stream())) {
+    std::lock_guard<std::mutex> lk(L.mu);
+    p.algo = fastest_algo(p.op, p.a, p.b, p.c, &alpha, w.raw(), x.raw(), y.raw(), p.candidates);
+    p.tuned = true;
+    ++g_tuned_plans;
+  }
   lt_check(cublasLtMatmul(L.handle, p.op, &alpha, w.raw(), p.a, x.raw(), p.b, &beta, y.raw(), p.c, y.raw(), p.c,
                           &p.algo, L.workspace, kWorkspaceBytes, stream()),
            "Matmul");
