@@ -18,6 +18,7 @@
 // scaling or the dequantizing path. Nothing is timed.
 #include <cublasLt.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -39,13 +40,12 @@ void lt_check(cublasStatus_t s, const char* what) {
   if (s != CUBLAS_STATUS_SUCCESS) fail(str_cat("[cublasLt] ", what, " failed with status ", int(s)));
 }
 
-constexpr int kCandidates = 8;  // the heuristic's algorithms kept per plan (timed with ZI_GEMM_TUNE=1)
+constexpr int kCandidates = 8;  // the heuristic's algorithms timed per plan with ZI_GEMM_TUNE=1
 
 struct Plan {
   cublasLtMatmulDesc_t op = nullptr;
   cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
-  cublasLtMatmulAlgo_t algo{};
-  std::vector<cublasLtMatmulAlgo_t> candidates;  // the heuristic's, best first; algo = the first or the fastest
+  cublasLtMatmulAlgo_t algo{};  // the heuristic's first, or the fastest of its candidates (ZI_GEMM_TUNE)
   bool tuned = false;
 };
 
@@ -107,10 +107,10 @@ int alignment(const void* p) {
 }
 
 // The heuristic's algorithms for this operation within the workspace, given the pointers'
-// alignments (A, B, C = D), best first (at most kCandidates); empty when there is none.
+// alignments (A, B, C = D), best first (at most `count` ≤ kCandidates); empty when there is none.
 std::vector<cublasLtMatmulAlgo_t> heuristic_algos(cublasLtMatmulDesc_t op, cublasLtMatrixLayout_t a,
                                                   cublasLtMatrixLayout_t b, cublasLtMatrixLayout_t c, const void* A,
-                                                  const void* B, const void* C) {
+                                                  const void* B, const void* C, int count = 1) {
   cublasLtMatmulPreference_t pref;
   lt_check(cublasLtMatmulPreferenceCreate(&pref), "PreferenceCreate");
   const uint64_t ws = kWorkspaceBytes;
@@ -122,7 +122,7 @@ std::vector<cublasLtMatmulAlgo_t> heuristic_algos(cublasLtMatmulDesc_t op, cubla
   cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &ac, sizeof ac);
   cublasLtMatmulHeuristicResult_t res[kCandidates]{};
   int found = 0;
-  lt_check(cublasLtMatmulAlgoGetHeuristic(lt().handle, op, a, b, c, c, pref, kCandidates, res, &found),
+  lt_check(cublasLtMatmulAlgoGetHeuristic(lt().handle, op, a, b, c, c, pref, std::min(count, kCandidates), res, &found),
            "AlgoGetHeuristic");
   cublasLtMatmulPreferenceDestroy(pref);
   std::vector<cublasLtMatmulAlgo_t> algos;
@@ -186,9 +186,9 @@ Plan& plan_for(int64_t M, int64_t N, int64_t K, DType dt, bool bias, DType bias_
   lt_check(cublasLtMatrixLayoutCreate(&p.a, t, uint64_t(K), uint64_t(N), K), "layout A");
   lt_check(cublasLtMatrixLayoutCreate(&p.b, t, uint64_t(K), uint64_t(M), K), "layout B");
   lt_check(cublasLtMatrixLayoutCreate(&p.c, t, uint64_t(N), uint64_t(M), N), "layout C");
-  p.candidates = heuristic_algos(p.op, p.a, p.b, p.c, w, x, y);
-  ZI_CHECK(!p.candidates.empty(), "[cublasLt] no algorithm for M=", M, " N=", N, " K=", K, " ", dtype_name(dt));
-  p.algo = p.candidates.front();
+  const std::vector<cublasLtMatmulAlgo_t> algos = heuristic_algos(p.op, p.a, p.b, p.c, w, x, y);
+  ZI_CHECK(!algos.empty(), "[cublasLt] no algorithm for M=", M, " N=", N, " K=", K, " ", dtype_name(dt));
+  p.algo = algos.front();
   return L.plans.emplace(key, p).first->second;
 }
 
@@ -222,8 +222,7 @@ const NnPlan& nn_plan(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
 struct Fp8Plan {
   bool ok = false;
   std::string refusal;  // when !ok: the step cuBLASLt refused and its status
-  std::vector<cublasLtMatmulAlgo_t> candidates;  // the heuristic's, best first (timed with ZI_GEMM_TUNE=1)
-  bool tuned = false;
+  bool tuned = false;  // the heuristic's candidates timed (ZI_GEMM_TUNE)
   cublasLtMatmulDesc_t op = nullptr;
   cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
   cublasLtMatmulAlgo_t algo{};
@@ -301,13 +300,12 @@ Fp8Plan make_fp8_plan(Fp8Scaling scaling, int64_t M, int64_t N, int64_t K, bool 
   cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &ab, sizeof ab);
   cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &ac, sizeof ac);
   cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &ac, sizeof ac);
-  cublasLtMatmulHeuristicResult_t res[kCandidates]{};
+  cublasLtMatmulHeuristicResult_t res{};
   int found = 0;
   const cublasStatus_t s =
-      cublasLtMatmulAlgoGetHeuristic(lt().handle, p.op, p.a, p.b, p.c, p.c, pref, kCandidates, res, &found);
+      cublasLtMatmulAlgoGetHeuristic(lt().handle, p.op, p.a, p.b, p.c, p.c, pref, 1, &res, &found);
   cublasLtMatmulPreferenceDestroy(pref);
-  p.algo = res[0].algo;
-  for (int i = 0; i < found; ++i) p.candidates.push_back(res[i].algo);
+  p.algo = res.algo;
   p.ok = s == CUBLAS_STATUS_SUCCESS && found > 0;
   if (!p.ok) p.refusal = str_cat("AlgoGetHeuristic: status ", int(s), ", ", found, " algorithms");
   return p;
@@ -417,11 +415,16 @@ bool linear_fp8(Fp8Scaling sc, int64_t M, int64_t N, int64_t K, const void* x8, 
   const float one = 1.0f, zero = 0.0f;
   const void* alpha = sc == Fp8Scaling::AlphaVector ? static_cast<const void*>(scale_a) : &one;
   const void* beta = &zero;  // never read with the alpha vector (its mode fixes beta = 0)
-  if (gemm_tuning() && !p->tuned && p->candidates.size() > 1 && !recording(stream())) {
+  if (gemm_tuning() && !p->tuned && !recording(stream())) {
     std::lock_guard<std::mutex> lk(L.mu);
-    p->algo = fastest_algo(p->op, p->a, p->b, p->c, alpha, w8, x8, y, p->candidates);
+    std::vector<cublasLtMatmulAlgo_t> cands;
+    try {
+      cands = heuristic_algos(p->op, p->a, p->b, p->c, w8, x8, y, kCandidates);
+    } catch (const std::exception&) {  // no timing then: the plan keeps its algorithm
+    }
+    if (cands.size() > 1) p->algo = fastest_algo(p->op, p->a, p->b, p->c, alpha, w8, x8, y, cands);
     p->tuned = true;
-    ++g_tuned_plans;
+    g_tuned_plans += cands.size() > 1;
   }
   const cublasStatus_t s = cublasLtMatmul(L.handle, p->op, alpha, w8, p->a, x8, p->b, beta, y, p->c, y, p->c,
                                           &p->algo, L.workspace, kWorkspaceBytes, stream());
@@ -459,11 +462,16 @@ void linear(const Tensor& x, const Tensor& w_in, const Tensor* bias, Tensor& y) 
     lt_check(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp, sizeof bp), "BIAS_POINTER");
   }
   const float alpha = 1.0f, beta = 0.0f;
-  if (gemm_tuning() && !p.tuned && p.candidates.size() > 1 && !recording(stream())) {
+  if (gemm_tuning() && !p.tuned && !recording(stream())) {
     std::lock_guard<std::mutex> lk(L.mu);
-    p.algo = fastest_algo(p.op, p.a, p.b, p.c, &alpha, w.raw(), x.raw(), y.raw(), p.candidates);
+    std::vector<cublasLtMatmulAlgo_t> cands;
+    try {
+      cands = heuristic_algos(p.op, p.a, p.b, p.c, w.raw(), x.raw(), y.raw(), kCandidates);
+    } catch (const std::exception&) {  // no timing then: the plan keeps its algorithm
+    }
+    if (cands.size() > 1) p.algo = fastest_algo(p.op, p.a, p.b, p.c, &alpha, w.raw(), x.raw(), y.raw(), cands);
     p.tuned = true;
-    ++g_tuned_plans;
+    g_tuned_plans += cands.size() > 1;
   }
   lt_check(cublasLtMatmul(L.handle, p.op, &alpha, w.raw(), p.a, x.raw(), p.b, &beta, y.raw(), p.c, y.raw(), p.c,
                           &p.algo, L.workspace, kWorkspaceBytes, stream()),
