@@ -5,8 +5,8 @@
 # one profiled 1024² image (ZI_CUDA_PROFILE=1: GPU time per op), then diffusers eager and
 # torch.compile on the same card, and one table last (summarize.py). About 2.5 minutes on an H200.
 # Here first: bench/gpu/pack_carry.sh, and .carry/diffusers_src.tar.xz (diffusers' src/ tree).
-# Use: bench/gpu/run_all.sh [fp8probe|tests|kernels|bench|vaetile|firstuse|controlnet|diffusers|budget|quant|fused|trace|oneshot|all]...  (default: all,
-# which leaves out budget, quant, fused, trace and oneshot; bench includes kernels; ZI_GTEST_FILTER narrows the tests). Logs go to $OUT.
+# Use: bench/gpu/run_all.sh [fp8probe|tests|kernels|bench|vaetile|firstuse|controlnet|diffusers|budget|quant|fused|trace|oneshot|scaling|all]...  (default: all,
+# which leaves out fp8probe, budget, quant, fused, trace, oneshot and scaling; bench includes kernels; ZI_GTEST_FILTER narrows the tests). Logs go to $OUT.
 set -uo pipefail
 source "$(dirname "$0")/lib.sh"
 WHAT=" ${*:-all} "
@@ -277,6 +277,29 @@ if [[ "$WHAT" == *" quant "* ]]; then  # issue 14: weight formats at 1024², 8 s
   [ -n "$QQ" ] && z "$QB" "$M" "$PROMPT" 1024 8 1 $QQ 2>&1 | tee "$OUT/quant_quality.log"
   rm -f "$OUT"/zq_*.png
   stamp "quant done"
+fi
+
+if [[ "$WHAT" == *" scaling "* ]]; then  # (not in all) issue 19: 2048² and batch 4 at 1024², beside compiled diffusers
+  M=/tmp/zrm
+  [ -d "$M" ] || z "$BIN/zimage" make-random-model --preset turbo --dtype bf16 -q "$M" > "$OUT/make_model.log" 2>&1
+  z "$BIN/zimage" generate --model "$M" -p "$PROMPT" -W 2048 -H 2048 --steps 8 --seed 1 --count 2 --device cuda \
+    --memory-report -o "$OUT/zs_2048.png" > "$OUT/scaling_2048.log" 2>&1
+  echo "rc=$?" >> "$OUT/scaling_2048.log"
+  echo "== zimage 2048², second image"; sed -n '/image 2\/2/,$p' "$OUT/scaling_2048.log" | grep -E "^  (denoise|decode) |step 8/8|GPU peak|rc=|rror" | head -6
+  # The DiT alone, batch 1 and 4 at 1024² (seconds per image-step; the CLI renders --count one at a time).
+  z "$BIN/bench_dit_batch" "$M" 1024 1,4 > "$OUT/scaling_batch.log" 2>&1
+  echo "== DiT batch at 1024²"; tail -6 "$OUT/scaling_batch.log"
+  rm -f "$OUT"/zs_*.png
+  stamp "zimage scaling done"
+  if [ -f .carry/diffusers_src.tar.xz ]; then
+    mkdir -p /tmp/diffusers && tar -C /tmp/diffusers -xJf .carry/diffusers_src.tar.xz
+    export DIFFUSERS_SRC=/tmp/diffusers/src
+  fi
+  PYTHONUNBUFFERED=1 timeout 420 python3 bench/gpu/bench_diffusers.py models/tiny-zimage/tokenizer compile scaling \
+    > "$OUT/diffusers_scaling.log" 2>&1
+  echo "rc=$?" >> "$OUT/diffusers_scaling.log"
+  grep -E "RESULT|compile wall|Error|error" "$OUT/diffusers_scaling.log" | tail -6
+  stamp "diffusers scaling done"
 fi
 
 if want diffusers; then
