@@ -282,6 +282,28 @@ TEST(CudaStream, EditModesUnderABudget) {
   }
 }
 
+// Freed pinned blocks are kept for the next request of their size (device::free_pinned): after
+// a streamed run they are accounted as Tag::PinnedCache, and the same plan again reuses them —
+// the kept bytes do not grow, and the image is the same.
+TEST(CudaStream, PinnedBlocksAreKeptForTheNextImage) {
+  ZI_REQUIRE_GPU();
+  GenerateOptions o = options(128, false);
+  o.text_encoder_device = o.vae_device = Device::CPU;
+  GenerateOptions big = o;
+  big.vram_bytes = 1024 * kMiB;
+  o.vram_bytes = plan_generate_memory(big).minimum_bytes;  // every block streams
+  const GenerateResult a = generate(o);
+  ASSERT_TRUE(a.vram_plan);
+  ASSERT_GT(a.vram_plan->dit.streamed_blocks(), 0);
+  const int64_t kept = memory_stats(Device::CPU).tag(Tag::PinnedCache).current;
+  EXPECT_GE(kept, a.vram_plan->dit.host_pinned_bytes);
+  const int64_t reused = device::pinned_blocks_reused();
+  const GenerateResult b = generate(o);
+  EXPECT_EQ(memory_stats(Device::CPU).tag(Tag::PinnedCache).current, kept);
+  EXPECT_EQ(device::pinned_blocks_reused() - reused, int64_t(a.vram_plan->dit.streamed_blocks()));  // no block pinned anew
+  EXPECT_EQ(b.rgb, a.rgb);
+}
+
 // One cache across images of different sizes under one budget (zimage serve --vram): a model
 // kept from a differently planned image is loaded again under the new plan, so every phase stays
 // within the budget and every image equals its uncached run's.

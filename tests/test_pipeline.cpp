@@ -124,6 +124,7 @@ TEST(Pipeline, MemoryReportJson) {
   }
   EXPECT_EQ(j["peak_bytes"].get<int64_t>(), r.peak_bytes);
   EXPECT_GT(j["peak_rss_bytes"].get<int64_t>(), 0);
+  EXPECT_EQ(j["pinned_cache_bytes"].get<int64_t>(), 0);  // the CPU keeps no pinned blocks
 }
 
 TEST(Pipeline, RejectsBadSizesBeforeAllocating) {

@@ -80,6 +80,7 @@ namespace {
 struct PinnedCache {
   std::mutex mu;
   std::multimap<size_t, void*> blocks;
+  int64_t reused = 0;  // requests served from the kept blocks
 };
 PinnedCache& pinned_cache() {
   static auto* c = new PinnedCache;  // never destroyed: the driver may be gone at static destruction
@@ -95,6 +96,7 @@ void* alloc_pinned(Device d, size_t bytes, Tag tag) {
     if (auto it = c.blocks.find(bytes); it != c.blocks.end()) {
       void* p = it->second;
       c.blocks.erase(it);
+      ++c.reused;
       memory_stats(Device::CPU).on_free(bytes, Tag::PinnedCache);
       memory_stats(Device::CPU).on_alloc(bytes, tag);
       return p;
@@ -108,6 +110,12 @@ void* alloc_pinned(Device d, size_t bytes, Tag tag) {
   void* p = cuda::pinned_alloc(bytes);
   memory_stats(Device::CPU).on_alloc(bytes, tag);
   return p;
+}
+
+int64_t pinned_blocks_reused() {
+  PinnedCache& c = pinned_cache();
+  std::lock_guard<std::mutex> lk(c.mu);
+  return c.reused;
 }
 
 void free_pinned(Device d, void* p, size_t bytes, Tag tag) {

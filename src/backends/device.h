@@ -74,6 +74,7 @@ RuntimeTimes runtime_times(Device d);
 // all kept blocks back, so at most one plan's pinned bytes are held.
 void* alloc_pinned(Device d, size_t bytes, Tag tag);
 void free_pinned(Device d, void* p, size_t bytes, Tag tag);
+int64_t pinned_blocks_reused();  // requests alloc_pinned served from kept blocks (process total)
 // Pinned host → device bytes per second, measured once per process with a copy of `bytes`
 // (later calls return the first measurement); 0 on the CPU.
 double measure_h2d_rate(Device d, size_t bytes = size_t(256) << 20);

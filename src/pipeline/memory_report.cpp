@@ -4,6 +4,8 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "core/allocator.h"
+
 namespace zi {
 
 std::string memory_report_json(const GenerateResult& r) {
@@ -55,6 +57,8 @@ std::string memory_report_json(const GenerateResult& r) {
   j["peak_bytes"] = r.peak_bytes;
   if (!r.gpu_phases.empty()) j["gpu_peak_bytes"] = r.gpu_peak_bytes;
   j["peak_rss_bytes"] = r.peak_rss_bytes;
+  // Pinned host blocks kept for the next image's streamed weights (device::free_pinned), now.
+  j["pinned_cache_bytes"] = memory_stats(Device::CPU).tag(Tag::PinnedCache).current;
   if (r.vram_plan) {
     const VramPlan& p = *r.vram_plan;
     nlohmann::json v;
@@ -99,6 +103,8 @@ void print_memory_report(const GenerateResult& r, const std::string& json_path) 
   std::fprintf(stderr, "  peak (max over phases) %.1f MiB; process peak RSS %.1f MiB\n", mib(r.peak_bytes),
                mib(r.peak_rss_bytes));
   if (!r.gpu_phases.empty()) std::fprintf(stderr, "  GPU peak (max over phases) %.1f MiB\n", mib(r.gpu_peak_bytes));
+  if (const int64_t kept = memory_stats(Device::CPU).tag(Tag::PinnedCache).current; kept > 0)
+    std::fprintf(stderr, "  pinned host memory kept for the next image's streamed blocks: %.1f MiB\n", mib(kept));
   if (r.vram_plan) {
     std::fprintf(stderr, "%s", format_vram_plan(*r.vram_plan).c_str());
     if (r.streamed_bytes > 0) std::fprintf(stderr, "  streamed host -> device: %.1f MiB in all\n", mib(r.streamed_bytes));
