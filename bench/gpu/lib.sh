@@ -44,3 +44,16 @@ gpu_unpack_bin() {
     BIN=$ROOT/build-gpu; cp build-gpu/bench/bench_kernels "$BIN/" 2>/dev/null
   fi
 }
+
+# need_random_model DIR: the real-size random checkpoint (turbo preset, bf16) at DIR unless it is there.
+need_random_model() {
+  [ -d "$1" ] || z "$BIN/zimage" make-random-model --preset turbo --dtype bf16 -q "$1" > "$OUT/make_model.log" 2>&1
+}
+
+# use_carried_diffusers: diffusers' src/ tree from .carry (the GPU image has torch, not diffusers),
+# unpacked once, for bench_diffusers.py and oneshot_diffusers.py (DIFFUSERS_SRC).
+use_carried_diffusers() {
+  [ -f .carry/diffusers_src.tar.xz ] || return 0
+  [ -d /tmp/diffusers/src ] || { mkdir -p /tmp/diffusers && tar -C /tmp/diffusers -xJf .carry/diffusers_src.tar.xz; }
+  export DIFFUSERS_SRC=/tmp/diffusers/src
+}

@@ -69,7 +69,7 @@ fi
 
 if want vaetile; then  # the GPU decode at 1024², whole and in 256-pixel tiles, with memory reports
   M=/tmp/zrm
-  [ -d "$M" ] || z "$BIN/zimage" make-random-model --preset turbo --dtype bf16 -q "$M" > "$OUT/make_model.log" 2>&1
+  need_random_model "$M"
   for t in 0 256; do
     z "$BIN/zimage" generate --model "$M" -p "$PROMPT" -W 1024 -H 1024 --steps 2 --seed 1 --device cuda \
       --vae-tile $t --memory-report -o "$OUT/zimage_tile$t.png" > "$OUT/zimage_tile$t.log" 2>&1
@@ -81,7 +81,7 @@ fi
 
 if want firstuse; then  # one image per process: the 2nd process reuses the 1st one's measured kernel choices
   M=/tmp/zrm
-  [ -d "$M" ] || z "$BIN/zimage" make-random-model --preset turbo --dtype bf16 -q "$M" > "$OUT/make_model.log" 2>&1
+  need_random_model "$M"
   export ZIMAGE_CACHE_DIR=/tmp/zi-tuning-$$
   for run in 1 2; do
     z "$BIN/zimage" generate --model "$M" -p "$PROMPT" -W 1024 -H 1024 --steps 8 --seed 1 --device cuda \
@@ -94,7 +94,7 @@ fi
 
 if [[ "$WHAT" == *" oneshot "* ]]; then  # (not in all) issue 19: one process, exec to PNG on disk, 1024² 8 steps, warm page cache and tuning cache; beside diffusers' from_pretrained + one image
   M=/tmp/zrm
-  [ -d "$M" ] || z "$BIN/zimage" make-random-model --preset turbo --dtype bf16 -q "$M" > "$OUT/make_model.log" 2>&1
+  need_random_model "$M"
   export ZIMAGE_CACHE_DIR=/tmp/zi-tuning-oneshot
   cat "$M"/*/*.safetensors > /dev/null  # the page cache holds the model
   z "$BIN/zimage" generate --model "$M" -p "$PROMPT" -W 1024 -H 1024 --steps 8 --seed 1 --device cuda -q -o /tmp/zo_warm.png
@@ -113,10 +113,7 @@ if [[ "$WHAT" == *" oneshot "* ]]; then  # (not in all) issue 19: one process, e
   unset ZIMAGE_CACHE_DIR
   rm -f "$OUT"/zo_*.png
   stamp "zimage one-shot done"
-  if [ -f .carry/diffusers_src.tar.xz ]; then
-    mkdir -p /tmp/diffusers && tar -C /tmp/diffusers -xJf .carry/diffusers_src.tar.xz
-    export DIFFUSERS_SRC=/tmp/diffusers/src
-  fi
+  use_carried_diffusers
   for rep in $(seq 1 ${ZI_ONESHOT_DIFFUSERS_REPS:-${ZI_ONESHOT_REPS:-2}}); do  # 0: diffusers not run
     t0=$(date +%s.%N)
     PYTHONUNBUFFERED=1 timeout 300 python3 bench/gpu/oneshot_diffusers.py "$M" /tmp/zo_diffusers.png > "$OUT/oneshot_diffusers_$rep.log" 2>&1
@@ -150,10 +147,7 @@ open('/tmp/zi_control.png', 'wb').write(b'\\x89PNG\\r\\n\\x1a\\n' + chunk(b'IHDR
   rm -f "$OUT"/zimage_t2i*.png "$OUT"/zimage_cn*.png
   rm -rf "$M"
   stamp "zimage controlnet done"
-  if [ -f .carry/diffusers_src.tar.xz ]; then
-    mkdir -p /tmp/diffusers && tar -C /tmp/diffusers -xJf .carry/diffusers_src.tar.xz
-    export DIFFUSERS_SRC=/tmp/diffusers/src
-  fi
+  use_carried_diffusers
   PYTHONUNBUFFERED=1 timeout 400 python3 bench/gpu/bench_diffusers.py models/tiny-zimage/tokenizer controlnet \
     > "$OUT/diffusers_cn.log" 2>&1
   echo "rc=$?" >> "$OUT/diffusers_cn.log"
@@ -163,7 +157,7 @@ fi
 
 if [[ "$WHAT" == *" budget "* ]]; then  # (not in all) issue 13: --vram sweep at 1024², 8 steps (second image of --count 2: load excluded), beside diffusers' group offload
   M=/tmp/zrm
-  [ -d "$M" ] || z "$BIN/zimage" make-random-model --preset turbo --dtype bf16 -q "$M" > "$OUT/make_model.log" 2>&1
+  need_random_model "$M"
   for v in ${ZI_BUDGETS:-none 12 8 6 4 4fp8}; do  # NfpX: --vram N with --transformer-dtype fp8
     flag=""; [ "$v" != none ] && flag="--vram ${v%fp8}"
     [[ "$v" == *fp8 ]] && flag="$flag --transformer-dtype fp8"
@@ -188,10 +182,7 @@ PY
   done
   rm -f "$OUT"/budget_*-000?.png
   stamp "zimage budget sweep done"
-  if [ -f .carry/diffusers_src.tar.xz ]; then
-    mkdir -p /tmp/diffusers && tar -C /tmp/diffusers -xJf .carry/diffusers_src.tar.xz
-    export DIFFUSERS_SRC=/tmp/diffusers/src
-  fi
+  use_carried_diffusers
   PYTHONUNBUFFERED=1 timeout 300 python3 bench/gpu/bench_diffusers.py models/tiny-zimage/tokenizer group \
     > "$OUT/diffusers_group.log" 2>&1
   echo "rc=$?" >> "$OUT/diffusers_group.log"
@@ -201,7 +192,7 @@ fi
 
 if [[ "$WHAT" == *" fused "* ]]; then  # (not in all) issue 19: fused q/k/v + w1/w3 and the recorded step (CUDA graph), off vs on, bf16 and fp8, 1024² 8 steps (2nd image)
   M=/tmp/zrm
-  [ -d "$M" ] || z "$BIN/zimage" make-random-model --preset turbo --dtype bf16 -q "$M" > "$OUT/make_model.log" 2>&1
+  need_random_model "$M"
   for rep in $(seq 1 ${ZI_FUSED_REPS:-2}); do
     for cfg in "bf16|" "fp8|--transformer-dtype fp8"; do
       IFS='|' read -r name flags <<< "$cfg"
@@ -224,7 +215,7 @@ fi
 
 if [[ "$WHAT" == *" trace "* ]]; then  # (not in all) issue 13: --vram 8/4 with the copy/compute trace (ZI_STREAM_TRACE)
   M=/tmp/zrm
-  [ -d "$M" ] || z "$BIN/zimage" make-random-model --preset turbo --dtype bf16 -q "$M" > "$OUT/make_model.log" 2>&1
+  need_random_model "$M"
   # v[:chunk MiB[:copy streams[:huge[:async unpin]]]]: the copies whole or in pieces (ZI_STREAM_CHUNK_MB),
   # on one or two copy streams (ZI_STREAM_COPY_STREAMS), pinned blocks on huge pages or not
   # (ZI_PINNED_HUGE), pinned blocks freed on a thread of their own or not (ZI_ASYNC_UNPIN).
@@ -248,7 +239,7 @@ fi
 
 if [[ "$WHAT" == *" quant "* ]]; then  # issue 14: weight formats at 1024², 8 steps (warm 2nd image), peaks, quality vs bf16
   M=/tmp/zrm
-  [ -d "$M" ] || z "$BIN/zimage" make-random-model --preset turbo --dtype bf16 -q "$M" > "$OUT/make_model.log" 2>&1
+  need_random_model "$M"
   # name|environment|flags: fp8 on the tensor cores (plain, and with fast accumulation), bf16 and fp8 with the GEMM
   # algorithms timed (ZI_GEMM_TUNE=1), fp8 through the dequant path (ZI_FP8_GEMM=0), q8_0, q4_0, q4_0 + q8_0 encoder.
   QCFGS=("bf16||" "fp8||--transformer-dtype fp8" "fp8fa|ZI_FP8_FAST_ACCUM=1|--transformer-dtype fp8"
@@ -281,7 +272,7 @@ fi
 
 if [[ "$WHAT" == *" scaling "* ]]; then  # (not in all) issue 19: 2048² and batch 4 at 1024², beside compiled diffusers
   M=/tmp/zrm
-  [ -d "$M" ] || z "$BIN/zimage" make-random-model --preset turbo --dtype bf16 -q "$M" > "$OUT/make_model.log" 2>&1
+  need_random_model "$M"
   z "$BIN/zimage" generate --model "$M" -p "$PROMPT" -W 2048 -H 2048 --steps 8 --seed 1 --count 2 --device cuda \
     --memory-report -o "$OUT/zs_2048.png" > "$OUT/scaling_2048.log" 2>&1
   echo "rc=$?" >> "$OUT/scaling_2048.log"
@@ -291,10 +282,7 @@ if [[ "$WHAT" == *" scaling "* ]]; then  # (not in all) issue 19: 2048² and bat
   echo "== DiT batch at 1024²"; tail -6 "$OUT/scaling_batch.log"
   rm -f "$OUT"/zs_*.png
   stamp "zimage scaling done"
-  if [ -f .carry/diffusers_src.tar.xz ]; then
-    mkdir -p /tmp/diffusers && tar -C /tmp/diffusers -xJf .carry/diffusers_src.tar.xz
-    export DIFFUSERS_SRC=/tmp/diffusers/src
-  fi
+  use_carried_diffusers
   PYTHONUNBUFFERED=1 timeout 420 python3 bench/gpu/bench_diffusers.py models/tiny-zimage/tokenizer compile scaling \
     > "$OUT/diffusers_scaling.log" 2>&1
   echo "rc=$?" >> "$OUT/diffusers_scaling.log"
@@ -303,10 +291,7 @@ if [[ "$WHAT" == *" scaling "* ]]; then  # (not in all) issue 19: 2048² and bat
 fi
 
 if want diffusers; then
-  if [ -f .carry/diffusers_src.tar.xz ]; then
-    mkdir -p /tmp/diffusers && tar -C /tmp/diffusers -xJf .carry/diffusers_src.tar.xz
-    export DIFFUSERS_SRC=/tmp/diffusers/src
-  fi
+  use_carried_diffusers
   PYTHONUNBUFFERED=1 timeout 300 python3 bench/gpu/bench_diffusers.py models/tiny-zimage/tokenizer resident compile \
     > "$OUT/diffusers.log" 2>&1
   echo "rc=$?" >> "$OUT/diffusers.log"

@@ -586,7 +586,8 @@ void run(GenerateArgs& a) {
         const double probe = device::runtime_times(Device::CUDA).probe_seconds;
         std::fprintf(stderr, "  wall clock: %.2f s from exec to the image written (startup %.2f s", written_at,
                      first_phase_at);
-        if (probe > 0) std::fprintf(stderr, " of which %.2f s finding the GPU and opening cuBLAS", probe);
+        if (!r.gpu_phases.empty() && probe > 0)
+          std::fprintf(stderr, " of which %.2f s finding the GPU and opening cuBLAS", probe);
         std::fprintf(stderr, ", phases %.2f s, writing %.2f s)\n", phases, written_at - write_begin);
       }
       std::fprintf(stderr, "wrote %s (%dx%d %s)\n", path == "-" ? "stdout" : path.c_str(), r.width, r.height,

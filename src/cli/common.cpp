@@ -3,13 +3,13 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <ctime>
+#include <filesystem>
 #include <fstream>
 #include <iterator>
 #include <sstream>
 #include <string>
-#include <cstdlib>
-#include <filesystem>
 
 #include "backends/device.h"
 #include "core/check.h"
@@ -85,24 +85,21 @@ int64_t parse_vram_flag(const std::string& value) {
   return int64_t(gib * double(int64_t(1) << 30));
 }
 
-
 double seconds_since_exec() {
-  // Field 22 of /proc/self/stat: the start time in clock ticks since boot (after the command,
-  // which may hold spaces, in parentheses); CLOCK_BOOTTIME: now since boot.
+  // /proc/self/stat: after the command in parentheses (which may hold spaces) come fields 3 … ;
+  // field 22 is the start time in clock ticks since boot. CLOCK_BOOTTIME: now since boot.
   std::ifstream f("/proc/self/stat");
-  std::string stat((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  const std::string stat((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
   const size_t close = stat.rfind(')');
   if (close == std::string::npos) return -1;
-  std::istringstream rest(stat.substr(close + 2));
+  std::istringstream rest(stat.substr(close + 1));
   std::string field;
-  for (int i = 3; i <= 22 && rest >> field; ++i) {
-    if (i != 22) continue;
-    timespec ts{};
-    const long hz = sysconf(_SC_CLK_TCK);
-    if (hz <= 0 || clock_gettime(CLOCK_BOOTTIME, &ts) != 0) return -1;
-    return double(ts.tv_sec) + double(ts.tv_nsec) * 1e-9 - double(std::stoull(field)) / double(hz);
-  }
-  return -1;
+  for (int i = 3; i <= 22; ++i)
+    if (!(rest >> field)) return -1;
+  timespec ts{};
+  const long hz = sysconf(_SC_CLK_TCK);
+  if (hz <= 0 || clock_gettime(CLOCK_BOOTTIME, &ts) != 0) return -1;
+  return double(ts.tv_sec) + double(ts.tv_nsec) * 1e-9 - double(std::stoull(field)) / double(hz);
 }
 
 }  // namespace zi::cli

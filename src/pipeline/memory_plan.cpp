@@ -18,14 +18,14 @@ int64_t denoise_tokens_bound(int width, int height, int caption_len) {
   return int64_t(width / 16) * int64_t(height / 16) + 32 + caption_len + 32;
 }
 
-int64_t estimate_denoise_activation_bytes(int64_t dim, int64_t ffn_hidden, int width, int height,
-                                          int caption_len) {
+int64_t estimate_denoise_activation_bytes(int64_t dim, int64_t ffn_hidden, int width, int height, int caption_len,
+                                          int elem_bytes) {
   const int64_t tokens = denoise_tokens_bound(width, height, caption_len);
   // Attention's peak (models/zimage_dit.cpp self_attention): the residual stream, the fused q/k/v
   // projection [S, 3·dim] and q, k, v split from it = 7 × [S, dim] (8 counted: the normed input
   // and the modulation/RoPE tables besides). FFN: the fused w1/w3 output [S, 2·ffn] and the
   // SwiGLU result [S, ffn] = 3 × [S, ffn] (as with separate w1/w3: gate, up, and their product).
-  return 4 * tokens * (8 * dim + 3 * ffn_hidden);
+  return int64_t(elem_bytes) * tokens * (8 * dim + 3 * ffn_hidden);
 }
 
 // ---- the VAE decode ----------------------------------------------------------------------------

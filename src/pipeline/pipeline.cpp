@@ -472,11 +472,9 @@ std::shared_ptr<const VramPlan> make_vram_plan(const GenerateOptions& o, const M
     in.dit.name = "transformer";
     in.dit.fixed_bytes = dit_fixed_weight_bytes(dc, storage_dtype(o.transformer_dtype));
     in.dit.block_bytes = dit_block_weight_bytes(dc, o.transformer_dtype);
-    // The estimate counts f32 elements; a bf16 run's activations are half that (measured at 1024²
-    // on an H100, 2026-12-07: 279 MiB against 492 MiB estimated at 2 bytes).
-    const int64_t elem = o.precision == DType::BF16 ? 2 : 4;
+    const int elem = o.precision == DType::BF16 ? 2 : 4;  // the activations' element size
     in.dit.activation_bytes =
-        estimate_denoise_activation_bytes(dc.dim, dc.ffn_hidden(), o.width, o.height, o.max_sequence_length) / 4 * elem;
+        estimate_denoise_activation_bytes(dc.dim, dc.ffn_hidden(), o.width, o.height, o.max_sequence_length, elem);
     if (cn) {
       in.dit.fixed_bytes += controlnet_weight_bytes(*cn, o.controlnet_dtype);
       const int64_t tokens = denoise_tokens_bound(o.width, o.height, o.max_sequence_length);

@@ -164,6 +164,26 @@ cublasLtMatmulAlgo_t fastest_algo(cublasLtMatmulDesc_t op, cublasLtMatrixLayout_
   return cands[best];
 }
 
+// ZI_GEMM_TUNE: at a plan's first launch outside a recording, its algorithm becomes the fastest of
+// the heuristic's candidates on these operands (unchanged when the heuristic offers one or fails).
+// L.mu is taken here.
+void tune_once(bool& tuned, cublasLtMatmulAlgo_t& algo, cublasLtMatmulDesc_t op, cublasLtMatrixLayout_t a,
+               cublasLtMatrixLayout_t b, cublasLtMatrixLayout_t c, const void* alpha, const void* A, const void* B,
+               void* C) {
+  if (!gemm_tuning() || tuned || recording(stream())) return;
+  std::lock_guard<std::mutex> lk(lt().mu);
+  std::vector<cublasLtMatmulAlgo_t> cands;
+  try {
+    cands = heuristic_algos(op, a, b, c, A, B, C, kCandidates);
+  } catch (const std::exception&) {  // no timing then: the plan keeps its algorithm
+  }
+  if (cands.size() > 1) {
+    algo = fastest_algo(op, a, b, c, alpha, A, B, C, cands);
+    ++g_tuned_plans;
+  }
+  tuned = true;
+}
+
 Plan& plan_for(int64_t M, int64_t N, int64_t K, DType dt, bool bias, DType bias_dt, const void* x,
                const void* w, const void* y) {
   Lt& L = lt();
@@ -213,9 +233,8 @@ const NnPlan& nn_plan(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
   lt_check(cublasLtMatrixLayoutCreate(&p.b, t, uint64_t(k), uint64_t(n), ldb), "layout B");
   lt_check(cublasLtMatrixLayoutCreate(&p.c, t, uint64_t(m), uint64_t(n), ldc), "layout C");
   const std::vector<cublasLtMatmulAlgo_t> algos = heuristic_algos(p.op, p.a, p.b, p.c, A, B, C);
-  if (!algos.empty()) p.algo = algos.front();
-  ZI_CHECK(!algos.empty(), "[cublasLt] no algorithm for gemm_nn m=", m, " n=", n,
-           " k=", k);
+  ZI_CHECK(!algos.empty(), "[cublasLt] no algorithm for gemm_nn m=", m, " n=", n, " k=", k);
+  p.algo = algos.front();
   return plans.emplace(key, p).first->second;
 }
 
@@ -415,17 +434,7 @@ bool linear_fp8(Fp8Scaling sc, int64_t M, int64_t N, int64_t K, const void* x8, 
   const float one = 1.0f, zero = 0.0f;
   const void* alpha = sc == Fp8Scaling::AlphaVector ? static_cast<const void*>(scale_a) : &one;
   const void* beta = &zero;  // never read with the alpha vector (its mode fixes beta = 0)
-  if (gemm_tuning() && !p->tuned && !recording(stream())) {
-    std::lock_guard<std::mutex> lk(L.mu);
-    std::vector<cublasLtMatmulAlgo_t> cands;
-    try {
-      cands = heuristic_algos(p->op, p->a, p->b, p->c, w8, x8, y, kCandidates);
-    } catch (const std::exception&) {  // no timing then: the plan keeps its algorithm
-    }
-    if (cands.size() > 1) p->algo = fastest_algo(p->op, p->a, p->b, p->c, alpha, w8, x8, y, cands);
-    p->tuned = true;
-    g_tuned_plans += cands.size() > 1;
-  }
+  tune_once(p->tuned, p->algo, p->op, p->a, p->b, p->c, alpha, w8, x8, y);
   const cublasStatus_t s = cublasLtMatmul(L.handle, p->op, alpha, w8, p->a, x8, p->b, beta, y, p->c, y, p->c,
                                           &p->algo, L.workspace, kWorkspaceBytes, stream());
   if (s != CUBLAS_STATUS_SUCCESS) {  // refused at launch: nothing was computed
@@ -462,17 +471,7 @@ void linear(const Tensor& x, const Tensor& w_in, const Tensor* bias, Tensor& y) 
     lt_check(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp, sizeof bp), "BIAS_POINTER");
   }
   const float alpha = 1.0f, beta = 0.0f;
-  if (gemm_tuning() && !p.tuned && !recording(stream())) {
-    std::lock_guard<std::mutex> lk(L.mu);
-    std::vector<cublasLtMatmulAlgo_t> cands;
-    try {
-      cands = heuristic_algos(p.op, p.a, p.b, p.c, w.raw(), x.raw(), y.raw(), kCandidates);
-    } catch (const std::exception&) {  // no timing then: the plan keeps its algorithm
-    }
-    if (cands.size() > 1) p.algo = fastest_algo(p.op, p.a, p.b, p.c, &alpha, w.raw(), x.raw(), y.raw(), cands);
-    p.tuned = true;
-    g_tuned_plans += cands.size() > 1;
-  }
+  tune_once(p.tuned, p.algo, p.op, p.a, p.b, p.c, &alpha, w.raw(), x.raw(), y.raw());
   lt_check(cublasLtMatmul(L.handle, p.op, &alpha, w.raw(), p.a, x.raw(), p.b, &beta, y.raw(), p.c, y.raw(), p.c,
                           &p.algo, L.workspace, kWorkspaceBytes, stream()),
            "Matmul");

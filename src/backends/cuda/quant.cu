@@ -19,10 +19,10 @@
 
 #include <algorithm>
 #include <atomic>
-#include <mutex>
-#include <string>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <string>
 
 #include "backends/cuda/common.cuh"
 #include "backends/cuda/cuda_ops.h"

@@ -112,9 +112,8 @@ int sm_count() {
 
 namespace {
 std::string g_unavailable;  // why available() is false
+std::atomic<double> g_probe_seconds{0};  // available()'s first call: the driver asked, cuBLAS and cuBLASLt opened
 }  // namespace
-
-static std::atomic<double> g_probe_seconds{0};  // available()'s first call: the driver, cuBLAS and cuBLASLt opened
 
 bool available() {
   static int ok = -1;
