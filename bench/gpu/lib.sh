@@ -57,3 +57,13 @@ use_carried_diffusers() {
   [ -d /tmp/diffusers/src ] || { mkdir -p /tmp/diffusers && tar -C /tmp/diffusers -xJf .carry/diffusers_src.tar.xz; }
   export DIFFUSERS_SRC=/tmp/diffusers/src
 }
+
+# run_bench_diffusers LOG TIMEOUT MODES...: bench_diffusers.py (the diffusers anchor) with those
+# modes into $OUT/LOG, its exit status appended.
+run_bench_diffusers() {
+  local log=$1 limit=$2
+  shift 2
+  use_carried_diffusers
+  PYTHONUNBUFFERED=1 timeout "$limit" python3 bench/gpu/bench_diffusers.py models/tiny-zimage/tokenizer "$@" > "$OUT/$log" 2>&1
+  echo "rc=$?" >> "$OUT/$log"
+}

@@ -147,10 +147,7 @@ open('/tmp/zi_control.png', 'wb').write(b'\\x89PNG\\r\\n\\x1a\\n' + chunk(b'IHDR
   rm -f "$OUT"/zimage_t2i*.png "$OUT"/zimage_cn*.png
   rm -rf "$M"
   stamp "zimage controlnet done"
-  use_carried_diffusers
-  PYTHONUNBUFFERED=1 timeout 400 python3 bench/gpu/bench_diffusers.py models/tiny-zimage/tokenizer controlnet \
-    > "$OUT/diffusers_cn.log" 2>&1
-  echo "rc=$?" >> "$OUT/diffusers_cn.log"
+  run_bench_diffusers diffusers_cn.log 400 controlnet
   grep -E "RESULT|Error|error" "$OUT/diffusers_cn.log" | tail -6
   stamp "diffusers controlnet done"
 fi
@@ -182,10 +179,7 @@ PY
   done
   rm -f "$OUT"/budget_*-000?.png
   stamp "zimage budget sweep done"
-  use_carried_diffusers
-  PYTHONUNBUFFERED=1 timeout 300 python3 bench/gpu/bench_diffusers.py models/tiny-zimage/tokenizer group \
-    > "$OUT/diffusers_group.log" 2>&1
-  echo "rc=$?" >> "$OUT/diffusers_group.log"
+  run_bench_diffusers diffusers_group.log 300 group
   grep -E "RESULT|Error|error" "$OUT/diffusers_group.log" | tail -6
   stamp "diffusers group offload done"
 fi
@@ -282,19 +276,13 @@ if [[ "$WHAT" == *" scaling "* ]]; then  # (not in all) issue 19: 2048² and bat
   echo "== DiT batch at 1024²"; tail -6 "$OUT/scaling_batch.log"
   rm -f "$OUT"/zs_*.png
   stamp "zimage scaling done"
-  use_carried_diffusers
-  PYTHONUNBUFFERED=1 timeout 420 python3 bench/gpu/bench_diffusers.py models/tiny-zimage/tokenizer compile scaling \
-    > "$OUT/diffusers_scaling.log" 2>&1
-  echo "rc=$?" >> "$OUT/diffusers_scaling.log"
+  run_bench_diffusers diffusers_scaling.log 420 compile scaling
   grep -E "RESULT|compile wall|Error|error" "$OUT/diffusers_scaling.log" | tail -6
   stamp "diffusers scaling done"
 fi
 
 if want diffusers; then
-  use_carried_diffusers
-  PYTHONUNBUFFERED=1 timeout 300 python3 bench/gpu/bench_diffusers.py models/tiny-zimage/tokenizer resident compile \
-    > "$OUT/diffusers.log" 2>&1
-  echo "rc=$?" >> "$OUT/diffusers.log"
+  run_bench_diffusers diffusers.log 300 resident compile
   grep -E "CEILINGS|RESULT|compile wall|Error|error" "$OUT/diffusers.log" | tail -12
   stamp "diffusers done"
 fi
