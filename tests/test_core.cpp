@@ -73,6 +73,35 @@ TEST(Tensor, ViewsShareStorage) {
   EXPECT_THROW(t.reshape({4, 2}), Error);
 }
 
+// The e4m3 copy a producer attaches to bf16 activations (for fp8 GEMMs): shape-checked, kept by
+// reshape and by no other view or copy. (That in-place ops drop it: CudaQuant tests, where
+// copies are made.)
+TEST(Tensor, E4m3CopyIsKeptOnlyWhereTheValuesAreTheSame) {
+  Tensor x = Tensor::from_vector(std::vector<float>(64, 1.0f), {4, 16}).to(DType::BF16);
+  auto copy_of = [](int64_t rows, int64_t K) {
+    Tensor q = Tensor::empty({rows, K}, DType::F8_E4M3);
+    q.set_row_scale(Tensor::empty({rows}, DType::F32));
+    return q;
+  };
+  EXPECT_THROW(x.set_e4m3_copy(copy_of(4, 8)), Error);  // wrong width
+  EXPECT_THROW(x.set_e4m3_copy(Tensor::empty({4, 16}, DType::F8_E4M3)), Error);  // no row scales
+  EXPECT_THROW(x.to(DType::F32).set_e4m3_copy(copy_of(4, 16)), Error);  // not bf16
+  x.set_e4m3_copy(copy_of(4, 16));
+  ASSERT_NE(x.e4m3_copy(), nullptr);
+  Tensor y = x;
+  EXPECT_EQ(y.e4m3_copy(), x.e4m3_copy());
+  EXPECT_EQ(x.reshape({1, 4, 16}).e4m3_copy(), x.e4m3_copy());
+  EXPECT_EQ(x.contiguous().e4m3_copy(), x.e4m3_copy());  // the same tensor
+  EXPECT_EQ(x.slice(0, 0, 2).e4m3_copy(), nullptr);
+  EXPECT_EQ(x.slice(1, 0, 8).e4m3_copy(), nullptr);
+  EXPECT_EQ(x.permute({1, 0}).e4m3_copy(), nullptr);
+  EXPECT_EQ(x.clone().e4m3_copy(), nullptr);
+  EXPECT_EQ(x.to(DType::F32).e4m3_copy(), nullptr);
+  y.drop_e4m3_copy();
+  EXPECT_EQ(y.e4m3_copy(), nullptr);
+  EXPECT_NE(x.e4m3_copy(), nullptr);
+}
+
 TEST(Allocator, ScriptedSequenceCurrentPeakAndPhases) {
   MemoryStats& ms = memory_stats(Device::CPU);
   const int64_t base = ms.total().current;

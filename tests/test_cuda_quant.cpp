@@ -239,6 +239,73 @@ TEST(CudaQuant, FastDequantEqualsBlockKernels) {
   }
 }
 
+// The producers that write their output's e4m3 copy (rms_norm, silu_mul, silu_mul_halves with
+// e4m3_for; the DiT's inputs of q/k/v, w1/w3 and w2) give the same bf16 output as the plain op
+// and the same bytes to the fp8 GEMM as its own quantization pass: the GEMM results are equal
+// bit for bit, at the DiT's widths (3840, 10240) and at small ones (other register layouts),
+// with zero rows and outliers. An op writing into the output in place drops the copy.
+TEST(CudaQuant, ProducersE4m3CopyGivesTheSameGemm) {
+  ZI_NEED_GPU();
+  if (!fp8_tensor_cores()) GTEST_SKIP() << "no fp8 tensor cores (compute capability < 8.9)";
+  Fp8Reset reset;
+  cuda::set_fp8_gemm(true);
+  cuda::force_fp8_scaling(int(cuda::Fp8Scaling::OuterVector));
+  auto bytes_equal = [](const Tensor& a, const Tensor& b) {
+    Tensor ha = a.to_device(Device::CPU), hb = b.to_device(Device::CPU);
+    return ha.nbytes() == hb.nbytes() && std::memcmp(ha.raw(), hb.raw(), ha.nbytes()) == 0;
+  };
+  // rows × width bf16 with a zero row and one outlier per row (per-row scales differ).
+  auto act = [](int64_t M, int64_t K, uint32_t seed) {
+    Tensor x = randn({M, K}, 1.0f, seed);
+    for (int64_t m = 0; m < M; ++m) x.f32()[m * K + (m * 7) % K] *= float(1 + m % 5) * 8.0f;
+    for (int64_t k = 0; k < K; ++k) x.f32()[3 * K + k] = 0.0f;
+    return x.to(DType::BF16).to_device(Device::CUDA);
+  };
+  auto fp8_weight = [](int64_t N, int64_t K, uint32_t seed) {
+    return quant::quantize(randn({N, K}, 0.05f, seed), DType::F8_E4M3, Tag::Workspace).to_device(Device::CUDA);
+  };
+  // out = linear(y, w) with y's copy, against linear on the plain op's output.
+  auto check = [&](const Tensor& plain, Tensor fused, const Tensor& w) {
+    ASSERT_NE(fused.e4m3_copy(), nullptr) << "the producer wrote no e4m3 copy";
+    EXPECT_EQ(plain.e4m3_copy(), nullptr);
+    EXPECT_TRUE(bytes_equal(plain, fused)) << "the bf16 output differs from the plain op's";
+    const int64_t used = cuda::linear_fp8_copies_used();
+    Tensor y_plain = ops::linear(plain, w);
+    ASSERT_STREQ(cuda::linear_quant_last_path(), "fp8") << cuda::linear_fp8_last_refusal();
+    EXPECT_EQ(cuda::linear_fp8_copies_used(), used);
+    Tensor y_fused = ops::linear(fused, w);
+    ASSERT_STREQ(cuda::linear_quant_last_path(), "fp8") << cuda::linear_fp8_last_refusal();
+    EXPECT_EQ(cuda::linear_fp8_copies_used(), used + 1) << "the GEMM did not read the copy";
+    EXPECT_TRUE(bytes_equal(y_plain, y_fused)) << "the GEMM on the copy differs from the GEMM on its own pass";
+    ops::scale_(fused, 2.0f);
+    EXPECT_EQ(fused.e4m3_copy(), nullptr) << "an in-place op kept a stale copy";
+  };
+  for (int64_t D : {int64_t(256), int64_t(1024), int64_t(3840)}) {
+    SCOPED_TRACE(str_cat("rms_norm D=", D));
+    const int64_t M = 203;
+    Tensor x = act(M, D, 41);
+    Tensor nw = randn({D}, 0.5f, 42).to_device(Device::CUDA), sc = randn({D}, 1.0f, 43).to_device(Device::CUDA);
+    Tensor w = fp8_weight(128, D, 44);
+    for (const Tensor* scale : std::initializer_list<const Tensor*>{nullptr, &sc}) {
+      check(ops::rms_norm(x, nw, 1e-6f, scale), ops::rms_norm(x, nw, 1e-6f, scale, &w), w);
+    }
+  }
+  for (int64_t F : {int64_t(160), int64_t(2048), int64_t(10240)}) {
+    SCOPED_TRACE(str_cat("silu_mul F=", F));
+    const int64_t M = 75;
+    Tensor a = act(M, F, 51), b = act(M, F, 52), gu = act(M, 2 * F, 53);
+    Tensor w = fp8_weight(64, F, 54);
+    check(ops::silu_mul(a, b), ops::silu_mul(a, b, &w), w);
+    check(ops::silu_mul_halves(gu), ops::silu_mul_halves(gu, &w), w);
+  }
+  // A bf16 consumer weight, or f32 activations: no copy.
+  Tensor x = act(8, 256, 61), nw = randn({256}, 0.5f, 62).to_device(Device::CUDA);
+  Tensor wb = randn({64, 256}, 0.05f, 63).to(DType::BF16).to_device(Device::CUDA);
+  EXPECT_EQ(ops::rms_norm(x, nw, 1e-6f, nullptr, &wb).e4m3_copy(), nullptr);
+  Tensor w8 = fp8_weight(64, 256, 64);
+  EXPECT_EQ(ops::rms_norm(x.to(DType::F32), nw, 1e-6f, nullptr, &w8).e4m3_copy(), nullptr);
+}
+
 // The tiny model end to end in bf16 on the GPU: fp8 transformer weights (the tensor-core path
 // where the shapes allow it, the dequant path for the rest) against bf16 weights, and against
 // the same fp8 weights through the dequant path only.

@@ -177,6 +177,15 @@ print(f"ROW gpu_peak_GiB={j.get('gpu_peak_bytes', 0) / 2**30:.2f} streamed_GB_pe
       f"h2d_GBps={rate / 1e9:.1f} floor_s_per_step={floor:.3f} denoise_s={den[-1]['seconds'] if den else 0:.3f}")
 PY
   done
+  # ZI_BUDGET_PROFILE="8 …": one more run per budget with the GPU time of every op (is a slower
+  # decode under a budget the GPU's work, or the host's around it?).
+  for v in ${ZI_BUDGET_PROFILE:-}; do
+    ZI_CUDA_PROFILE=1 z "$BIN/zimage" generate --model "$M" -p "$PROMPT" -W 1024 -H 1024 --steps 8 --seed 1 --count 2 \
+      --device cuda --vram $v -o "$OUT/budget_prof.png" > "$OUT/budget_prof_$v.log" 2>&1
+    echo "== --vram $v profiled: phases and the decode's ops (second image)"
+    sed -n '/image 2\/2/,$p' "$OUT/budget_prof_$v.log" | grep -E "^  (denoise|decode) |^\[decode\]|total" | head -8
+    awk '/image 2\/2/{f=1} f && /^\[decode\]/{g=1} g' "$OUT/budget_prof_$v.log" | head -14
+  done
   rm -f "$OUT"/budget_*-000?.png
   stamp "zimage budget sweep done"
   run_bench_diffusers diffusers_group.log 300 group
@@ -234,10 +243,13 @@ fi
 if [[ "$WHAT" == *" quant "* ]]; then  # issue 14: weight formats at 1024², 8 steps (warm 2nd image), peaks, quality vs bf16
   M=/tmp/zrm
   need_random_model "$M"
-  # name|environment|flags: fp8 on the tensor cores (plain, and with fast accumulation), bf16 and fp8 with the GEMM
+  # name|environment|flags: fp8 on the tensor cores (plain, without the producers' e4m3 copies, with fused Q/K/V and w1/w3
+  # projections, with fast accumulation), bf16 and fp8 with the GEMM
   # algorithms timed (ZI_GEMM_TUNE=1), fp8 through the dequant path (ZI_FP8_GEMM=0), q8_0, q4_0, q4_0 + q8_0 encoder.
-  QCFGS=("bf16||" "fp8||--transformer-dtype fp8" "fp8fa|ZI_FP8_FAST_ACCUM=1|--transformer-dtype fp8"
-         "bf16tune|ZI_GEMM_TUNE=1|" "fp8tune|ZI_GEMM_TUNE=1|--transformer-dtype fp8"
+  QCFGS=("bf16||" "fp8||--transformer-dtype fp8" "fp8nocopy|ZI_E4M3_COPIES=0|--transformer-dtype fp8"
+         "fp8fused|ZI_FUSED_PROJECTIONS=1|--transformer-dtype fp8"
+         "fp8fa|ZI_FP8_FAST_ACCUM=1|--transformer-dtype fp8"
+         "fp8tune|ZI_GEMM_TUNE=1|--transformer-dtype fp8" "bf16tune|ZI_GEMM_TUNE=1|"
          "fp8deq|ZI_FP8_GEMM=0|--transformer-dtype fp8"
          "q8_0||--transformer-dtype q8_0" "q4_0||--transformer-dtype q4_0"
          "q4_0te8||--transformer-dtype q4_0 --text-encoder-dtype q8_0")

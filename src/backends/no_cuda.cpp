@@ -21,6 +21,10 @@ void cuda_convert(const void*, DType, void*, DType, size_t) { no_cuda(); }
 namespace cuda {
 
 bool available() { return false; }
+bool fp8_gemm_enabled() { return false; }  // so ops.cpp never asks for the fused producers below
+bool rms_norm_e4m3(const Tensor&, const Tensor&, float, const Tensor*, Tensor&, Tensor&) { return false; }
+bool silu_mul_e4m3(const Tensor&, const Tensor&, Tensor&, Tensor&) { return false; }
+bool silu_mul_halves_e4m3(const Tensor&, Tensor&, Tensor&) { return false; }
 std::string unavailable_reason() { return "this zimage was built without CUDA (rebuild with -DZIMAGE_CUDA=ON)"; }
 std::string profile_report() { return ""; }
 std::string device_description() { return "none (built without CUDA)"; }

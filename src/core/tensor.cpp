@@ -138,6 +138,7 @@ Tensor Tensor::slice(int d, int64_t begin, int64_t end) const {
   ZI_CHECK(0 <= begin && begin <= end && end <= shape_[size_t(d)], "[slice] range ", begin, ":", end,
            " outside dimension ", d, " of ", desc());
   Tensor t = *this;
+  t.e4m3_.reset();
   if (is_quantized(dtype_)) {  // weight formats: whole rows only
     ZI_CHECK(d == 0 && is_contiguous(), "[slice] a ", dtype_name(dtype_), " tensor can only be sliced by rows, got ",
              desc());
@@ -153,6 +154,7 @@ Tensor Tensor::slice(int d, int64_t begin, int64_t end) const {
 Tensor Tensor::permute(const std::vector<int>& order) const {
   ZI_CHECK(int(order.size()) == ndim(), "[permute] order has ", order.size(), " entries for ", desc());
   Tensor t = *this;
+  t.e4m3_.reset();
   for (size_t i = 0; i < order.size(); ++i) {
     t.shape_[i] = shape_[size_t(order[i])];
     t.strides_[i] = strides_[size_t(order[i])];
@@ -229,6 +231,15 @@ void Tensor::set_row_scale(Tensor s) {
   ZI_CHECK(s.dtype() == DType::F32 && s.ndim() == 1 && s.dim(0) == dim(0) && s.is_contiguous(),
            "[tensor] row scales of ", desc(), " must be f32[", dim(0), "], got ", s.desc());
   row_scale_ = std::make_shared<Tensor>(std::move(s));
+}
+
+void Tensor::set_e4m3_copy(Tensor q) {
+  ZI_CHECK(dtype_ == DType::BF16 && ndim() >= 1 && is_contiguous(), "[tensor] an e4m3 copy belongs to contiguous bf16 activations, not ",
+           desc());
+  ZI_CHECK(q.dtype() == DType::F8_E4M3 && q.ndim() == 2 && q.dim(1) == dim(-1) && q.numel() == numel() && q.row_scale() &&
+               q.device() == device(),
+           "[tensor] the e4m3 copy of ", desc(), " must be f8_e4m3[rows, ", dim(-1), "] with row scales, got ", q.desc());
+  e4m3_ = std::make_shared<const Tensor>(std::move(q));
 }
 
 void Tensor::copy_from(const Tensor& src) const {

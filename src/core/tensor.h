@@ -78,6 +78,13 @@ class Tensor {
   // F8_E4M3 weights: the per-row (output channel) f32 scales, value = e4m3 · scale[row].
   const Tensor* row_scale() const { return row_scale_.get(); }
   void set_row_scale(Tensor s);
+  // bf16 activations [.., K]: an e4m3 copy of exactly these values, F8_E4M3 [rows, K] with per-row
+  // scales (row_scale), written by the op that produced them for the fp8 GEMMs that read them
+  // (ops::rms_norm / silu_mul with `e4m3_for`). reshape keeps it, every other view, copy or
+  // conversion drops it, and an op writing into the tensor in place drops it from that handle.
+  const Tensor* e4m3_copy() const { return e4m3_.get(); }
+  void set_e4m3_copy(Tensor q);
+  void drop_e4m3_copy() { e4m3_.reset(); }
   bool is_contiguous() const;
 
   void* raw() const { return static_cast<char*>(storage_->data) + offset_; }
@@ -110,6 +117,7 @@ class Tensor {
   Shape shape_;
   Shape strides_;
   std::shared_ptr<Tensor> row_scale_;  // F8_E4M3 only
+  std::shared_ptr<const Tensor> e4m3_;  // BF16 activations only
 };
 
 Shape contiguous_strides(const Shape& shape);

@@ -361,17 +361,19 @@ Tensor self_attention(const DitBlock& b, const DitConfig& c, Tensor h, const Rop
 // [R, D] → [R, D]: w2(SiLU(w1·y) ⊙ w3·y), y = ffn_norm1(x) (⊙ scale_mlp) (§3.9); the caller
 // applies ffn_norm2 fused with the residual add.
 Tensor feed_forward(const DitBlock& b, float eps, const Tensor& x_rows, const Tensor* scale) {
-  Tensor y = ops::rms_norm(x_rows, b.ffn_norm1, eps, scale);  // [R, D]
+  // Each producer is told its consumer's weight: fp8 weights on the GPU get their input's e4m3
+  // copy from it (ops::rms_norm), no separate quantization pass.
+  Tensor y = ops::rms_norm(x_rows, b.ffn_norm1, eps, scale, b.w13.defined() ? &b.w13 : &b.w1);  // [R, D]
   Tensor act;
   if (b.w13.defined()) {
     Tensor gu = ops::linear(y, b.w13);  // [R, 2F]: [w1·y | w3·y] per row, one GEMM
     y = Tensor();
-    act = ops::silu_mul_halves(gu);     // [R, F]
+    act = ops::silu_mul_halves(gu, &b.w2);  // [R, F]
   } else {
     Tensor gate = ops::linear(y, b.w1);  // [R, F]
     Tensor up = ops::linear(y, b.w3);    // [R, F]
     y = Tensor();
-    act = ops::silu_mul(gate, up);  // [R, F]
+    act = ops::silu_mul(gate, up, &b.w2);  // [R, F]
   }
   Tensor out = ops::linear(act, b.w2);  // [R, D]
   act = Tensor();
@@ -386,7 +388,8 @@ void block_forward(const DitBlock& b, const DitConfig& cfg, Tensor& x, const Ten
   const bool mod = b.modulated();
   const Modulation md = mod ? modulation(b, c) : Modulation{};
 
-  Tensor h = ops::rms_norm(x, b.attention_norm1, eps, mod ? &md.scale_msa : nullptr);  // [S, D]
+  Tensor h = ops::rms_norm(x, b.attention_norm1, eps, mod ? &md.scale_msa : nullptr,
+                           b.qkv.defined() ? &b.qkv : &b.to_q);  // [S, D]
   Tensor a = self_attention(b, cfg, std::move(h), rope, segs);                         // [S, D]
   ops::rms_norm_add_(x, a, b.attention_norm2, eps, mod ? &md.gate_msa : nullptr);    // x += gate ⊙ norm2(a)
   a = Tensor();

@@ -6,6 +6,8 @@
 #include "ops/ops.h"
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "backends/cpu/cpu_ops.h"
 #include "backends/cuda/cuda_ops.h"
@@ -36,10 +38,16 @@ bool act_dtype_ok(const Tensor& t) {
 }
 
 // An activation that the op writes in place: must be contiguous already.
-void require_act_inplace(const char* op, const Tensor& t) {
+void require_act_contiguous(const char* op, const Tensor& t) {
   ZI_CHECK(t.defined(), "[", op, "] undefined tensor");
   ZI_CHECK(act_dtype_ok(t) && t.is_contiguous(), "[", op, "] needs a contiguous ",
            t.device() == Device::CUDA ? "f32/bf16" : "f32", " tensor, got ", t.desc());
+}
+
+// An activation written in place: checked, and its e4m3 copy (if any) dropped, as it is stale now.
+void require_act_inplace(const char* op, Tensor& t) {
+  require_act_contiguous(op, t);
+  t.drop_e4m3_copy();
 }
 
 // An activation that is only read, on device d: a contiguous copy is made if needed.
@@ -81,6 +89,40 @@ void require_same_shape(const char* op, const Tensor& a, const Tensor& b) {
 #else
 #define ZI_OP(op, d, fn, ...) ((void)(op), (void)(d), cpu::fn(__VA_ARGS__))
 #endif
+
+// The producers of an fp8 GEMM's input (rms_norm, silu_mul, silu_mul_halves with `e4m3_for`):
+// when the consuming weight is fp8 and the output bf16 on the GPU with fp8 GEMMs on, `fused`
+// runs the producer's e4m3 variant into q (F8_E4M3 [rows, K] with row scales) and the copy is
+// attached to out; otherwise, or where the variant does not take the shape, `plain` runs.
+// (A CPU-only build's cuda::fp8_gemm_enabled() is false: the fused variants are never called.)
+// ZI_E4M3_COPIES=0 turns them off (A/B runs against the separate pass).
+bool e4m3_copies_on() {
+  static const bool on = [] {
+    const char* e = std::getenv("ZI_E4M3_COPIES");
+    return !(e && std::strcmp(e, "0") == 0);
+  }();
+  return on;
+}
+
+template <class Fused, class Plain>
+void produce_for(const Tensor* e4m3_for, Device d, Tensor& out, const char* op, Fused fused, Plain plain) {
+  if (e4m3_for && e4m3_copies_on() && e4m3_for->dtype() == DType::F8_E4M3 && d == Device::CUDA && out.dtype() == DType::BF16 &&
+      out.numel() > 0 && cuda::fp8_gemm_enabled()) {
+    const int64_t K = out.dim(-1), rows = out.numel() / K;
+    Tensor q = Tensor::empty({rows, K}, DType::F8_E4M3, Tag::Activations, d);
+    q.set_row_scale(Tensor::empty({rows}, DType::F32, Tag::Activations, d));
+#ifdef ZIMAGE_HAVE_CUDA
+    cuda::OpTimer prof(op);
+#else
+    (void)op;
+#endif
+    if (fused(q)) {
+      out.set_e4m3_copy(std::move(q));
+      return;
+    }
+  }
+  plain();
+}
 
 }  // namespace
 
@@ -143,7 +185,7 @@ void rms_norm_(Tensor& x, const Tensor& weight, float eps) {
   ZI_OP("rms_norm_", d, rms_norm_, x, w, eps);
 }
 
-Tensor rms_norm(const Tensor& x_in, const Tensor& weight, float eps, const Tensor* scale) {
+Tensor rms_norm(const Tensor& x_in, const Tensor& weight, float eps, const Tensor* scale, const Tensor* e4m3_for) {
   const Device d = device_of("rms_norm", x_in);
   Tensor x = act_input("rms_norm", x_in, d);
   Tensor w = weight_input("rms_norm", "weight", weight, d);
@@ -155,7 +197,10 @@ Tensor rms_norm(const Tensor& x_in, const Tensor& weight, float eps, const Tenso
     require_vector("rms_norm", "scale", s, x.dim(-1));
   }
   Tensor y = Tensor::empty(x.shape(), x.dtype(), Tag::Activations, d);
-  ZI_OP("rms_norm", d, rms_norm, x, w, eps, scale ? &s : nullptr, y);
+  const Tensor* sp = scale ? &s : nullptr;
+  produce_for(
+      e4m3_for, d, y, "rms_norm+e4m3", [&](Tensor& q) { return cuda::rms_norm_e4m3(x, w, eps, sp, y, q); },
+      [&] { ZI_OP("rms_norm", d, rms_norm, x, w, eps, sp, y); });
   return y;
 }
 
@@ -208,7 +253,7 @@ std::vector<double> group_region_sums(const Tensor& x, int groups, int64_t y0, i
                                       const std::vector<double>& mean) {
   const char* op = "group_region_sums";
   const Device d = device_of(op, x);
-  require_act_inplace(op, x);
+  require_act_contiguous(op, x);
   ZI_CHECK(x.ndim() == 3, "[", op, "] x must be [C, H, W], got ", x.desc());
   ZI_CHECK(groups > 0 && x.dim(0) % groups == 0, "[", op, "] ", groups, " groups do not divide C of ", x.desc());
   ZI_CHECK(0 <= y0 && y0 <= y1 && y1 <= x.dim(1) && 0 <= x0 && x0 <= x1 && x1 <= x.dim(2), "[", op,
@@ -258,24 +303,30 @@ void tanh_(Tensor& x) {
   ZI_OP("tanh_", d, tanh_, x);
 }
 
-Tensor silu_mul(const Tensor& a_in, const Tensor& b_in) {
+Tensor silu_mul(const Tensor& a_in, const Tensor& b_in, const Tensor* e4m3_for) {
   const Device d = device_of("silu_mul", a_in);
   Tensor a = act_input("silu_mul", a_in, d), b = act_input("silu_mul", b_in, d);
   require_same_shape("silu_mul", a, b);
   ZI_CHECK(a.dtype() == b.dtype(), "[silu_mul] dtypes differ: ", a.desc(), " vs ", b.desc());
   Tensor out = Tensor::empty(a.shape(), a.dtype(), Tag::Activations, d);
-  ZI_OP("silu_mul", d, silu_mul, a, b, out);
+  produce_for(
+      e4m3_for, d, out, "silu_mul+e4m3", [&](Tensor& q) { return cuda::silu_mul_e4m3(a, b, out, q); },
+      [&] { ZI_OP("silu_mul", d, silu_mul, a, b, out); });
   return out;
 }
 
-Tensor silu_mul_halves(const Tensor& y_in) {
+Tensor silu_mul_halves(const Tensor& y_in, const Tensor* e4m3_for) {
   const Device d = device_of("silu_mul_halves", y_in);
   Tensor y = act_input("silu_mul_halves", y_in, d);
   ZI_CHECK(y.ndim() >= 1 && y.dim(-1) % 2 == 0, "[silu_mul_halves] the last dimension must be even, got ", y.desc());
   Shape os = y.shape();
   os.back() /= 2;
   Tensor out = Tensor::empty(os, y.dtype(), Tag::Activations, d);
-  if (out.numel() > 0) ZI_OP("silu_mul_halves", d, silu_mul_halves, y, out);
+  produce_for(
+      e4m3_for, d, out, "silu_mul_halves+e4m3", [&](Tensor& q) { return cuda::silu_mul_halves_e4m3(y, out, q); },
+      [&] {
+        if (out.numel() > 0) ZI_OP("silu_mul_halves", d, silu_mul_halves, y, out);
+      });
   return out;
 }
 
@@ -327,7 +378,7 @@ void add_gated_(Tensor& x, const Tensor& v_in, const Tensor& y_in) {
 }
 
 // Shared checks of both RoPE forms: x [S, H, D] with D even, cos/sin [S, D/2] f32.
-static Device check_rope(const char* op, const Tensor& x, const Tensor& cos, const Tensor& sin) {
+static Device check_rope(const char* op, Tensor& x, const Tensor& cos, const Tensor& sin) {
   const Device d = device_of(op, x);
   require_act_inplace(op, x);
   ZI_CHECK(x.ndim() == 3 && x.dim(2) % 2 == 0, "[", op, "] x must be [S, H, D] with D even, got ", x.desc());

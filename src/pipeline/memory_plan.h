@@ -16,7 +16,9 @@ namespace zi {
 // Activation bytes of one denoising step at width × height with a caption of caption_len
 // tokens: the residual stream, normed copy, q, k, v, attention output (~6 × [S, dim]) and the
 // FFN (3 × [S, ffn]), in elements of `elem_bytes` (4: f32; a bf16 run's activations are 2 bytes —
-// measured at 1024² on an H100, 2026-12-07: 279 MiB against 492 MiB estimated at 2 bytes).
+// measured at 1024² on an H100, 2026-12-07: 279 MiB against 492 MiB estimated at 2 bytes). fp8
+// weights add the e4m3 copies of the GEMM inputs (1 byte per element of [S, dim] and [S, ffn],
+// in place of the quantization scratch they save), inside that margin.
 int64_t estimate_denoise_activation_bytes(int64_t dim, int64_t ffn_hidden, int width, int height, int caption_len,
                                           int elem_bytes = 4);
 // The unified sequence's length at most: image tokens and caption, each with a pad block.

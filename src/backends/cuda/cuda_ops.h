@@ -112,6 +112,17 @@ void linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y);
 // ZI_FP8_GEMM=0 in the environment, or set_fp8_gemm(false), forces the dequant path for fp8;
 // set_fast_dequant(false) forces the per-block dequant kernels (tests compare).
 void linear_quant(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y);
+// Producers of fp8 GEMM inputs: the op (rms_norm, silu_mul, silu_mul_halves on bf16) that also
+// writes the e4m3 copy of its output q (F8_E4M3 [rows, K] with row_scale [rows]) with the bytes
+// and scales linear_quant's own quantization would write (e4m3_rows.cuh), so an fp8 GEMM that
+// reads the copy (Tensor::e4m3_copy; outer-vector scaling only) gives the same result without
+// its separate pass. false, nothing computed, for shapes or dtypes the fused kernels do not take.
+bool rms_norm_e4m3(const Tensor& x, const Tensor& weight, float eps, const Tensor* scale, Tensor& y, Tensor& q);
+bool silu_mul_e4m3(const Tensor& a, const Tensor& b, Tensor& out, Tensor& q);
+bool silu_mul_halves_e4m3(const Tensor& y, Tensor& out, Tensor& q);
+// How many fp8 GEMMs read their input's e4m3 copy instead of quantizing it (tests, profiles).
+int64_t linear_fp8_copies_used();
+bool fp8_gemm_enabled();
 void set_fp8_gemm(bool on);
 void set_fast_dequant(bool on);
 const char* linear_quant_last_path();  // "fp8" or "dequant": the path of the latest linear_quant

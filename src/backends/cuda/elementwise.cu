@@ -3,6 +3,7 @@
 // result rounded once to the activation dtype.
 #include "backends/cuda/common.cuh"
 #include "backends/cuda/cuda_ops.h"
+#include "backends/cuda/e4m3_rows.cuh"
 
 namespace zi::cuda {
 namespace {
@@ -65,6 +66,62 @@ __global__ void silu_mul_halves_vec(const T* y, T* o, int64_t fv, int64_t nv) {
     store_vec(o + v * N, fa);
   }
 }
+// SwiGLU of one bf16 row per block (a and b rows `stride` elements apart: separate tensors, or
+// the halves of one) with the e4m3 copy of the bf16 result (e4m3_rows.cuh): o [R, F], q [R, F],
+// qs [R]. The row stays in registers (F ≤ VPT · 8 · kRowThreads) between the max and the bytes.
+constexpr int kRowThreads = 256;
+template <int VPT>
+__global__ void __launch_bounds__(kRowThreads) silu_mul_rows_e4m3(const bf16* a, const bf16* b, int64_t stride,
+                                                                  bf16* o, uint8_t* q, float* qs, int F) {
+  const bf16* ar = a + int64_t(blockIdx.x) * stride;
+  const bf16* br = b + int64_t(blockIdx.x) * stride;
+  bf16* orow = o + int64_t(blockIdx.x) * F;
+  float f[VPT][8];
+  float m = 0.0f;
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    const int j = (threadIdx.x + i * kRowThreads) * 8;
+    if (j >= F) continue;
+    float fb[8];
+    load_vec(ar + j, f[i]);
+    load_vec(br + j, fb);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) f[i][e] = silu_f(f[i][e]) * fb[e];
+    store_vec(orow + j, f[i]);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      f[i][e] = bf16_rounded(f[i][e]);
+      m = fmaxf(m, fabsf(f[i][e]));
+    }
+  }
+  const float sc = e4m3_row_scale(block_max(m));
+  if (threadIdx.x == 0) qs[blockIdx.x] = sc;
+  uint8_t* qrow = q + int64_t(blockIdx.x) * F;
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    const int j = (threadIdx.x + i * kRowThreads) * 8;
+    if (j < F) store_e4m3x8(f[i], sc, qrow + j);
+  }
+}
+
+// a and b: rows R of F bf16 values, `stride` apart; false (nothing done) for shapes the row
+// kernel does not take.
+bool silu_mul_e4m3_rows(const bf16* a, const bf16* b, int64_t stride, int64_t R, int64_t F, Tensor& out, Tensor& q) {
+  const int64_t fv = F / 8;
+  const auto al = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  if (!R || F % 16 || stride % 8 || !al(a) || !al(b) || !al(out.raw()) || !al(q.raw())) return false;
+  bf16* o = out.data<bf16>();
+  uint8_t* qp = static_cast<uint8_t*>(q.raw());
+  float* qs = q.row_scale()->data<float>();
+  if (fv <= 2 * kRowThreads) silu_mul_rows_e4m3<2><<<unsigned(R), kRowThreads, 0, stream()>>>(a, b, stride, o, qp, qs, int(F));
+  else if (fv <= 4 * kRowThreads) silu_mul_rows_e4m3<4><<<unsigned(R), kRowThreads, 0, stream()>>>(a, b, stride, o, qp, qs, int(F));
+  else if (fv <= 6 * kRowThreads) silu_mul_rows_e4m3<6><<<unsigned(R), kRowThreads, 0, stream()>>>(a, b, stride, o, qp, qs, int(F));
+  else if (fv <= 8 * kRowThreads) silu_mul_rows_e4m3<8><<<unsigned(R), kRowThreads, 0, stream()>>>(a, b, stride, o, qp, qs, int(F));
+  else return false;
+  ZI_CUDA_LAUNCHED();
+  return true;
+}
+
 template <class T>
 __global__ void add_vec(T* x, const T* y, int64_t nv) {
   constexpr int N = Vec<T>::N;
@@ -183,6 +240,18 @@ void silu_mul(const Tensor& a, const Tensor& b, Tensor& out) {
                                                                                       out.data<T>(), n));
   }
   ZI_CUDA_LAUNCHED();
+}
+
+bool silu_mul_e4m3(const Tensor& a, const Tensor& b, Tensor& out, Tensor& q) {
+  const int64_t F = a.dim(-1);
+  if (a.dtype() != DType::BF16 || !F) return false;
+  return silu_mul_e4m3_rows(a.data<bf16>(), b.data<bf16>(), F, a.numel() / F, F, out, q);
+}
+
+bool silu_mul_halves_e4m3(const Tensor& y, Tensor& out, Tensor& q) {
+  const int64_t F = out.dim(-1);
+  if (y.dtype() != DType::BF16 || !F) return false;
+  return silu_mul_e4m3_rows(y.data<bf16>(), y.data<bf16>() + F, 2 * F, out.numel() / F, F, out, q);
 }
 
 void silu_mul_halves(const Tensor& y, Tensor& out) {

@@ -7,6 +7,7 @@
 
 #include "backends/cuda/common.cuh"
 #include "backends/cuda/cuda_ops.h"
+#include "backends/cuda/e4m3_rows.cuh"
 
 namespace zi::cuda {
 namespace {
@@ -135,9 +136,13 @@ __device__ __forceinline__ void load_f32n(const float* p, float (&f)[N]) {
 
 // kAdd false: out = in·inv(in)·w (⊙ mul), out may be in (mul: a scale).
 // kAdd true:  out += mul ⊙ (in·inv(in)·w) (mul: a gate).      mul null: 1.
-template <class T, int VPT, bool kAdd>
+// kQ (bf16, kAdd false): also the e4m3 copy of the bf16 row written, q [R, D] and qs [R]
+// (e4m3_rows.cuh: the bytes and scales quant.cu's separate pass would write).
+template <class T, int VPT, bool kAdd, bool kQ = false>
 __global__ void __launch_bounds__(kRegThreads) rms_norm_reg(const T* in, T* out, const float* w, const float* mul,
-                                                            int D, float eps) {
+                                                            int D, float eps, uint8_t* q = nullptr,
+                                                            float* qs = nullptr) {
+  static_assert(!kQ || (!kAdd && sizeof(T) == 2), "the e4m3 copy is of bf16 norms");
   constexpr int N = Vec<T>::N;
   const T* ir = in + int64_t(blockIdx.x) * D;
   T* orow = out + int64_t(blockIdx.x) * D;
@@ -178,6 +183,24 @@ __global__ void __launch_bounds__(kRegThreads) rms_norm_reg(const T* in, T* out,
       else f[i][e] = t * wv[e];
     }
     store_vec(orow + j, f[i]);
+  }
+  if constexpr (kQ) {
+    float m = 0.0f;
+#pragma unroll
+    for (int i = 0; i < VPT; ++i)
+#pragma unroll
+      for (int e = 0; e < N; ++e) {
+        f[i][e] = bf16_rounded(f[i][e]);  // rows past D hold 0
+        m = fmaxf(m, fabsf(f[i][e]));
+      }
+    const float sc = e4m3_row_scale(block_max(m));
+    if (threadIdx.x == 0) qs[blockIdx.x] = sc;
+    uint8_t* qrow = q + int64_t(blockIdx.x) * D;
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) {
+      const int j = (threadIdx.x + i * kRegThreads) * N;
+      if (j < D) store_e4m3x8(f[i], sc, qrow + j);
+    }
   }
 }
 
@@ -401,6 +424,24 @@ void rms_norm(const Tensor& x, const Tensor& weight, float eps, const Tensor* sc
   if (y.raw() != x.raw()) ZI_CUDA(cudaMemcpyAsync(y.raw(), x.raw(), x.nbytes(), cudaMemcpyDeviceToDevice, stream()));
   rms_norm_(y, weight, eps);
   if (scale) mul_rows_(y, *scale);
+}
+
+bool rms_norm_e4m3(const Tensor& x, const Tensor& weight, float eps, const Tensor* scale, Tensor& y, Tensor& q) {
+  const int64_t D = x.dim(-1), R = x.numel() / D;
+  const int vpt = reg_vpt(D, x.dtype());
+  if (!R || x.dtype() != DType::BF16 || !vec_ok(x, D) || !vec_ok(y, D) || !vpt || D % 16 ||
+      reinterpret_cast<uintptr_t>(q.raw()) % 16)
+    return false;
+  Tensor w = f32_vector(weight), sc = scale ? f32_vector(*scale) : Tensor();
+  const float* sp = scale ? sc.data<float>() : nullptr;
+  uint8_t* qp = static_cast<uint8_t*>(q.raw());
+  float* qs = q.row_scale()->data<float>();
+  using T = bf16;
+  if (vpt == 1) rms_norm_reg<T, 1, false, true><<<unsigned(R), kRegThreads, 0, stream()>>>(x.data<T>(), y.data<T>(), w.data<float>(), sp, int(D), eps, qp, qs);
+  else if (vpt == 2) rms_norm_reg<T, 2, false, true><<<unsigned(R), kRegThreads, 0, stream()>>>(x.data<T>(), y.data<T>(), w.data<float>(), sp, int(D), eps, qp, qs);
+  else rms_norm_reg<T, 4, false, true><<<unsigned(R), kRegThreads, 0, stream()>>>(x.data<T>(), y.data<T>(), w.data<float>(), sp, int(D), eps, qp, qs);
+  ZI_CUDA_LAUNCHED();
+  return true;
 }
 
 void rms_norm_add_(Tensor& x, Tensor& y, const Tensor& weight, float eps, const Tensor* gate) {

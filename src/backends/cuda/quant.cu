@@ -26,6 +26,7 @@
 
 #include "backends/cuda/common.cuh"
 #include "backends/cuda/cuda_ops.h"
+#include "backends/cuda/e4m3_rows.cuh"
 
 namespace zi::cuda {
 namespace {
@@ -220,40 +221,17 @@ __global__ void dequant_fp8_bf16(const uint8_t* __restrict__ src, const float* _
 
 // ---- per-row (token) e4m3 quantization of bf16 activations (K a multiple of 8) ----
 
-__device__ __forceinline__ float block_max(float v, float* red) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  const int w = threadIdx.x / 32, l = threadIdx.x % 32;
-  if (l == 0) red[w] = v;
-  __syncthreads();
-  if (w == 0) {
-    v = l < int(blockDim.x / 32) ? red[l] : 0.0f;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    if (l == 0) red[0] = v;
-  }
-  __syncthreads();
-  return red[0];
-}
-
-// 8 bf16 values at x (16-byte aligned) → rne-satfinite(x / s) as e4m3 bytes at q (8-byte aligned).
-__device__ __forceinline__ void store_e4m3x8(const bf16* x, float s, uint8_t* q) {
+// 8 bf16 values at x (16-byte aligned) → e4m3 bytes at q (8-byte aligned), scale s.
+__device__ __forceinline__ void store_e4m3x8_bf16(const bf16* x, float s, uint8_t* q) {
   float f[8];
   load_vec<bf16>(x, f);
-  uint32_t w[2] = {0, 0};
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const uint32_t b = __nv_cvt_float_to_fp8(__fdiv_rn(f[i], s), __NV_SATFINITE, __NV_E4M3);
-    w[i / 4] |= (b & 0xffu) << (8 * (i % 4));
-  }
-  *reinterpret_cast<uint2*>(q) = make_uint2(w[0], w[1]);
+  store_e4m3x8(f, s, q);
 }
 
 // One block per row: max|x| (the row is read twice; the second read hits L2), scale =
 // max / 448 (1 for a zero row), byte = rne-satfinite(x / scale).
 __global__ void quantize_rows_e4m3(const bf16* __restrict__ x, uint8_t* __restrict__ q, float* __restrict__ scale,
                                    int64_t K) {
-  __shared__ float red[32];
   const bf16* row = x + blockIdx.x * K;
   uint8_t* qrow = q + blockIdx.x * K;
   float m = 0.0f;
@@ -263,18 +241,16 @@ __global__ void quantize_rows_e4m3(const bf16* __restrict__ x, uint8_t* __restri
 #pragma unroll
     for (int i = 0; i < 8; ++i) m = fmaxf(m, fabsf(f[i]));
   }
-  m = block_max(m, red);
-  const float s = m > 0.0f ? __fdiv_rn(m, 448.0f) : 1.0f;
+  const float s = e4m3_row_scale(block_max(m));
   if (threadIdx.x == 0) scale[blockIdx.x] = s;
   for (int64_t c = threadIdx.x * 8; c < K; c += int64_t(blockDim.x) * 8) {
-    store_e4m3x8(row + c, s, qrow + c);
+    store_e4m3x8_bf16(row + c, s, qrow + c);
   }
 }
 
 // max|x| over the whole tensor into *amax (as its bits: non-negative floats order like their
 // bit patterns; *amax starts at 0).
 __global__ void absmax_bf16(const bf16* __restrict__ x, int64_t n8, unsigned* __restrict__ amax) {
-  __shared__ float red[32];
   float m = 0.0f;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n8; i += int64_t(gridDim.x) * blockDim.x) {
     float f[8];
@@ -282,7 +258,7 @@ __global__ void absmax_bf16(const bf16* __restrict__ x, int64_t n8, unsigned* __
 #pragma unroll
     for (int k = 0; k < 8; ++k) m = fmaxf(m, fabsf(f[k]));
   }
-  m = block_max(m, red);
+  m = block_max(m);
   if (threadIdx.x == 0) atomicMax(amax, __float_as_uint(m));
 }
 
@@ -293,13 +269,13 @@ __global__ void quantize_tensor_e4m3(const bf16* __restrict__ x, uint8_t* __rest
                                      const unsigned* __restrict__ amax, float* __restrict__ scale,
                                      const float* __restrict__ w_s, float* __restrict__ alpha, int64_t N) {
   const float m = __uint_as_float(*amax);
-  const float s = m > 0.0f ? __fdiv_rn(m, 448.0f) : 1.0f;
+  const float s = e4m3_row_scale(m);
   const int64_t t0 = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (t0 == 0) *scale = s;
   if (alpha)
     for (int64_t n = t0; n < N; n += int64_t(gridDim.x) * blockDim.x) alpha[n] = w_s ? s * w_s[n] : s;
   for (int64_t i = t0; i < n8; i += int64_t(gridDim.x) * blockDim.x) {
-    store_e4m3x8(x + i * 8, s, q + i * 8);
+    store_e4m3x8_bf16(x + i * 8, s, q + i * 8);
   }
 }
 
@@ -325,6 +301,10 @@ std::atomic<bool> g_fast_dequant{true};  // off: the per-block kernels (tests co
 bool fast_dequant() { return g_fast_dequant.load(); }
 std::atomic<const char*> g_last_path{""};
 
+std::atomic<int64_t> g_copies_used{0};
+
+}  // namespace
+
 bool fp8_gemm_enabled() {
   int v = g_fp8_gemm.load();
   if (v < 0) {
@@ -334,6 +314,8 @@ bool fp8_gemm_enabled() {
   }
   return v == 1;
 }
+
+namespace {
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
@@ -358,8 +340,11 @@ bool try_linear_fp8(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor
   if (!x.is_contiguous() || !y.is_contiguous() || !aligned16(x.raw()) || !aligned16(w.raw()))
     return refuse("operands not contiguous or not 16-byte aligned");
   const float* ws = w.row_scale() ? w.row_scale()->data<float>() : nullptr;
-  Tensor xq = scratch(M * K);
-  const int sc = fp8_scaling_for(M, N, K, bias != nullptr, xq.raw(), w.raw(), y.raw());
+  // The producer's e4m3 copy of x (Tensor::e4m3_copy), else quantized here into scratch.
+  const Tensor* xc = x.e4m3_copy();
+  if (xc && !(xc->dim(0) == M && xc->dim(1) == K && aligned16(xc->raw()))) xc = nullptr;
+  Tensor xq = xc ? Tensor() : scratch(M * K);
+  const int sc = fp8_scaling_for(M, N, K, bias != nullptr, xc ? xc->raw() : xq.raw(), w.raw(), y.raw());
   if (sc < 0) {
     const std::string plan = fp8_plan_refusal();
     return refuse(plan.empty() ? str_cat("no scaling allowed for M=", M, " N=", N, " K=", K,
@@ -369,10 +354,18 @@ bool try_linear_fp8(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor
   const Fp8Scaling scaling = Fp8Scaling(sc);
   Tensor b;
   if (bias) b = bias->dtype() == DType::BF16 ? bias->contiguous(Tag::Workspace) : bias->to(DType::BF16, Tag::Workspace);
-  uint8_t* q = static_cast<uint8_t*>(xq.raw());
+  if (xc && scaling != Fp8Scaling::OuterVector) {  // per-row scales are of no use: quantize here
+    xc = nullptr;
+    xq = scratch(M * K);
+  }
+  uint8_t* q = static_cast<uint8_t*>(xc ? xc->raw() : xq.raw());
   if (scaling == Fp8Scaling::OuterVector) {
-    Tensor xs = Tensor::empty({M}, DType::F32, Tag::Workspace, Device::CUDA);
-    {
+    Tensor xs;
+    if (xc) {
+      xs = *xc->row_scale();
+      g_copies_used.fetch_add(1);
+    } else {
+      xs = Tensor::empty({M}, DType::F32, Tag::Workspace, Device::CUDA);
       OpTimer prof("fp8_act_quant");
       quantize_rows_e4m3<<<unsigned(M), 256, 0, stream()>>>(x.data<bf16>(), q, xs.data<float>(), K);
       ZI_CUDA_LAUNCHED();
@@ -444,6 +437,7 @@ int fmt_code(DType t) {
 void set_fast_dequant(bool on) { g_fast_dequant.store(on); }
 void set_fp8_gemm(bool on) { g_fp8_gemm.store(on ? 1 : 0); }
 const char* linear_quant_last_path() { return g_last_path.load(); }
+int64_t linear_fp8_copies_used() { return g_copies_used.load(); }
 const char* linear_fp8_last_scaling() { return g_last_scaling.load(); }
 std::string linear_fp8_last_refusal() {
   std::lock_guard<std::mutex> lk(g_refusal_mu);
