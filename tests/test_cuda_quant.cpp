@@ -80,6 +80,7 @@ Tensor quantize_like_last_fp8(const Tensor& x) {
 
 struct Fp8Reset {
   ~Fp8Reset() {
+    cuda::set_e4m3_copies(false);
     cuda::set_fp8_gemm(true);
     cuda::set_fast_dequant(true);
     cuda::force_fp8_scaling(-2);
@@ -249,6 +250,7 @@ TEST(CudaQuant, ProducersE4m3CopyGivesTheSameGemm) {
   if (!fp8_tensor_cores()) GTEST_SKIP() << "no fp8 tensor cores (compute capability < 8.9)";
   Fp8Reset reset;
   cuda::set_fp8_gemm(true);
+  cuda::set_e4m3_copies(true);
   cuda::force_fp8_scaling(int(cuda::Fp8Scaling::OuterVector));
   auto bytes_equal = [](const Tensor& a, const Tensor& b) {
     Tensor ha = a.to_device(Device::CPU), hb = b.to_device(Device::CPU);

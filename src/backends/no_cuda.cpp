@@ -21,7 +21,7 @@ void cuda_convert(const void*, DType, void*, DType, size_t) { no_cuda(); }
 namespace cuda {
 
 bool available() { return false; }
-bool fp8_gemm_enabled() { return false; }  // so ops.cpp never asks for the fused producers below
+bool e4m3_copies_enabled() { return false; }  // so ops.cpp never asks for the fused producers below
 bool rms_norm_e4m3(const Tensor&, const Tensor&, float, const Tensor*, Tensor&, Tensor&) { return false; }
 bool silu_mul_e4m3(const Tensor&, const Tensor&, Tensor&, Tensor&) { return false; }
 bool silu_mul_halves_e4m3(const Tensor&, Tensor&, Tensor&) { return false; }

@@ -6,8 +6,6 @@
 #include "ops/ops.h"
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 
 #include "backends/cpu/cpu_ops.h"
 #include "backends/cuda/cuda_ops.h"
@@ -94,20 +92,11 @@ void require_same_shape(const char* op, const Tensor& a, const Tensor& b) {
 // when the consuming weight is fp8 and the output bf16 on the GPU with fp8 GEMMs on, `fused`
 // runs the producer's e4m3 variant into q (F8_E4M3 [rows, K] with row scales) and the copy is
 // attached to out; otherwise, or where the variant does not take the shape, `plain` runs.
-// (A CPU-only build's cuda::fp8_gemm_enabled() is false: the fused variants are never called.)
-// ZI_E4M3_COPIES=0 turns them off (A/B runs against the separate pass).
-bool e4m3_copies_on() {
-  static const bool on = [] {
-    const char* e = std::getenv("ZI_E4M3_COPIES");
-    return !(e && std::strcmp(e, "0") == 0);
-  }();
-  return on;
-}
-
+// (A CPU-only build's cuda::e4m3_copies_enabled() is false: the fused variants are never called.)
 template <class Fused, class Plain>
 void produce_for(const Tensor* e4m3_for, Device d, Tensor& out, const char* op, Fused fused, Plain plain) {
-  if (e4m3_for && e4m3_copies_on() && e4m3_for->dtype() == DType::F8_E4M3 && d == Device::CUDA && out.dtype() == DType::BF16 &&
-      out.numel() > 0 && cuda::fp8_gemm_enabled()) {
+  if (e4m3_for && e4m3_for->dtype() == DType::F8_E4M3 && d == Device::CUDA && out.dtype() == DType::BF16 &&
+      out.numel() > 0 && cuda::e4m3_copies_enabled()) {
     const int64_t K = out.dim(-1), rows = out.numel() / K;
     Tensor q = Tensor::empty({rows, K}, DType::F8_E4M3, Tag::Activations, d);
     q.set_row_scale(Tensor::empty({rows}, DType::F32, Tag::Activations, d));

@@ -315,6 +315,20 @@ bool fp8_gemm_enabled() {
   return v == 1;
 }
 
+std::atomic<int> g_e4m3_copies{-1};  // -1: not decided (environment ZI_E4M3_COPIES=1 turns them on), 0 off, 1 on
+
+bool e4m3_copies_enabled() {
+  int v = g_e4m3_copies.load();
+  if (v < 0) {
+    const char* e = std::getenv("ZI_E4M3_COPIES");
+    v = (e && std::strcmp(e, "1") == 0) ? 1 : 0;
+    g_e4m3_copies.store(v);
+  }
+  return v == 1 && fp8_gemm_enabled();
+}
+
+void set_e4m3_copies(bool on) { g_e4m3_copies.store(on ? 1 : 0); }
+
 namespace {
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
