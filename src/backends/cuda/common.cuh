@@ -129,17 +129,28 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
-// Sum over the whole block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
-template <class A>
-__device__ __forceinline__ A block_sum(A v) {
+// A warp reduction (Sum or Max) over the whole block (blockDim.x a multiple of 32, at most
+// 1024); every thread gets it. The identity A(0) pads the missing warps (Max: of |values|).
+struct WarpSum {
+  template <class A>
+  __device__ A operator()(A v) const { return warp_sum(v); }
+};
+struct WarpMax {
+  __device__ float operator()(float v) const { return warp_max(v); }
+};
+template <class Op, class A>
+__device__ __forceinline__ A block_reduce(A v) {
   __shared__ A part[32];
   __syncthreads();  // the buffer may still be read by a previous call
-  v = warp_sum(v);
+  v = Op()(v);
   const int w = threadIdx.x >> 5, l = threadIdx.x & 31, nw = blockDim.x >> 5;
   if (l == 0) part[w] = v;
   __syncthreads();
-  A t = l < nw ? part[l] : A(0);
-  return warp_sum(t);
+  return Op()(l < nw ? part[l] : A(0));
+}
+template <class A>
+__device__ __forceinline__ A block_sum(A v) {
+  return block_reduce<WarpSum>(v);
 }
 
 // Calls f.template operator()<T>() with T the element type of an activation dtype.

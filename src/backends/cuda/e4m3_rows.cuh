@@ -10,16 +10,8 @@
 
 namespace zi::cuda {
 
-// Max over the whole block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
-__device__ __forceinline__ float block_max(float v) {
-  __shared__ float part[32];
-  __syncthreads();  // the buffer may still be read by a previous call
-  v = warp_max(v);
-  const int w = threadIdx.x >> 5, l = threadIdx.x & 31, nw = blockDim.x >> 5;
-  if (l == 0) part[w] = v;
-  __syncthreads();
-  return warp_max(l < nw ? part[l] : 0.0f);
-}
+// Max of non-negative values over the whole block; every thread gets it.
+__device__ __forceinline__ float block_max(float v) { return block_reduce<WarpMax>(v); }
 
 __device__ __forceinline__ float e4m3_row_scale(float row_max) {
   return row_max > 0.0f ? __fdiv_rn(row_max, 448.0f) : 1.0f;
@@ -37,6 +29,29 @@ __device__ __forceinline__ void store_e4m3x8(const float (&f)[8], float s, uint8
     w[i / 4] |= (b & 0xffu) << (8 * (i % 4));
   }
   *reinterpret_cast<uint2*>(q) = make_uint2(w[0], w[1]);
+}
+
+// One row's e4m3 copy, by a block whose thread holds its vectors f[i] (8 values each, at element
+// (threadIdx.x + i · threads) · 8; vectors past K hold 0): the values rounded to bf16 (what the
+// bf16 output holds), the row's scale written to *scale by thread 0, the bytes to qrow.
+template <int VPT>
+__device__ __forceinline__ void quantize_row_e4m3(float (&f)[VPT][8], int threads, int64_t K, uint8_t* qrow,
+                                                  float* scale) {
+  float m = 0.0f;
+#pragma unroll
+  for (int i = 0; i < VPT; ++i)
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      f[i][e] = bf16_rounded(f[i][e]);
+      m = fmaxf(m, fabsf(f[i][e]));
+    }
+  const float s = e4m3_row_scale(block_max(m));
+  if (threadIdx.x == 0) *scale = s;
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    const int64_t j = (threadIdx.x + int64_t(i) * threads) * 8;
+    if (j < K) store_e4m3x8(f[i], s, qrow + j);
+  }
 }
 
 }  // namespace zi::cuda

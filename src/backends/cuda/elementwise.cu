@@ -77,31 +77,22 @@ __global__ void __launch_bounds__(kRowThreads) silu_mul_rows_e4m3(const bf16* a,
   const bf16* br = b + int64_t(blockIdx.x) * stride;
   bf16* orow = o + int64_t(blockIdx.x) * F;
   float f[VPT][8];
-  float m = 0.0f;
 #pragma unroll
   for (int i = 0; i < VPT; ++i) {
     const int j = (threadIdx.x + i * kRowThreads) * 8;
-    if (j >= F) continue;
+    if (j >= F) {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) f[i][e] = 0.0f;
+      continue;
+    }
     float fb[8];
     load_vec(ar + j, f[i]);
     load_vec(br + j, fb);
 #pragma unroll
     for (int e = 0; e < 8; ++e) f[i][e] = silu_f(f[i][e]) * fb[e];
     store_vec(orow + j, f[i]);
-#pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      f[i][e] = bf16_rounded(f[i][e]);
-      m = fmaxf(m, fabsf(f[i][e]));
-    }
   }
-  const float sc = e4m3_row_scale(block_max(m));
-  if (threadIdx.x == 0) qs[blockIdx.x] = sc;
-  uint8_t* qrow = q + int64_t(blockIdx.x) * F;
-#pragma unroll
-  for (int i = 0; i < VPT; ++i) {
-    const int j = (threadIdx.x + i * kRowThreads) * 8;
-    if (j < F) store_e4m3x8(f[i], sc, qrow + j);
-  }
+  quantize_row_e4m3(f, kRowThreads, F, q + int64_t(blockIdx.x) * F, qs + blockIdx.x);
 }
 
 // a and b: rows R of F bf16 values, `stride` apart; false (nothing done) for shapes the row

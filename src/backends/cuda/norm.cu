@@ -184,24 +184,7 @@ __global__ void __launch_bounds__(kRegThreads) rms_norm_reg(const T* in, T* out,
     }
     store_vec(orow + j, f[i]);
   }
-  if constexpr (kQ) {
-    float m = 0.0f;
-#pragma unroll
-    for (int i = 0; i < VPT; ++i)
-#pragma unroll
-      for (int e = 0; e < N; ++e) {
-        f[i][e] = bf16_rounded(f[i][e]);  // rows past D hold 0
-        m = fmaxf(m, fabsf(f[i][e]));
-      }
-    const float sc = e4m3_row_scale(block_max(m));
-    if (threadIdx.x == 0) qs[blockIdx.x] = sc;
-    uint8_t* qrow = q + int64_t(blockIdx.x) * D;
-#pragma unroll
-    for (int i = 0; i < VPT; ++i) {
-      const int j = (threadIdx.x + i * kRegThreads) * N;
-      if (j < D) store_e4m3x8(f[i], sc, qrow + j);
-    }
-  }
+  if constexpr (kQ) quantize_row_e4m3(f, kRegThreads, D, q + int64_t(blockIdx.x) * D, qs + blockIdx.x);
 }
 
 // Per-head RMSNorm + adjacent-pairs RoPE for D = 128: one warp per head vector, lane l holds

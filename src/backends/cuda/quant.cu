@@ -302,30 +302,24 @@ bool fast_dequant() { return g_fast_dequant.load(); }
 std::atomic<const char*> g_last_path{""};
 
 std::atomic<int64_t> g_copies_used{0};
+std::atomic<int> g_e4m3_copies{-1};  // -1: not decided (environment ZI_E4M3_COPIES=1 turns them on), 0 off, 1 on
+
+// A switch that a setter may have decided (0/1); else (-1) the environment variable `name`
+// does ("0" off, "1" on, anything else or unset: `dflt`), once.
+bool env_switch(std::atomic<int>& v, const char* name, bool dflt) {
+  int x = v.load();
+  if (x < 0) {
+    const char* e = std::getenv(name);
+    x = e && !std::strcmp(e, "1") ? 1 : e && !std::strcmp(e, "0") ? 0 : int(dflt);
+    v.store(x);
+  }
+  return x == 1;
+}
 
 }  // namespace
 
-bool fp8_gemm_enabled() {
-  int v = g_fp8_gemm.load();
-  if (v < 0) {
-    const char* e = std::getenv("ZI_FP8_GEMM");
-    v = (e && std::strcmp(e, "0") == 0) ? 0 : 1;
-    g_fp8_gemm.store(v);
-  }
-  return v == 1;
-}
-
-std::atomic<int> g_e4m3_copies{-1};  // -1: not decided (environment ZI_E4M3_COPIES=1 turns them on), 0 off, 1 on
-
-bool e4m3_copies_enabled() {
-  int v = g_e4m3_copies.load();
-  if (v < 0) {
-    const char* e = std::getenv("ZI_E4M3_COPIES");
-    v = (e && std::strcmp(e, "1") == 0) ? 1 : 0;
-    g_e4m3_copies.store(v);
-  }
-  return v == 1 && fp8_gemm_enabled();
-}
+bool fp8_gemm_enabled() { return env_switch(g_fp8_gemm, "ZI_FP8_GEMM", true); }
+bool e4m3_copies_enabled() { return env_switch(g_e4m3_copies, "ZI_E4M3_COPIES", false) && fp8_gemm_enabled(); }
 
 void set_e4m3_copies(bool on) { g_e4m3_copies.store(on ? 1 : 0); }
 
