@@ -88,6 +88,16 @@ if want firstuse; then  # one image per process: the 2nd process reuses the 1st 
       -o "$OUT/zimage_first$run.png" > "$OUT/zimage_first$run.log" 2>&1
     echo "process $run (rc=$?):"; grep -E "^  (encode|denoise|decode) " "$OUT/zimage_first$run.log"
   done
+  # The encode's 245 linears took 128 ms of profiled time for a 2.3 ms read of the weights
+  # (2026-12-07): lazy module loading of each new cuBLASLt kernel? A process with every module
+  # loaded at start, and one with each op timed (host gaps count inside the op's events).
+  CUDA_MODULE_LOADING=EAGER z "$BIN/zimage" generate --model "$M" -p "$PROMPT" -W 1024 -H 1024 --steps 8 --seed 1 \
+    --device cuda -o "$OUT/zimage_first3.png" > "$OUT/zimage_first_eager.log" 2>&1
+  echo "process 3, CUDA_MODULE_LOADING=EAGER (rc=$?):"
+  grep -E "^  (encode|denoise|decode) |wall clock" "$OUT/zimage_first_eager.log"
+  ZI_CUDA_PROFILE=1 z "$BIN/zimage" generate --model "$M" -p "$PROMPT" -W 1024 -H 1024 --steps 8 --seed 1 \
+    --device cuda -o "$OUT/zimage_first4.png" > "$OUT/zimage_first_prof.log" 2>&1
+  echo "process 4, profiled: the encode's ops"; grep -A8 "^\[encode\]" "$OUT/zimage_first_prof.log" | head -9
   wc -l "$ZIMAGE_CACHE_DIR"/*.txt; unset ZIMAGE_CACHE_DIR
   stamp "first use done"
 fi
