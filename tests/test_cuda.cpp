@@ -15,7 +15,9 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <random>
+#include <thread>
 
+#include "backends/cpu/cpu_ops.h"
 #include "backends/cuda/cuda_ops.h"
 #include "io/checkpoint.h"
 #include "io/png.h"
@@ -123,6 +125,29 @@ TEST(Cuda, AccountingAndPool) {
   EXPECT_EQ(ms.total().current, before);
   cuda::synchronize();
   EXPECT_GT(cuda::pool_stats().reserved_high, 0);
+}
+
+// ops::warm_up_linears (the encoder's GEMM warm-up, ZI_WARM_GEMMS=1) runs one GEMM per shape in
+// bf16 and f32 from a second thread, as the pipeline does, and leaves no memory behind; a real
+// linear of the same shape afterwards still computes right.
+TEST(Cuda, WarmUpLinearsLeaveNothingBehind) {
+  ZI_REQUIRE_GPU();
+  MemoryStats& ms = memory_stats(Device::CUDA);
+  const int64_t before = ms.total().current;
+  for (DType act : {DType::BF16, DType::F32}) {
+    const PhaseContext c = PhaseContext::on(Device::CUDA, act);
+    std::thread t([&] { ops::warm_up_linears(c, {{37, 256, 128}, {37, 64, 256}, {0, 8, 8}}); });
+    t.join();
+    cuda::synchronize();
+    EXPECT_EQ(ms.total().current, before);
+    Tensor x = test::randn({37, 128}, 1.0f, 5), w = test::randn({256, 128}, 0.1f, 6);
+    Tensor want = Tensor::empty({37, 256}, DType::F32);
+    cpu::linear(x.to(act).to(DType::F32), w.to(act).to(DType::F32), nullptr, want);
+    Tensor got = ops::to_host_f32(ops::linear(ops::to_compute(c, x), ops::to_compute(c, w)));
+    EXPECT_LT(test::rel_l2(got, want), act == DType::BF16 ? 1e-2 : 1e-5);
+  }
+  // The CPU: nothing.
+  ops::warm_up_linears(PhaseContext::on(Device::CPU), {{4, 4, 4}});
 }
 
 TEST(Cuda, StreamedUpload) {

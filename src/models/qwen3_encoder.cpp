@@ -95,6 +95,12 @@ std::vector<Tensor*> qwen3_layer_tensors(Qwen3Layer& l) {
           &l.q_norm,          &l.k_norm,   &l.post_attention_layernorm, &l.gate_proj, &l.up_proj, &l.down_proj};
 }
 
+std::vector<std::array<int64_t, 2>> qwen3_linear_shapes(const Qwen3Config& c) {
+  const int64_t H = c.hidden_size, I = c.intermediate_size, D = c.head_dim;
+  const int64_t QD = int64_t(c.num_attention_heads) * D, KD = int64_t(c.num_key_value_heads) * D;
+  return {{QD, H}, {KD, H}, {H, QD}, {I, H}, {H, I}};
+}
+
 Qwen3Encoder load_qwen3_encoder(WeightLoader& loader, const Qwen3Config& cfg, DType wdt) {
   ZI_CHECK(is_float_dtype(wdt) || quant::can_quantize(wdt),
            "[load_qwen3_encoder] weight dtype must be f32, bf16, f16, q8_0, q4_0, q5_0 or fp8, got ", dtype_name(wdt));

@@ -4,6 +4,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <array>
 #include <vector>
 
 #include "core/tensor.h"
@@ -50,6 +51,9 @@ struct Qwen3Encoder {
 // converted to `wdt` (bf16/f16/f32), norm weights to f32. The last layer, the final norm and
 // lm_head are marked ignored, never read. The caller calls loader.finish().
 Qwen3Encoder load_qwen3_encoder(WeightLoader& loader, const Qwen3Config& cfg, DType wdt);
+// The distinct matrix shapes {N, K} of a layer's linears (q, k/v, o, gate/up, down), for
+// ops::warm_up_linears before the weights exist.
+std::vector<std::array<int64_t, 2>> qwen3_linear_shapes(const Qwen3Config& cfg);
 
 // hidden_states[-2] for `ids`: [L, hidden] f32. Positions 0..L−1 and plain causal attention
 // (right padding never changes the rows of real tokens, spec §2.5). ids must be non-empty.

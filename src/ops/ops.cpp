@@ -165,6 +165,17 @@ Tensor linear(const Tensor& x_in, const Tensor& w_in, const Tensor* bias) {
   return y;
 }
 
+void warm_up_linears(const PhaseContext& c, const std::vector<std::array<int64_t, 3>>& mnk) {
+  if (c.device == Device::CPU) return;
+  for (const auto& [M, N, K] : mnk) {
+    if (M < 1 || N < 1 || K < 1) continue;
+    // Uninitialised: the values do not matter, and a memset would be one more synchronisation.
+    const Tensor x = Tensor::empty({M, K}, c.act, Tag::Workspace, c.device);
+    const Tensor w = Tensor::empty({N, K}, c.act, Tag::Workspace, c.device);
+    (void)linear(x, w);
+  }
+}
+
 void rms_norm_(Tensor& x, const Tensor& weight, float eps) {
   const Device d = device_of("rms_norm_", x);
   require_act_inplace("rms_norm_", x);

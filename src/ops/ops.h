@@ -11,6 +11,7 @@
 // on one device. Shapes are written [rows, cols]; `_` at the end of a name means in place.
 // Results are new tensors tagged Tag::Activations.
 #pragma once
+#include <array>
 #include <functional>
 #include <memory>
 #include <string>
@@ -34,6 +35,11 @@ Tensor to_host_f32(const Tensor& t);
 
 // y[M, N] = x[M, K] · w[N, K]ᵀ (+ bias[N]).  A Linear layer; w is stored [out, in].
 Tensor linear(const Tensor& x, const Tensor& w, const Tensor* bias = nullptr);
+// One linear per shape {M, N, K} on scratch operands of the context's activation dtype, the
+// results discarded: on the GPU each GEMM's plan (algorithm choice) and its kernel's first load
+// happen now — a warm-up while the weights are still loading — instead of at the first real
+// call. Nothing on the CPU. Scratch: one [N, K] weight at a time, on the device.
+void warm_up_linears(const PhaseContext& c, const std::vector<std::array<int64_t, 3>>& mnk);
 
 // x[R, D] ← x / sqrt(mean(x², last dim) + eps) · weight[D]   (RMSNorm over the last dim).
 void rms_norm_(Tensor& x, const Tensor& weight, float eps);

@@ -1,10 +1,12 @@
 #include "pipeline/pipeline.h"
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <functional>
@@ -257,10 +259,33 @@ Embeddings run_encode(const PhaseContext& ctx, const ModelSources& src, const Ge
   std::unique_ptr<Qwen3Encoder>& enc = cache ? cache->text_encoder : enc_local;
   // The tokenizer (parsing tokenizer.json: a fifth of a second) on a thread of its own while
   // the encoder's weights load; a tokenizer failure stops that load at its next tensor.
+  // ZI_WARM_GEMMS=1 (experiment, GPU, no --vram budget: its scratch is not planned): that
+  // thread then tokenizes the prompts and runs one GEMM of each encoder shape for their lengths
+  // (ops::warm_up_linears), so the plans and the kernels' first loads overlap the weights' load.
+  const char* warm_env = std::getenv("ZI_WARM_GEMMS");
+  const bool warm = !enc && warm_env && !std::strcmp(warm_env, "1") && ctx.device != Device::CPU &&
+                    !(o.vram_plan && o.vram_plan->budget_bytes >= 0);
   std::future<std::unique_ptr<BpeTokenizer>> tok_ahead;
   if (!tok)
-    tok_ahead = std::async(std::launch::async, [dir = mf.tokenizer_dir] {
-      return std::make_unique<BpeTokenizer>(BpeTokenizer::load_dir(dir));
+    tok_ahead = std::async(std::launch::async, [dir = mf.tokenizer_dir, warm, ctx, &o, &mf, cfg] {
+      auto t = std::make_unique<BpeTokenizer>(BpeTokenizer::load_dir(dir));
+      if (warm) {
+        try {
+          std::vector<std::array<int64_t, 3>> mnk;
+          std::vector<std::string> prompts{o.prompt};
+          if (cfg) prompts.push_back(o.negative_prompt);
+          std::vector<int64_t> lengths;
+          for (const std::string& p : prompts) {
+            const int64_t M = int64_t(tokenize_zimage_prompt(*t, p, o.max_sequence_length).size());
+            if (std::find(lengths.begin(), lengths.end(), M) != lengths.end()) continue;
+            lengths.push_back(M);
+            for (const auto& [N, K] : qwen3_linear_shapes(mf.text_encoder)) mnk.push_back({M, N, K});
+          }
+          ops::warm_up_linears(ctx, mnk);
+        } catch (...) {  // a warm-up only: the encode reports any real problem
+        }
+      }
+      return t;
     });
   auto take_tokenizer = [&] {
     if (tok_ahead.valid()) tok = tok_ahead.get();
