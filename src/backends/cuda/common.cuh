@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 
 #include "core/check.h"
@@ -31,6 +32,10 @@ void convert_device(const void* src, DType st, void* dst, DType dt, int64_t n);
 
 // A device scratch buffer from the accounted pool (Tag::Workspace), freed with the tensor.
 Tensor scratch(int64_t bytes);
+
+// A backend switch: `v` as a setter left it (0 off, 1 on), else (-1) decided once by the
+// environment variable `name` ("0" off, "1" on, anything else or unset: `dflt`).
+bool env_switch(std::atomic<int>& v, const char* name, bool dflt);
 // A small operand widened to a contiguous f32 device vector (norm weights, gates, biases).
 Tensor f32_vector(const Tensor& v);
 

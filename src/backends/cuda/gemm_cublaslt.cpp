@@ -53,15 +53,7 @@ struct Plan {
 // its candidates are timed on the call's own operands and the fastest is kept for the process.
 std::atomic<int> g_tuning{-1};  // -1: not read from the environment yet
 std::atomic<int> g_tuned_plans{0};
-bool gemm_tuning() {
-  int v = g_tuning.load();
-  if (v < 0) {
-    const char* e = std::getenv("ZI_GEMM_TUNE");
-    v = e && *e && std::strcmp(e, "0") != 0 ? 1 : 0;
-    g_tuning.store(v);
-  }
-  return v == 1;
-}
+bool gemm_tuning() { return env_switch(g_tuning, "ZI_GEMM_TUNE", false); }
 
 bool recording(cudaStream_t s) {
   cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;

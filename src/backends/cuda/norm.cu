@@ -381,6 +381,16 @@ int reg_vpt(int64_t D, DType dt) {
   const int64_t nv = D / (16 / int64_t(dtype_size(dt)));
   return nv <= kRegThreads ? 1 : nv <= 2 * kRegThreads ? 2 : nv <= 4 * kRegThreads ? 4 : 0;
 }
+// rms_norm_reg with the register layout reg_vpt chose (1, 2 or 4 vectors per thread), one row a block.
+template <class T, bool kAdd, bool kQ = false>
+void launch_rms_norm_reg(int vpt, int64_t R, const T* in, T* out, const float* w, const float* mul, int64_t D,
+                         float eps, uint8_t* q = nullptr, float* qs = nullptr) {
+  const unsigned g = unsigned(R);
+  if (vpt == 1) rms_norm_reg<T, 1, kAdd, kQ><<<g, kRegThreads, 0, stream()>>>(in, out, w, mul, int(D), eps, q, qs);
+  else if (vpt == 2) rms_norm_reg<T, 2, kAdd, kQ><<<g, kRegThreads, 0, stream()>>>(in, out, w, mul, int(D), eps, q, qs);
+  else rms_norm_reg<T, 4, kAdd, kQ><<<g, kRegThreads, 0, stream()>>>(in, out, w, mul, int(D), eps, q, qs);
+  ZI_CUDA_LAUNCHED();
+}
 }  // namespace
 
 void rms_norm(const Tensor& x, const Tensor& weight, float eps, const Tensor* scale, Tensor& y) {
@@ -390,12 +400,7 @@ void rms_norm(const Tensor& x, const Tensor& weight, float eps, const Tensor* sc
   const float* sp = scale ? sc.data<float>() : nullptr;
   const int vpt = reg_vpt(D, x.dtype());
   if (vec_ok(x, D) && vec_ok(y, D) && vpt) {
-    ZI_DISPATCH_ACT(x.dtype(), {
-      if (vpt == 1) rms_norm_reg<T, 1, false><<<unsigned(R), kRegThreads, 0, stream()>>>(x.data<T>(), y.data<T>(), w.data<float>(), sp, int(D), eps);
-      else if (vpt == 2) rms_norm_reg<T, 2, false><<<unsigned(R), kRegThreads, 0, stream()>>>(x.data<T>(), y.data<T>(), w.data<float>(), sp, int(D), eps);
-      else rms_norm_reg<T, 4, false><<<unsigned(R), kRegThreads, 0, stream()>>>(x.data<T>(), y.data<T>(), w.data<float>(), sp, int(D), eps);
-    });
-    ZI_CUDA_LAUNCHED();
+    ZI_DISPATCH_ACT(x.dtype(), launch_rms_norm_reg<T, false>(vpt, R, x.data<T>(), y.data<T>(), w.data<float>(), sp, D, eps));
     return;
   }
   if (vec_ok(x, D) && vec_ok(y, D)) {
@@ -419,11 +424,7 @@ bool rms_norm_e4m3(const Tensor& x, const Tensor& weight, float eps, const Tenso
   const float* sp = scale ? sc.data<float>() : nullptr;
   uint8_t* qp = static_cast<uint8_t*>(q.raw());
   float* qs = q.row_scale()->data<float>();
-  using T = bf16;
-  if (vpt == 1) rms_norm_reg<T, 1, false, true><<<unsigned(R), kRegThreads, 0, stream()>>>(x.data<T>(), y.data<T>(), w.data<float>(), sp, int(D), eps, qp, qs);
-  else if (vpt == 2) rms_norm_reg<T, 2, false, true><<<unsigned(R), kRegThreads, 0, stream()>>>(x.data<T>(), y.data<T>(), w.data<float>(), sp, int(D), eps, qp, qs);
-  else rms_norm_reg<T, 4, false, true><<<unsigned(R), kRegThreads, 0, stream()>>>(x.data<T>(), y.data<T>(), w.data<float>(), sp, int(D), eps, qp, qs);
-  ZI_CUDA_LAUNCHED();
+  launch_rms_norm_reg<bf16, false, true>(vpt, R, x.data<bf16>(), y.data<bf16>(), w.data<float>(), sp, D, eps, qp, qs);
   return true;
 }
 
@@ -434,12 +435,7 @@ void rms_norm_add_(Tensor& x, Tensor& y, const Tensor& weight, float eps, const 
     Tensor w = f32_vector(weight), g = gate ? f32_vector(*gate) : Tensor();
     const float* gp = gate ? g.data<float>() : nullptr;
     const int vpt = reg_vpt(D, x.dtype());
-    ZI_DISPATCH_ACT(x.dtype(), {
-      if (vpt == 1) rms_norm_reg<T, 1, true><<<unsigned(R), kRegThreads, 0, stream()>>>(y.data<T>(), x.data<T>(), w.data<float>(), gp, int(D), eps);
-      else if (vpt == 2) rms_norm_reg<T, 2, true><<<unsigned(R), kRegThreads, 0, stream()>>>(y.data<T>(), x.data<T>(), w.data<float>(), gp, int(D), eps);
-      else rms_norm_reg<T, 4, true><<<unsigned(R), kRegThreads, 0, stream()>>>(y.data<T>(), x.data<T>(), w.data<float>(), gp, int(D), eps);
-    });
-    ZI_CUDA_LAUNCHED();
+    ZI_DISPATCH_ACT(x.dtype(), launch_rms_norm_reg<T, true>(vpt, R, y.data<T>(), x.data<T>(), w.data<float>(), gp, D, eps));
     return;
   }
   if (vec_ok(x, D) && vec_ok(y, D) && x.dtype() == y.dtype()) {

@@ -304,18 +304,6 @@ std::atomic<const char*> g_last_path{""};
 std::atomic<int64_t> g_copies_used{0};
 std::atomic<int> g_e4m3_copies{-1};  // -1: not decided (environment ZI_E4M3_COPIES=1 turns them on), 0 off, 1 on
 
-// A switch that a setter may have decided (0/1); else (-1) the environment variable `name`
-// does ("0" off, "1" on, anything else or unset: `dflt`), once.
-bool env_switch(std::atomic<int>& v, const char* name, bool dflt) {
-  int x = v.load();
-  if (x < 0) {
-    const char* e = std::getenv(name);
-    x = e && !std::strcmp(e, "1") ? 1 : e && !std::strcmp(e, "0") ? 0 : int(dflt);
-    v.store(x);
-  }
-  return x == 1;
-}
-
 }  // namespace
 
 bool fp8_gemm_enabled() { return env_switch(g_fp8_gemm, "ZI_FP8_GEMM", true); }

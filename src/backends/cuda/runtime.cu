@@ -203,6 +203,16 @@ void reset_pool_peaks() {
 
 Tensor scratch(int64_t bytes) { return Tensor::empty({bytes < 1 ? 1 : bytes}, DType::U8, Tag::Workspace, Device::CUDA); }
 
+bool env_switch(std::atomic<int>& v, const char* name, bool dflt) {
+  int x = v.load();
+  if (x < 0) {
+    const char* e = std::getenv(name);
+    x = e && !std::strcmp(e, "1") ? 1 : e && !std::strcmp(e, "0") ? 0 : int(dflt);
+    v.store(x);
+  }
+  return x == 1;
+}
+
 Tensor f32_vector(const Tensor& v) {
   ZI_CHECK(v.device() == Device::CUDA, "[cuda] operand ", v.desc(), " is not on the GPU");
   Tensor c = v.contiguous(Tag::Workspace);
