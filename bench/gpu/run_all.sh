@@ -289,6 +289,7 @@ if [[ "$WHAT" == *" quant "* ]]; then  # issue 14: weight formats at 1024², 8 s
   # ZI_QUANT_QUALITY: the formats to compare (default all; empty: none).
   QQ=${ZI_QUANT_QUALITY-bf16=bf16 fp8=fp8 fp8-dequant=fp8:dequant q8_0=q8_0 q4_0=q4_0 q4_0+q8_0te=q4_0+q8_0}
   [ -n "$QQ" ] && z "$QB" "$M" "$PROMPT" 1024 8 1 $QQ 2>&1 | tee "$OUT/quant_quality.log"
+  (cd "$OUT" && md5sum zq_*.png | tee quant_png_md5.txt)  # fp8, fp8copy and fp8fused: the same image expected
   rm -f "$OUT"/zq_*.png
   stamp "quant done"
 fi
