@@ -265,6 +265,7 @@ if [[ "$WHAT" == *" quant "* ]]; then  # issue 14: weight formats at 1024², 8 s
   # algorithms timed (ZI_GEMM_TUNE=1), fp8 through the dequant path (ZI_FP8_GEMM=0), q8_0, q4_0, q4_0 + q8_0 encoder.
   QCFGS=("bf16||" "fp8||--transformer-dtype fp8" "fp8copy|ZI_E4M3_COPIES=1|--transformer-dtype fp8"
          "fp8fused|ZI_FUSED_PROJECTIONS=1|--transformer-dtype fp8"
+         "fp8cf|ZI_E4M3_COPIES=1 ZI_FUSED_PROJECTIONS=1|--transformer-dtype fp8"
          "fp8tune|ZI_GEMM_TUNE=1|--transformer-dtype fp8" "bf16tune|ZI_GEMM_TUNE=1|"
          "fp8fa|ZI_FP8_FAST_ACCUM=1|--transformer-dtype fp8"
          "fp8deq|ZI_FP8_GEMM=0|--transformer-dtype fp8"
