@@ -170,9 +170,10 @@ fi
 if [[ "$WHAT" == *" budget "* ]]; then  # (not in all) issue 13: --vram sweep at 1024², 8 steps (second image of --count 2: load excluded), beside diffusers' group offload
   M=/tmp/zrm
   need_random_model "$M"
-  for v in ${ZI_BUDGETS:-none 12 8 6 4 4fp8}; do  # NfpX: --vram N with --transformer-dtype fp8
-    flag=""; [ "$v" != none ] && flag="--vram ${v%fp8}"
+  for v in ${ZI_BUDGETS:-none 12 8 6 4 4fp8}; do  # Nfp8: --vram N with --transformer-dtype fp8; Nnp: --prefetch off
+    n=${v%fp8}; n=${n%np}; flag=""; [ "$v" != none ] && flag="--vram $n"
     [[ "$v" == *fp8 ]] && flag="$flag --transformer-dtype fp8"
+    [[ "$v" == *np ]] && flag="$flag --prefetch off"
     z "$BIN/zimage" generate --model "$M" -p "$PROMPT" -W 1024 -H 1024 --steps 8 --seed 1 --count 2 --device cuda \
       $flag --memory-report "$OUT/budget_$v.json" -o "$OUT/budget_$v.png" > "$OUT/budget_$v.log" 2>&1
     echo "rc=$?" >> "$OUT/budget_$v.log"
