@@ -242,6 +242,21 @@ TEST(Cuda, Conv2d) {
       }
 }
 
+// The NHWC path's layout changes at an image of more than 65535 × 32 pixels (the 2048² decode's
+// last convolutions, 4 Mi pixels, failed there with "invalid argument" on 2026-12-07): the
+// transpose's rows of tiles no longer fit gridDim.y.
+TEST(Cuda, Conv2dNhwcBeyondTheGridRowLimit) {
+  ZI_REQUIRE_GPU();
+  const int64_t Cin = 4, H = 1500, W = 1500, Cout = 3;  // 2.25 Mi pixels > 65535 · 32
+  Tensor x = rnd({Cin, H, W}, 90), w = rnd({Cout, Cin, 3, 3}, 91).to(DType::BF16), b = rnd({Cout}, 92);
+  const Tensor ref = ops::conv2d(rounded(x, DType::BF16), w, &b, 1, 1);
+  cuda::set_conv_path(cuda::ConvPath::CudnnNhwc);
+  Tensor bd = b.to_device(Device::CUDA);
+  Tensor o = ops::conv2d(gpu(x, DType::BF16), w.to_device(Device::CUDA), &bd, 1, 1);
+  cuda::set_conv_path(cuda::ConvPath::Auto);
+  expect_close(o, ref, DType::BF16, "conv2d 4x1500x1500 -> 3 nhwc");
+}
+
 TEST(Cuda, MixedDevicesAreAnError) {
   ZI_REQUIRE_GPU();
   Tensor x = rnd({4, 8}, 70), w = rnd({3, 8}, 71);

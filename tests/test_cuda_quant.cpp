@@ -80,7 +80,7 @@ Tensor quantize_like_last_fp8(const Tensor& x) {
 
 struct Fp8Reset {
   ~Fp8Reset() {
-    cuda::set_e4m3_copies(false);
+    cuda::set_e4m3_copies(true);  // the default
     cuda::set_fp8_gemm(true);
     cuda::set_fast_dequant(true);
     cuda::force_fp8_scaling(-2);

@@ -303,6 +303,7 @@ if [[ "$WHAT" == *" scaling "* ]]; then  # (not in all) issue 19: 2048² and bat
     --memory-report -o "$OUT/zs_2048.png" > "$OUT/scaling_2048.log" 2>&1
   echo "rc=$?" >> "$OUT/scaling_2048.log"
   echo "== zimage 2048², second image"; sed -n '/image 2\/2/,$p' "$OUT/scaling_2048.log" | grep -E "^  (denoise|decode) |step 8/8|GPU peak|rc=|rror" | head -6
+  grep -E "^error|rc=" "$OUT/scaling_2048.log" | tail -2
   # The DiT alone, batch 1 and 4 at 1024² (seconds per image-step; the CLI renders --count one at a time).
   z "$BIN/bench_dit_batch" "$M" 1024 1,4 > "$OUT/scaling_batch.log" 2>&1
   echo "== DiT batch at 1024²"; tail -6 "$OUT/scaling_batch.log"

@@ -97,30 +97,37 @@ __global__ void add_channel_bias(T* y, const float* b, int64_t C, int64_t HW) {
 }
 
 // out[b][c][r] = in[b][r][c] (+ bias[c] when given), through 32×32 tiles of shared memory so
-// reads and writes are both coalesced. Layout changes of the NHWC cuDNN path.
+// reads and writes are both coalesced. Layout changes of the NHWC cuDNN path. The tiles' rows
+// are a grid-stride loop over blockIdx.y: R is H·W (4 Mi at 2048², 131072 tiles), beyond
+// gridDim.y's 65535.
 template <class T>
-__global__ void transpose_tiles(const T* __restrict__ in, T* __restrict__ out, int R, int C,
+__global__ void transpose_tiles(const T* __restrict__ in, T* __restrict__ out, int64_t R, int64_t C,
                                 const float* __restrict__ bias) {
   __shared__ float tile[32][33];
   const int64_t b = blockIdx.z;
-  const T* src = in + b * int64_t(R) * C;
-  T* dst = out + b * int64_t(R) * C;
-  const int r0 = blockIdx.y * 32, c0 = blockIdx.x * 32;
-  for (int i = threadIdx.y; i < 32; i += blockDim.y) {
-    const int r = r0 + i, c = c0 + threadIdx.x;
-    if (r < R && c < C) tile[i][threadIdx.x] = ld<T>(src, int64_t(r) * C + c);
-  }
-  __syncthreads();
-  for (int i = threadIdx.y; i < 32; i += blockDim.y) {
-    const int c = c0 + i, r = r0 + threadIdx.x;
-    if (r < R && c < C) st<T>(dst, int64_t(c) * R + r, tile[threadIdx.x][i] + (bias ? bias[c] : 0.0f));
+  const T* src = in + b * R * C;
+  T* dst = out + b * R * C;
+  const int64_t c0 = int64_t(blockIdx.x) * 32;
+  for (int64_t r0 = int64_t(blockIdx.y) * 32; r0 < R; r0 += int64_t(gridDim.y) * 32) {
+    for (int i = threadIdx.y; i < 32; i += blockDim.y) {
+      const int64_t r = r0 + i, c = c0 + threadIdx.x;
+      if (r < R && c < C) tile[i][threadIdx.x] = ld<T>(src, r * C + c);
+    }
+    __syncthreads();
+    for (int i = threadIdx.y; i < 32; i += blockDim.y) {
+      const int64_t c = c0 + i, r = r0 + threadIdx.x;
+      if (r < R && c < C) st<T>(dst, c * R + r, tile[threadIdx.x][i] + (bias ? bias[c] : 0.0f));
+    }
+    __syncthreads();  // the tile is refilled by the next row of tiles
   }
 }
 
 template <class T>
 void transpose(const T* in, T* out, int64_t batch, int64_t R, int64_t C, const float* bias = nullptr) {
-  const dim3 grid(unsigned(cdiv(C, 32)), unsigned(cdiv(R, 32)), unsigned(batch));
-  transpose_tiles<T><<<grid, dim3(32, 8), 0, stream()>>>(in, out, int(R), int(C), bias);
+  ZI_CHECK(cdiv(C, 32) <= int64_t(INT32_MAX) && batch <= 65535, "[cuda transpose] ", batch, " x ", R, " x ", C,
+           " is beyond the launch limits");
+  const dim3 grid(unsigned(cdiv(C, 32)), unsigned(std::min<int64_t>(cdiv(R, 32), 65535)), unsigned(batch));
+  transpose_tiles<T><<<grid, dim3(32, 8), 0, stream()>>>(in, out, R, C, bias);
   ZI_CUDA_LAUNCHED();
 }
 

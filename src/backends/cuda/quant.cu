@@ -302,12 +302,12 @@ bool fast_dequant() { return g_fast_dequant.load(); }
 std::atomic<const char*> g_last_path{""};
 
 std::atomic<int64_t> g_copies_used{0};
-std::atomic<int> g_e4m3_copies{-1};  // -1: not decided (environment ZI_E4M3_COPIES=1 turns them on), 0 off, 1 on
+std::atomic<int> g_e4m3_copies{-1};  // -1: not decided (environment ZI_E4M3_COPIES=0 turns them off), 0 off, 1 on
 
 }  // namespace
 
 bool fp8_gemm_enabled() { return env_switch(g_fp8_gemm, "ZI_FP8_GEMM", true); }
-bool e4m3_copies_enabled() { return env_switch(g_e4m3_copies, "ZI_E4M3_COPIES", false) && fp8_gemm_enabled(); }
+bool e4m3_copies_enabled() { return env_switch(g_e4m3_copies, "ZI_E4M3_COPIES", true) && fp8_gemm_enabled(); }
 
 void set_e4m3_copies(bool on) { g_e4m3_copies.store(on ? 1 : 0); }
 
