@@ -23,6 +23,7 @@
 #include "io/png.h"
 #include "io/safetensors.h"
 #include "io/weight_loader.h"
+#include "models/qwen3_encoder.h"
 #include "models/vae_decoder.h"
 #include "models/zimage_dit.h"
 #include "pipeline/memory_plan.h"
@@ -127,7 +128,7 @@ TEST(Cuda, AccountingAndPool) {
   EXPECT_GT(cuda::pool_stats().reserved_high, 0);
 }
 
-// ops::warm_up_linears (the encoder's GEMM warm-up, ZI_WARM_GEMMS=1) runs one GEMM per shape in
+// ops::warm_up_linears (the encoder's GEMM warm-up, on by default on the GPU) runs one GEMM per shape in
 // bf16 and f32 from a second thread, as the pipeline does, and leaves no memory behind; a real
 // linear of the same shape afterwards still computes right.
 TEST(Cuda, WarmUpLinearsLeaveNothingBehind) {
@@ -145,6 +146,22 @@ TEST(Cuda, WarmUpLinearsLeaveNothingBehind) {
     cpu::linear(x.to(act).to(DType::F32), w.to(act).to(DType::F32), nullptr, want);
     Tensor got = ops::to_host_f32(ops::linear(ops::to_compute(c, x), ops::to_compute(c, w)));
     EXPECT_LT(test::rel_l2(got, want), act == DType::BF16 ? 1e-2 : 1e-5);
+  }
+  // Its measured peak, over an encoder's shapes, is within what the text phase plans for it
+  // (qwen3_warm_up_bytes, at 4 bytes an element: f32 is the larger case).
+  Qwen3Config qc;
+  qc.hidden_size = 128, qc.intermediate_size = 384, qc.num_attention_heads = 4, qc.num_key_value_heads = 2,
+  qc.head_dim = 32;
+  std::vector<std::array<int64_t, 3>> mnk;
+  for (const auto& [N, K] : qwen3_linear_shapes(qc)) mnk.push_back({37, N, K});
+  for (DType act : {DType::BF16, DType::F32}) {
+    cuda::synchronize();
+    ms.reset_peaks();
+    const int64_t at = ms.total().current;
+    ops::warm_up_linears(PhaseContext::on(Device::CUDA, act), mnk);
+    cuda::synchronize();
+    EXPECT_LE(ms.total().peak - at, qwen3_warm_up_bytes(qc, 37)) << dtype_name(act);
+    EXPECT_GT(ms.total().peak - at, 0) << dtype_name(act);
   }
   // The CPU: nothing.
   ops::warm_up_linears(PhaseContext::on(Device::CPU), {{4, 4, 4}});

@@ -67,6 +67,17 @@ TEST(VramPlan, RealModelSizesMatchTheCheckpoint) {
   EXPECT_EQ(qwen3_block_weight_bytes(Qwen3Config{}, DType::BF16).size(), 35u);
 }
 
+// The encoder's GEMM warm-up runs in the text phase before its activations: its scratch is the
+// largest projection (Qwen3-4B: gate/up, 9728 × 2560) with its input and output. At the default
+// 512 tokens the activations are as large (119 MiB both); at a short --max-sequence-length the warm-up is larger, and the
+// plan takes the larger (pipeline.cpp make_vram_plan).
+TEST(VramPlan, TheEncoderWarmUpIsWithinTheTextPhase) {
+  const Qwen3Config tc;
+  EXPECT_EQ(qwen3_warm_up_bytes(tc, 16), 4 * (16 * 2560 + int64_t(9728) * 2560 + 16 * 9728));
+  EXPECT_LE(qwen3_warm_up_bytes(tc, 512), estimate_text_activation_bytes(tc, 512));  // equal, as it happens
+  EXPECT_GT(qwen3_warm_up_bytes(tc, 16), estimate_text_activation_bytes(tc, 16));
+}
+
 TEST(VramPlan, NoBudgetKeepsEverythingResident) {
   const VramPlan p = plan_vram(real_input(1024, 1024, -1));
   EXPECT_EQ(p.budget_bytes, -1);

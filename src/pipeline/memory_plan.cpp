@@ -10,6 +10,7 @@
 #include "core/dtype.h"
 #include "core/parallel.h"
 #include "io/weight_loader.h"
+#include "models/qwen3_encoder.h"
 #include "models/vae_internal.h"
 
 namespace zi {
@@ -535,6 +536,12 @@ int64_t estimate_text_activation_bytes(const Qwen3Config& cfg, int tokens) {
   const int64_t S = tokens;
   return 4 * S * (6 * int64_t(cfg.hidden_size) + 3 * int64_t(cfg.intermediate_size)) +
          4 * int64_t(cfg.num_attention_heads) * S * S;
+}
+
+int64_t qwen3_warm_up_bytes(const Qwen3Config& cfg, int tokens) {
+  int64_t most = 0;
+  for (const auto& [N, K] : qwen3_linear_shapes(cfg)) most = std::max(most, 4 * (int64_t(tokens) * K + N * K + int64_t(tokens) * N));
+  return most;
 }
 
 VramPlan plan_vram(const VramPlanInput& in) {

@@ -171,6 +171,10 @@ int64_t qwen3_fixed_weight_bytes(const Qwen3Config& cfg, DType wdt);
 // Activation bytes of the text encoder over `tokens` tokens: ~6 × [S, hidden] and 3 × [S, inter]
 // f32, and one head's attention scores per head ([heads, S, S] f32).
 int64_t estimate_text_activation_bytes(const Qwen3Config& cfg, int tokens);
+// The encoder's GEMM warm-up (ops::warm_up_linears over qwen3_linear_shapes, before the encode's
+// activations exist) for prompts of up to `tokens` tokens: its largest shape's input, weight and
+// output at 4 bytes an element. The text phase plans the larger of this and the activations.
+int64_t qwen3_warm_up_bytes(const Qwen3Config& cfg, int tokens);
 
 // Hands a component's plan to its loader: the blocks it streams and the ring's slots (nothing
 // when `plan` is null or streams nothing, or the loader's device is the CPU).

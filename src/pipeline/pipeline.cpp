@@ -259,13 +259,13 @@ Embeddings run_encode(const PhaseContext& ctx, const ModelSources& src, const Ge
   std::unique_ptr<Qwen3Encoder>& enc = cache ? cache->text_encoder : enc_local;
   // The tokenizer (parsing tokenizer.json: a fifth of a second) on a thread of its own while
   // the encoder's weights load; a tokenizer failure stops that load at its next tensor.
-  // On the GPU without a --vram budget (its scratch is not planned), that thread then tokenizes
-  // the prompts and runs one GEMM of each encoder shape for their lengths (ops::warm_up_linears),
-  // so the plans and the kernels' first loads overlap the weights' load: the first encode's
-  // compute went from 0.19 to 0.06 s, same image (H100, 2026-12-07). ZI_WARM_GEMMS=0 turns it off.
+  // On the GPU, that thread then tokenizes the prompts and runs one GEMM of each encoder shape
+  // for their lengths (ops::warm_up_linears), so the plans and the kernels' first loads overlap
+  // the weights' load: the first encode's compute went from 0.19 to 0.06 s, same image (H100,
+  // 2026-12-07). Under a --vram budget its scratch is in the text phase's plan
+  // (qwen3_warm_up_bytes; it is freed before the encode's activations). ZI_WARM_GEMMS=0: off.
   const char* warm_env = std::getenv("ZI_WARM_GEMMS");
-  const bool warm = !enc && !(warm_env && !std::strcmp(warm_env, "0")) && ctx.device != Device::CPU &&
-                    !(o.vram_plan && o.vram_plan->budget_bytes >= 0);
+  const bool warm = !enc && !(warm_env && !std::strcmp(warm_env, "0")) && ctx.device != Device::CPU;
   std::future<std::unique_ptr<BpeTokenizer>> tok_ahead;
   if (!tok)
     tok_ahead = std::async(std::launch::async, [dir = mf.tokenizer_dir, warm, ctx, &o, &mf, cfg] {
@@ -489,7 +489,8 @@ std::shared_ptr<const VramPlan> make_vram_plan(const GenerateOptions& o, const M
     in.text.name = "text_encoder";
     in.text.fixed_bytes = qwen3_fixed_weight_bytes(mf.text_encoder, storage_dtype(o.text_encoder_dtype));
     in.text.block_bytes = qwen3_block_weight_bytes(mf.text_encoder, o.text_encoder_dtype);
-    in.text.activation_bytes = estimate_text_activation_bytes(mf.text_encoder, o.max_sequence_length);
+    in.text.activation_bytes = std::max(estimate_text_activation_bytes(mf.text_encoder, o.max_sequence_length),
+                                        qwen3_warm_up_bytes(mf.text_encoder, o.max_sequence_length));
     in.text.activation_bytes += slack(in.text.activation_bytes);
     in.text.passes = o.guidance > 0 ? 2 : 1;
   }
