@@ -72,6 +72,26 @@ struct TempDir {
 
 }  // namespace
 
+// The warm-up (ZI_WARM_VAE=1) runs the real decode with zero weights: it holds what a decode of
+// that size and the weights hold (the pipeline counts on that), and nothing after.
+TEST(Vae, WarmUpHoldsADecodeAndLeavesNothing) {
+  const VaeConfig cfg = tiny_cfg();
+  int64_t weight_bytes = 0;
+  {
+    const TensorStore store = TensorStore::open_dir(vae_dir());
+    (void)load_tiny(store, DType::BF16, &weight_bytes);
+  }
+  MemoryStats& ms = memory_stats(Device::CPU);
+  const int64_t before = ms.total().current;
+  ms.reset_peaks();
+  vae_warm_up(PhaseContext::on(Device::CPU, DType::F32), cfg, DType::BF16, 12, 10);
+  const int64_t held = ms.total().peak - before;
+  EXPECT_EQ(ms.total().current, before);
+  EXPECT_GE(held, weight_bytes);  // the weights were bound
+  const int64_t latent_bytes = int64_t(cfg.latent_channels) * 12 * 10 * 4;  // the caller's, in a real decode
+  EXPECT_LE(held, weight_bytes + latent_bytes + vae_decode_peak_bytes(cfg, 12, 10));
+}
+
 TEST(Vae, DecodesComponentsFixtureWithF32AndBf16Weights) {
   TensorStore store = TensorStore::open_dir(vae_dir());
   const Tensor z = fixture("components.safetensors", "vae.latents");     // [16, 40, 24]

@@ -98,11 +98,16 @@ if want firstuse; then  # one image per process: the 2nd process reuses the 1st 
   ZI_CUDA_PROFILE=1 z "$BIN/zimage" generate --model "$M" -p "$PROMPT" -W 1024 -H 1024 --steps 8 --seed 1 \
     --device cuda -o "$OUT/zimage_first4.png" > "$OUT/zimage_first_prof.log" 2>&1
   echo "process 4, profiled: the encode's ops"; grep -A8 "^\[encode\]" "$OUT/zimage_first_prof.log" | head -9
-  # The candidate fix: one GEMM per encoder shape on the tokenizer's thread while the weights load.
-  ZI_WARM_GEMMS=1 z "$BIN/zimage" generate --model "$M" -p "$PROMPT" -W 1024 -H 1024 --steps 8 --seed 1 \
+  # The encoder's GEMM warm-up (the default since 2026-12-07) off, then the VAE's warm-up on
+  # (ZI_WARM_VAE=1: a decode of this size with zero weights while the encoder loads).
+  ZI_WARM_GEMMS=0 z "$BIN/zimage" generate --model "$M" -p "$PROMPT" -W 1024 -H 1024 --steps 8 --seed 1 \
     --device cuda -o "$OUT/zimage_first5.png" > "$OUT/zimage_first_warm.log" 2>&1
-  echo "process 5, ZI_WARM_GEMMS=1 (rc=$?; PNG vs process 2: $(cmp -s "$OUT/zimage_first5.png" "$OUT/zimage_first2.png" && echo identical || echo DIFFERENT)):"
+  echo "process 5, ZI_WARM_GEMMS=0 (rc=$?; PNG vs process 2: $(cmp -s "$OUT/zimage_first5.png" "$OUT/zimage_first2.png" && echo identical || echo DIFFERENT)):"
   grep -E "^  (encode|denoise|decode) |wall clock" "$OUT/zimage_first_warm.log"
+  ZI_WARM_VAE=1 z "$BIN/zimage" generate --model "$M" -p "$PROMPT" -W 1024 -H 1024 --steps 8 --seed 1 \
+    --device cuda -o "$OUT/zimage_first6.png" > "$OUT/zimage_first_warmvae.log" 2>&1
+  echo "process 6, ZI_WARM_VAE=1 (rc=$?; PNG vs process 2: $(cmp -s "$OUT/zimage_first6.png" "$OUT/zimage_first2.png" && echo identical || echo DIFFERENT)):"
+  grep -E "^  (encode|denoise|decode) |wall clock|GPU peak" "$OUT/zimage_first_warmvae.log"
   wc -l "$ZIMAGE_CACHE_DIR"/*.txt; unset ZIMAGE_CACHE_DIR
   stamp "first use done"
 fi

@@ -4,6 +4,8 @@
 // and drops each activation as soon as its last reader is done.
 #include "models/vae_decoder.h"
 
+#include <atomic>
+
 #include <algorithm>
 #include <cmath>
 
@@ -225,6 +227,21 @@ Tensor segment_forward(const VaeDecoder& m, Tensor x, size_t from, size_t to, No
 }  // namespace vae_detail
 
 using namespace vae_detail;
+
+namespace {
+std::atomic<int64_t> g_warm_ups{0};
+}  // namespace
+
+void vae_warm_up(const PhaseContext& ctx, const VaeConfig& cfg, DType wdt, int h, int w) {
+  VaeDecoder m = bind_vae_decoder(cfg, [&](const std::string&, const Shape& shape, bool is_matrix) {
+    return Tensor::zeros(shape, is_matrix ? wdt : DType::F32, Tag::Workspace, ctx.device);
+  });
+  m.ctx = ctx;
+  (void)vae_decode(m, Tensor::zeros({cfg.latent_channels, h, w}, DType::F32, Tag::Workspace));
+  g_warm_ups.fetch_add(1);
+}
+
+int64_t vae_warm_ups_run() { return g_warm_ups.load(); }
 
 Tensor vae_decode(const VaeDecoder& m, const Tensor& z) {
   check_latent(m, z, "vae_decode");

@@ -68,6 +68,14 @@ VaeDecoder load_vae_decoder(WeightLoader& loader, const VaeConfig& cfg, DType wd
 // → image [out_channels, 8h, 8w] f32 in about [-1, 1].
 Tensor vae_decode(const VaeDecoder& m, const Tensor& z);
 
+// Runs vae_decode once on ctx's device with zero weights of cfg's shapes (matrices in `wdt`) and a
+// zero latent [L, h, w]: the first use of every kernel, convolution plan and path pick that a
+// decode of that size makes, paid ahead of the real decode (an experiment: the pipeline runs it
+// while the text encoder loads, with ZI_WARM_VAE=1). Holds what such a decode holds, all freed
+// (Tag::Workspace) on return.
+void vae_warm_up(const PhaseContext& ctx, const VaeConfig& cfg, DType wdt, int h, int w);
+int64_t vae_warm_ups_run();  // how many vae_warm_up calls finished in this process (tests)
+
 // vae_decode_tiled with the given plan: the up blocks whose outputs are kept whole, ascending,
 // starting at 0 and below the last block (VaeTilePlan::checkpoints). For tests and benchmarks.
 Tensor vae_decode_tiled_with(const VaeDecoder& m, const Tensor& z, int tile, const std::vector<int>& checkpoints);

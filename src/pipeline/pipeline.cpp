@@ -11,7 +11,10 @@
 #include <fstream>
 #include <functional>
 #include <future>
+#include <mutex>
 #include <optional>
+#include <set>
+#include <tuple>
 
 #include "backends/device.h"
 #include "core/parallel.h"
@@ -240,6 +243,15 @@ void fit_cache_to_budget(const GenerateOptions& o, ModelCache* cache, Device pha
   }
 }
 
+// Whether no decode of latent size h × w (weights `wdt`, activations `act`) was warmed up in
+// this process yet; marks it warmed.
+bool first_decode_of_size(int h, int w, DType wdt, DType act) {
+  static std::mutex mu;
+  static std::set<std::tuple<int, int, int, int>> seen;
+  std::lock_guard<std::mutex> lk(mu);
+  return seen.emplace(h, w, int(wdt), int(act)).second;
+}
+
 Embeddings run_encode(const PhaseContext& ctx, const ModelSources& src, const GenerateOptions& o, bool cfg,
                       ModelCache* cache) {
   const ModelFolder& mf = src.folder;
@@ -266,9 +278,22 @@ Embeddings run_encode(const PhaseContext& ctx, const ModelSources& src, const Ge
   // (qwen3_warm_up_bytes; it is freed before the encode's activations). ZI_WARM_GEMMS=0: off.
   const char* warm_env = std::getenv("ZI_WARM_GEMMS");
   const bool warm = !enc && !(warm_env && !std::strcmp(warm_env, "0")) && ctx.device != Device::CPU;
+  // ZI_WARM_VAE=1 (experiment, unmeasured): then a decode of this size with zero weights
+  // (vae_warm_up), so the convolutions' first use (0.24–0.33 s of the first image's decode
+  // against 0.05 s, H100 2026-12-07) is paid during the load too. Only without a budget, with
+  // the VAE on the encoder's device, and when the text phase and a decode together stay within
+  // the denoise's predicted peak (the run's peak does not grow; not at 2048²); once per size.
+  const int sf = mf.vae.scale_factor();
+  const int lh = 2 * (o.height / (sf * 2)), lw = 2 * (o.width / (sf * 2));
+  const VramPlan* vp = o.vram_plan.get();
+  const char* warm_vae_env = std::getenv("ZI_WARM_VAE");
+  const bool warm_vae = warm && warm_vae_env && !std::strcmp(warm_vae_env, "1") && o.vae_device == ctx.device &&
+                        !(cache && cache->vae) && vp && vp->budget_bytes < 0 &&
+                        vp->text.predicted_peak_bytes + vp->vae_peak_bytes <= vp->dit.predicted_peak_bytes &&
+                        first_decode_of_size(lh, lw, o.vae_dtype, ctx.act);
   std::future<std::unique_ptr<BpeTokenizer>> tok_ahead;
   if (!tok)
-    tok_ahead = std::async(std::launch::async, [dir = mf.tokenizer_dir, warm, ctx, &o, &mf, cfg] {
+    tok_ahead = std::async(std::launch::async, [dir = mf.tokenizer_dir, warm, warm_vae, lh, lw, ctx, &o, &mf, cfg] {
       auto t = std::make_unique<BpeTokenizer>(BpeTokenizer::load_dir(dir));
       if (warm) {
         try {
@@ -283,6 +308,7 @@ Embeddings run_encode(const PhaseContext& ctx, const ModelSources& src, const Ge
             for (const auto& [N, K] : qwen3_linear_shapes(mf.text_encoder)) mnk.push_back({M, N, K});
           }
           ops::warm_up_linears(ctx, mnk);
+          if (warm_vae) vae_warm_up(ctx, mf.vae, o.vae_dtype, lh, lw);
         } catch (...) {  // a warm-up only: the encode reports any real problem
         }
       }
