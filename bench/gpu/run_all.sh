@@ -86,7 +86,7 @@ if want firstuse; then  # one image per process: the 2nd process reuses the 1st 
   for run in 1 2; do
     z "$BIN/zimage" generate --model "$M" -p "$PROMPT" -W 1024 -H 1024 --steps 8 --seed 1 --device cuda \
       -o "$OUT/zimage_first$run.png" > "$OUT/zimage_first$run.log" 2>&1
-    echo "process $run (rc=$?):"; grep -E "^  (encode|denoise|decode) " "$OUT/zimage_first$run.log"
+    echo "process $run (rc=$?):"; grep -E "^  (encode|denoise|decode) |wall clock" "$OUT/zimage_first$run.log"
   done
   # The encode's 245 linears took 128 ms of profiled time for a 2.3 ms read of the weights
   # (2026-12-07): lazy module loading of each new cuBLASLt kernel? A process with every module
