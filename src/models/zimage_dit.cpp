@@ -14,6 +14,7 @@
 #include <cstring>
 
 #include "core/check.h"
+#include "core/env.h"
 #include "core/parallel.h"
 #include "models/controlnet.h"
 #include "core/quant.h"
@@ -71,8 +72,7 @@ void check_config(const DitConfig& c) {
 // fused_projections (tests) wins over both.
 bool fuse_projections(const PhaseContext& ctx) {
   if (ctx.fused_projections >= 0) return ctx.fused_projections == 1;
-  const char* e = std::getenv("ZI_FUSED_PROJECTIONS");
-  return e && std::strcmp(e, "1") == 0;
+  return env_flag("ZI_FUSED_PROJECTIONS", false);
 }
 
 DitBlock load_block(WeightLoader& ld, const std::string& p, const DitConfig& c, DType wdt, bool modulated) {
@@ -648,10 +648,7 @@ struct ZImageDit::StepRecordings {
 bool dit_records_steps(const ZImageDit& m) {
   if (m.streamer) return false;  // (the ring's copy stream is not recorded)
   int on = m.ctx.cuda_graphs;
-  if (on < 0) {
-    const char* e = std::getenv("ZI_CUDA_GRAPHS");
-    on = e && std::strcmp(e, "1") == 0 ? 1 : 0;
-  }
+  if (on < 0) on = env_flag("ZI_CUDA_GRAPHS", false) ? 1 : 0;
   return on == 1 && ops::can_record(m.ctx);
 }
 

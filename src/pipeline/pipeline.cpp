@@ -17,6 +17,7 @@
 #include <tuple>
 
 #include "backends/device.h"
+#include "core/env.h"
 #include "core/parallel.h"
 #include "core/torch_random.h"
 #include "io/checkpoint.h"
@@ -243,6 +244,16 @@ void fit_cache_to_budget(const GenerateOptions& o, ModelCache* cache, Device pha
   }
 }
 
+// The latent's height and width for o's image size: the VAE's scale factor, rounded down to an
+// even size (the DiT's 2 × 2 patches).
+struct LatentSize {
+  int64_t h, w;
+};
+LatentSize latent_size(const GenerateOptions& o, const VaeConfig& vae) {
+  const int sf = vae.scale_factor();
+  return {2 * (o.height / (sf * 2)), 2 * (o.width / (sf * 2))};
+}
+
 // Whether no decode of latent size h × w (weights `wdt`, activations `act`) was warmed up in
 // this process yet; marks it warmed.
 bool first_decode_of_size(int h, int w, DType wdt, DType act) {
@@ -276,18 +287,16 @@ Embeddings run_encode(const PhaseContext& ctx, const ModelSources& src, const Ge
   // the weights' load: the first encode's compute went from 0.19 to 0.06 s, same image (H100,
   // 2026-12-07). Under a --vram budget its scratch is in the text phase's plan
   // (qwen3_warm_up_bytes; it is freed before the encode's activations). ZI_WARM_GEMMS=0: off.
-  const char* warm_env = std::getenv("ZI_WARM_GEMMS");
-  const bool warm = !enc && !(warm_env && !std::strcmp(warm_env, "0")) && ctx.device != Device::CPU;
+  const bool warm = !enc && env_flag("ZI_WARM_GEMMS", true) && ctx.device != Device::CPU;
   // ZI_WARM_VAE=1 (experiment, unmeasured): then a decode of this size with zero weights
   // (vae_warm_up), so the convolutions' first use (0.24–0.33 s of the first image's decode
   // against 0.05 s, H100 2026-12-07) is paid during the load too. Only without a budget, with
   // the VAE on the encoder's device, and when the text phase and a decode together stay within
   // the denoise's predicted peak (the run's peak does not grow; not at 2048²); once per size.
-  const int sf = mf.vae.scale_factor();
-  const int lh = 2 * (o.height / (sf * 2)), lw = 2 * (o.width / (sf * 2));
+  const LatentSize ls = latent_size(o, mf.vae);
+  const int lh = int(ls.h), lw = int(ls.w);
   const VramPlan* vp = o.vram_plan.get();
-  const char* warm_vae_env = std::getenv("ZI_WARM_VAE");
-  const bool warm_vae = warm && warm_vae_env && !std::strcmp(warm_vae_env, "1") && o.vae_device == ctx.device &&
+  const bool warm_vae = warm && env_flag("ZI_WARM_VAE", false) && o.vae_device == ctx.device &&
                         !(cache && cache->vae) && vp && vp->budget_bytes < 0 &&
                         vp->text.predicted_peak_bytes + vp->vae_peak_bytes <= vp->dit.predicted_peak_bytes &&
                         first_decode_of_size(lh, lw, o.vae_dtype, ctx.act);
@@ -601,8 +610,7 @@ int64_t available_host_bytes() { return device::memory_free_bytes(Device::CPU); 
 
 VramPlan plan_generate_memory(const GenerateOptions& o) {
   const ModelSources src = resolve_model_sources({o.model_dir, o.diffusion_model_file, o.text_encoder_file, o.vae_file});
-  const int sf = src.folder.vae.scale_factor();
-  const int64_t h = 2 * (o.height / (sf * 2)), w = 2 * (o.width / (sf * 2));
+  const auto [h, w] = latent_size(o, src.folder.vae);
   std::optional<ControlNetConfig> cn;
   if (!o.controlnet.empty()) cn = inspect_controlnet(o.controlnet, src.folder.transformer);
   return *make_vram_plan(o, src, h, w, cn ? &*cn : nullptr, edit_mode(o) != EditMode::Text);
@@ -725,7 +733,7 @@ GenerateResult generate(const GenerateOptions& options, const GenerateHooks& hoo
   const EditInputs edit = prepare_edit_inputs(o, mf);
   const int sf = mf.vae.scale_factor();
   const int64_t C = mf.transformer.in_channels;
-  const int64_t h = 2 * (o.height / (sf * 2)), w = 2 * (o.width / (sf * 2));
+  const auto [h, w] = latent_size(o, mf.vae);
   const bool cfg = o.guidance > 0;
   GenerateResult r;
   r.width = int(w * sf);
@@ -986,7 +994,7 @@ std::vector<BatchItemResult> generate_batch(const std::vector<BatchItem>& items,
   const ModelFolder& mf = src.folder;
   const int sf = mf.vae.scale_factor();
   const int64_t C = mf.transformer.in_channels;
-  const int64_t h = 2 * (o0.height / (sf * 2)), w = 2 * (o0.width / (sf * 2));
+  const auto [h, w] = latent_size(o0, mf.vae);
   const bool cfg = o0.guidance > 0;
   MemoryStats& ms = memory_stats(Device::CPU);
   ms.clear_phases();

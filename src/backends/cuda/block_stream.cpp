@@ -20,12 +20,12 @@
 #include <cstdio>
 #include <cstdlib>
 #include <mutex>
-#include <string_view>
 #include <unordered_map>
 #include <vector>
 
 #include "backends/cuda/common.cuh"
 #include "backends/cuda/cuda_ops.h"
+#include "core/env.h"
 
 namespace zi::cuda {
 namespace {
@@ -115,11 +115,6 @@ void print_trace(Ring& r) {
   r.rows.clear();
 }
 
-bool env_on(const char* name) {
-  const char* e = std::getenv(name);
-  return e && *e && std::string_view(e) != "0";
-}
-
 // ZI_PINNED_HUGE: the mappings made here (pointer → bytes), unregistered and unmapped on free.
 std::mutex g_huge_mu;
 std::unordered_map<void*, size_t> g_huge;
@@ -128,7 +123,7 @@ std::unordered_map<void*, size_t> g_huge;
 
 void* pinned_alloc(size_t bytes) {
   ensure_init();
-  static const bool huge = env_on("ZI_PINNED_HUGE");
+  static const bool huge = env_flag("ZI_PINNED_HUGE", false);
   void* p = nullptr;
   if (huge && bytes >= (size_t(2) << 20)) {
     const size_t n = (bytes + (size_t(2) << 20) - 1) & ~((size_t(2) << 20) - 1);
@@ -173,7 +168,7 @@ void* ring_create(int slots) {
   }
   r->filled.resize(size_t(slots));
   r->released.resize(size_t(slots));
-  r->trace = env_on("ZI_STREAM_TRACE");
+  r->trace = env_flag("ZI_STREAM_TRACE", false);
   r->pending.assign(size_t(slots), SIZE_MAX);
   r->in_use.assign(size_t(slots), SIZE_MAX);
   for (int i = 0; i < slots; ++i) {

@@ -16,6 +16,7 @@
 #include <mutex>
 
 #include "backends/cuda/common.cuh"
+#include "core/env.h"
 #include "backends/cuda/cuda_ops.h"
 
 namespace zi {
@@ -206,8 +207,7 @@ Tensor scratch(int64_t bytes) { return Tensor::empty({bytes < 1 ? 1 : bytes}, DT
 bool env_switch(std::atomic<int>& v, const char* name, bool dflt) {
   int x = v.load();
   if (x < 0) {
-    const char* e = std::getenv(name);
-    x = e && !std::strcmp(e, "1") ? 1 : e && !std::strcmp(e, "0") ? 0 : int(dflt);
+    x = env_flag(name, dflt) ? 1 : 0;
     v.store(x);
   }
   return x == 1;
