@@ -37,6 +37,8 @@ fi
 PROMPT="A cinematic photo of a red fox standing in fresh snow at dawn, soft light, highly detailed fur, 85mm lens"
 if want bench || want kernels; then
   z "$BIN/bench_kernels" 2>&1 | tee "$OUT/kernels.log"
+  # The fp8 GEMMs again with Hopper's fast accumulation (ZI_FP8_FAST_ACCUM is read once per process).
+  ZI_KERNELS_FP8_ONLY=1 ZI_FP8_FAST_ACCUM=1 z "$BIN/bench_kernels" 2>&1 | grep fp8 | tee "$OUT/kernels_fastacc.log"
   stamp "kernels done"
 fi
 if want bench; then
