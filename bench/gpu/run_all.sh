@@ -276,10 +276,15 @@ if [[ "$WHAT" == *" quant "* ]]; then  # issue 14: weight formats at 1024², 8 s
          "fp8cf|ZI_E4M3_COPIES=1 ZI_FUSED_PROJECTIONS=1|--transformer-dtype fp8"
          "fp8tune|ZI_GEMM_TUNE=1|--transformer-dtype fp8" "bf16tune|ZI_GEMM_TUNE=1|"
          "fp8fa|ZI_FP8_FAST_ACCUM=1|--transformer-dtype fp8"
+         "fp8scalar|ZI_FP8_SCALING=scalar|--transformer-dtype fp8"
+         "fp8scalarfa|ZI_FP8_SCALING=scalar ZI_FP8_FAST_ACCUM=1|--transformer-dtype fp8"
          "fp8deq|ZI_FP8_GEMM=0|--transformer-dtype fp8"
          "q8_0||--transformer-dtype q8_0" "q4_0||--transformer-dtype q4_0"
          "q4_0te8||--transformer-dtype q4_0 --text-encoder-dtype q8_0")
   [ -n "${ZI_QUANT_FIRST:-}" ] && QCFGS=("${QCFGS[@]:0:$ZI_QUANT_FIRST}")  # only the first N (short calls)
+  if [ -n "${ZI_QUANT_ONLY:-}" ]; then  # only these names, e.g. "bf16 fp8 fp8fa"
+    SEL=(); for cfg in "${QCFGS[@]}"; do [[ " $ZI_QUANT_ONLY " == *" ${cfg%%|*} "* ]] && SEL+=("$cfg"); done; QCFGS=("${SEL[@]}")
+  fi
   for cfg in "${QCFGS[@]}"; do
     IFS='|' read -r name envs flags <<< "$cfg"
     env $envs LD_LIBRARY_PATH="${ZLIB:+$ZLIB:}$LD_LIBRARY_PATH" "$BIN/zimage" generate --model "$M" -p "$PROMPT" \
