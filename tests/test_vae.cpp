@@ -72,7 +72,7 @@ struct TempDir {
 
 }  // namespace
 
-// The warm-up (ZI_WARM_VAE=1) runs the real decode with zero weights: it holds what a decode of
+// The warm-up (on the GPU by default; ZI_WARM_VAE=0 turns it off) runs the real decode with zero weights: it holds what a decode of
 // that size and the weights hold (the pipeline counts on that), and nothing after.
 TEST(Vae, WarmUpHoldsADecodeAndLeavesNothing) {
   const VaeConfig cfg = tiny_cfg();

@@ -16,6 +16,7 @@
 
 #include "backends/cuda/common.cuh"
 #include "backends/cuda/cuda_ops.h"
+#include "core/env.h"
 #include "core/quant.h"
 #include "ops/ops.h"
 
@@ -120,14 +121,14 @@ int main() {
     // scaling — outer vectors (per-token x scales, per-channel w scales, in the kernel) and the
     // per-tensor scalar (one x scale; the channel pass not included) —, then linear_quant's whole
     // path forced to each scaling (quantization and channel pass included). Run again with
-    // ZI_FP8_FAST_ACCUM=1 for the fast-accumulation kernels (read once per process).
+    // ZI_FP8_FAST_ACCUM=0 for the kernels without fast accumulation (read once per process;
+    // fast accumulation is the default, the rows' names say which ran).
     struct G { const char* name; int64_t M, N, K; };
     const G gs[] = {{"8192^3", 8192, 8192, 8192},
                     {"dit_qkvo_4128x3840x3840", 4128, 3840, 3840},
                     {"dit_w13_4128x10240x3840", 4128, 10240, 3840},
                     {"dit_w2_4128x3840x10240", 4128, 3840, 10240}};
-    const char* acc = std::getenv("ZI_FP8_FAST_ACCUM") && std::string(std::getenv("ZI_FP8_FAST_ACCUM")) != "0"
-                          ? "_fastacc" : "";
+    const char* acc = env_flag("ZI_FP8_FAST_ACCUM", true) ? "_fastacc" : "";
     float one = 1.0f;
     Tensor dscalar = Tensor::empty({4}, DType::F32, Tag::Workspace, Device::CUDA);
     ZI_CUDA(cudaMemcpy(dscalar.raw(), &one, sizeof one, cudaMemcpyHostToDevice));

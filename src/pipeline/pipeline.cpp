@@ -254,6 +254,8 @@ LatentSize latent_size(const GenerateOptions& o, const VaeConfig& vae) {
   return {2 * (o.height / (sf * 2)), 2 * (o.width / (sf * 2))};
 }
 
+std::atomic<bool> g_force_vae_warm_up{false};  // force_vae_warm_up (tests)
+
 // Whether no decode of latent size h × w (weights `wdt`, activations `act`) was warmed up in
 // this process yet; marks it warmed.
 bool first_decode_of_size(int h, int w, DType wdt, DType act) {
@@ -288,18 +290,23 @@ Embeddings run_encode(const PhaseContext& ctx, const ModelSources& src, const Ge
   // 2026-12-07). Under a --vram budget its scratch is in the text phase's plan
   // (qwen3_warm_up_bytes; it is freed before the encode's activations). ZI_WARM_GEMMS=0: off.
   const bool warm = !enc && env_flag("ZI_WARM_GEMMS", true) && ctx.device != Device::CPU;
-  // ZI_WARM_VAE=1 (experiment, unmeasured): then a decode of this size with zero weights
-  // (vae_warm_up), so the convolutions' first use (0.24–0.33 s of the first image's decode
-  // against 0.05 s, H100 2026-12-07) is paid during the load too. Only without a budget, with
-  // the VAE on the encoder's device, and when the text phase and a decode together stay within
-  // the denoise's predicted peak (the run's peak does not grow; not at 2048²); once per size.
+  // Then a decode of this size with zero weights (vae_warm_up), so the convolutions' first use
+  // is paid during the load too: the first image's decode compute went from 0.30 to 0.06 s
+  // (H100, 2026-12-08; GPU test CudaPipeline.VaeWarmUpGivesTheSameImage). Only with the VAE on
+  // the encoder's device, and when the text phase and a decode together stay within the
+  // denoise's predicted peak, so the run's peak does not grow and a --vram budget holds (not at
+  // 2048², nor under budgets below about 10 GiB at 1024²); once per size. ZI_WARM_VAE=0: off.
   const LatentSize ls = latent_size(o, mf.vae);
   const int lh = int(ls.h), lw = int(ls.w);
   const VramPlan* vp = o.vram_plan.get();
-  const bool warm_vae = warm && env_flag("ZI_WARM_VAE", false) && o.vae_device == ctx.device &&
-                        !(cache && cache->vae) && vp && vp->budget_bytes < 0 &&
-                        vp->text.predicted_peak_bytes + vp->vae_peak_bytes <= vp->dit.predicted_peak_bytes &&
-                        first_decode_of_size(lh, lw, o.vae_dtype, ctx.act);
+  // The warm-up is the untiled decode: only where run_decode will run that one.
+  const bool budget = vp && vp->budget_bytes >= 0;
+  const bool untiled = o.vae_tile > 0 ? o.vae_tile >= std::max(lh, lw) : !budget || vp->vae_tile == 0;
+  const bool warm_vae =
+      warm && env_flag("ZI_WARM_VAE", true) && o.vae_device == ctx.device && !(cache && cache->vae) && vp &&
+      untiled && (g_force_vae_warm_up.load() ||
+       vp->text.predicted_peak_bytes + vp->vae_peak_bytes <= vp->dit.predicted_peak_bytes) &&
+      first_decode_of_size(lh, lw, o.vae_dtype, ctx.act);
   std::future<std::unique_ptr<BpeTokenizer>> tok_ahead;
   if (!tok)
     tok_ahead = std::async(std::launch::async, [dir = mf.tokenizer_dir, warm, warm_vae, lh, lw, ctx, &o, &mf, cfg] {
@@ -956,6 +963,8 @@ void check_batch_compatible(const GenerateOptions& a, const GenerateOptions& b) 
 bool item_cancelled(const BatchItem& it) { return it.cancel && it.cancel->load(); }
 
 }  // namespace
+
+void force_vae_warm_up(bool on) { g_force_vae_warm_up.store(on); }
 
 void preload_models(const GenerateOptions& o, ModelCache& cache, bool text_encoder, bool transformer, bool vae) {
   validate_generate_options(o);

@@ -15,7 +15,8 @@
 // them; the alpha vector has none for fp8 on Hopper) is asked once per shape and scaling, with the
 // scale pointers the scaling needs already set (stand-ins; the heuristic refuses outer vectors
 // without them): a plan that fails is remembered with its reason, and the caller takes the next
-// scaling or the dequantizing path. Nothing is timed.
+// scaling or the dequantizing path. Nothing is timed. Hopper's fast accumulation is on
+// (ZI_FP8_FAST_ACCUM=0: off).
 #include <cublasLt.h>
 
 #include <algorithm>
@@ -30,6 +31,7 @@
 
 #include "backends/cuda/common.cuh"
 #include "backends/cuda/cuda_ops.h"
+#include "core/env.h"
 
 namespace zi::cuda {
 namespace {
@@ -262,12 +264,11 @@ Fp8Plan make_fp8_plan(Fp8Scaling scaling, int64_t M, int64_t N, int64_t K, bool 
             "B_SCALE_MODE"))
       return p;
   }
-  // ZI_FP8_FAST_ACCUM=1 (experiment): Hopper's faster fp8 accumulation (partial sums kept at
-  // lower precision inside the tensor cores).
-  static const bool fast_accum = [] {
-    const char* e = std::getenv("ZI_FP8_FAST_ACCUM");
-    return e && *e && std::strcmp(e, "0") != 0;
-  }();
+  // Hopper's fast fp8 accumulation (partial sums kept inside the tensor cores, not promoted to
+  // f32 every few k-steps): the DiT's fp8 GEMMs 1040–1130 → 1220–1340 TFLOP/s, denoise compute
+  // 0.580 → 0.534 s, and the same quality against bf16 (DiT forward rel L2 0.1519 vs 0.1520,
+  // image PSNR 28.2 dB both; H100, 2026-12-08). ZI_FP8_FAST_ACCUM=0: off.
+  static const bool fast_accum = env_flag("ZI_FP8_FAST_ACCUM", true);
   if (fast_accum) {
     const int8_t on = 1;
     if (!ok(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_FAST_ACCUM, &on, sizeof on), "FAST_ACCUM"))
