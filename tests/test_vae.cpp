@@ -72,8 +72,9 @@ struct TempDir {
 
 }  // namespace
 
-// The warm-up (on the GPU by default; ZI_WARM_VAE=0 turns it off) runs the real decode with zero weights: it holds what a decode of
-// that size and the weights hold (the pipeline counts on that), and nothing after.
+// The warm-up (on the GPU by default; ZI_WARM_VAE=0 turns it off) runs the real decode with zero
+// weights: it holds what a decode of that size and the weights hold (the pipeline counts on
+// that), and nothing after.
 TEST(Vae, WarmUpHoldsADecodeAndLeavesNothing) {
   const VaeConfig cfg = tiny_cfg();
   int64_t weight_bytes = 0;

@@ -222,7 +222,7 @@ PY
   fi
 fi
 
-if [[ "$WHAT" == *" fused "* ]]; then  # (not in all) issue 19: fused q/k/v + w1/w3 and the recorded step (CUDA graph), off vs on, bf16 and fp8, 1024² 8 steps (2nd image)
+if [[ "$WHAT" == *" fused "* ]]; then  # (not in all) issue 19: fused q/k/v + w1/w3 and the recorded step (CUDA graph), off vs on, bf16 and fp8, 8 steps (2nd image) at ZI_FUSED_SIZE (1024; 512: where launches weigh more)
   M=/tmp/zrm
   need_random_model "$M"
   for rep in $(seq 1 ${ZI_FUSED_REPS:-2}); do
@@ -230,7 +230,8 @@ if [[ "$WHAT" == *" fused "* ]]; then  # (not in all) issue 19: fused q/k/v + w1
       IFS='|' read -r name flags <<< "$cfg"
       for fg in ${ZI_FUSED_CFGS:-0:0 1:0 0:1 1:1}; do  # fused:graphs
         IFS=: read -r f gr <<< "$fg"
-        ZI_FUSED_PROJECTIONS=$f ZI_CUDA_GRAPHS=$gr z "$BIN/zimage" generate --model "$M" -p "$PROMPT" -W 1024 -H 1024 --steps 8 --seed 1 \
+        FS=${ZI_FUSED_SIZE:-1024}
+        ZI_FUSED_PROJECTIONS=$f ZI_CUDA_GRAPHS=$gr z "$BIN/zimage" generate --model "$M" -p "$PROMPT" -W $FS -H $FS --steps 8 --seed 1 \
           --count 2 --device cuda $flags --memory-report -o "$OUT/zf_${name}_${f}${gr}.png" > "$OUT/fused_${name}_${f}${gr}_$rep.log" 2>&1
         echo "rc=$?" >> "$OUT/fused_${name}_${f}${gr}_$rep.log"
         echo "== $name fused=$f graphs=$gr rep $rep: $(sed -n '/image 2\/2/,$p' "$OUT/fused_${name}_${f}${gr}_$rep.log" | grep -E "^  denoise |total|GPU peak|rc=|rror|recorded" | tr -s ' ' | tr '\n' ';')"

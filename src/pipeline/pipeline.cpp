@@ -292,7 +292,7 @@ Embeddings run_encode(const PhaseContext& ctx, const ModelSources& src, const Ge
   const bool warm = !enc && env_flag("ZI_WARM_GEMMS", true) && ctx.device != Device::CPU;
   // Then a decode of this size with zero weights (vae_warm_up), so the convolutions' first use
   // is paid during the load too: the first image's decode compute went from 0.30 to 0.06 s
-  // (H100, 2026-12-08; GPU test CudaPipeline.VaeWarmUpGivesTheSameImage). Only with the VAE on
+  // (H100, 2026-12-08; same image: CudaPipeline.VaeWarmUpGivesTheSameImage). Only with the VAE on
   // the encoder's device, and when the text phase and a decode together stay within the
   // denoise's predicted peak, so the run's peak does not grow and a --vram budget holds (not at
   // 2048², nor under budgets below about 10 GiB at 1024²); once per size. ZI_WARM_VAE=0: off.
