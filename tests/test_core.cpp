@@ -102,6 +102,46 @@ TEST(Tensor, E4m3CopyIsKeptOnlyWhereTheValuesAreTheSame) {
   EXPECT_NE(x.e4m3_copy(), nullptr);
 }
 
+// HostReuseScope: a freed buffer of a page or more stays accounted and the next allocation of
+// its size on this thread takes it; smaller ones and frees outside a scope go at once; the
+// outermost scope's end frees what is kept; an inner scope keeps nothing of its own.
+TEST(Allocator, HostReuseScopeKeepsFreedBuffersForTheSameSize) {
+  MemoryStats& ms = memory_stats(Device::CPU);
+  const int64_t base = ms.total().current;
+  const size_t big = size_t(3) << 20, small = 1000;
+  const int64_t reused0 = host_buffers_reused();
+  {
+    void* a = host_alloc(big, Tag::DitWeights);
+    host_free(a, big, Tag::DitWeights);
+    EXPECT_EQ(ms.total().current, base) << "no scope: freed at once";
+  }
+  {
+    HostReuseScope scope;
+    void* a = host_alloc(big, Tag::DitWeights);
+    std::memset(a, 1, big);
+    host_free(a, big, Tag::DitWeights);
+    EXPECT_EQ(ms.total().current - base, int64_t(big)) << "kept: still accounted";
+    {
+      HostReuseScope inner;  // nested: the outer scope keeps
+      void* b = host_alloc(big - 10, Tag::Workspace);  // the same rounded size
+      EXPECT_EQ(b, a);
+      EXPECT_EQ(host_buffers_reused(), reused0 + 1);
+      EXPECT_EQ(ms.total().current - base, int64_t(big - 10)) << "accounted as the new request";
+      host_free(b, big - 10, Tag::Workspace);
+    }
+    EXPECT_EQ(ms.total().current - base, int64_t(big - 10)) << "the inner scope's end frees nothing";
+    void* c = host_alloc(2 * big, Tag::DitWeights);  // another size: a fresh buffer
+    EXPECT_NE(c, a);
+    EXPECT_EQ(host_buffers_reused(), reused0 + 1);
+    host_free(c, 2 * big, Tag::DitWeights);
+    void* d = host_alloc(small, Tag::DitWeights);
+    host_free(d, small, Tag::DitWeights);
+    EXPECT_EQ(ms.total().current - base, int64_t(big - 10) + int64_t(2 * big)) << "small buffers are not kept";
+  }
+  EXPECT_EQ(ms.total().current, base) << "the scope's end frees what it kept";
+  EXPECT_EQ(host_buffers_reused(), reused0 + 1);
+}
+
 TEST(Allocator, ScriptedSequenceCurrentPeakAndPhases) {
   MemoryStats& ms = memory_stats(Device::CPU);
   const int64_t base = ms.total().current;

@@ -3,6 +3,7 @@
 // its configs, nothing loaded) across many budgets and image sizes.
 #include <gtest/gtest.h>
 
+#include <cstdlib>
 #include <string>
 
 #include "core/check.h"
@@ -76,6 +77,39 @@ TEST(VramPlan, TheEncoderWarmUpIsWithinTheTextPhase) {
   EXPECT_EQ(qwen3_warm_up_bytes(tc, 16), 4 * (16 * 2560 + int64_t(9728) * 2560 + 16 * 9728));
   EXPECT_LE(qwen3_warm_up_bytes(tc, 512), estimate_text_activation_bytes(tc, 512));  // equal, as it happens
   EXPECT_GT(qwen3_warm_up_bytes(tc, 16), estimate_text_activation_bytes(tc, 16));
+}
+
+// The VAE's warm-up (a decode with zero weights while the encoder loads) is planned in the text
+// phase only where the text phase and a decode fit within the denoise's peak: never for the tiny
+// model (its text phase alone exceeds its denoise) unless forced, then its peak is the text
+// phase's; not with ZI_WARM_VAE=0, nor before a tiled decode. At the real size and 1024², a
+// 12 GiB budget has room for it and an 8 GiB one has not (the pipeline's comment says so).
+TEST(VramPlan, TheVaeWarmUpIsPlannedInTheTextPhase) {
+  GenerateOptions o;
+  o.model_dir = test::tiny_model();
+  o.prompt = "x";
+  o.width = o.height = 256;
+  o.text_encoder_device = o.transformer_device = o.vae_device = Device::CUDA;  // planned, not run
+  const VramPlan plain = plan_generate_memory(o);
+  EXPECT_FALSE(plain.vae_warm_up);
+  ASSERT_GT(plain.vae_peak_bytes, 0);
+  force_vae_warm_up(true);
+  const VramPlan forced = plan_generate_memory(o);
+  EXPECT_TRUE(forced.vae_warm_up);
+  EXPECT_EQ(forced.text.predicted_peak_bytes, plain.text.predicted_peak_bytes + plain.vae_peak_bytes);
+  EXPECT_NE(format_vram_plan(forced).find("warm-up"), std::string::npos);
+  ::setenv("ZI_WARM_VAE", "0", 1);
+  const VramPlan off = plan_generate_memory(o);
+  ::unsetenv("ZI_WARM_VAE");
+  EXPECT_FALSE(off.vae_warm_up);
+  EXPECT_EQ(off.text.predicted_peak_bytes, plain.text.predicted_peak_bytes);
+  o.vae_tile = 8;  // 64 px tiles: a tiled decode
+  EXPECT_FALSE(plan_generate_memory(o).vae_warm_up);
+  force_vae_warm_up(false);
+  for (int gib : {12, 8}) {
+    const VramPlan p = plan_vram(real_input(1024, 1024, gib * kGiB));
+    EXPECT_EQ(p.text.predicted_peak_bytes + p.vae_peak_bytes <= p.dit.predicted_peak_bytes, gib == 12) << gib;
+  }
 }
 
 TEST(VramPlan, NoBudgetKeepsEverythingResident) {

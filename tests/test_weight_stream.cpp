@@ -142,8 +142,11 @@ TEST(WeightStream, PinnedCopyIsTheOnlyHostCopy) {
     resident_bytes = ms.tag(Tag::DitWeights).current - before;
   }
   const size_t n = 2 * size_t(tiny().transformer.n_refiner_layers) + size_t(tiny().transformer.n_layers);
+  const int64_t reused = host_buffers_reused();
   ZImageDit m = load_dit(std::vector<bool>(n, true), 2);
   const int64_t held = ms.tag(Tag::DitWeights).current - before;
+  // Each block after the first loads into the host buffers the one before freed (HostReuseScope).
+  EXPECT_GE(host_buffers_reused() - reused, int64_t(n - 1) * 4);
   // The pinned copy pads each tensor to 256 bytes; no block is held twice.
   EXPECT_LE(held, resident_bytes + int64_t(n) * 16 * 256);
   EXPECT_GE(held, resident_bytes);

@@ -2,10 +2,12 @@
 
 #include <malloc.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <new>
 
 #include "core/check.h"
@@ -134,9 +136,59 @@ PhaseRecord PhaseScope::end() {
   return memory_stats(d_).end_phase();
 }
 
+namespace {
+
+// The buffers a HostReuseScope keeps, by rounded size: each still accounted as `bytes` of `tag`.
+struct KeptBuffer {
+  void* p;
+  size_t bytes;
+  Tag tag;
+};
+struct HostReuse {
+  std::multimap<size_t, KeptBuffer> kept;
+};
+thread_local HostReuse* t_reuse = nullptr;
+constexpr size_t kReuseMinBytes = 4096;  // a page: smaller ones share pages malloc keeps anyway
+std::atomic<int64_t> g_reused{0};
+
+size_t host_round(size_t bytes) {
+  const size_t n = (bytes + 63) & ~size_t(63);
+  return n == 0 ? 64 : n;
+}
+
+}  // namespace
+
+HostReuseScope::HostReuseScope() {
+  if (!t_reuse) {
+    t_reuse = new HostReuse;
+    owner_ = true;
+  }
+}
+
+HostReuseScope::~HostReuseScope() {
+  if (!owner_) return;
+  for (const auto& [n, k] : t_reuse->kept) {
+    std::free(k.p);
+    memory_stats(Device::CPU).on_free(k.bytes, k.tag);
+  }
+  delete t_reuse;
+  t_reuse = nullptr;
+}
+
+int64_t host_buffers_reused() { return g_reused.load(); }
+
 void* host_alloc(size_t bytes, Tag tag) {
-  size_t n = (bytes + 63) & ~size_t(63);
-  if (n == 0) n = 64;
+  const size_t n = host_round(bytes);
+  if (t_reuse && n >= kReuseMinBytes) {
+    if (auto it = t_reuse->kept.find(n); it != t_reuse->kept.end()) {
+      const KeptBuffer k = it->second;
+      t_reuse->kept.erase(it);
+      memory_stats(Device::CPU).on_free(k.bytes, k.tag);
+      memory_stats(Device::CPU).on_alloc(bytes, tag);
+      g_reused.fetch_add(1);
+      return k.p;
+    }
+  }
   void* p = std::aligned_alloc(64, n);
   if (!p) fail(str_cat("out of host memory allocating ", bytes, " bytes for ", tag_name(tag)));
   memory_stats(Device::CPU).on_alloc(bytes, tag);
@@ -145,6 +197,10 @@ void* host_alloc(size_t bytes, Tag tag) {
 
 void host_free(void* p, size_t bytes, Tag tag) {
   if (!p) return;
+  if (const size_t n = host_round(bytes); t_reuse && n >= kReuseMinBytes) {
+    t_reuse->kept.emplace(n, KeptBuffer{p, bytes, tag});  // still accounted until reused or the scope ends
+    return;
+  }
   std::free(p);
   memory_stats(Device::CPU).on_free(bytes, tag);
 }

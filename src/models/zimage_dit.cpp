@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 
 #include "core/check.h"
 #include "core/env.h"
@@ -479,8 +480,14 @@ ZImageDit load_zimage_dit(WeightLoader& ld, const DitConfig& cfg, DType wdt) {
   m.final_adaln_b = ld.load(fl + "adaLN_modulation.1.bias", {D}, f32);
   m.final_w = ld.load(fl + "linear.weight", {P, D}, wdt);
   m.final_b = ld.load(fl + "linear.bias", {P}, f32);
-  // Blocks the --vram plan streams load on the host and move to the streamer's pinned memory.
-  if (ld.streams_blocks()) m.streamer = std::make_shared<WeightStreamer>(ld.device(), ld.stream_slots(), ld.tag());
+  // Blocks the --vram plan streams load on the host and move to the streamer's pinned memory;
+  // their host tensors reuse the previous block's freed buffers (HostReuseScope: no fresh pages
+  // to fault in per block).
+  std::optional<HostReuseScope> reuse;
+  if (ld.streams_blocks()) {
+    m.streamer = std::make_shared<WeightStreamer>(ld.device(), ld.stream_slots(), ld.tag());
+    reuse.emplace();
+  }
   size_t index = 0;
   auto block = [&](const std::string& prefix, bool modulated) {
     const size_t i = index++;
@@ -496,6 +503,7 @@ ZImageDit load_zimage_dit(WeightLoader& ld, const DitConfig& cfg, DType wdt) {
   for (int i = 0; i < cfg.n_refiner_layers; ++i)
     m.context_refiner.push_back(block(str_cat("context_refiner.", i, "."), false));
   for (int i = 0; i < cfg.n_layers; ++i) m.layers.push_back(block(str_cat("layers.", i, "."), true));
+  reuse.reset();
   return m;
 }
 

@@ -619,6 +619,7 @@ std::string format_vram_plan(const VramPlan& p) {
                   mib(c->slot_bytes), c->prefetch, mib(c->streamed_bytes_per_pass), mib(c->host_pinned_bytes),
                   mib(c->predicted_peak_bytes));
     s += buf;
+    if (c == &p.text && p.vae_warm_up) s += " (the VAE's warm-up included)";
     if (c->ring_slots > 0 && p.h2d_bytes_per_second > 0) {
       std::snprintf(buf, sizeof buf, ", copy floor %.3f s/pass at %.1f GB/s", c->predicted_copy_seconds_per_pass,
                     p.h2d_bytes_per_second / 1e9);

@@ -147,6 +147,9 @@ struct VramPlan {
   int64_t vae_encode_peak_bytes = 0;  // the VAE-encode phase's weights + estimated peak (0: none)
   int64_t minimum_bytes = 0;     // the least budget for this image size (max over the phases)
   double h2d_bytes_per_second = 0;
+  // The text phase also runs the VAE's warm-up (a decode of the image's size with zero weights,
+  // while the encoder loads; pipeline.cpp): its peak is in text.predicted_peak_bytes.
+  bool vae_warm_up = false;
   bool streams() const { return text.ring_slots > 0 || dit.ring_slots > 0; }
 };
 

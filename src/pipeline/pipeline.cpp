@@ -290,23 +290,15 @@ Embeddings run_encode(const PhaseContext& ctx, const ModelSources& src, const Ge
   // 2026-12-07). Under a --vram budget its scratch is in the text phase's plan
   // (qwen3_warm_up_bytes; it is freed before the encode's activations). ZI_WARM_GEMMS=0: off.
   const bool warm = !enc && env_flag("ZI_WARM_GEMMS", true) && ctx.device != Device::CPU;
-  // Then a decode of this size with zero weights (vae_warm_up), so the convolutions' first use
-  // is paid during the load too: the first image's decode compute went from 0.30 to 0.06 s
-  // (H100, 2026-12-08; same image: CudaPipeline.VaeWarmUpGivesTheSameImage). Only with the VAE on
-  // the encoder's device, and when the text phase and a decode together stay within the
-  // denoise's predicted peak, so the run's peak does not grow and a --vram budget holds (not at
-  // 2048², nor under budgets below about 10 GiB at 1024²); once per size. ZI_WARM_VAE=0: off.
+  // Then, where the plan has it (VramPlan::vae_warm_up, make_vram_plan), a decode of this size
+  // with zero weights (vae_warm_up), so the convolutions' first use is paid during the load too:
+  // the first image's decode compute went from 0.30 to 0.06 s (H100, 2026-12-08; same image:
+  // CudaPipeline.VaeWarmUpGivesTheSameImage). Once per size.
   const LatentSize ls = latent_size(o, mf.vae);
   const int lh = int(ls.h), lw = int(ls.w);
   const VramPlan* vp = o.vram_plan.get();
-  // The warm-up is the untiled decode: only where run_decode will run that one.
-  const bool budget = vp && vp->budget_bytes >= 0;
-  const bool untiled = o.vae_tile > 0 ? o.vae_tile >= std::max(lh, lw) : !budget || vp->vae_tile == 0;
-  const bool warm_vae =
-      warm && env_flag("ZI_WARM_VAE", true) && o.vae_device == ctx.device && !(cache && cache->vae) && vp &&
-      untiled && (g_force_vae_warm_up.load() ||
-       vp->text.predicted_peak_bytes + vp->vae_peak_bytes <= vp->dit.predicted_peak_bytes) &&
-      first_decode_of_size(lh, lw, o.vae_dtype, ctx.act);
+  const bool warm_vae = warm && vp && vp->vae_warm_up && o.vae_device == ctx.device && !(cache && cache->vae) &&
+                        first_decode_of_size(lh, lw, o.vae_dtype, ctx.act);
   std::future<std::unique_ptr<BpeTokenizer>> tok_ahead;
   if (!tok)
     tok_ahead = std::async(std::launch::async, [dir = mf.tokenizer_dir, warm, warm_vae, lh, lw, ctx, &o, &mf, cfg] {
@@ -573,6 +565,19 @@ std::shared_ptr<const VramPlan> make_vram_plan(const GenerateOptions& o, const M
   if (p.streams() && device::gpu_available()) {
     in.h2d_bytes_per_second = device::measure_h2d_rate(Device::CUDA);
     p = plan_vram(in);
+  }
+  // The VAE's warm-up on the tokenizer's thread while the encoder loads (run_encode), in the text
+  // phase: with the encoder's GEMM warm-up, on the encoder's device, before an untiled decode
+  // (the warm-up is that decode), and when the text phase and a decode together stay within the
+  // denoise's predicted peak, so the run's peak does not grow and a budget holds (not at 2048²,
+  // nor under budgets below about 10 GiB at 1024²). ZI_WARM_VAE=0: off; force_vae_warm_up: tests.
+  const bool untiled = o.vae_tile > 0 ? o.vae_tile >= std::max(h, w) : p.budget_bytes < 0 || p.vae_tile == 0;
+  if (o.text_encoder_device == Device::CUDA && !o.embeddings && o.vae_device == Device::CUDA && untiled &&
+      p.vae_peak_bytes > 0 && env_flag("ZI_WARM_GEMMS", true) && env_flag("ZI_WARM_VAE", true) &&
+      (g_force_vae_warm_up.load() ||
+       p.text.predicted_peak_bytes + p.vae_peak_bytes <= p.dit.predicted_peak_bytes)) {
+    p.vae_warm_up = true;
+    p.text.predicted_peak_bytes += p.vae_peak_bytes;
   }
   return std::make_shared<const VramPlan>(std::move(p));
 }
