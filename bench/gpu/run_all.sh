@@ -215,6 +215,12 @@ PY
   done
   rm -f "$OUT"/budget_*-000?.png
   stamp "zimage budget sweep done"
+  # The GPU test of many budgets and sizes at the real size (issue 13; skipped without the model).
+  if [ "${ZI_BUDGET_REAL_TEST:-1}" != 0 ]; then
+    ZI_REAL_MODEL_DIR=$M z "$BIN/zimage_gpu_tests" --gtest_filter='CudaStream.RealSize*' > "$OUT/budget_real_test.log" 2>&1
+    grep -E "^real size|OK|FAILED|Failure|Expected|Which is|PASSED" "$OUT/budget_real_test.log" | head -30
+    stamp "real-size budget test done"
+  fi
   if [ "${ZI_BUDGET_DIFFUSERS:-1}" != 0 ]; then  # 0: no diffusers group offload (short calls)
     run_bench_diffusers diffusers_group.log 300 group
     grep -E "RESULT|Error|error" "$OUT/diffusers_group.log" | tail -6
