@@ -112,6 +112,29 @@ TEST(VramPlan, TheVaeWarmUpIsPlannedInTheTextPhase) {
   }
 }
 
+// The warm-up's size: the image's when its decode fits the room, else (ZI_WARM_VAE_SMALL) the
+// largest halving that fits, else none. At the real size, 1024² under 8 GiB, the room left by
+// the text phase holds a 256² decode, not a 512² one.
+TEST(VramPlan, TheVaeWarmUpTakesTheLargestSizeThatFits) {
+  const VaeConfig vae;
+  const int64_t wb = int64_t(100) << 20;
+  const int64_t whole = wb + vae_decode_peak_bytes(vae, 128, 128), half = wb + vae_decode_peak_bytes(vae, 64, 64);
+  ASSERT_LT(half, whole);
+  VaeWarmUpSize s = plan_vae_warm_up(vae, wb, 128, 128, whole, false);
+  EXPECT_EQ(s.h, 128);
+  EXPECT_EQ(s.bytes, whole);
+  EXPECT_EQ(plan_vae_warm_up(vae, wb, 128, 128, whole - 1, false).h, 0);
+  const int64_t wide = wb + vae_decode_peak_bytes(vae, 128, 96);
+  s = plan_vae_warm_up(vae, wb, 128, 96, wide - 1, true);
+  EXPECT_EQ(s.h, 64);
+  EXPECT_EQ(s.w, 48);
+  EXPECT_EQ(s.bytes, wb + vae_decode_peak_bytes(vae, 64, 48));
+  EXPECT_EQ(plan_vae_warm_up(vae, wb, 128, 128, wb, true).h, 0);  // not even the smallest
+  const VramPlan p = plan_vram(real_input(1024, 1024, 8 * kGiB));
+  s = plan_vae_warm_up(vae, wb, 128, 128, p.dit.predicted_peak_bytes - p.text.predicted_peak_bytes, true);
+  EXPECT_EQ(s.h, 32);
+}
+
 TEST(VramPlan, NoBudgetKeepsEverythingResident) {
   const VramPlan p = plan_vram(real_input(1024, 1024, -1));
   EXPECT_EQ(p.budget_bytes, -1);

@@ -599,6 +599,15 @@ void set_streamed_blocks(WeightLoader& loader, const ComponentPlan* plan) {
   loader.set_streamed_blocks(std::move(streamed), plan->ring_slots);
 }
 
+VaeWarmUpSize plan_vae_warm_up(const VaeConfig& cfg, int64_t weight_bytes, int h, int w, int64_t room, bool smaller) {
+  for (int hh = h, ww = w; hh >= 16 && ww >= 16; hh /= 2, ww /= 2) {
+    const int64_t bytes = weight_bytes + vae_decode_peak_bytes(cfg, hh, ww);
+    if (bytes <= room) return {hh, ww, bytes};
+    if (!smaller) break;
+  }
+  return {};
+}
+
 std::string format_vram_plan(const VramPlan& p) {
   auto mib = [](int64_t b) { return double(b) / (1 << 20); };
   std::string s;
@@ -619,7 +628,8 @@ std::string format_vram_plan(const VramPlan& p) {
                   mib(c->slot_bytes), c->prefetch, mib(c->streamed_bytes_per_pass), mib(c->host_pinned_bytes),
                   mib(c->predicted_peak_bytes));
     s += buf;
-    if (c == &p.text && p.vae_warm_up) s += " (the VAE's warm-up included)";
+    if (c == &p.text && p.vae_warm_up)
+      s += str_cat(" (the VAE's warm-up included, ", p.vae_warm_up_w * 8, "x", p.vae_warm_up_h * 8, ")");
     if (c->ring_slots > 0 && p.h2d_bytes_per_second > 0) {
       std::snprintf(buf, sizeof buf, ", copy floor %.3f s/pass at %.1f GB/s", c->predicted_copy_seconds_per_pass,
                     p.h2d_bytes_per_second / 1e9);

@@ -147,9 +147,11 @@ struct VramPlan {
   int64_t vae_encode_peak_bytes = 0;  // the VAE-encode phase's weights + estimated peak (0: none)
   int64_t minimum_bytes = 0;     // the least budget for this image size (max over the phases)
   double h2d_bytes_per_second = 0;
-  // The text phase also runs the VAE's warm-up (a decode of the image's size with zero weights,
-  // while the encoder loads; pipeline.cpp): its peak is in text.predicted_peak_bytes.
+  // The text phase also runs the VAE's warm-up (a decode with zero weights while the encoder
+  // loads; pipeline.cpp) at this latent size (the image's, or with ZI_WARM_VAE_SMALL=1 a smaller
+  // one that fits): its peak is in text.predicted_peak_bytes.
   bool vae_warm_up = false;
+  int vae_warm_up_h = 0, vae_warm_up_w = 0;
   bool streams() const { return text.ring_slots > 0 || dit.ring_slots > 0; }
 };
 
@@ -186,5 +188,14 @@ void set_streamed_blocks(WeightLoader& loader, const ComponentPlan* plan);
 
 // The plan as text, one phase a line, for --memory-report.
 std::string format_vram_plan(const VramPlan& p);
+
+// The VAE warm-up's latent size and bytes (weights + the decode's peak) within `room`: the
+// image's h × w when its decode fits, else with `smaller` the largest halving of it that fits
+// (at least 16 per side); h = w = 0 when none does.
+struct VaeWarmUpSize {
+  int h = 0, w = 0;
+  int64_t bytes = 0;
+};
+VaeWarmUpSize plan_vae_warm_up(const VaeConfig& cfg, int64_t weight_bytes, int h, int w, int64_t room, bool smaller);
 
 }  // namespace zi

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <limits>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -290,13 +291,12 @@ Embeddings run_encode(const PhaseContext& ctx, const ModelSources& src, const Ge
   // 2026-12-07). Under a --vram budget its scratch is in the text phase's plan
   // (qwen3_warm_up_bytes; it is freed before the encode's activations). ZI_WARM_GEMMS=0: off.
   const bool warm = !enc && env_flag("ZI_WARM_GEMMS", true) && ctx.device != Device::CPU;
-  // Then, where the plan has it (VramPlan::vae_warm_up, make_vram_plan), a decode of this size
-  // with zero weights (vae_warm_up), so the convolutions' first use is paid during the load too:
+  // Then, where the plan has it (VramPlan::vae_warm_up, make_vram_plan), a decode of the plan's
+  // size (the image's) with zero weights (vae_warm_up), so the convolutions' first use is paid during the load too:
   // the first image's decode compute went from 0.30 to 0.06 s (H100, 2026-12-08; same image:
   // CudaPipeline.VaeWarmUpGivesTheSameImage). Once per size.
-  const LatentSize ls = latent_size(o, mf.vae);
-  const int lh = int(ls.h), lw = int(ls.w);
   const VramPlan* vp = o.vram_plan.get();
+  const int lh = vp ? vp->vae_warm_up_h : 0, lw = vp ? vp->vae_warm_up_w : 0;
   const bool warm_vae = warm && vp && vp->vae_warm_up && o.vae_device == ctx.device && !(cache && cache->vae) &&
                         first_decode_of_size(lh, lw, o.vae_dtype, ctx.act);
   std::future<std::unique_ptr<BpeTokenizer>> tok_ahead;
@@ -571,13 +571,21 @@ std::shared_ptr<const VramPlan> make_vram_plan(const GenerateOptions& o, const M
   // (the warm-up is that decode), and when the text phase and a decode together stay within the
   // denoise's predicted peak, so the run's peak does not grow and a budget holds (not at 2048²,
   // nor under budgets below about 10 GiB at 1024²). ZI_WARM_VAE=0: off; force_vae_warm_up: tests.
+  // ZI_WARM_VAE_SMALL=1 (experiment): where the image's size does not fit, the largest halving of
+  // it that does (its kernels, if not all its shapes, loaded ahead).
   const bool untiled = o.vae_tile > 0 ? o.vae_tile >= std::max(h, w) : p.budget_bytes < 0 || p.vae_tile == 0;
   if (o.text_encoder_device == Device::CUDA && !o.embeddings && o.vae_device == Device::CUDA && untiled &&
-      p.vae_peak_bytes > 0 && env_flag("ZI_WARM_GEMMS", true) && env_flag("ZI_WARM_VAE", true) &&
-      (g_force_vae_warm_up.load() ||
-       p.text.predicted_peak_bytes + p.vae_peak_bytes <= p.dit.predicted_peak_bytes)) {
-    p.vae_warm_up = true;
-    p.text.predicted_peak_bytes += p.vae_peak_bytes;
+      p.vae_peak_bytes > 0 && env_flag("ZI_WARM_GEMMS", true) && env_flag("ZI_WARM_VAE", true)) {
+    const int64_t room = g_force_vae_warm_up.load() ? std::numeric_limits<int64_t>::max()
+                                                    : p.dit.predicted_peak_bytes - p.text.predicted_peak_bytes;
+    const VaeWarmUpSize s = plan_vae_warm_up(mf.vae, p.vae_weight_bytes, int(h), int(w), room,
+                                             env_flag("ZI_WARM_VAE_SMALL", false));
+    if (s.h > 0) {
+      p.vae_warm_up = true;
+      p.vae_warm_up_h = s.h;
+      p.vae_warm_up_w = s.w;
+      p.text.predicted_peak_bytes += s.bytes;
+    }
   }
   return std::make_shared<const VramPlan>(std::move(p));
 }
