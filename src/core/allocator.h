@@ -110,9 +110,9 @@ class PhaseScope {
 void* host_alloc(size_t bytes, Tag tag);
 void host_free(void* p, size_t bytes, Tag tag);
 
-// Inside a HostReuseScope, a host buffer of a page (4 KiB) or more freed on this thread is kept (still
-// accounted under its tag) and the next host_alloc of the same rounded size on this thread takes
-// it, its pages already faulted in; the scope's end frees what is left. For loops that
+// Inside a HostReuseScope, a host buffer of a page (4 KiB) or more freed on this thread is kept
+// (still accounted under its tag) and the next host_alloc of the same rounded size on this thread
+// takes it, its pages already faulted in; the scope's end frees what is left. For loops that
 // allocate, fill and free buffers of the same sizes again and again: the blocks a --vram plan
 // streams are loaded on the host, copied into their pinned block and freed, block after block
 // (a fresh 345 MB host tensor costs more in page faults than its copies). Scopes nest (the

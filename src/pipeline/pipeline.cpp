@@ -292,9 +292,9 @@ Embeddings run_encode(const PhaseContext& ctx, const ModelSources& src, const Ge
   // (qwen3_warm_up_bytes; it is freed before the encode's activations). ZI_WARM_GEMMS=0: off.
   const bool warm = !enc && env_flag("ZI_WARM_GEMMS", true) && ctx.device != Device::CPU;
   // Then, where the plan has it (VramPlan::vae_warm_up, make_vram_plan), a decode of the plan's
-  // size (the image's) with zero weights (vae_warm_up), so the convolutions' first use is paid during the load too:
-  // the first image's decode compute went from 0.30 to 0.06 s (H100, 2026-12-08; same image:
-  // CudaPipeline.VaeWarmUpGivesTheSameImage). Once per size.
+  // size (the image's) with zero weights (vae_warm_up), so the convolutions' first use is paid
+  // during the load too: the first image's decode compute went from 0.30 to 0.06 s (H100,
+  // 2026-12-08; same image: CudaPipeline.VaeWarmUpGivesTheSameImage). Once per size.
   const VramPlan* vp = o.vram_plan.get();
   const int lh = vp ? vp->vae_warm_up_h : 0, lw = vp ? vp->vae_warm_up_w : 0;
   const bool warm_vae = warm && vp && vp->vae_warm_up && o.vae_device == ctx.device && !(cache && cache->vae) &&
