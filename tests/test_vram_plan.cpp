@@ -91,20 +91,20 @@ TEST(VramPlan, TheVaeWarmUpIsPlannedInTheTextPhase) {
   o.width = o.height = 256;
   o.text_encoder_device = o.transformer_device = o.vae_device = Device::CUDA;  // planned, not run
   const VramPlan plain = plan_generate_memory(o);
-  EXPECT_FALSE(plain.vae_warm_up);
+  EXPECT_FALSE(plain.vae_warm_up());
   ASSERT_GT(plain.vae_peak_bytes, 0);
   force_vae_warm_up(true);
   const VramPlan forced = plan_generate_memory(o);
-  EXPECT_TRUE(forced.vae_warm_up);
+  EXPECT_TRUE(forced.vae_warm_up());
   EXPECT_EQ(forced.text.predicted_peak_bytes, plain.text.predicted_peak_bytes + plain.vae_peak_bytes);
   EXPECT_NE(format_vram_plan(forced).find("warm-up"), std::string::npos);
   ::setenv("ZI_WARM_VAE", "0", 1);
   const VramPlan off = plan_generate_memory(o);
   ::unsetenv("ZI_WARM_VAE");
-  EXPECT_FALSE(off.vae_warm_up);
+  EXPECT_FALSE(off.vae_warm_up());
   EXPECT_EQ(off.text.predicted_peak_bytes, plain.text.predicted_peak_bytes);
   o.vae_tile = 8;  // 64 px tiles: a tiled decode
-  EXPECT_FALSE(plan_generate_memory(o).vae_warm_up);
+  EXPECT_FALSE(plan_generate_memory(o).vae_warm_up());
   force_vae_warm_up(false);
   for (int gib : {12, 8}) {
     const VramPlan p = plan_vram(real_input(1024, 1024, gib * kGiB));

@@ -4,9 +4,8 @@
 // and drops each activation as soon as its last reader is done.
 #include "models/vae_decoder.h"
 
-#include <atomic>
-
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 
 #include "core/check.h"

@@ -70,9 +70,9 @@ Tensor vae_decode(const VaeDecoder& m, const Tensor& z);
 
 // Runs vae_decode once on ctx's device with zero weights of cfg's shapes (matrices in `wdt`) and a
 // zero latent [L, h, w]: the first use of every kernel, convolution plan and path pick that a
-// decode of that size makes, paid ahead of the real decode (an experiment: the pipeline runs it
-// while the text encoder loads, with ZI_WARM_VAE=1). Holds what such a decode holds, all freed
-// (Tag::Workspace) on return.
+// decode of that size makes, paid ahead of the real decode (the pipeline runs it while the text
+// encoder loads, where the --vram plan has room: VramPlan::vae_warm_up()). Holds what such a
+// decode holds, all freed (Tag::Workspace) on return.
 void vae_warm_up(const PhaseContext& ctx, const VaeConfig& cfg, DType wdt, int h, int w);
 int64_t vae_warm_ups_run();  // how many vae_warm_up calls finished in this process (tests)
 

@@ -628,7 +628,7 @@ std::string format_vram_plan(const VramPlan& p) {
                   mib(c->slot_bytes), c->prefetch, mib(c->streamed_bytes_per_pass), mib(c->host_pinned_bytes),
                   mib(c->predicted_peak_bytes));
     s += buf;
-    if (c == &p.text && p.vae_warm_up)
+    if (c == &p.text && p.vae_warm_up())
       s += str_cat(" (the VAE's warm-up included, ", p.vae_warm_up_w * 8, "x", p.vae_warm_up_h * 8, ")");
     if (c->ring_slots > 0 && p.h2d_bytes_per_second > 0) {
       std::snprintf(buf, sizeof buf, ", copy floor %.3f s/pass at %.1f GB/s", c->predicted_copy_seconds_per_pass,

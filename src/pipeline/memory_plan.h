@@ -149,9 +149,9 @@ struct VramPlan {
   double h2d_bytes_per_second = 0;
   // The text phase also runs the VAE's warm-up (a decode with zero weights while the encoder
   // loads; pipeline.cpp) at this latent size (the image's, or with ZI_WARM_VAE_SMALL=1 a smaller
-  // one that fits): its peak is in text.predicted_peak_bytes.
-  bool vae_warm_up = false;
+  // one that fits; 0: no warm-up): its peak is in text.predicted_peak_bytes.
   int vae_warm_up_h = 0, vae_warm_up_w = 0;
+  bool vae_warm_up() const { return vae_warm_up_h > 0; }
   bool streams() const { return text.ring_slots > 0 || dit.ring_slots > 0; }
 };
 

@@ -81,7 +81,7 @@ std::string memory_report_json(const GenerateResult& r) {
     }
     v["vae_tile"] = p.vae_tile * 8;
     v["vae_predicted_peak_bytes"] = p.vae_peak_bytes;
-    v["vae_warm_up"] = p.vae_warm_up;
+    v["vae_warm_up"] = p.vae_warm_up();
     j["vram_plan"] = v;
     j["streamed_bytes"] = r.streamed_bytes;
   }

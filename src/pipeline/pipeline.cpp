@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
-#include <limits>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -12,6 +11,7 @@
 #include <fstream>
 #include <functional>
 #include <future>
+#include <limits>
 #include <mutex>
 #include <optional>
 #include <set>
@@ -291,13 +291,13 @@ Embeddings run_encode(const PhaseContext& ctx, const ModelSources& src, const Ge
   // 2026-12-07). Under a --vram budget its scratch is in the text phase's plan
   // (qwen3_warm_up_bytes; it is freed before the encode's activations). ZI_WARM_GEMMS=0: off.
   const bool warm = !enc && env_flag("ZI_WARM_GEMMS", true) && ctx.device != Device::CPU;
-  // Then, where the plan has it (VramPlan::vae_warm_up, make_vram_plan), a decode of the plan's
+  // Then, where the plan has it (VramPlan::vae_warm_up(), make_vram_plan), a decode of the plan's
   // size (the image's) with zero weights (vae_warm_up), so the convolutions' first use is paid
   // during the load too: the first image's decode compute went from 0.30 to 0.06 s (H100,
   // 2026-12-08; same image: CudaPipeline.VaeWarmUpGivesTheSameImage). Once per size.
   const VramPlan* vp = o.vram_plan.get();
   const int lh = vp ? vp->vae_warm_up_h : 0, lw = vp ? vp->vae_warm_up_w : 0;
-  const bool warm_vae = warm && vp && vp->vae_warm_up && o.vae_device == ctx.device && !(cache && cache->vae) &&
+  const bool warm_vae = warm && vp && vp->vae_warm_up() && !(cache && cache->vae) &&
                         first_decode_of_size(lh, lw, o.vae_dtype, ctx.act);
   std::future<std::unique_ptr<BpeTokenizer>> tok_ahead;
   if (!tok)
@@ -580,12 +580,9 @@ std::shared_ptr<const VramPlan> make_vram_plan(const GenerateOptions& o, const M
                                                     : p.dit.predicted_peak_bytes - p.text.predicted_peak_bytes;
     const VaeWarmUpSize s = plan_vae_warm_up(mf.vae, p.vae_weight_bytes, int(h), int(w), room,
                                              env_flag("ZI_WARM_VAE_SMALL", false));
-    if (s.h > 0) {
-      p.vae_warm_up = true;
-      p.vae_warm_up_h = s.h;
-      p.vae_warm_up_w = s.w;
-      p.text.predicted_peak_bytes += s.bytes;
-    }
+    p.vae_warm_up_h = s.h;
+    p.vae_warm_up_w = s.w;
+    p.text.predicted_peak_bytes += s.bytes;  // 0 when none fits
   }
   return std::make_shared<const VramPlan>(std::move(p));
 }

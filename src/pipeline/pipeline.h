@@ -223,7 +223,7 @@ void preload_models(const GenerateOptions& o, ModelCache& cache, bool text_encod
 // budget below the minimum.
 VramPlan plan_generate_memory(const GenerateOptions& o);
 
-// Tests: the plan has the VAE's warm-up (VramPlan::vae_warm_up: run_encode runs it while the
+// Tests: the plan has the VAE's warm-up (VramPlan::vae_warm_up(): run_encode runs it while the
 // encoder loads) whether or not the text phase and a decode fit within the denoise's predicted
 // peak (still on the GPU only, before an untiled decode, once per size, and never with
 // ZI_WARM_VAE=0), so the tiny model, whose text phase alone exceeds its denoise, can show that

@@ -16,8 +16,8 @@
 #include <mutex>
 
 #include "backends/cuda/common.cuh"
-#include "core/env.h"
 #include "backends/cuda/cuda_ops.h"
+#include "core/env.h"
 
 namespace zi {
 
