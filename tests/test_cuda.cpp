@@ -18,6 +18,7 @@
 #include <thread>
 
 #include "backends/cpu/cpu_ops.h"
+#include "backends/cuda/attention_sm90.h"
 #include "backends/cuda/cuda_ops.h"
 #include "io/checkpoint.h"
 #include "io/png.h"
@@ -196,9 +197,12 @@ TEST(Cuda, Attention) {
   uint32_t seed = 40;
   for (const Case& c : cases)
     for (DType act : kActs)
-      for (int mode : {1, 2, 0}) {  // flash by rule (W on Hopper), the portable flash kernel, blocked
+      // flash by rule (W on Hopper), W with 176-key tiles, W in 3 stages, the portable flash
+      // kernel, blocked (W's variants are the rule's kernel elsewhere)
+      for (int mode : {1, 3, 4, 2, 0}) {
         const bool force_blocked = mode == 0;
         cuda::set_portable_attention(mode == 2);
+        cuda::set_flash_sm90w_variant(mode == 3 ? cuda::FlashW::N176 : mode == 4 ? cuda::FlashW::N128x3 : cuda::FlashW::N128);
         Tensor q = rnd({c.Sq, c.Hq, c.D}, seed++), k = rnd({c.Sk, c.Hkv, c.D}, seed++),
                v = rnd({c.Sk, c.Hkv, c.D}, seed++);
         const float scale = 1.0f / std::sqrt(float(c.D));
@@ -209,6 +213,7 @@ TEST(Cuda, Attention) {
         Tensor o = ops::attention(qd, kd, gpu(v, act), scale, c.causal, c.kv_len);
         cuda::set_force_blocked_attention(false);
         cuda::set_portable_attention(false);
+        cuda::set_flash_sm90w_variant(cuda::FlashW::N128);
         expect_close(o, ref, act,
                      str_cat("attention Sq=", c.Sq, " Sk=", c.Sk, " Hq=", c.Hq, " Hkv=", c.Hkv, " D=", c.D,
                              " causal=", c.causal, " kv_len=", c.kv_len, " path=", path, " mode=", mode));
@@ -227,10 +232,14 @@ TEST(Cuda, AttentionRule) {
     cuda::set_portable_attention(true);
     const Tensor ref = host(ops::attention(q, k, v, scale, causal, -1));
     cuda::set_portable_attention(false);
-    for (int run = 0; run < 2; ++run) {
-      const Tensor o = host(ops::attention(q, k, v, scale, causal, -1));
-      EXPECT_LE(rel_l2(o, ref), 1e-2) << "run " << run << " causal " << causal;
+    for (cuda::FlashW w : {cuda::FlashW::N128, cuda::FlashW::N176, cuda::FlashW::N128x3}) {
+      cuda::set_flash_sm90w_variant(w);
+      for (int run = 0; run < 2; ++run) {
+        const Tensor o = host(ops::attention(q, k, v, scale, causal, -1));
+        EXPECT_LE(rel_l2(o, ref), 1e-2) << "run " << run << " causal " << causal << " " << cuda::flash_sm90w_name(w);
+      }
     }
+    cuda::set_flash_sm90w_variant(cuda::FlashW::N128);
   }
 }
 

@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "backends/cuda/attention_sm90.h"
 #include "backends/cuda/common.cuh"
 #include "backends/cuda/cuda_ops.h"
 #include "core/env.h"
@@ -176,6 +177,22 @@ int main() {
              flops / ms / 1e9, "TFLOP/s");
     }
     cuda::set_portable_attention(false);
+    if (cuda::flash_sm90w_available()) {  // W's tile variants, at 1024² and at 2048² (S = 16448)
+      for (int64_t s2 : {S, int64_t(16448)}) {
+        Tensor q2 = s2 == S ? q : rand_dev({s2, H, D}, DType::BF16, 14);
+        Tensor k2 = s2 == S ? k : rand_dev({s2, H, D}, DType::BF16, 15);
+        Tensor v2 = s2 == S ? v : rand_dev({s2, H, D}, DType::BF16, 16);
+        Tensor o2 = s2 == S ? o : Tensor::empty({s2, H, D}, DType::BF16, Tag::Activations, Device::CUDA);
+        const double f2 = 4.0 * double(s2) * double(s2) * double(D) * double(H);
+        for (cuda::FlashW w : {cuda::FlashW::N128, cuda::FlashW::N176, cuda::FlashW::N128x3}) {
+          cuda::set_flash_sm90w_variant(w);
+          const double ms = median_ms([&] { cuda::attention(q2, k2, v2, scale, false, -1, o2); });
+          const char* tag = w == cuda::FlashW::N176 ? "w176" : w == cuda::FlashW::N128x3 ? "w128x3" : "w128";
+          report(str_cat("attn_flash_", tag, "_S", s2, "_H30_D128").c_str(), ms, f2 / ms / 1e9, "TFLOP/s");
+        }
+        cuda::set_flash_sm90w_variant(cuda::FlashW::N128);
+      }
+    }
     cuda::set_force_blocked_attention(true);
     const double bms = median_ms([&] { cuda::attention(q, k, v, scale, false, -1, o); }, 3);
     cuda::set_force_blocked_attention(false);
