@@ -17,8 +17,10 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <random>
+#include <string>
 #include <tuple>
 
 #include "backends/cpu/cpu_ops.h"
@@ -81,6 +83,7 @@ Tensor quantize_like_last_fp8(const Tensor& x) {
 struct Fp8Reset {
   ~Fp8Reset() {
     cuda::set_e4m3_copies(true);  // the default
+    cuda::set_e4m3_only(false);   // the default
     cuda::set_fp8_gemm(true);
     cuda::set_fast_dequant(true);
     cuda::force_fp8_scaling(-2);
@@ -282,6 +285,17 @@ TEST(CudaQuant, ProducersE4m3CopyGivesTheSameGemm) {
     ops::scale_(fused, 2.0f);
     EXPECT_EQ(fused.e4m3_copy(), nullptr) << "an in-place op kept a stale copy";
   };
+  // The same producer told its readers are fp8 GEMMs alone: the copy only, the same GEMM result,
+  // and its copy's bytes and scales equal to those written beside the bf16 values.
+  auto check_only = [&](const Tensor& with_values, const Tensor& only, const Tensor& w) {
+    ASSERT_TRUE(only.values_in_e4m3_copy_only()) << "the producer kept its bf16 values";
+    ASSERT_NE(with_values.e4m3_copy(), nullptr);
+    EXPECT_FALSE(with_values.values_in_e4m3_copy_only());
+    EXPECT_TRUE(bytes_equal(*with_values.e4m3_copy(), *only.e4m3_copy()));
+    EXPECT_TRUE(bytes_equal(*with_values.e4m3_copy()->row_scale(), *only.e4m3_copy()->row_scale()));
+    Tensor y_values = ops::linear(with_values, w), y_only = ops::linear(only, w);
+    EXPECT_TRUE(bytes_equal(y_values, y_only)) << "the GEMM on a copy-only input differs";
+  };
   for (int64_t D : {int64_t(256), int64_t(1024), int64_t(3840)}) {
     SCOPED_TRACE(str_cat("rms_norm D=", D));
     const int64_t M = 203;
@@ -290,6 +304,10 @@ TEST(CudaQuant, ProducersE4m3CopyGivesTheSameGemm) {
     Tensor w = fp8_weight(128, D, 44);
     for (const Tensor* scale : std::initializer_list<const Tensor*>{nullptr, &sc}) {
       check(ops::rms_norm(x, nw, 1e-6f, scale), ops::rms_norm(x, nw, 1e-6f, scale, &w), w);
+      cuda::set_e4m3_only(true);
+      check_only(ops::rms_norm(x, nw, 1e-6f, scale, &w), ops::rms_norm(x, nw, 1e-6f, scale, &w, true), w);
+      cuda::set_e4m3_only(false);
+      EXPECT_FALSE(ops::rms_norm(x, nw, 1e-6f, scale, &w, true).values_in_e4m3_copy_only()) << "off by default";
     }
   }
   for (int64_t F : {int64_t(160), int64_t(2048), int64_t(10240)}) {
@@ -299,6 +317,29 @@ TEST(CudaQuant, ProducersE4m3CopyGivesTheSameGemm) {
     Tensor w = fp8_weight(64, F, 54);
     check(ops::silu_mul(a, b), ops::silu_mul(a, b, &w), w);
     check(ops::silu_mul_halves(gu), ops::silu_mul_halves(gu, &w), w);
+    cuda::set_e4m3_only(true);
+    check_only(ops::silu_mul(a, b, &w), ops::silu_mul(a, b, &w, true), w);
+    check_only(ops::silu_mul_halves(gu, &w), ops::silu_mul_halves(gu, &w, true), w);
+    cuda::set_e4m3_only(false);
+  }
+  {  // A copy-only input reaching a linear that cannot read its copy: a clear error, no garbage.
+    cuda::set_e4m3_only(true);
+    Tensor x = act(16, 256, 71), nw = randn({256}, 0.5f, 72).to_device(Device::CUDA);
+    Tensor w8 = fp8_weight(64, 256, 73);
+    Tensor only = ops::rms_norm(x, nw, 1e-6f, nullptr, &w8, true);
+    ASSERT_TRUE(only.values_in_e4m3_copy_only());
+    Tensor wb = randn({64, 256}, 0.05f, 74).to(DType::BF16).to_device(Device::CUDA);
+    EXPECT_THROW(ops::linear(only, wb), Error);
+    EXPECT_THROW(ops::silu_mul(only, only), Error);
+    EXPECT_THROW(ops::scale_(only, 2.0f), Error);
+    cuda::force_fp8_scaling(int(cuda::Fp8Scaling::Scalar));
+    EXPECT_THROW(ops::linear(only, w8), Error);
+    cuda::force_fp8_scaling(int(cuda::Fp8Scaling::OuterVector));
+    // Where the GEMM would not read the copy, the producer keeps its values.
+    cuda::force_fp8_scaling(int(cuda::Fp8Scaling::Scalar));
+    EXPECT_FALSE(ops::rms_norm(x, nw, 1e-6f, nullptr, &w8, true).values_in_e4m3_copy_only());
+    cuda::force_fp8_scaling(int(cuda::Fp8Scaling::OuterVector));
+    cuda::set_e4m3_only(false);
   }
   // A bf16 consumer weight, or f32 activations: no copy.
   Tensor x = act(8, 256, 61), nw = randn({256}, 0.5f, 62).to_device(Device::CUDA);
@@ -352,6 +393,46 @@ TEST(CudaQuant, TinyPipelineFp8VsBf16) {
   EXPECT_LT(e8, 0.15);
   EXPECT_LT(e8d, 0.12);
   EXPECT_LE(mean_diff(i8, ib), 6.0);
+}
+
+// e4m3-only producers (ZI_E4M3_ONLY) change nothing but the bf16 writes nobody reads: the fp8
+// tiny model's latents and image are bit for bit those with the bf16 values kept, with the
+// fused projections and without.
+TEST(CudaQuant, E4m3OnlyProducersGiveTheSameImage) {
+  ZI_NEED_GPU();
+  if (!fp8_tensor_cores()) GTEST_SKIP() << "no fp8 tensor cores (compute capability < 8.9)";
+  Fp8Reset reset;
+  // The fused projections are chosen at load from ZI_FUSED_PROJECTIONS (zimage_dit.cpp).
+  const char* had = std::getenv("ZI_FUSED_PROJECTIONS");
+  const std::string before = had ? had : "";
+  struct Restore {
+    bool had;
+    std::string v;
+    ~Restore() { had ? setenv("ZI_FUSED_PROJECTIONS", v.c_str(), 1) : unsetenv("ZI_FUSED_PROJECTIONS"); }
+  } restore{had != nullptr, before};
+  auto run = [&](bool only, bool fused) {
+    cuda::set_e4m3_only(only);
+    setenv("ZI_FUSED_PROJECTIONS", fused ? "1" : "0", 1);
+    GenerateOptions o = test::fixture_case_options(data_dir(), tiny_model_dir(), "turbo");
+    o.text_encoder_device = o.transformer_device = o.vae_device = Device::CUDA;
+    o.precision = DType::BF16;
+    o.transformer_dtype = DType::F8_E4M3;
+    Tensor last;
+    GenerateHooks hooks;
+    hooks.on_latents = [&](int, const Tensor& lat) { last = ops::to_host_f32(lat).clone(Tag::Workspace); };
+    const int64_t used = cuda::linear_fp8_copies_used();
+    GenerateResult r = generate(o, hooks);
+    return std::make_tuple(last, r.rgb, cuda::linear_fp8_copies_used() - used);
+  };
+  for (bool fused : {false, true}) {
+    SCOPED_TRACE(fused ? "fused projections" : "separate projections");
+    auto [lk, ik, uk] = run(false, fused);
+    auto [lo, io, uo] = run(true, fused);
+    EXPECT_GT(uk, 0) << "no GEMM read a producer's copy: the test exercises nothing";
+    EXPECT_EQ(uo, uk);
+    EXPECT_EQ(test::max_abs_diff(lo, lk), 0.0);
+    EXPECT_TRUE(io == ik) << "the image differs with e4m3-only producers";
+  }
 }
 
 // ZI_GEMM_TUNE (experiment): timing the heuristic's candidates and keeping the fastest changes

@@ -22,6 +22,8 @@ namespace cuda {
 
 bool available() { return false; }
 bool e4m3_copies_enabled() { return false; }  // so ops.cpp never asks for the fused producers below
+bool e4m3_only_enabled() { return false; }
+bool fp8_reads_copy(int64_t, const Tensor&) { return false; }
 bool rms_norm_e4m3(const Tensor&, const Tensor&, float, const Tensor*, Tensor&, Tensor&) { return false; }
 bool silu_mul_e4m3(const Tensor&, const Tensor&, Tensor&, Tensor&) { return false; }
 bool silu_mul_halves_e4m3(const Tensor&, Tensor&, Tensor&) { return false; }

@@ -83,6 +83,10 @@ class Tensor {
   // (ops::rms_norm / silu_mul with `e4m3_for`). reshape keeps it, every other view, copy or
   // conversion drops it, and an op writing into the tensor in place drops it from that handle.
   const Tensor* e4m3_copy() const { return e4m3_.get(); }
+  // A producer told that fp8 GEMMs reading the copy are its only readers (ops::rms_norm and
+  // others with e4m3_only) writes the copy alone: its bf16 result is then bound to no memory,
+  // and only such a GEMM may read it (ops::linear refuses anything else with an error).
+  bool values_in_e4m3_copy_only() const { return e4m3_ && storage_ && !storage_->owned && !storage_->data; }
   void set_e4m3_copy(Tensor q);
   void drop_e4m3_copy() { e4m3_.reset(); }
   bool is_contiguous() const;

@@ -8,10 +8,13 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "backends/device.h"
+#include "core/allocator.h"
 #include "core/tensor.h"
+#include "io/weight_loader.h"
 
 namespace zi {
 
@@ -59,6 +62,43 @@ class WeightStreamer {
   // Uses in the current sequence: use k is the block at position (base_ + k) % n, in slot k % slots.
   uint64_t issued_ = 0, used_ = 0, released_ = 0;
   size_t base_ = 0;
+};
+
+// The loading side of block streaming, for a model's loop over its blocks: where the loader's
+// plan streams blocks, a WeightStreamer for them, and a HostReuseScope for the loop (each
+// streamed block's host tensors reuse the previous one's freed buffers: no fresh pages to fault
+// in per block). load(i, fn, tensors) runs fn() — the model's loading of block i — on the host
+// and hands tensors(block) to the streamer where the plan streams block i, on the loader's
+// device otherwise. Destroy it (or call done()) after the loop.
+class StreamedBlockLoader {
+ public:
+  explicit StreamedBlockLoader(WeightLoader& ld) : ld_(ld) {
+    if (!ld.streams_blocks()) return;
+    streamer_ = std::make_shared<WeightStreamer>(ld.device(), ld.stream_slots(), ld.tag());
+    reuse_.emplace();
+  }
+  template <class Load, class Tensors>
+  auto load(size_t i, Load&& fn, Tensors&& tensors) {
+    if (!ld_.block_streamed(i)) return fn();
+    const Device dev = ld_.device();
+    struct Back {  // the loader's device back, also when fn throws
+      WeightLoader& ld;
+      Device dev;
+      ~Back() { ld.set_device(dev); }
+    } back{ld_, dev};
+    ld_.set_device(Device::CPU);
+    auto block = fn();
+    if (!ld_.check_only()) streamer_->add_block(i, tensors(block));
+    return block;
+  }
+  // The streamer (null where the plan streams nothing), for the model to keep.
+  const std::shared_ptr<WeightStreamer>& streamer() const { return streamer_; }
+  void done() { reuse_.reset(); }
+
+ private:
+  WeightLoader& ld_;
+  std::shared_ptr<WeightStreamer> streamer_;
+  std::optional<HostReuseScope> reuse_;
 };
 
 // ensure_resident(i) for the guard's lifetime (nothing without a streamer).

@@ -3,7 +3,6 @@
 #include "models/qwen3_encoder.h"
 
 #include <cmath>
-#include <optional>
 
 #include "core/check.h"
 #include "core/quant.h"
@@ -125,26 +124,13 @@ Qwen3Encoder load_qwen3_encoder(WeightLoader& loader, const Qwen3Config& cfg, DT
   const int n_used = cfg.num_hidden_layers - 1;  // hidden_states[-2] = output of layer N−2
   m.layers.reserve(size_t(n_used));
   // Layers the --vram plan streams load on the host and move to the streamer's pinned memory.
-  // Their host tensors reuse the previous layer's freed buffers (HostReuseScope: no fresh pages
-  // to fault in per layer).
-  std::optional<HostReuseScope> reuse;
-  if (loader.streams_blocks()) {
-    m.streamer = std::make_shared<WeightStreamer>(loader.device(), loader.stream_slots(), loader.tag());
-    reuse.emplace();
-  }
-  for (int i = 0; i < n_used; ++i) {
-    if (!loader.block_streamed(size_t(i))) {
-      m.layers.push_back(load_layer(loader, str_cat(p, "layers.", i, "."), cfg, wdt));
-      continue;
-    }
-    const Device dev = loader.device();
-    loader.set_device(Device::CPU);
-    Qwen3Layer l = load_layer(loader, str_cat(p, "layers.", i, "."), cfg, wdt);
-    loader.set_device(dev);
-    if (!loader.check_only()) m.streamer->add_block(size_t(i), qwen3_layer_tensors(l));
-    m.layers.push_back(std::move(l));
-  }
-  reuse.reset();
+  StreamedBlockLoader streamed(loader);
+  m.streamer = streamed.streamer();
+  for (int i = 0; i < n_used; ++i)
+    m.layers.push_back(streamed.load(
+        size_t(i), [&] { return load_layer(loader, str_cat(p, "layers.", i, "."), cfg, wdt); },
+        [](Qwen3Layer& l) { return qwen3_layer_tensors(l); }));
+  streamed.done();
   // Present in the checkpoint, never needed (spec §2.5).
   loader.ignore_prefix(str_cat(p, "layers.", n_used, "."));
   loader.ignore_prefix(p + "norm.");

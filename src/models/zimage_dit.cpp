@@ -12,7 +12,6 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <optional>
 
 #include "core/check.h"
 #include "core/env.h"
@@ -359,22 +358,28 @@ Tensor self_attention(const DitBlock& b, const DitConfig& c, Tensor h, const Rop
   return ops::linear(o.reshape({S, H * hd}), b.to_out);  // [S, D]
 }
 
+// Two weights of one format and shape (the linears on them read a producer's e4m3 copy alike).
+bool same_format(const Tensor& a, const Tensor& b) { return a.dtype() == b.dtype() && a.shape() == b.shape(); }
+
 // [R, D] → [R, D]: w2(SiLU(w1·y) ⊙ w3·y), y = ffn_norm1(x) (⊙ scale_mlp) (§3.9); the caller
 // applies ffn_norm2 fused with the residual add.
 Tensor feed_forward(const DitBlock& b, float eps, const Tensor& x_rows, const Tensor* scale) {
   // Each producer is told its consumer's weight: fp8 weights on the GPU get their input's e4m3
   // copy from it (ops::rms_norm), no separate quantization pass.
-  Tensor y = ops::rms_norm(x_rows, b.ffn_norm1, eps, scale, b.w13.defined() ? &b.w13 : &b.w1);  // [R, D]
+  // Each linear here is its input's only reader: the producer may write the e4m3 copy alone.
+  const bool fused = b.w13.defined();
+  Tensor y = ops::rms_norm(x_rows, b.ffn_norm1, eps, scale, fused ? &b.w13 : &b.w1,
+                           fused || same_format(b.w1, b.w3));  // [R, D]
   Tensor act;
-  if (b.w13.defined()) {
+  if (fused) {
     Tensor gu = ops::linear(y, b.w13);  // [R, 2F]: [w1·y | w3·y] per row, one GEMM
     y = Tensor();
-    act = ops::silu_mul_halves(gu, &b.w2);  // [R, F]
+    act = ops::silu_mul_halves(gu, &b.w2, true);  // [R, F]
   } else {
     Tensor gate = ops::linear(y, b.w1);  // [R, F]
     Tensor up = ops::linear(y, b.w3);    // [R, F]
     y = Tensor();
-    act = ops::silu_mul(gate, up, &b.w2);  // [R, F]
+    act = ops::silu_mul(gate, up, &b.w2, true);  // [R, F]
   }
   Tensor out = ops::linear(act, b.w2);  // [R, D]
   act = Tensor();
@@ -389,8 +394,9 @@ void block_forward(const DitBlock& b, const DitConfig& cfg, Tensor& x, const Ten
   const bool mod = b.modulated();
   const Modulation md = mod ? modulation(b, c) : Modulation{};
 
-  Tensor h = ops::rms_norm(x, b.attention_norm1, eps, mod ? &md.scale_msa : nullptr,
-                           b.qkv.defined() ? &b.qkv : &b.to_q);  // [S, D]
+  // The q/k/v projections are h's only readers.
+  Tensor h = ops::rms_norm(x, b.attention_norm1, eps, mod ? &md.scale_msa : nullptr, b.qkv.defined() ? &b.qkv : &b.to_q,
+                           b.qkv.defined() || (same_format(b.to_q, b.to_k) && same_format(b.to_q, b.to_v)));  // [S, D]
   Tensor a = self_attention(b, cfg, std::move(h), rope, segs);                         // [S, D]
   ops::rms_norm_add_(x, a, b.attention_norm2, eps, mod ? &md.gate_msa : nullptr);    // x += gate ⊙ norm2(a)
   a = Tensor();
@@ -480,30 +486,20 @@ ZImageDit load_zimage_dit(WeightLoader& ld, const DitConfig& cfg, DType wdt) {
   m.final_adaln_b = ld.load(fl + "adaLN_modulation.1.bias", {D}, f32);
   m.final_w = ld.load(fl + "linear.weight", {P, D}, wdt);
   m.final_b = ld.load(fl + "linear.bias", {P}, f32);
-  // Blocks the --vram plan streams load on the host and move to the streamer's pinned memory;
-  // their host tensors reuse the previous block's freed buffers (HostReuseScope: no fresh pages
-  // to fault in per block).
-  std::optional<HostReuseScope> reuse;
-  if (ld.streams_blocks()) {
-    m.streamer = std::make_shared<WeightStreamer>(ld.device(), ld.stream_slots(), ld.tag());
-    reuse.emplace();
-  }
+  // Blocks the --vram plan streams load on the host and move to the streamer's pinned memory.
+  StreamedBlockLoader streamed(ld);
+  m.streamer = streamed.streamer();
   size_t index = 0;
   auto block = [&](const std::string& prefix, bool modulated) {
-    const size_t i = index++;
-    if (!ld.block_streamed(i)) return load_block(ld, prefix, cfg, bdt, modulated);
-    const Device dev = ld.device();
-    ld.set_device(Device::CPU);
-    DitBlock b = load_block(ld, prefix, cfg, bdt, modulated);
-    ld.set_device(dev);
-    if (!ld.check_only()) m.streamer->add_block(i, dit_block_tensors(b));
-    return b;
+    return streamed.load(
+        index++, [&] { return load_block(ld, prefix, cfg, bdt, modulated); },
+        [](DitBlock& b) { return dit_block_tensors(b); });
   };
   for (int i = 0; i < cfg.n_refiner_layers; ++i) m.noise_refiner.push_back(block(str_cat("noise_refiner.", i, "."), true));
   for (int i = 0; i < cfg.n_refiner_layers; ++i)
     m.context_refiner.push_back(block(str_cat("context_refiner.", i, "."), false));
   for (int i = 0; i < cfg.n_layers; ++i) m.layers.push_back(block(str_cat("layers.", i, "."), true));
-  reuse.reset();
+  streamed.done();
   return m;
 }
 

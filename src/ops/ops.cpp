@@ -45,14 +45,19 @@ void require_act_contiguous(const char* op, const Tensor& t) {
 // An activation written in place: checked, and its e4m3 copy (if any) dropped, as it is stale now.
 void require_act_inplace(const char* op, Tensor& t) {
   require_act_contiguous(op, t);
+  ZI_CHECK(!t.values_in_e4m3_copy_only(), "[", op, "] ", t.desc(),
+           " exists only as its e4m3 copy (for an fp8 linear): its producer should have kept the bf16 values");
   t.drop_e4m3_copy();
 }
 
-// An activation that is only read, on device d: a contiguous copy is made if needed.
-Tensor act_input(const char* op, const Tensor& t, Device d) {
+// An activation that is only read, on device d: a contiguous copy is made if needed. Only a
+// linear may take one whose values exist in its e4m3 copy alone (copy_only_ok).
+Tensor act_input(const char* op, const Tensor& t, Device d, bool copy_only_ok = false) {
   require_device(op, t, d);
   ZI_CHECK(act_dtype_ok(t), "[", op, "] expects an ", d == Device::CUDA ? "f32/bf16" : "f32", " activation, got ",
            t.desc());
+  ZI_CHECK(copy_only_ok || !t.values_in_e4m3_copy_only(), "[", op, "] ", t.desc(),
+           " exists only as its e4m3 copy (for an fp8 linear): its producer should have kept the bf16 values");
   return t.contiguous(Tag::Workspace);
 }
 
@@ -88,16 +93,23 @@ void require_same_shape(const char* op, const Tensor& a, const Tensor& b) {
 #define ZI_OP(op, d, fn, ...) ((void)(op), (void)(d), cpu::fn(__VA_ARGS__))
 #endif
 
-// The producers of an fp8 GEMM's input (rms_norm, silu_mul, silu_mul_halves with `e4m3_for`):
-// when the consuming weight is fp8 and the output bf16 on the GPU with fp8 GEMMs on, `fused`
-// runs the producer's e4m3 variant into q (F8_E4M3 [rows, K] with row scales) and the copy is
-// attached to out; otherwise, or where the variant does not take the shape, `plain` runs.
+// The producers of an fp8 GEMM's input (rms_norm, silu_mul, silu_mul_halves with `e4m3_for`),
+// returning their result of shape `shape` and dtype `dt`: when the consuming weight is fp8 and
+// the result bf16 on the GPU with fp8 GEMMs on, `fused(out, q)` runs the producer's e4m3 variant
+// into q (F8_E4M3 [rows, K] with row scales) and the copy is attached to out; otherwise, or where
+// the variant does not take the shape, `plain(out)` runs. With `e4m3_only` (the caller's word
+// that fp8 GEMMs on weights like e4m3_for are the only readers) where those GEMMs read the copy
+// and cuda::e4m3_only_enabled(), out is bound to no memory and the variant writes the copy alone.
 // (A CPU-only build's cuda::e4m3_copies_enabled() is false: the fused variants are never called.)
 template <class Fused, class Plain>
-void produce_for(const Tensor* e4m3_for, Device d, Tensor& out, const char* op, Fused fused, Plain plain) {
-  if (e4m3_for && e4m3_for->dtype() == DType::F8_E4M3 && d == Device::CUDA && out.dtype() == DType::BF16 &&
-      out.numel() > 0 && cuda::e4m3_copies_enabled()) {
-    const int64_t K = out.dim(-1), rows = out.numel() / K;
+Tensor produce_for(const Tensor* e4m3_for, bool e4m3_only, Device d, const Shape& shape, DType dt, const char* op,
+                   Fused fused, Plain plain) {
+  const int64_t numel = shape_numel(shape);
+  if (e4m3_for && e4m3_for->dtype() == DType::F8_E4M3 && d == Device::CUDA && dt == DType::BF16 && numel > 0 &&
+      cuda::e4m3_copies_enabled()) {
+    const int64_t K = shape.back(), rows = numel / K;
+    const bool only = e4m3_only && cuda::e4m3_only_enabled() && cuda::fp8_reads_copy(rows, *e4m3_for);
+    Tensor out = only ? Tensor::unbound(shape, dt, d, Tag::Activations) : Tensor::empty(shape, dt, Tag::Activations, d);
     Tensor q = Tensor::empty({rows, K}, DType::F8_E4M3, Tag::Activations, d);
     q.set_row_scale(Tensor::empty({rows}, DType::F32, Tag::Activations, d));
 #ifdef ZIMAGE_HAVE_CUDA
@@ -105,12 +117,14 @@ void produce_for(const Tensor* e4m3_for, Device d, Tensor& out, const char* op, 
 #else
     (void)op;
 #endif
-    if (fused(q)) {
+    if (fused(out, q)) {
       out.set_e4m3_copy(std::move(q));
-      return;
+      return out;
     }
   }
-  plain();
+  Tensor out = Tensor::empty(shape, dt, Tag::Activations, d);
+  plain(out);
+  return out;
 }
 
 }  // namespace
@@ -138,7 +152,7 @@ Tensor to_host_f32(const Tensor& t) {
 
 Tensor linear(const Tensor& x_in, const Tensor& w_in, const Tensor* bias) {
   const Device d = device_of("linear", x_in);
-  Tensor x = act_input("linear", x_in, d), w;
+  Tensor x = act_input("linear", x_in, d, true), w;
   if (is_quantized(w_in.dtype())) {  // weight formats: contiguous [N, K] as loaded
     require_device("linear", w_in, d);
     ZI_CHECK(w_in.is_contiguous() && w_in.ndim() == 2, "[linear] a ", dtype_name(w_in.dtype()),
@@ -148,6 +162,9 @@ Tensor linear(const Tensor& x_in, const Tensor& w_in, const Tensor* bias) {
     w = weight_input("linear", "weight", w_in, d);
   }
   ZI_CHECK(w.ndim() == 2, "[linear] weight must be [N, K], got ", w.desc());
+  ZI_CHECK(!x.values_in_e4m3_copy_only() || w.dtype() == DType::F8_E4M3, "[linear] ", x.desc(),
+           " exists only as its e4m3 copy, which a ", dtype_name(w.dtype()),
+           " weight cannot read: its producer should have kept the bf16 values");
   ZI_CHECK(x.ndim() >= 1 && x.dim(-1) == w.dim(1) && w.dim(1) > 0, "[linear] x ", x.desc(),
            " does not match weight ", w.desc(), " (x's last dim must equal K = w.dim(1) > 0)");
   Tensor b;
@@ -185,7 +202,8 @@ void rms_norm_(Tensor& x, const Tensor& weight, float eps) {
   ZI_OP("rms_norm_", d, rms_norm_, x, w, eps);
 }
 
-Tensor rms_norm(const Tensor& x_in, const Tensor& weight, float eps, const Tensor* scale, const Tensor* e4m3_for) {
+Tensor rms_norm(const Tensor& x_in, const Tensor& weight, float eps, const Tensor* scale, const Tensor* e4m3_for,
+                bool e4m3_only) {
   const Device d = device_of("rms_norm", x_in);
   Tensor x = act_input("rms_norm", x_in, d);
   Tensor w = weight_input("rms_norm", "weight", weight, d);
@@ -196,12 +214,11 @@ Tensor rms_norm(const Tensor& x_in, const Tensor& weight, float eps, const Tenso
     s = weight_input("rms_norm", "scale", *scale, d);
     require_vector("rms_norm", "scale", s, x.dim(-1));
   }
-  Tensor y = Tensor::empty(x.shape(), x.dtype(), Tag::Activations, d);
   const Tensor* sp = scale ? &s : nullptr;
-  produce_for(
-      e4m3_for, d, y, "rms_norm+e4m3", [&](Tensor& q) { return cuda::rms_norm_e4m3(x, w, eps, sp, y, q); },
-      [&] { ZI_OP("rms_norm", d, rms_norm, x, w, eps, sp, y); });
-  return y;
+  return produce_for(
+      e4m3_for, e4m3_only, d, x.shape(), x.dtype(), "rms_norm+e4m3",
+      [&](Tensor& y, Tensor& q) { return cuda::rms_norm_e4m3(x, w, eps, sp, y, q); },
+      [&](Tensor& y) { ZI_OP("rms_norm", d, rms_norm, x, w, eps, sp, y); });
 }
 
 void rms_norm_add_(Tensor& x, Tensor& y, const Tensor& weight, float eps, const Tensor* gate) {
@@ -303,31 +320,29 @@ void tanh_(Tensor& x) {
   ZI_OP("tanh_", d, tanh_, x);
 }
 
-Tensor silu_mul(const Tensor& a_in, const Tensor& b_in, const Tensor* e4m3_for) {
+Tensor silu_mul(const Tensor& a_in, const Tensor& b_in, const Tensor* e4m3_for, bool e4m3_only) {
   const Device d = device_of("silu_mul", a_in);
   Tensor a = act_input("silu_mul", a_in, d), b = act_input("silu_mul", b_in, d);
   require_same_shape("silu_mul", a, b);
   ZI_CHECK(a.dtype() == b.dtype(), "[silu_mul] dtypes differ: ", a.desc(), " vs ", b.desc());
-  Tensor out = Tensor::empty(a.shape(), a.dtype(), Tag::Activations, d);
-  produce_for(
-      e4m3_for, d, out, "silu_mul+e4m3", [&](Tensor& q) { return cuda::silu_mul_e4m3(a, b, out, q); },
-      [&] { ZI_OP("silu_mul", d, silu_mul, a, b, out); });
-  return out;
+  return produce_for(
+      e4m3_for, e4m3_only, d, a.shape(), a.dtype(), "silu_mul+e4m3",
+      [&](Tensor& out, Tensor& q) { return cuda::silu_mul_e4m3(a, b, out, q); },
+      [&](Tensor& out) { ZI_OP("silu_mul", d, silu_mul, a, b, out); });
 }
 
-Tensor silu_mul_halves(const Tensor& y_in, const Tensor* e4m3_for) {
+Tensor silu_mul_halves(const Tensor& y_in, const Tensor* e4m3_for, bool e4m3_only) {
   const Device d = device_of("silu_mul_halves", y_in);
   Tensor y = act_input("silu_mul_halves", y_in, d);
   ZI_CHECK(y.ndim() >= 1 && y.dim(-1) % 2 == 0, "[silu_mul_halves] the last dimension must be even, got ", y.desc());
   Shape os = y.shape();
   os.back() /= 2;
-  Tensor out = Tensor::empty(os, y.dtype(), Tag::Activations, d);
-  produce_for(
-      e4m3_for, d, out, "silu_mul_halves+e4m3", [&](Tensor& q) { return cuda::silu_mul_halves_e4m3(y, out, q); },
-      [&] {
+  return produce_for(
+      e4m3_for, e4m3_only, d, os, y.dtype(), "silu_mul_halves+e4m3",
+      [&](Tensor& out, Tensor& q) { return cuda::silu_mul_halves_e4m3(y, out, q); },
+      [&](Tensor& out) {
         if (out.numel() > 0) ZI_OP("silu_mul_halves", d, silu_mul_halves, y, out);
       });
-  return out;
 }
 
 void add_(Tensor& x, const Tensor& y_in) {

@@ -49,8 +49,11 @@ void rms_norm_(Tensor& x, const Tensor& weight, float eps);
 // e4m3_for (here and in silu_mul, silu_mul_halves): the weight of the linear that reads the
 // result. When it is fp8 and the result bf16 on the GPU, the op also writes the result's e4m3
 // copy (Tensor::e4m3_copy) and that linear skips its own quantization pass: same GEMM result.
+// e4m3_only: the caller's word that every reader of the result is a linear whose weight has
+// e4m3_for's format and shape; where those GEMMs read the copy, the op may then write the copy
+// alone (cuda::e4m3_only_enabled: Tensor::values_in_e4m3_copy_only). Ignored on the CPU.
 Tensor rms_norm(const Tensor& x, const Tensor& weight, float eps, const Tensor* scale = nullptr,
-                const Tensor* e4m3_for = nullptr);
+                const Tensor* e4m3_for = nullptr, bool e4m3_only = false);
 //   x += gate[D] ⊙ RMSNorm(y)·weight          y is overwritten            (= rms_norm_(y), add_gated_/add_)
 void rms_norm_add_(Tensor& x, Tensor& y, const Tensor& weight, float eps, const Tensor* gate = nullptr);
 //   x [S, H, D]: per-head RMSNorm (weight [D]) then rope_pairs_
@@ -78,10 +81,11 @@ void paste_(Tensor& dst, const Tensor& src, int64_t y0, int64_t x0);
 
 void silu_(Tensor& x);                          // x·sigmoid(x)
 void tanh_(Tensor& x);
-Tensor silu_mul(const Tensor& a, const Tensor& b, const Tensor* e4m3_for = nullptr);  // SiLU(a) ⊙ b, same shapes (SwiGLU)
+// SiLU(a) ⊙ b, same shapes (SwiGLU)
+Tensor silu_mul(const Tensor& a, const Tensor& b, const Tensor* e4m3_for = nullptr, bool e4m3_only = false);
 // y[..., 2F] → [..., F]: SiLU(y[..., :F]) ⊙ y[..., F:] (SwiGLU on a fused w1/w3 projection's
 // output; = silu_mul of the two halves, same results).
-Tensor silu_mul_halves(const Tensor& y, const Tensor* e4m3_for = nullptr);
+Tensor silu_mul_halves(const Tensor& y, const Tensor* e4m3_for = nullptr, bool e4m3_only = false);
 void add_(Tensor& x, const Tensor& y);          // x += y, same shapes
 void mul_(Tensor& x, const Tensor& y);          // x *= y, same shapes
 void scale_(Tensor& x, float s);                // x *= s

@@ -127,6 +127,15 @@ int64_t linear_fp8_copies_used();
 // ZI_E4M3_COPIES=0 in the environment, or set_e4m3_copies(false) (tests), turns them off.
 bool e4m3_copies_enabled();
 void set_e4m3_copies(bool on);
+// Whether producers whose only readers are fp8 GEMMs that read the copy (ops' e4m3_only) write
+// the copy alone, not their bf16 result (Tensor::values_in_e4m3_copy_only): the same GEMM results
+// with one bf16 write per producer less. An experiment, off until measured: ZI_E4M3_ONLY=1 in
+// the environment, or set_e4m3_only(true) (tests), turns it on; needs the copies on.
+bool e4m3_only_enabled();
+void set_e4m3_only(bool on);
+// Whether an fp8 GEMM of M rows on w (F8_E4M3 [N, K] on the GPU, no bias) reads its input's e4m3
+// copy: fp8 GEMMs on and an outer-vector plan for the shape.
+bool fp8_reads_copy(int64_t M, const Tensor& w);
 bool fp8_gemm_enabled();
 void set_fp8_gemm(bool on);
 void set_fast_dequant(bool on);

@@ -68,14 +68,15 @@ __global__ void silu_mul_halves_vec(const T* y, T* o, int64_t fv, int64_t nv) {
 }
 // SwiGLU of one bf16 row per block (a and b rows `stride` elements apart: separate tensors, or
 // the halves of one) with the e4m3 copy of the bf16 result (e4m3_rows.cuh): o [R, F], q [R, F],
-// qs [R]. The row stays in registers (F ≤ VPT · 8 · kRowThreads) between the max and the bytes.
+// qs [R]; o null: the copy alone. The row stays in registers (F ≤ VPT · 8 · kRowThreads) between
+// the max and the bytes.
 constexpr int kRowThreads = 256;
 template <int VPT>
 __global__ void __launch_bounds__(kRowThreads) silu_mul_rows_e4m3(const bf16* a, const bf16* b, int64_t stride,
                                                                   bf16* o, uint8_t* q, float* qs, int F) {
   const bf16* ar = a + int64_t(blockIdx.x) * stride;
   const bf16* br = b + int64_t(blockIdx.x) * stride;
-  bf16* orow = o + int64_t(blockIdx.x) * F;
+  bf16* orow = o ? o + int64_t(blockIdx.x) * F : nullptr;
   float f[VPT][8];
 #pragma unroll
   for (int i = 0; i < VPT; ++i) {
@@ -90,7 +91,7 @@ __global__ void __launch_bounds__(kRowThreads) silu_mul_rows_e4m3(const bf16* a,
     load_vec(br + j, fb);
 #pragma unroll
     for (int e = 0; e < 8; ++e) f[i][e] = silu_f(f[i][e]) * fb[e];
-    store_vec(orow + j, f[i]);
+    if (orow) store_vec(orow + j, f[i]);
   }
   quantize_row_e4m3(f, kRowThreads, F, q + int64_t(blockIdx.x) * F, qs + blockIdx.x);
 }

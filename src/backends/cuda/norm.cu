@@ -137,7 +137,8 @@ __device__ __forceinline__ void load_f32n(const float* p, float (&f)[N]) {
 // kAdd false: out = in·inv(in)·w (⊙ mul), out may be in (mul: a scale).
 // kAdd true:  out += mul ⊙ (in·inv(in)·w) (mul: a gate).      mul null: 1.
 // kQ (bf16, kAdd false): also the e4m3 copy of the bf16 row written, q [R, D] and qs [R]
-// (e4m3_rows.cuh: the bytes and scales quant.cu's separate pass would write).
+// (e4m3_rows.cuh: the bytes and scales quant.cu's separate pass would write); out null: the
+// copy alone (the bf16 row is rounded as if stored, not stored).
 template <class T, int VPT, bool kAdd, bool kQ = false>
 __global__ void __launch_bounds__(kRegThreads) rms_norm_reg(const T* in, T* out, const float* w, const float* mul,
                                                             int D, float eps, uint8_t* q = nullptr,
@@ -145,7 +146,7 @@ __global__ void __launch_bounds__(kRegThreads) rms_norm_reg(const T* in, T* out,
   static_assert(!kQ || (!kAdd && sizeof(T) == 2), "the e4m3 copy is of bf16 norms");
   constexpr int N = Vec<T>::N;
   const T* ir = in + int64_t(blockIdx.x) * D;
-  T* orow = out + int64_t(blockIdx.x) * D;
+  T* orow = out ? out + int64_t(blockIdx.x) * D : nullptr;
   float f[VPT][N], o[kAdd ? VPT : 1][N];
 #pragma unroll
   for (int i = 0; i < VPT; ++i) {
@@ -182,7 +183,7 @@ __global__ void __launch_bounds__(kRegThreads) rms_norm_reg(const T* in, T* out,
       if constexpr (kAdd) f[i][e] = o[i][e] + wv[e] * t;
       else f[i][e] = t * wv[e];
     }
-    store_vec(orow + j, f[i]);
+    if (!kQ || orow) store_vec(orow + j, f[i]);
   }
   if constexpr (kQ) quantize_row_e4m3(f, kRegThreads, D, q + int64_t(blockIdx.x) * D, qs + blockIdx.x);
 }

@@ -303,6 +303,7 @@ std::atomic<const char*> g_last_path{""};
 
 std::atomic<int64_t> g_copies_used{0};
 std::atomic<int> g_e4m3_copies{-1};  // -1: not decided (environment ZI_E4M3_COPIES=0 turns them off), 0 off, 1 on
+std::atomic<int> g_e4m3_only{-1};    // -1: not decided (environment ZI_E4M3_ONLY=1 turns it on), 0 off, 1 on
 
 }  // namespace
 
@@ -310,6 +311,17 @@ bool fp8_gemm_enabled() { return env_switch(g_fp8_gemm, "ZI_FP8_GEMM", true); }
 bool e4m3_copies_enabled() { return env_switch(g_e4m3_copies, "ZI_E4M3_COPIES", true) && fp8_gemm_enabled(); }
 
 void set_e4m3_copies(bool on) { g_e4m3_copies.store(on ? 1 : 0); }
+bool e4m3_only_enabled() { return env_switch(g_e4m3_only, "ZI_E4M3_ONLY", false) && e4m3_copies_enabled(); }
+void set_e4m3_only(bool on) { g_e4m3_only.store(on ? 1 : 0); }
+
+bool fp8_reads_copy(int64_t M, const Tensor& w) {
+  if (!fp8_gemm_enabled() || w.dtype() != DType::F8_E4M3 || w.ndim() != 2 || w.device() != Device::CUDA || M < 1)
+    return false;
+  // The copy and the output are pool buffers (256-byte aligned): the plan made for these
+  // stand-ins is the one the GEMM will find.
+  const void* pool = reinterpret_cast<const void*>(uintptr_t(256));
+  return fp8_scaling_for(M, w.dim(0), w.dim(1), false, pool, w.raw(), pool) == int(Fp8Scaling::OuterVector);
+}
 
 namespace {
 
@@ -350,6 +362,9 @@ bool try_linear_fp8(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor
   const Fp8Scaling scaling = Fp8Scaling(sc);
   Tensor b;
   if (bias) b = bias->dtype() == DType::BF16 ? bias->contiguous(Tag::Workspace) : bias->to(DType::BF16, Tag::Workspace);
+  ZI_CHECK(!x.values_in_e4m3_copy_only() || (xc && scaling == Fp8Scaling::OuterVector),
+           "[linear] ", x.desc(), " exists only as its e4m3 copy, but the fp8 GEMM on ", w.desc(),
+           " cannot read it (scaling ", fp8_scaling_name(scaling), "): its producer should have kept the bf16 values");
   if (xc && scaling != Fp8Scaling::OuterVector) {  // per-row scales are of no use: quantize here
     xc = nullptr;
     xq = scratch(M * K);
@@ -448,6 +463,8 @@ void linear_quant(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& 
     g_last_path.store("fp8");
     return;
   }
+  ZI_CHECK(!x.values_in_e4m3_copy_only(), "[linear] ", x.desc(), " exists only as its e4m3 copy, but the GEMM on ",
+           w.desc(), " cannot read it (", linear_fp8_last_refusal(), "): its producer should have kept the bf16 values");
   g_last_path.store("dequant");
   const int64_t n = w.numel();
   Tensor wd = Tensor::empty(w.shape(), dt, Tag::Workspace, Device::CUDA);
