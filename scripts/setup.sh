@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PKGS=(build-essential cmake ninja-build pkg-config libopenblas-dev libpng-dev libpcre2-dev
+PKGS=(build-essential cmake ninja-build pkg-config libopenblas-dev libpng-dev zlib1g-dev libpcre2-dev
       libutf8proc-dev nlohmann-json3-dev libcli11-dev libgtest-dev libgmock-dev libbenchmark-dev
       libjpeg62-turbo-dev libwebp-dev libcpp-httplib-dev python3-venv chromium)
 missing=()

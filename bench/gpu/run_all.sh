@@ -284,7 +284,8 @@ if [[ "$WHAT" == *" quant "* ]]; then  # issue 14: weight formats at 1024², 8 s
   M=/tmp/zrm
   need_random_model "$M"
   # name|environment|flags: fp8 on the tensor cores (plain, with the producers' e4m3 copies, with fused Q/K/V and w1/w3
-  # projections, without fast accumulation, with the per-tensor scalar scaling), bf16 and fp8 with the GEMM
+  # projections, without fast accumulation, with the per-tensor scalar scaling, with e4m3-only producers, with
+  # the attention kernel's other tiles: 176 keys, 3 stages), bf16 and fp8 with the GEMM
   # algorithms timed (ZI_GEMM_TUNE=1), fp8 through the dequant path (ZI_FP8_GEMM=0), q8_0, q4_0, q4_0 + q8_0 encoder.
   QCFGS=("bf16||" "fp8||--transformer-dtype fp8" "fp8copy|ZI_E4M3_COPIES=1|--transformer-dtype fp8"
          "fp8fused|ZI_FUSED_PROJECTIONS=1|--transformer-dtype fp8"
@@ -292,6 +293,10 @@ if [[ "$WHAT" == *" quant "* ]]; then  # issue 14: weight formats at 1024², 8 s
          "fp8tune|ZI_GEMM_TUNE=1|--transformer-dtype fp8" "bf16tune|ZI_GEMM_TUNE=1|"
          "fp8nofa|ZI_FP8_FAST_ACCUM=0|--transformer-dtype fp8"
          "fp8scalar|ZI_FP8_SCALING=scalar|--transformer-dtype fp8"
+         "fp8only|ZI_E4M3_ONLY=1|--transformer-dtype fp8"
+         "fp8w176|ZI_FLASH_W=176|--transformer-dtype fp8" "fp8w3|ZI_FLASH_W=128x3|--transformer-dtype fp8"
+         "fp8ow176|ZI_E4M3_ONLY=1 ZI_FLASH_W=176|--transformer-dtype fp8"
+         "bf16w176|ZI_FLASH_W=176|" "bf16w3|ZI_FLASH_W=128x3|"
          "fp8deq|ZI_FP8_GEMM=0|--transformer-dtype fp8"
          "q8_0||--transformer-dtype q8_0" "q4_0||--transformer-dtype q4_0"
          "q4_0te8||--transformer-dtype q4_0 --text-encoder-dtype q8_0")
@@ -317,7 +322,8 @@ if [[ "$WHAT" == *" quant "* ]]; then  # issue 14: weight formats at 1024², 8 s
   # ZI_QUANT_QUALITY: the formats to compare (default all; empty: none).
   QQ=${ZI_QUANT_QUALITY-bf16=bf16 fp8=fp8 fp8-dequant=fp8:dequant q8_0=q8_0 q4_0=q4_0 q4_0+q8_0te=q4_0+q8_0}
   [ -n "$QQ" ] && z "$QB" "$M" "$PROMPT" 1024 8 1 $QQ 2>&1 | tee "$OUT/quant_quality.log"
-  (cd "$OUT" && md5sum zq_*.png | tee quant_png_md5.txt)  # fp8, fp8copy and fp8fused: the same image expected
+  # fp8, fp8copy, fp8fused and fp8only: the same image expected (w176/w3: other attention bits)
+  (cd "$OUT" && md5sum zq_*.png | tee quant_png_md5.txt)
   rm -f "$OUT"/zq_*.png
   stamp "quant done"
 fi
@@ -330,6 +336,13 @@ if [[ "$WHAT" == *" scaling "* ]]; then  # (not in all) issue 19: 2048² and bat
   echo "rc=$?" >> "$OUT/scaling_2048.log"
   echo "== zimage 2048², second image"; sed -n '/image 2\/2/,$p' "$OUT/scaling_2048.log" | grep -E "^  (denoise|decode) |step 8/8|GPU peak|rc=|rror" | head -6
   grep -E "^error|rc=" "$OUT/scaling_2048.log" | tail -2
+  for w in ${ZI_SCALING_FLASH_W-176}; do  # the attention-bound size with W's other tiles (ZI_FLASH_W)
+    ZI_FLASH_W=$w z "$BIN/zimage" generate --model "$M" -p "$PROMPT" -W 2048 -H 2048 --steps 8 --seed 1 --count 2 \
+      --device cuda --memory-report -o "$OUT/zs_2048.png" > "$OUT/scaling_2048_w$w.log" 2>&1
+    echo "rc=$?" >> "$OUT/scaling_2048_w$w.log"
+    echo "== zimage 2048², ZI_FLASH_W=$w, second image"
+    sed -n '/image 2\/2/,$p' "$OUT/scaling_2048_w$w.log" | grep -E "^  (denoise|decode) |GPU peak|rc=|rror" | head -5
+  done
   # The DiT alone, batch 1 and 4 at 1024² (seconds per image-step; the CLI renders --count one at a time).
   z "$BIN/bench_dit_batch" "$M" 1024 1,4 > "$OUT/scaling_batch.log" 2>&1
   echo "== DiT batch at 1024²"; tail -6 "$OUT/scaling_batch.log"

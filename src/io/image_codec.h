@@ -1,4 +1,5 @@
-// Image files in and out: PNG (libpng), JPEG (libjpeg-turbo) and WebP (libwebp), 8-bit RGB.
+// Image files in and out: PNG (read by libpng; written here with zlib, deflating in parallel), JPEG
+// (libjpeg-turbo) and WebP (libwebp), 8-bit RGB.
 //
 // Writing: the format comes from the file name's extension (.png, .jpg/.jpeg, .webp); the
 // bytes are produced in memory, then written atomically (temp file + fsync + rename) or to
@@ -69,6 +70,6 @@ std::string find_text(const TextChunks& text, const std::string& key);
 }  // namespace zi
 
 namespace zi {
-// "PNG (libpng 1.6.39), JPEG (libjpeg-turbo 2.1.5), WebP (libwebp 1.2.4)": what --version lists.
+// "PNG (libpng 1.6.39, zlib 1.2.13), JPEG (libjpeg-turbo 2.1.5), WebP (libwebp 1.2.4)": what --version lists.
 std::string image_codec_versions();
 }  // namespace zi

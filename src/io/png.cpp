@@ -7,7 +7,7 @@
 
 namespace zi {
 
-// The PNG entry points of the tests and tools, on top of image_codec (one libpng writer and
+// The PNG entry points of the tests and tools, on top of image_codec (one PNG writer and one
 // reader for every caller).
 void write_png_atomic(const std::string& path, const uint8_t* rgb, int width, int height,
                       const std::vector<std::pair<std::string, std::string>>& text_chunks) {

@@ -1,4 +1,4 @@
-// PNG output (libpng): atomic writes with text metadata, a reader for tests, and the
+// PNG output (io/image_codec): atomic writes with text metadata, a reader for tests, and the
 // float image → 8-bit conversion of the reference post-processing (spec §4.8).
 #pragma once
 #include <cstdint>
