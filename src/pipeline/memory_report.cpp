@@ -41,7 +41,8 @@ std::string memory_report_json(const GenerateResult& r) {
                            {"copy_seconds", d.copy_seconds},
                            {"wait_seconds", d.wait_seconds},
                            {"alloc_seconds", d.alloc_seconds},
-                           {"unmap_seconds", d.unmap_seconds}});
+                           {"unmap_seconds", d.unmap_seconds},
+                           {"helper_wait_seconds", d.helper_wait_seconds}});
     }
     j["gpu_init_seconds"] = r.gpu_init_seconds;
   }

@@ -60,6 +60,7 @@ struct Embeddings {
   Tensor pos, neg;  // [L, hidden] f32; neg undefined without CFG
   std::vector<int32_t> ids;
   double load_seconds = 0;
+  double helper_wait_seconds = 0;  // LoadDetail::helper_wait_seconds
 };
 
 // A phase on a device: its context (where its weights load and its activations live, passed
@@ -344,7 +345,8 @@ Embeddings run_encode(const PhaseContext& ctx, const ModelSources& src, const Ge
   if (tok_ahead.valid()) {
     const double t0 = now_s();
     take_tokenizer();
-    e.load_seconds += now_s() - t0;
+    e.helper_wait_seconds = now_s() - t0;
+    e.load_seconds += e.helper_wait_seconds;
   }
   if (!e.pos.defined()) (void)tokenize_zimage_prompt(*tok, o.prompt, o.max_sequence_length);
   if (cfg) (void)tokenize_zimage_prompt(*tok, o.negative_prompt, o.max_sequence_length);
@@ -844,6 +846,7 @@ GenerateResult generate(const GenerateOptions& options, const GenerateHooks& hoo
     emb = run_encode(on.ctx, src, o, cfg, cache);
     r.load_seconds[0] = emb.load_seconds;
     detail(0, s0);
+    r.load_detail[0].helper_wait_seconds = emb.helper_wait_seconds;
   }
   if (hooks.on_phase_end) hooks.on_phase_end("encode", ms.finished_phases().back().seconds);
   r.prompt_ids = emb.ids;

@@ -131,6 +131,9 @@ struct LoadDetail {
   double wait_seconds = 0;    //   waiting for the bus (a ring slot still in flight)
   double alloc_seconds = 0;   // device allocations (weights and activations) during the phase
   double unmap_seconds = 0;   // giving the loaded tensors' mapped file pages back (MADV_DONTNEED)
+  // The encode: how long it waited, its weights loaded, for the tokenizer's thread (parsing the
+  // tokenizer, then on the GPU the GEMM and VAE warm-ups) — part of load_seconds.
+  double helper_wait_seconds = 0;
 };
 
 // A component loaded ahead of its phase (GenerateOptions::prefetch): how long its load took,
