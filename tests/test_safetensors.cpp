@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "core/allocator.h"
 #include "core/check.h"
 #include "io/checkpoint.h"
 #include "io/safetensors.h"
@@ -180,6 +181,47 @@ TEST(WeightLoader, ReportsMissingWrongShapeAndUnexpectedAtOnce) {
   EXPECT_NE(msg.find("unexpected tensors: extra"), std::string::npos) << msg;
   EXPECT_EQ(msg.find("encoder.z"), std::string::npos) << msg;
   EXPECT_EQ(s.reads().count("encoder.z"), 0u);
+}
+
+// load_table: a view of the mapping (nothing allocated, the same values) where the file stores
+// the table exactly as asked, on the host whatever the loader's device; a host copy otherwise
+// (another dtype, an override); it counts as read (no "unexpected tensors" at finish).
+TEST(WeightLoader, TablesAreViewsOfTheFileWhereStoredAsAsked) {
+  TempDir d;
+  Tensor t = Tensor::from_vector({1.5f, -2.0f, 3.25f, 4.0f, 0.5f, -0.75f}, {3, 2});
+  write_safetensors(d / "m.safetensors", {{"emb.weight", t.to(DType::BF16)}, {"other", t}});
+  TempDir od;
+  write_safetensors(od / "o.safetensors", {{"emb.weight", t.to(DType::BF16)}});
+  TensorStore s = TensorStore::open_dir(d.path.string());
+  auto held = [] { return memory_stats(Device::CPU).tag(Tag::TextWeights).current; };
+  {
+    WeightLoader l(s, Tag::TextWeights, "text_encoder");
+    l.set_device(Device::CUDA);  // a GPU phase's loader: the table stays on the host all the same
+    const int64_t before = held();
+    Tensor v = l.load_table("emb.weight", {3, 2}, DType::BF16);
+    ASSERT_TRUE(v.defined());
+    EXPECT_EQ(v.device(), Device::CPU);
+    EXPECT_EQ(v.dtype(), DType::BF16);
+    EXPECT_EQ(held(), before) << "a view allocates nothing";
+    EXPECT_EQ(l.device(), Device::CUDA);
+    EXPECT_EQ(test::max_abs_diff(v.to(DType::F32), t.to(DType::BF16).to(DType::F32)), 0.0);
+    Tensor c = l.load_table("other", {3, 2}, DType::BF16);  // stored f32: a converted host copy
+    EXPECT_EQ(c.device(), Device::CPU);
+    EXPECT_EQ(held(), before + int64_t(c.nbytes()));
+    EXPECT_EQ(l.device(), Device::CUDA);
+    EXPECT_NO_THROW(l.finish());
+  }
+  {  // an override of the table: loaded (a copy), not viewed
+    TensorStore o = TensorStore::open_file(od / "o.safetensors");
+    WeightLoader l(s, Tag::TextWeights, "text_encoder");
+    l.add_override(&o, nullptr);
+    l.ignore_prefix("other");
+    const int64_t before = held();
+    Tensor c = l.load_table("emb.weight", {3, 2}, DType::BF16);
+    EXPECT_EQ(held(), before + int64_t(c.nbytes()));
+    EXPECT_EQ(test::max_abs_diff(c.to(DType::F32), t.to(DType::BF16).to(DType::F32)), 0.0);
+  }
+  EXPECT_THROW(WeightLoader(s, Tag::TextWeights, "text_encoder").load_table("emb.weight", {3, 2}, DType::Q8_0), Error);
 }
 
 TEST(Checkpoint, TinyModelConfigs) {

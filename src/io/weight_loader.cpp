@@ -65,6 +65,32 @@ Tensor WeightLoader::load_matrix(const std::string& name, const Shape& shape, DT
   return load_impl(name, shape, dt, true, true);
 }
 
+Tensor WeightLoader::load_table(const std::string& name, const Shape& shape, DType dt) {
+  ZI_CHECK(dt == DType::F32 || dt == DType::BF16 || dt == DType::F16, "[WeightLoader] ", name,
+           ": a table is viewed or loaded in a float dtype, not ", dtype_name(dt));
+  bool plain = !record_ && !check_only_;
+  for (const auto& o : overrides_) plain = plain && !o.by_target.count(name);
+  for (const auto& p : patches_) plain = plain && !p.wants(name);
+  const TensorStore::Entry e = plain ? store_.find(name) : TensorStore::Entry{nullptr, nullptr};
+  DType sdt;
+  if (e.file && e.info->shape == shape && !e.info->quantized() && st_to_dtype(e.info->dtype, &sdt) && sdt == dt &&
+      reinterpret_cast<uintptr_t>(e.file->data(*e.info)) % dtype_size(dt) == 0) {
+    used_.push_back(name);
+    store_.note_read(name);
+    read_ += int64_t(e.info->nbytes());  // counted as read for the progress; nothing is copied
+    if (t_progress) t_progress(component_, read_, total_);
+    return e.file->view(*e.info);
+  }
+  const Device dev = ctx_.device;
+  struct Back {  // the loader's device back, also when the load throws
+    PhaseContext& ctx;
+    Device dev;
+    ~Back() { ctx.device = dev; }
+  } back{ctx_, dev};
+  ctx_.device = Device::CPU;
+  return load(name, shape, dt);
+}
+
 namespace {
 bool is_float_st(StDType t) { return t == StDType::F32 || t == StDType::BF16 || t == StDType::F16; }
 

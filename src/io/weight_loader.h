@@ -58,6 +58,11 @@ class WeightLoader {
   // as load_matrix returns it. Otherwise `*parts` is cleared.
   Tensor load_matrix_rows(const std::vector<std::string>& names, const std::vector<Shape>& shapes, DType dt,
                           std::vector<Tensor>* parts);
+  // A table read a few rows at a time (the text encoder's token embedding), on the host whatever
+  // the loader's device: where the file stores it exactly as `dt` (a float dtype) with no
+  // override or patch, a zero-copy view of the mapping (only the pages of the rows read are ever
+  // read; nothing is allocated); otherwise what load(name, shape, dt) gives on the host.
+  Tensor load_table(const std::string& name, const Shape& shape, DType dt);
   // Like load(), but a missing (or empty, 0-element) tensor is not an error.
   Tensor load_optional(const std::string& name, const Shape& shape, DType dt);
   bool has(const std::string& name) const;

@@ -116,11 +116,14 @@ Qwen3Encoder load_qwen3_encoder(WeightLoader& loader, const Qwen3Config& cfg, DT
   m.cfg = cfg;
   m.ctx = loader.context();
   // The embedding is a matrix like ggml's token_embd: kept or made in the weight format on the
-  // CPU (rows dequantized at lookup); on the GPU it is dequantized to bf16 at load.
+  // CPU (rows dequantized at lookup). In a GPU phase it stays on the host in storage_dtype(wdt)
+  // (the values the GPU held before: bf16 for the weight formats), a view of the file where it is
+  // stored so: a prompt reads a few hundred of its 151k rows, and the device keeps its 0.78 GB
+  // (bf16) for the layers — qwen3_encode gathers the rows on the host and uploads them.
   if (loader.device() == Device::CPU)
     m.embed_tokens = loader.load_matrix(p + "embed_tokens.weight", {cfg.vocab_size, cfg.hidden_size}, wdt);
   else
-    m.embed_tokens = loader.load(p + "embed_tokens.weight", {cfg.vocab_size, cfg.hidden_size}, storage_dtype(wdt));
+    m.embed_tokens = loader.load_table(p + "embed_tokens.weight", {cfg.vocab_size, cfg.hidden_size}, storage_dtype(wdt));
   const int n_used = cfg.num_hidden_layers - 1;  // hidden_states[-2] = output of layer N−2
   m.layers.reserve(size_t(n_used));
   // Layers the --vram plan streams load on the host and move to the streamer's pinned memory.
@@ -180,7 +183,9 @@ Tensor qwen3_encode(const Qwen3Encoder& m, const std::vector<int32_t>& ids) {
   qwen3_rope_tables(S, c.head_dim, c.rope_theta, m.rope_freq_dtype, &cos, &sin);  // [S, D/2]
   cos = ops::to_device(m.ctx, cos);  // where the phase computes (the weights' device)
   sin = ops::to_device(m.ctx, sin);
-  Tensor h = ops::embedding(m.embed_tokens, ids, m.ctx.act);               // [S, hidden] f32
+  // [S, hidden]: gathered where the table is (the host in a GPU phase: f32 rows, exactly the
+  // table's values, then uploaded in the phase's activation dtype).
+  Tensor h = ops::to_compute(m.ctx, ops::embedding(m.embed_tokens, ids, m.ctx.act));
   for (size_t i = 0; i < m.layers.size(); ++i) {
     BlockUse in(m.streamer.get(), i);
     decoder_layer(c, m.layers[i], h, cos, sin);

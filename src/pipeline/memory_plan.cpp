@@ -528,10 +528,6 @@ std::vector<int64_t> qwen3_block_weight_bytes(const Qwen3Config& cfg, DType wdt)
   return std::vector<int64_t>(size_t(std::max(0, cfg.num_hidden_layers - 1)), b);
 }
 
-int64_t qwen3_fixed_weight_bytes(const Qwen3Config& cfg, DType wdt) {
-  return mat_bytes(cfg.vocab_size, cfg.hidden_size, wdt);
-}
-
 int64_t estimate_text_activation_bytes(const Qwen3Config& cfg, int tokens) {
   const int64_t S = tokens;
   return 4 * S * (6 * int64_t(cfg.hidden_size) + 3 * int64_t(cfg.intermediate_size)) +

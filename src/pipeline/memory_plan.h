@@ -170,9 +170,9 @@ VramPlan plan_vram(const VramPlanInput& in);
 // layers) and of the rest, matrices in `wdt`, norms and biases f32 (as load_zimage_dit binds them).
 std::vector<int64_t> dit_block_weight_bytes(const DitConfig& cfg, DType wdt);
 int64_t dit_fixed_weight_bytes(const DitConfig& cfg, DType wdt);
-// The same for the text encoder (layers 0 … n−2; fixed: the embedding table).
+// The same for the text encoder's layers 0 … n−2 (its one other weight, the embedding table,
+// stays on the host in a GPU phase: the device plan has no fixed text-encoder bytes).
 std::vector<int64_t> qwen3_block_weight_bytes(const Qwen3Config& cfg, DType wdt);
-int64_t qwen3_fixed_weight_bytes(const Qwen3Config& cfg, DType wdt);
 // Activation bytes of the text encoder over `tokens` tokens: ~6 × [S, hidden] and 3 × [S, inter]
 // f32, and one head's attention scores per head ([heads, S, S] f32).
 int64_t estimate_text_activation_bytes(const Qwen3Config& cfg, int tokens);

@@ -523,7 +523,7 @@ std::shared_ptr<const VramPlan> make_vram_plan(const GenerateOptions& o, const M
   in.height = o.height;
   if (o.text_encoder_device == Device::CUDA && !o.embeddings) {
     in.text.name = "text_encoder";
-    in.text.fixed_bytes = qwen3_fixed_weight_bytes(mf.text_encoder, storage_dtype(o.text_encoder_dtype));
+    in.text.fixed_bytes = 0;  // the embedding table, its only fixed weight, stays on the host (load_qwen3)
     in.text.block_bytes = qwen3_block_weight_bytes(mf.text_encoder, o.text_encoder_dtype);
     in.text.activation_bytes = std::max(estimate_text_activation_bytes(mf.text_encoder, o.max_sequence_length),
                                         qwen3_warm_up_bytes(mf.text_encoder, o.max_sequence_length));
