@@ -7,10 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 B=${BUILD_DIR:-build-cuda}
 [ -f "$B/CMakeCache.txt" ] || cmake -S . -B "$B" -G Ninja -DZIMAGE_CUDA=ON -DZIMAGE_BENCH=OFF -DCMAKE_BUILD_TYPE=Release
-ninja -C "$B" -j"${JOBS:-2}" zimage zimage_gpu_tests bench_kernels bench_dit_batch bench_quant fp8_probe
+ninja -C "$B" -j"${JOBS:-2}" zimage zimage_gpu_tests bench_kernels bench_dit_batch bench_quant bench_prompts fp8_probe
 stage=$(mktemp -d)
 mkdir -p "$stage/bin" "$stage/lib" .carry
-cp "$B/zimage" "$B/zimage_gpu_tests" "$B/bench/bench_kernels" "$B/bench/bench_dit_batch" "$B/bench/bench_quant" "$B/bench/fp8_probe" "$stage/bin/"
+cp "$B/zimage" "$B/zimage_gpu_tests" "$B/bench/bench_kernels" "$B/bench/bench_dit_batch" "$B/bench/bench_quant" "$B/bench/bench_prompts" "$B/bench/fp8_probe" "$stage/bin/"
 strip "$stage/bin/"* || true
 for lib in $(ldd "$B/zimage" "$B/zimage_gpu_tests" | awk '/=>/ {print $3}' | sort -u); do
   case "$(basename "$lib")" in

@@ -11,7 +11,7 @@ set -uo pipefail
 source "$(dirname "$0")/lib.sh"
 WHAT=" ${*:-all} "
 want() { [[ "$WHAT" == *" $1 "* || "$WHAT" == *" all "* ]]; }
-gpu_unpack_bin zimage zimage_gpu_tests bench_kernels bench_quant fp8_probe
+gpu_unpack_bin zimage zimage_gpu_tests bench_kernels bench_quant bench_prompts fp8_probe
 stamp "binaries ready ($BIN)"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/gpu.txt"
 (dpkg -l 2>/dev/null | grep -E "libopenblas|libpng-dev|libpcre2-dev|libutf8proc|libgtest|nlohmann|libcli11" | awk '{print $2}' | tr '\n' ' '; echo) > "$OUT/build_deps.txt"
@@ -219,6 +219,15 @@ PY
   done
   rm -f "$OUT"/budget_*-000?.png
   stamp "zimage budget sweep done"
+  # End to end with a new prompt per image (encode included, as diffusers' timed runs), in one
+  # process: ZI_PROMPTS_BUDGETS (default "none 8 4"; "4fp8" for fp8 weights), 3 images each.
+  PB=$BIN/bench_prompts; [ -x "$PB" ] || PB=$ROOT/build-gpu/bench/bench_prompts
+  for v in ${ZI_PROMPTS_BUDGETS-none 8 4}; do
+    n=${v%fp8}; dt=bf16; [[ "$v" == *fp8 ]] && dt=fp8
+    z "$PB" "$M" 1024 8 3 "$n" $dt > "$OUT/prompts_$v.log" 2>&1
+    echo "== new prompt per image, --vram $v"; grep -E "^PROMPTS|rror" "$OUT/prompts_$v.log" | tail -4
+  done
+  stamp "prompts done"
   # The GPU test of many budgets and sizes at the real size (issue 13; skipped without the model).
   if [ "${ZI_BUDGET_REAL_TEST:-1}" != 0 ]; then
     ZI_REAL_MODEL_DIR=$M z "$BIN/zimage_gpu_tests" --gtest_filter='CudaStream.RealSize*' > "$OUT/budget_real_test.log" 2>&1
