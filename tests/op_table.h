@@ -239,7 +239,17 @@ inline std::vector<Row> make_rows(const std::string& only = "") {
   }
   }
   // ---- elementwise ----
-  if (want({"silu_", "tanh_", "add_", "mul_", "scale_", "add_scalar_", "silu_mul", "silu_mul_halves", "mul_rows_", "add_gated_"}))
+  if (want({"scale_gate_rows_"}))  // rows in (scale, gate) pairs: a DiT block's [4, D], and more pairs
+    for (Shape s : {Shape{4, 96}, Shape{2, 1}, Shape{6, 301}}) {
+      const Tensor x = rnd(s, seed++, 0.01f, 3.0f);
+      R.push_back({"scale_gate_rows_", shape_str(s), kTolElem, -1, s == Shape{4, 96}, 1.0, [=](const Env& e) {
+                     Tensor t = e.a(x);
+                     ZI_OP_OR_REF(e, scale_gate_rows_, t);
+                     return t;
+                   }});
+    }
+  if (want({"silu_", "tanh_", "add_", "mul_", "scale_", "add_scalar_", "silu_mul", "silu_mul_halves", "mul_rows_",
+            "add_gated_"}))
   for (Shape s : {Shape{1}, Shape{3, 17}, Shape{257, 301}, Shape{17, 96}}) {
     const Tensor x = rnd(s, seed++, 0.01f, 30.0f), y = rnd(s, seed++);
     const std::string ss = shape_str(s);
@@ -396,8 +406,8 @@ inline std::vector<Row> make_rows(const std::string& only = "") {
 // are built inside each test, so no tensor outlives it.
 inline std::vector<std::string> op_names() {
   return {"linear", "linear_quant", "rms_norm_", "layer_norm_", "group_norm_", "group_norm_silu_", "rms_norm", "rms_norm_add_",
-          "rms_norm_rope_pairs_", "rms_norm_rope_pairs", "silu_", "tanh_", "add_", "mul_", "scale_", "add_scalar_", "silu_mul",
-          "silu_mul_halves", "mul_rows_",
+          "rms_norm_rope_pairs_", "rms_norm_rope_pairs", "silu_", "tanh_", "add_", "mul_", "scale_", "add_scalar_", "scale_gate_rows_",
+          "silu_mul", "silu_mul_halves", "mul_rows_",
           "add_gated_", "rope_halves_", "rope_pairs_", "attention", "conv2d", "pad2d", "upsample_nearest2x", "concat0",
           "embedding"};
 }

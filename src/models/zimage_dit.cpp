@@ -293,13 +293,9 @@ struct Modulation {
 Modulation modulation(const DitBlock& b, const Tensor& c) {
   const int64_t D = b.adaln_b.dim(0) / 4;
   Tensor mod = ops::linear(c, b.adaln_w, &b.adaln_b).reshape({4, D});  // [4, D]
+  ops::scale_gate_rows_(mod);  // rows (scale_msa, gate_msa, scale_mlp, gate_mlp): 1 + s, tanh(g)
   auto part = [&](int i) { return mod.slice(0, i, i + 1).reshape({D}); };
-  Modulation md{part(0), part(1), part(2), part(3)};
-  ops::add_scalar_(md.scale_msa, 1.0f);
-  ops::add_scalar_(md.scale_mlp, 1.0f);
-  ops::tanh_(md.gate_msa);
-  ops::tanh_(md.gate_mlp);
-  return md;
+  return Modulation{part(0), part(1), part(2), part(3)};
 }
 
 // [S, D] → [S, D]: self-attention with per-head qk RMSNorm and RoPE (§3.8). `h` is taken by

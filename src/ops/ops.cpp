@@ -373,6 +373,14 @@ void add_scalar_(Tensor& x, float s) {
   ZI_OP("add_scalar_", d, add_scalar_, x, s);
 }
 
+void scale_gate_rows_(Tensor& x) {
+  const Device d = device_of("scale_gate_rows_", x);
+  require_act_inplace("scale_gate_rows_", x);
+  ZI_CHECK(x.ndim() == 2 && x.dim(0) % 2 == 0, "[scale_gate_rows_] needs [2·n, D] (scale and gate rows in pairs), got ",
+           x.desc());
+  ZI_OP("scale_gate_rows_", d, scale_gate_rows_, x);
+}
+
 void mul_rows_(Tensor& x, const Tensor& v_in) {
   const Device d = device_of("mul_rows_", x);
   require_act_inplace("mul_rows_", x);

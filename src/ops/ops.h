@@ -90,6 +90,10 @@ void add_(Tensor& x, const Tensor& y);          // x += y, same shapes
 void mul_(Tensor& x, const Tensor& y);          // x *= y, same shapes
 void scale_(Tensor& x, float s);                // x *= s
 void add_scalar_(Tensor& x, float s);           // x += s
+// x [2·n, D], rows in pairs (scale, gate): each scale row += 1, each gate row = tanh(row) — a DiT
+// block's modulation vectors (scale_msa, gate_msa, scale_mlp, gate_mlp) in one pass on the GPU;
+// on the CPU exactly add_scalar_ and tanh_ on the rows (same results).
+void scale_gate_rows_(Tensor& x);
 // x[R, D] ⊙= v[D] (broadcast over rows).
 void mul_rows_(Tensor& x, const Tensor& v);
 // x[R, D] += v[D] ⊙ y[R, D]  (gated residual: v broadcast over rows).

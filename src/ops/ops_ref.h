@@ -20,6 +20,7 @@ void add_(Tensor& x, const Tensor& y);
 void mul_(Tensor& x, const Tensor& y);
 void scale_(Tensor& x, float s);
 void add_scalar_(Tensor& x, float s);
+void scale_gate_rows_(Tensor& x);
 void mul_rows_(Tensor& x, const Tensor& v);
 void add_gated_(Tensor& x, const Tensor& v, const Tensor& y);
 void rope_halves_(Tensor& x, const Tensor& cos, const Tensor& sin);

@@ -17,6 +17,14 @@ void rms_norm(const Tensor& x, const Tensor& weight, float eps, const Tensor* sc
   if (scale) mul_rows_(y, *scale);
 }
 
+void scale_gate_rows_(Tensor& x) {
+  for (int64_t r = 0; r < x.dim(0); ++r) {
+    Tensor row = x.slice(0, r, r + 1);
+    if (r % 2 == 0) add_scalar_(row, 1.0f);
+    else tanh_(row);
+  }
+}
+
 void rms_norm_add_(Tensor& x, Tensor& y, const Tensor& weight, float eps, const Tensor* gate) {
   rms_norm_(y, weight, eps);
   if (gate) add_gated_(x, *gate, y);

@@ -146,6 +146,15 @@ template <class T>
 __global__ void affine_kernel(T* x, int64_t n, float s, float a) {
   ZI_GRID_LOOP(i, n) st<T>(x, i, ld<T>(x, i) * s + a);
 }
+// add_scalar_(·, 1) on the even rows and tanh_ on the odd ones, the same arithmetic as those
+// kernels (affine_kernel with s = 1, tanhf), so the bits are theirs.
+template <class T>
+__global__ void scale_gate_rows_kernel(T* x, int64_t n, int64_t D) {
+  ZI_GRID_LOOP(i, n) {
+    const float v = ld<T>(x, i);
+    st<T>(x, i, (i / D) % 2 == 0 ? v * 1.0f + 1.0f : tanhf(v));
+  }
+}
 template <class T>
 __global__ void mul_rows_kernel(T* x, const float* v, int64_t n, int64_t D) {
   ZI_GRID_LOOP(i, n) st<T>(x, i, ld<T>(x, i) * v[i % D]);
@@ -293,6 +302,13 @@ void add_scalar_(Tensor& x, float s) {
   const int64_t n = x.numel();
   if (!n) return;
   ZI_DISPATCH_ACT(x.dtype(), affine_kernel<T><<<grid(n), kThreads, 0, stream()>>>(x.data<T>(), n, 1.0f, s));
+  ZI_CUDA_LAUNCHED();
+}
+
+void scale_gate_rows_(Tensor& x) {
+  const int64_t n = x.numel(), D = x.dim(1);
+  if (!n) return;
+  ZI_DISPATCH_ACT(x.dtype(), scale_gate_rows_kernel<T><<<grid(n), kThreads, 0, stream()>>>(x.data<T>(), n, D));
   ZI_CUDA_LAUNCHED();
 }
 
