@@ -174,7 +174,7 @@ inline std::vector<Row> make_rows(const std::string& only = "") {
                      }});
       }
   }
-  if (want({"rms_norm", "rms_norm_add_", "rms_norm_rope_pairs_", "rms_norm_rope_pairs"})) {
+  if (want({"rms_norm", "rms_norm_add_", "rms_norm_add_norm_", "rms_norm_rope_pairs_", "rms_norm_rope_pairs"})) {
   // ---- fused norms (the reference: the composed ops_ref sequence). 64/1000/2048/3840: the
   // GPU's row-in-registers kernels; 5000 and f32 3840: its two-pass kernels; 100: unaligned bf16 ----
   for (int64_t D : {int64_t(64), int64_t(3840), int64_t(100), int64_t(1000), int64_t(2048), int64_t(5000)})
@@ -203,6 +203,27 @@ inline std::vector<Row> make_rows(const std::string& only = "") {
                      else ops_ref::add_(t, u);
                      return t;
                    }});
+      // The fused residual + pre-norm: x after the op (which = 0) and h (which = 1).
+      const Tensor w2 = rnd({D}, seed++), sc = rnd({D}, seed++);
+      for (int which : {0, 1})
+        R.push_back({"rms_norm_add_norm_", str_cat(what, which ? " h" : " x"), kTolNorm, -1, true, 1.0,
+                     [=](const Env& e) {
+                       Tensor t = e.a(x), u = e.a(y);
+                       if (!e.ref) {
+                         Tensor gg = e.w(g), ss = e.w(sc);
+                         Tensor h = ops::rms_norm_add_norm_(t, u, e.w(w), with ? &gg : nullptr, e.w(w2), with ? &ss : nullptr,
+                                                            1e-5f);
+                         return which ? h : t;
+                       }
+                       ops_ref::rms_norm_(u, w, 1e-5f);
+                       if (with) ops_ref::add_gated_(t, g, u);
+                       else ops_ref::add_(t, u);
+                       if (!which) return t;
+                       Tensor h = t.clone();
+                       ops_ref::rms_norm_(h, w2, 1e-5f);
+                       if (with) ops_ref::mul_rows_(h, sc);
+                       return h;
+                     }});
     }
   for (int64_t D : {int64_t(128), int64_t(64), int64_t(16)}) {  // 128: the GPU's vectorised kernel; 64: generic
     const Tensor x = rnd({21, 3, D}, seed++), w = rnd({D}, seed++), cs = rnd({21, D / 2}, seed++),
@@ -406,7 +427,7 @@ inline std::vector<Row> make_rows(const std::string& only = "") {
 // are built inside each test, so no tensor outlives it.
 inline std::vector<std::string> op_names() {
   return {"linear", "linear_quant", "rms_norm_", "layer_norm_", "group_norm_", "group_norm_silu_", "rms_norm", "rms_norm_add_",
-          "rms_norm_rope_pairs_", "rms_norm_rope_pairs", "silu_", "tanh_", "add_", "mul_", "scale_", "add_scalar_", "scale_gate_rows_",
+          "rms_norm_add_norm_", "rms_norm_rope_pairs_", "rms_norm_rope_pairs", "silu_", "tanh_", "add_", "mul_", "scale_", "add_scalar_", "scale_gate_rows_",
           "silu_mul", "silu_mul_halves", "mul_rows_",
           "add_gated_", "rope_halves_", "rope_pairs_", "attention", "conv2d", "pad2d", "upsample_nearest2x", "concat0",
           "embedding"};

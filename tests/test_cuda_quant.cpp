@@ -435,6 +435,44 @@ TEST(CudaQuant, E4m3OnlyProducersGiveTheSameImage) {
   }
 }
 
+// The attention residual and the FFN's pre-norm as one kernel (ZI_FUSED_ADD_NORM=1) give the bits
+// of the two kernels: the tiny model's latents and image are the same with bf16 weights, and with
+// fp8 weights (the fused kernel then also writes the FFN input's e4m3 copy), with e4m3-only
+// producers too.
+TEST(CudaQuant, FusedResidualAndPreNormGiveTheSameImage) {
+  ZI_NEED_GPU();
+  Fp8Reset reset;
+  const char* had = std::getenv("ZI_FUSED_ADD_NORM");
+  const std::string before = had ? had : "";
+  struct Restore {
+    bool had;
+    std::string v;
+    ~Restore() { had ? setenv("ZI_FUSED_ADD_NORM", v.c_str(), 1) : unsetenv("ZI_FUSED_ADD_NORM"); }
+  } restore{had != nullptr, before};
+  auto run = [&](DType wdt, bool fused, bool only) {
+    cuda::set_e4m3_only(only);
+    setenv("ZI_FUSED_ADD_NORM", fused ? "1" : "0", 1);
+    GenerateOptions o = test::fixture_case_options(data_dir(), tiny_model_dir(), "turbo");
+    o.text_encoder_device = o.transformer_device = o.vae_device = Device::CUDA;
+    o.precision = DType::BF16;
+    o.transformer_dtype = wdt;
+    Tensor last;
+    GenerateHooks hooks;
+    hooks.on_latents = [&](int, const Tensor& lat) { last = ops::to_host_f32(lat).clone(Tag::Workspace); };
+    GenerateResult r = generate(o, hooks);
+    return std::make_pair(last, r.rgb);
+  };
+  std::vector<std::pair<DType, bool>> cases = {{DType::BF16, false}};
+  if (fp8_tensor_cores()) cases.insert(cases.end(), {{DType::F8_E4M3, false}, {DType::F8_E4M3, true}});
+  for (const auto& [wdt, only] : cases) {
+    SCOPED_TRACE(str_cat(dtype_name(wdt), only ? ", e4m3-only producers" : ""));
+    auto [lk, ik] = run(wdt, false, only);
+    auto [lf, iff] = run(wdt, true, only);
+    EXPECT_EQ(test::max_abs_diff(lf, lk), 0.0);
+    EXPECT_TRUE(iff == ik) << "the image differs with the fused residual + pre-norm";
+  }
+}
+
 // ZI_GEMM_TUNE (experiment): timing the heuristic's candidates and keeping the fastest changes
 // nothing but the algorithm — bf16 and fp8 linears (with and without bias) agree with the
 // untimed plans' results within bf16 rounding, and plans were actually timed. New shapes, so

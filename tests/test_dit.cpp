@@ -285,6 +285,20 @@ TEST(Dit, UnfusedProjectionsGiveTheFusedResult) {
   EXPECT_LE(err, 1e-6);
 }
 
+// The attention residual and the FFN's pre-norm as one op (ops::rms_norm_add_norm_, the context's
+// fused_add_norm) give the same bits as the two ops, with separate and fused projections (on the
+// CPU the op is the two ops; on the GPU one kernel with their arithmetic: CudaPipeline checks it).
+TEST(Dit, FusedResidualAndPreNormGiveTheSameBits) {
+  const SafetensorsFile f = SafetensorsFile::open(test::data_path("expected/components.safetensors"));
+  const Tensor x = f.load("dit.x0", DType::F32), cap = f.load("dit.cap0", DType::F32);
+  for (int fused : {0, 1}) {
+    ZImageDit m = load_dit(tiny_transformer(), DType::BF16, fused);
+    const Tensor want = dit_forward(m, x, 0.3f, cap);
+    m.ctx.fused_add_norm = 1;
+    EXPECT_EQ(test::max_abs_diff(dit_forward(m, x, 0.3f, cap), want), 0.0) << "fused projections " << fused;
+  }
+}
+
 TEST(Dit, ContextRefinerHasNoModulation) {
   const ZImageDit& m = tiny_bf16();
   ASSERT_EQ(m.context_refiner.size(), 2u);

@@ -294,7 +294,8 @@ if [[ "$WHAT" == *" quant "* ]]; then  # issue 14: weight formats at 1024², 8 s
   need_random_model "$M"
   # name|environment|flags: fp8 on the tensor cores (plain, with the producers' e4m3 copies, with fused Q/K/V and w1/w3
   # projections, without fast accumulation, with the per-tensor scalar scaling, with e4m3-only producers, with
-  # the attention kernel's other tiles: 176 keys, 3 stages), bf16 and fp8 with the GEMM
+  # the attention kernel's other tiles: 176 keys, 3 stages, with the residual + pre-norm fused, all
+  # three), bf16 and fp8 with the GEMM
   # algorithms timed (ZI_GEMM_TUNE=1), fp8 through the dequant path (ZI_FP8_GEMM=0), q8_0, q4_0, q4_0 + q8_0 encoder.
   QCFGS=("bf16||" "fp8||--transformer-dtype fp8" "fp8copy|ZI_E4M3_COPIES=1|--transformer-dtype fp8"
          "fp8fused|ZI_FUSED_PROJECTIONS=1|--transformer-dtype fp8"
@@ -306,6 +307,9 @@ if [[ "$WHAT" == *" quant "* ]]; then  # issue 14: weight formats at 1024², 8 s
          "fp8w176|ZI_FLASH_W=176|--transformer-dtype fp8" "fp8w3|ZI_FLASH_W=128x3|--transformer-dtype fp8"
          "fp8ow176|ZI_E4M3_ONLY=1 ZI_FLASH_W=176|--transformer-dtype fp8"
          "bf16w176|ZI_FLASH_W=176|" "bf16w3|ZI_FLASH_W=128x3|"
+         "bf16fan|ZI_FUSED_ADD_NORM=1|" "fp8fan|ZI_FUSED_ADD_NORM=1|--transformer-dtype fp8"
+         "bf16all|ZI_FUSED_ADD_NORM=1 ZI_FLASH_W=176|"
+         "fp8all|ZI_E4M3_ONLY=1 ZI_FUSED_ADD_NORM=1 ZI_FLASH_W=176|--transformer-dtype fp8"
          "fp8deq|ZI_FP8_GEMM=0|--transformer-dtype fp8"
          "q8_0||--transformer-dtype q8_0" "q4_0||--transformer-dtype q4_0"
          "q4_0te8||--transformer-dtype q4_0 --text-encoder-dtype q8_0")
@@ -331,7 +335,8 @@ if [[ "$WHAT" == *" quant "* ]]; then  # issue 14: weight formats at 1024², 8 s
   # ZI_QUANT_QUALITY: the formats to compare (default all; empty: none).
   QQ=${ZI_QUANT_QUALITY-bf16=bf16 fp8=fp8 fp8-dequant=fp8:dequant q8_0=q8_0 q4_0=q4_0 q4_0+q8_0te=q4_0+q8_0}
   [ -n "$QQ" ] && z "$QB" "$M" "$PROMPT" 1024 8 1 $QQ 2>&1 | tee "$OUT/quant_quality.log"
-  # fp8, fp8copy, fp8fused and fp8only: the same image expected (w176/w3: other attention bits)
+  # fp8, fp8copy, fp8fused, fp8only and fp8fan: the same image expected, bf16 and bf16fan too
+  # (w176/w3/all: other attention bits)
   (cd "$OUT" && md5sum zq_*.png | tee quant_png_md5.txt)
   rm -f "$OUT"/zq_*.png
   stamp "quant done"

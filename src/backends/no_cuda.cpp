@@ -26,6 +26,10 @@ bool e4m3_only_enabled() { return false; }
 bool fp8_reads_copy(int64_t, const Tensor&) { return false; }
 bool rms_norm_e4m3(const Tensor&, const Tensor&, float, const Tensor*, Tensor&, Tensor&) { return false; }
 bool silu_mul_e4m3(const Tensor&, const Tensor&, Tensor&, Tensor&) { return false; }
+bool rms_norm_add_norm_e4m3(Tensor&, Tensor&, const Tensor&, const Tensor*, const Tensor&, const Tensor*, float, Tensor&,
+                            Tensor&) {
+  return false;
+}
 bool silu_mul_halves_e4m3(const Tensor&, Tensor&, Tensor&) { return false; }
 std::string unavailable_reason() { return "this zimage was built without CUDA (rebuild with -DZIMAGE_CUDA=ON)"; }
 std::string profile_report() { return ""; }

@@ -38,6 +38,7 @@ struct PhaseContext {
   DType act = DType::F32;      // activation dtype: F32 on the CPU; F32 or BF16 on CUDA
   int64_t ffn_chunk_rows = 0;  // DiT feed-forward rows per chunk; 0: the device's default
   int fused_projections = -1;  // DiT q/k/v and w1/w3 as one matrix each: 1 on, 0 off, -1 the default
+  int fused_add_norm = -1;     // DiT attention residual + FFN pre-norm as one op: 1 on, 0 off, -1 the default
   int cuda_graphs = -1;        // DiT step recorded once and replayed (GPU): 1 on, 0 off, -1 the default
   // The context of a phase on `d` with activations in `precision` (the CPU computes in f32).
   static PhaseContext on(Device d, DType precision = DType::F32) {

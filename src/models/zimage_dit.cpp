@@ -75,6 +75,15 @@ bool fuse_projections(const PhaseContext& ctx) {
   return env_flag("ZI_FUSED_PROJECTIONS", false);
 }
 
+// A block's attention residual and its FFN's pre-norm as one op (ops::rms_norm_add_norm_: x is
+// read once, one launch less; the same results — on the GPU the same bits — as the two ops), where
+// the FFN runs as one chunk. Off by default until measured on a GPU (issue 19); ZI_FUSED_ADD_NORM=1
+// / =0 turns it on / off; a context's fused_add_norm (tests) wins.
+bool fuse_add_norm(const PhaseContext& ctx) {
+  if (ctx.fused_add_norm >= 0) return ctx.fused_add_norm == 1;
+  return env_flag("ZI_FUSED_ADD_NORM", false);
+}
+
 DitBlock load_block(WeightLoader& ld, const std::string& p, const DitConfig& c, DType wdt, bool modulated) {
   const int64_t D = c.dim, F = dit_ffn_hidden(c), hd = c.head_dim(), A = dit_adaln_dim(c);
   const DType f32 = DType::F32;
@@ -357,15 +366,21 @@ Tensor self_attention(const DitBlock& b, const DitConfig& c, Tensor h, const Rop
 // Two weights of one format and shape (the linears on them read a producer's e4m3 copy alike).
 bool same_format(const Tensor& a, const Tensor& b) { return a.dtype() == b.dtype() && a.shape() == b.shape(); }
 
+// The FFN's input (its pre-norm's result): the weight of the linear that reads it, and whether
+// linears of that weight's format are its only readers (its producer's e4m3_for / e4m3_only).
+const Tensor* ffn_input_weight(const DitBlock& b) { return b.w13.defined() ? &b.w13 : &b.w1; }
+bool ffn_input_copy_only(const DitBlock& b) { return b.w13.defined() || same_format(b.w1, b.w3); }
+
 // [R, D] → [R, D]: w2(SiLU(w1·y) ⊙ w3·y), y = ffn_norm1(x) (⊙ scale_mlp) (§3.9); the caller
 // applies ffn_norm2 fused with the residual add.
-Tensor feed_forward(const DitBlock& b, float eps, const Tensor& x_rows, const Tensor* scale) {
+Tensor feed_forward(const DitBlock& b, float eps, const Tensor& x_rows, const Tensor* scale, Tensor y = Tensor()) {
   // Each producer is told its consumer's weight: fp8 weights on the GPU get their input's e4m3
   // copy from it (ops::rms_norm), no separate quantization pass.
   // Each linear here is its input's only reader: the producer may write the e4m3 copy alone.
+  // y: the pre-norm already made (block_forward's fused residual + pre-norm).
   const bool fused = b.w13.defined();
-  Tensor y = ops::rms_norm(x_rows, b.ffn_norm1, eps, scale, fused ? &b.w13 : &b.w1,
-                           fused || same_format(b.w1, b.w3));  // [R, D]
+  if (!y.defined())
+    y = ops::rms_norm(x_rows, b.ffn_norm1, eps, scale, ffn_input_weight(b), ffn_input_copy_only(b));  // [R, D]
   Tensor act;
   if (fused) {
     Tensor gu = ops::linear(y, b.w13);  // [R, 2F]: [w1·y | w3·y] per row, one GEMM
@@ -382,10 +397,18 @@ Tensor feed_forward(const DitBlock& b, float eps, const Tensor& x_rows, const Te
   return out;
 }
 
+// How block_forward runs a block's FFN: rows per chunk (0: one chunk) and whether the attention
+// residual and the FFN's pre-norm fuse (fuse_add_norm; only where the FFN is one chunk).
+struct BlockRun {
+  int64_t ffn_chunk = 0;
+  bool fuse_add_norm = false;
+  static BlockRun of(const PhaseContext& ctx) { return {dit_ffn_chunk_rows(ctx), zi::fuse_add_norm(ctx)}; }
+};
+
 // x [S, D] updated in place by one block (§3.9): sandwich-normalised attention and FFN, each
 // added through a tanh gate when the block is modulated by c [1, A], plainly otherwise.
 void block_forward(const DitBlock& b, const DitConfig& cfg, Tensor& x, const Tensor& c, const Rope& rope,
-                   int64_t ffn_chunk, const std::vector<int64_t>* segs = nullptr) {
+                   const BlockRun& run, const std::vector<int64_t>* segs = nullptr) {
   const float eps = float(cfg.norm_eps);
   const bool mod = b.modulated();
   const Modulation md = mod ? modulation(b, c) : Modulation{};
@@ -394,12 +417,20 @@ void block_forward(const DitBlock& b, const DitConfig& cfg, Tensor& x, const Ten
   Tensor h = ops::rms_norm(x, b.attention_norm1, eps, mod ? &md.scale_msa : nullptr, b.qkv.defined() ? &b.qkv : &b.to_q,
                            b.qkv.defined() || (same_format(b.to_q, b.to_k) && same_format(b.to_q, b.to_v)));  // [S, D]
   Tensor a = self_attention(b, cfg, std::move(h), rope, segs);                         // [S, D]
-  ops::rms_norm_add_(x, a, b.attention_norm2, eps, mod ? &md.gate_msa : nullptr);    // x += gate ⊙ norm2(a)
-  a = Tensor();
-
   // The FFN is row-wise, so row chunks bound its hidden without changing the result
   // (ffn_chunk 0: the whole sequence in one chunk).
-  const int64_t S = x.dim(0), chunk = ffn_chunk > 0 ? ffn_chunk : std::max<int64_t>(S, 1);
+  const int64_t S = x.dim(0), chunk = run.ffn_chunk > 0 ? run.ffn_chunk : std::max<int64_t>(S, 1);
+  if (chunk >= S && run.fuse_add_norm) {
+    // x += gate ⊙ norm2(a), then the FFN's pre-norm of x, in one op.
+    Tensor y = ops::rms_norm_add_norm_(x, a, b.attention_norm2, mod ? &md.gate_msa : nullptr, b.ffn_norm1,
+                                       mod ? &md.scale_mlp : nullptr, eps, ffn_input_weight(b), ffn_input_copy_only(b));
+    a = Tensor();
+    Tensor f = feed_forward(b, eps, x, mod ? &md.scale_mlp : nullptr, std::move(y));
+    ops::rms_norm_add_(x, f, b.ffn_norm2, eps, mod ? &md.gate_mlp : nullptr);  // x += gate ⊙ norm2(f)
+    return;
+  }
+  ops::rms_norm_add_(x, a, b.attention_norm2, eps, mod ? &md.gate_msa : nullptr);    // x += gate ⊙ norm2(a)
+  a = Tensor();
   for (int64_t r0 = 0; r0 < S; r0 += chunk) {
     Tensor rows = x.slice(0, r0, std::min(S, r0 + chunk));  // a view into x
     Tensor f = feed_forward(b, eps, rows, mod ? &md.scale_mlp : nullptr);
@@ -598,20 +629,20 @@ Tensor dit_core(const ZImageDit& m, const Geometry& g, const ZImageDit::RopeCach
                 const Tensor& tokens, const Tensor& sinusoid, const Tensor& cap_feats) {
   const DitConfig& cfg = m.cfg;
   const Tensor c = embed_time(m, sinusoid);  // [1, A]
-  const int64_t chunk = dit_ffn_chunk_rows(m.ctx);
+  const BlockRun run = BlockRun::of(m.ctx);
 
   // Image stream, refined alone with modulation (§3.10 steps 2–3).
   Tensor x = embed_tokens(m, tokens, g);  // [Nx, D]
   for (size_t i = 0; i < m.noise_refiner.size(); ++i) {
     BlockUse in(m.streamer.get(), noise_refiner_index(m, i));
-    block_forward(m.noise_refiner[i], cfg, x, c, rope.x, chunk);
+    block_forward(m.noise_refiner[i], cfg, x, c, rope.x, run);
   }
 
   // Caption stream, refined alone without modulation (steps 4–5).
   Tensor cap = embed_caption(m, cap_feats, g);  // [Lc, D]
   for (size_t i = 0; i < m.context_refiner.size(); ++i) {
     BlockUse in(m.streamer.get(), context_refiner_index(m, i));
-    block_forward(m.context_refiner[i], cfg, cap, c, rope.cap, chunk);
+    block_forward(m.context_refiner[i], cfg, cap, c, rope.cap, run);
   }
 
   // Unified sequence, image tokens first, then caption tokens (step 6).
@@ -619,7 +650,7 @@ Tensor dit_core(const ZImageDit& m, const Geometry& g, const ZImageDit::RopeCach
   x = cap = Tensor();
   for (size_t i = 0; i < m.layers.size(); ++i) {  // step 7
     BlockUse in(m.streamer.get(), layer_index(m, i));
-    block_forward(m.layers[i], cfg, u, c, rope.u, chunk);
+    block_forward(m.layers[i], cfg, u, c, rope.u, run);
   }
   return final_layer(m, u, c, g.n);  // [N, p·p·C]  (steps 8–9)
 }
@@ -744,13 +775,13 @@ namespace {
 // One control block on its running state `c` [S, D]: the first block starts from
 // before_proj(c) + x; returns the hint after_proj(c).
 Tensor control_block(const ControlBlock& cb, const DitConfig& cfg, Tensor& c, const Tensor* x, const Tensor& temb,
-                     const Rope& rope, int64_t chunk) {
+                     const Rope& rope, const BlockRun& run) {
   if (cb.before_w.defined()) {
     Tensor y = ops::linear(c, cb.before_w, &cb.before_b);
     ops::add_(y, *x);
     c = std::move(y);
   }
-  block_forward(cb.b, cfg, c, temb, rope, chunk);
+  block_forward(cb.b, cfg, c, temb, rope, run);
   if (!cb.after_w.defined()) return Tensor();
   return ops::linear(c, cb.after_w, &cb.after_b);
 }
@@ -768,7 +799,7 @@ Tensor dit_forward_control(const ZImageDit& m, const Tensor& latent, float t, co
            latent.dim(3), "], got ", control.desc());
   const Tensor c = embed_timestep(m, t);  // [1, A], shared with the ControlNet (from_transformer)
   const auto& rope = rope_tables(m, g);
-  const int64_t chunk = dit_ffn_chunk_rows(m.ctx);
+  const BlockRun run = BlockRun::of(m.ctx);
 
   Tensor x = embed_image(m, latent, g);  // [Nx, D]
   // Control context: patch embedding with the ControlNet's embedder, x_pad_token in the pad slots.
@@ -779,11 +810,11 @@ Tensor dit_forward_control(const ZImageDit& m, const Tensor& latent, float t, co
   // refiner blocks on the control context.
   std::vector<Tensor> refiner_hints;
   if (cc.layout == ControlNetLayout::V1) {
-    for (const ControlBlock& b : cn.refiner) block_forward(b.b, cfg, ctx, c, rope.x, chunk);
+    for (const ControlBlock& b : cn.refiner) block_forward(b.b, cfg, ctx, c, rope.x, run);
   } else {
     const std::vector<ControlBlock>& blocks = cc.layout == ControlNetLayout::V2_0 ? cn.layers : cn.refiner;
     for (const ControlBlock& b : blocks) {
-      Tensor h = control_block(b, cfg, ctx, &x, c, rope.x, chunk);
+      Tensor h = control_block(b, cfg, ctx, &x, c, rope.x, run);
       if (refiner_hints.size() < cc.refiner_places.size()) {
         ops::scale_(h, scale);
         refiner_hints.push_back(std::move(h));
@@ -795,7 +826,7 @@ Tensor dit_forward_control(const ZImageDit& m, const Tensor& latent, float t, co
   Tensor cap = embed_caption(m, cap_feats, g);  // [Lc, D]
   for (size_t i = 0; i < m.context_refiner.size(); ++i) {
     BlockUse in(m.streamer.get(), context_refiner_index(m, i));
-    block_forward(m.context_refiner[i], cfg, cap, c, rope.cap, chunk);
+    block_forward(m.context_refiner[i], cfg, cap, c, rope.cap, run);
   }
 
   // The ControlNet's own image stream: the transformer's noise refiner with the hints added
@@ -804,9 +835,9 @@ Tensor dit_forward_control(const ZImageDit& m, const Tensor& latent, float t, co
   if (!refiner_hints.empty()) xc = x.clone();
   for (size_t i = 0; i < m.noise_refiner.size(); ++i) {
     BlockUse in(m.streamer.get(), noise_refiner_index(m, i));
-    block_forward(m.noise_refiner[i], cfg, x, c, rope.x, chunk);
+    block_forward(m.noise_refiner[i], cfg, x, c, rope.x, run);
     if (xc.defined()) {
-      block_forward(m.noise_refiner[i], cfg, xc, c, rope.x, chunk);
+      block_forward(m.noise_refiner[i], cfg, xc, c, rope.x, run);
       for (size_t k = 0; k < cc.refiner_places.size(); ++k)
         if (size_t(cc.refiner_places[k]) == i) ops::add_(xc, refiner_hints[k]);
     }
@@ -824,10 +855,10 @@ Tensor dit_forward_control(const ZImageDit& m, const Tensor& latent, float t, co
   for (size_t i = 0; i < m.layers.size(); ++i) {
     {
       BlockUse in(m.streamer.get(), layer_index(m, i));
-      block_forward(m.layers[i], cfg, u, c, rope.u, chunk);
+      block_forward(m.layers[i], cfg, u, c, rope.u, run);
     }
     if (k < cn.layers.size() && size_t(cc.layers_places[k]) == i) {
-      Tensor h = control_block(cn.layers[k], cfg, cu, &uc, c, rope.u, chunk);
+      Tensor h = control_block(cn.layers[k], cfg, cu, &uc, c, rope.u, run);
       if (k == 0) uc = Tensor();  // only the first control block reads it
       ops::scale_(h, scale);
       ops::add_(u, h);
@@ -864,7 +895,7 @@ std::vector<Tensor> dit_forward_batch(const ZImageDit& m, const std::vector<Tens
   for (size_t i = 0; i < B; ++i) gs.push_back(geometry(cfg, latents[i], caps[i]));
   const Tensor c = embed_timestep(m, t[0]);  // [1, A], shared
   const ZImageDit::RopeCache::Stacked& rope = stacked_rope_tables(m, gs);
-  const int64_t chunk = dit_ffn_chunk_rows(m.ctx);  // the FFN is row-wise: chunks may span items
+  const BlockRun run = BlockRun::of(m.ctx);  // the FFN is row-wise: chunks may span items
   std::vector<int64_t> seg_x(B, gs[0].nx), seg_cap, seg_u;
   for (const Geometry& g : gs) seg_cap.push_back(g.lc), seg_u.push_back(g.nx + g.lc);
 
@@ -874,7 +905,7 @@ std::vector<Tensor> dit_forward_batch(const ZImageDit& m, const std::vector<Tens
   parts.clear();
   for (size_t i = 0; i < m.noise_refiner.size(); ++i) {
     BlockUse in(m.streamer.get(), noise_refiner_index(m, i));
-    block_forward(m.noise_refiner[i], cfg, x, c, rope.x, chunk, &seg_x);
+    block_forward(m.noise_refiner[i], cfg, x, c, rope.x, run, &seg_x);
   }
 
   for (size_t i = 0; i < B; ++i) parts.push_back(embed_caption(m, caps[i], gs[i]));
@@ -882,7 +913,7 @@ std::vector<Tensor> dit_forward_batch(const ZImageDit& m, const std::vector<Tens
   parts.clear();
   for (size_t i = 0; i < m.context_refiner.size(); ++i) {
     BlockUse in(m.streamer.get(), context_refiner_index(m, i));
-    block_forward(m.context_refiner[i], cfg, cap, c, rope.cap, chunk, &seg_cap);
+    block_forward(m.context_refiner[i], cfg, cap, c, rope.cap, run, &seg_cap);
   }
 
   // Each item's unified sequence [image; caption], items one after another.
@@ -897,7 +928,7 @@ std::vector<Tensor> dit_forward_batch(const ZImageDit& m, const std::vector<Tens
   x = cap = Tensor();
   for (size_t i = 0; i < m.layers.size(); ++i) {
     BlockUse in(m.streamer.get(), layer_index(m, i));
-    block_forward(m.layers[i], cfg, u, c, rope.u, chunk, &seg_u);
+    block_forward(m.layers[i], cfg, u, c, rope.u, run, &seg_u);
   }
 
   int64_t r0 = 0;

@@ -238,6 +238,35 @@ void rms_norm_add_(Tensor& x, Tensor& y, const Tensor& weight, float eps, const 
   ZI_OP("rms_norm_add_", d, rms_norm_add_, x, y, w, eps, gate ? &g : nullptr);
 }
 
+Tensor rms_norm_add_norm_(Tensor& x, Tensor& y, const Tensor& w_add, const Tensor* gate, const Tensor& w_norm,
+                          const Tensor* scale, float eps, const Tensor* e4m3_for, bool e4m3_only) {
+  const char* op = "rms_norm_add_norm_";
+  const Device d = device_of(op, x);
+  require_act_inplace(op, x);
+  require_device(op, y, d);
+  require_act_inplace(op, y);
+  require_same_shape(op, x, y);
+  ZI_CHECK(x.ndim() >= 1 && x.dim(-1) > 0, "[", op, "] bad input ", x.desc());
+  const int64_t D = x.dim(-1);
+  Tensor wa = weight_input(op, "w_add", w_add, d), wn = weight_input(op, "w_norm", w_norm, d), g, s;
+  require_vector(op, "w_add", wa, D);
+  require_vector(op, "w_norm", wn, D);
+  if (gate) {
+    g = weight_input(op, "gate", *gate, d);
+    require_vector(op, "gate", g, D);
+  }
+  if (scale) {
+    s = weight_input(op, "scale", *scale, d);
+    require_vector(op, "scale", s, D);
+  }
+  const Tensor* gp = gate ? &g : nullptr;
+  const Tensor* sp = scale ? &s : nullptr;
+  return produce_for(
+      e4m3_for, e4m3_only, d, x.shape(), x.dtype(), "rms_norm_add_norm_+e4m3",
+      [&](Tensor& h, Tensor& q) { return cuda::rms_norm_add_norm_e4m3(x, y, wa, gp, wn, sp, eps, h, q); },
+      [&](Tensor& h) { ZI_OP("rms_norm_add_norm_", d, rms_norm_add_norm_, x, y, wa, gp, wn, sp, eps, h); });
+}
+
 void layer_norm_(Tensor& x, float eps) {
   const Device d = device_of("layer_norm_", x);
   require_act_inplace("layer_norm_", x);

@@ -56,6 +56,11 @@ Tensor rms_norm(const Tensor& x, const Tensor& weight, float eps, const Tensor* 
                 const Tensor* e4m3_for = nullptr, bool e4m3_only = false);
 //   x += gate[D] ⊙ RMSNorm(y)·weight          y is overwritten            (= rms_norm_(y), add_gated_/add_)
 void rms_norm_add_(Tensor& x, Tensor& y, const Tensor& weight, float eps, const Tensor* gate = nullptr);
+//   x += gate[D] ⊙ RMSNorm(y)·w_add, then h = RMSNorm(x)·w_norm (⊙ scale[D]), a new tensor; y is
+//   overwritten: a DiT block's attention residual and its FFN's pre-norm, reading x once
+//                                                       (= rms_norm_add_, then rms_norm; e4m3_for as there)
+Tensor rms_norm_add_norm_(Tensor& x, Tensor& y, const Tensor& w_add, const Tensor* gate, const Tensor& w_norm,
+                          const Tensor* scale, float eps, const Tensor* e4m3_for = nullptr, bool e4m3_only = false);
 //   x [S, H, D]: per-head RMSNorm (weight [D]) then rope_pairs_
 void rms_norm_rope_pairs_(Tensor& x, const Tensor& weight, float eps, const Tensor& cos, const Tensor& sin);
 //   the same into a new contiguous [S, H, D], x unchanged; x's rows may be strided (a column

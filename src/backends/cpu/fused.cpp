@@ -31,6 +31,12 @@ void rms_norm_add_(Tensor& x, Tensor& y, const Tensor& weight, float eps, const 
   else add_(x, y);
 }
 
+void rms_norm_add_norm_(Tensor& x, Tensor& y, const Tensor& w_add, const Tensor* gate, const Tensor& w_norm,
+                        const Tensor* scale, float eps, Tensor& h) {
+  rms_norm_add_(x, y, w_add, eps, gate);
+  rms_norm(x, w_norm, eps, scale, h);
+}
+
 void rms_norm_rope_pairs_(Tensor& x, const Tensor& weight, float eps, const Tensor& cos, const Tensor& sin) {
   Tensor rows = x.reshape({x.dim(0) * x.dim(1), x.dim(2)});
   rms_norm_(rows, weight, eps);

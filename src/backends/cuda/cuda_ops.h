@@ -118,6 +118,8 @@ void linear_quant(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& 
 // reads the copy (Tensor::e4m3_copy; outer-vector scaling only) gives the same result without
 // its separate pass. false, nothing computed, for shapes or dtypes the fused kernels do not take.
 bool rms_norm_e4m3(const Tensor& x, const Tensor& weight, float eps, const Tensor* scale, Tensor& y, Tensor& q);
+bool rms_norm_add_norm_e4m3(Tensor& x, Tensor& y, const Tensor& w_add, const Tensor* gate, const Tensor& w_norm,
+                            const Tensor* scale, float eps, Tensor& h, Tensor& q);
 bool silu_mul_e4m3(const Tensor& a, const Tensor& b, Tensor& out, Tensor& q);
 bool silu_mul_halves_e4m3(const Tensor& y, Tensor& out, Tensor& q);
 // How many fp8 GEMMs read their input's e4m3 copy instead of quantizing it (tests, profiles).

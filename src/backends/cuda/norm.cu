@@ -188,6 +188,95 @@ __global__ void __launch_bounds__(kRegThreads) rms_norm_reg(const T* in, T* out,
   if constexpr (kQ) quantize_row_e4m3(f, kRegThreads, D, q + int64_t(blockIdx.x) * D, qs + blockIdx.x);
 }
 
+// The value a store_vec of v keeps: v itself in f32, v rounded to bf16 (nearest even) in bf16.
+template <class T>
+__device__ __forceinline__ float stored_value(float v) {
+  if constexpr (sizeof(T) == 4) return v;
+  else return bf16_rounded(v);
+}
+
+// rms_norm_reg<T, VPT, true> (x += gate ⊙ RMSNorm(y)·w_add) then rms_norm_reg<T, VPT, false, kQ>
+// on the updated x (h = RMSNorm(x)·w_norm ⊙ scale, and its e4m3 copy with kQ) in one pass: the
+// second stage takes x's row from the registers, rounded as stored, so every sum runs over the
+// same values in the same order as the two kernels' and the bits are theirs. h null (kQ): the copy
+// alone.
+template <class T, int VPT, bool kQ>
+__global__ void __launch_bounds__(kRegThreads)
+    rms_norm_add_norm_reg(const T* y, T* x, const float* w_add, const float* gate, const float* w_norm,
+                          const float* scale, T* h, int D, float eps, uint8_t* q, float* qs) {
+  static_assert(!kQ || sizeof(T) == 2, "the e4m3 copy is of bf16 norms");
+  constexpr int N = Vec<T>::N;
+  const T* yr = y + int64_t(blockIdx.x) * D;
+  T* xr = x + int64_t(blockIdx.x) * D;
+  T* hr = h ? h + int64_t(blockIdx.x) * D : nullptr;
+  float f[VPT][N], o[VPT][N];
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    const int j = (threadIdx.x + i * kRegThreads) * N;
+    if (j < D) {
+      load_vec(yr + j, f[i]);
+      load_vec(xr + j, o[i]);
+    } else {
+#pragma unroll
+      for (int e = 0; e < N; ++e) f[i][e] = 0.0f;
+    }
+  }
+  float s = 0;
+#pragma unroll
+  for (int i = 0; i < VPT; ++i)
+#pragma unroll
+    for (int e = 0; e < N; ++e) s += f[i][e] * f[i][e];
+  const float inv = rsqrtf(block_sum(s) / float(D) + eps);
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    const int j = (threadIdx.x + i * kRegThreads) * N;
+    if (j >= D) continue;
+    float wv[N];
+    load_f32n<N>(w_add + j, wv);
+    if (gate) {
+      float mv[N];
+      load_f32n<N>(gate + j, mv);
+#pragma unroll
+      for (int e = 0; e < N; ++e) wv[e] *= mv[e];
+    }
+#pragma unroll
+    for (int e = 0; e < N; ++e) {
+      const float t = f[i][e] * inv;
+      f[i][e] = o[i][e] + wv[e] * t;
+    }
+    store_vec(xr + j, f[i]);
+#pragma unroll
+    for (int e = 0; e < N; ++e) f[i][e] = stored_value<T>(f[i][e]);  // what x holds now
+  }
+  // The second stage: rms_norm_reg<T, VPT, false> on x's row (vectors past D hold 0).
+  float s2 = 0;
+#pragma unroll
+  for (int i = 0; i < VPT; ++i)
+#pragma unroll
+    for (int e = 0; e < N; ++e) s2 += f[i][e] * f[i][e];
+  const float inv2 = rsqrtf(block_sum(s2) / float(D) + eps);
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    const int j = (threadIdx.x + i * kRegThreads) * N;
+    if (j >= D) continue;
+    float wv[N];
+    load_f32n<N>(w_norm + j, wv);
+    if (scale) {
+      float mv[N];
+      load_f32n<N>(scale + j, mv);
+#pragma unroll
+      for (int e = 0; e < N; ++e) wv[e] *= mv[e];
+    }
+#pragma unroll
+    for (int e = 0; e < N; ++e) {
+      const float t = f[i][e] * inv2;
+      f[i][e] = t * wv[e];
+    }
+    if (!kQ || hr) store_vec(hr + j, f[i]);
+  }
+  if constexpr (kQ) quantize_row_e4m3(f, kRegThreads, D, q + int64_t(blockIdx.x) * D, qs + blockIdx.x);
+}
+
 // Per-head RMSNorm + adjacent-pairs RoPE for D = 128: one warp per head vector, lane l holds
 // elements 4l..4l+3 (two RoPE pairs) from one 8-byte (bf16) or 16-byte (f32) load. Read from
 // in[s · in_stride + h · 128 + …], written to out[(s · H + h) · 128 + …] (in may be out).
@@ -392,7 +481,52 @@ void launch_rms_norm_reg(int vpt, int64_t R, const T* in, T* out, const float* w
   else rms_norm_reg<T, 4, kAdd, kQ><<<g, kRegThreads, 0, stream()>>>(in, out, w, mul, int(D), eps, q, qs);
   ZI_CUDA_LAUNCHED();
 }
+// rms_norm_add_norm_reg with reg_vpt's layout, one row a block.
+template <class T, bool kQ>
+void launch_rms_norm_add_norm(int vpt, int64_t R, const T* y, T* x, const float* wa, const float* g, const float* wn,
+                              const float* sc, T* h, int64_t D, float eps, uint8_t* q = nullptr, float* qs = nullptr) {
+  const unsigned n = unsigned(R);
+  if (vpt == 1) rms_norm_add_norm_reg<T, 1, kQ><<<n, kRegThreads, 0, stream()>>>(y, x, wa, g, wn, sc, h, int(D), eps, q, qs);
+  else if (vpt == 2) rms_norm_add_norm_reg<T, 2, kQ><<<n, kRegThreads, 0, stream()>>>(y, x, wa, g, wn, sc, h, int(D), eps, q, qs);
+  else rms_norm_add_norm_reg<T, 4, kQ><<<n, kRegThreads, 0, stream()>>>(y, x, wa, g, wn, sc, h, int(D), eps, q, qs);
+  ZI_CUDA_LAUNCHED();
+}
 }  // namespace
+
+// One pass where the row-in-registers kernels take the rows (exactly their two kernels' bits),
+// else the two ops.
+void rms_norm_add_norm_(Tensor& x, Tensor& y, const Tensor& w_add, const Tensor* gate, const Tensor& w_norm,
+                        const Tensor* scale, float eps, Tensor& h) {
+  const int64_t D = x.dim(-1), R = x.numel() / D;
+  if (!R) return;
+  const int vpt = reg_vpt(D, x.dtype());
+  if (vpt && vec_ok(x, D) && vec_ok(y, D) && vec_ok(h, D) && y.dtype() == x.dtype() && h.dtype() == x.dtype()) {
+    Tensor wa = f32_vector(w_add), wn = f32_vector(w_norm), g = gate ? f32_vector(*gate) : Tensor(),
+           sc = scale ? f32_vector(*scale) : Tensor();
+    ZI_DISPATCH_ACT(x.dtype(), launch_rms_norm_add_norm<T, false>(vpt, R, y.data<T>(), x.data<T>(), wa.data<float>(),
+                                                                   gate ? g.data<float>() : nullptr, wn.data<float>(),
+                                                                   scale ? sc.data<float>() : nullptr, h.data<T>(), D, eps));
+    return;
+  }
+  rms_norm_add_(x, y, w_add, eps, gate);
+  rms_norm(x, w_norm, eps, scale, h);
+}
+
+bool rms_norm_add_norm_e4m3(Tensor& x, Tensor& y, const Tensor& w_add, const Tensor* gate, const Tensor& w_norm,
+                            const Tensor* scale, float eps, Tensor& h, Tensor& q) {
+  const int64_t D = x.dim(-1), R = x.numel() / D;
+  const int vpt = reg_vpt(D, x.dtype());
+  if (!R || x.dtype() != DType::BF16 || y.dtype() != DType::BF16 || !vec_ok(x, D) || !vec_ok(y, D) || !vec_ok(h, D) ||
+      !vpt || D % 16 || reinterpret_cast<uintptr_t>(q.raw()) % 16)
+    return false;
+  Tensor wa = f32_vector(w_add), wn = f32_vector(w_norm), g = gate ? f32_vector(*gate) : Tensor(),
+         sc = scale ? f32_vector(*scale) : Tensor();
+  launch_rms_norm_add_norm<bf16, true>(vpt, R, y.data<bf16>(), x.data<bf16>(), wa.data<float>(),
+                                       gate ? g.data<float>() : nullptr, wn.data<float>(),
+                                       scale ? sc.data<float>() : nullptr, h.data<bf16>(), D, eps,
+                                       static_cast<uint8_t*>(q.raw()), q.row_scale()->data<float>());
+  return true;
+}
 
 void rms_norm(const Tensor& x, const Tensor& weight, float eps, const Tensor* scale, Tensor& y) {
   const int64_t D = x.dim(-1), R = x.numel() / D;
