@@ -303,6 +303,9 @@ Modulation modulation(const DitBlock& b, const Tensor& c) {
   const int64_t D = b.adaln_b.dim(0) / 4;
   Tensor mod = ops::linear(c, b.adaln_w, &b.adaln_b).reshape({4, D});  // [4, D]
   ops::scale_gate_rows_(mod);  // rows (scale_msa, gate_msa, scale_mlp, gate_mlp): 1 + s, tanh(g)
+  // The norms read their scale and gate vectors in f32 (cuda's f32_vector): converted here once
+  // (exactly: bf16 values), not once per use — on the GPU 1 conversion launch a block instead of 4.
+  if (mod.dtype() != DType::F32) mod = mod.to(DType::F32);
   auto part = [&](int i) { return mod.slice(0, i, i + 1).reshape({D}); };
   return Modulation{part(0), part(1), part(2), part(3)};
 }
