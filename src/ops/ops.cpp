@@ -93,7 +93,8 @@ void require_same_shape(const char* op, const Tensor& a, const Tensor& b) {
 #define ZI_OP(op, d, fn, ...) ((void)(op), (void)(d), cpu::fn(__VA_ARGS__))
 #endif
 
-// The producers of an fp8 GEMM's input (rms_norm, silu_mul, silu_mul_halves with `e4m3_for`),
+// The producers of an fp8 GEMM's input (rms_norm, rms_norm_add_norm_, silu_mul, silu_mul_halves
+// with `e4m3_for`),
 // returning their result of shape `shape` and dtype `dt`: when the consuming weight is fp8 and
 // the result bf16 on the GPU with fp8 GEMMs on, `fused(out, q)` runs the producer's e4m3 variant
 // into q (F8_E4M3 [rows, K] with row scales) and the copy is attached to out; otherwise, or where

@@ -46,7 +46,7 @@ void rms_norm_(Tensor& x, const Tensor& weight, float eps);
 // Fused forms of the DiT's sequences, one pass each on the GPU; on the CPU exactly the
 // composed ops (same order, same results):
 //   y = RMSNorm(x)·weight (⊙ scale[D])        a new tensor, x unchanged   (= clone, rms_norm_, mul_rows_)
-// e4m3_for (here and in silu_mul, silu_mul_halves): the weight of the linear that reads the
+// e4m3_for (here and in rms_norm_add_norm_, silu_mul, silu_mul_halves): the weight of the linear that reads the
 // result. When it is fp8 and the result bf16 on the GPU, the op also writes the result's e4m3
 // copy (Tensor::e4m3_copy) and that linear skips its own quantization pass: same GEMM result.
 // e4m3_only: the caller's word that every reader of the result is a linear whose weight has
