@@ -365,6 +365,7 @@ bool deflate_piece(const uint8_t* f, size_t b, size_t e, bool last, int level, i
 std::vector<uint8_t> encode_png(const uint8_t* rgb, int width, int height, const TextChunks& text, int level) {
   ZI_CHECK(width > 0 && height > 0 && int64_t(width) * height <= kMaxPixels, "PNG encoding: bad image size ", width,
            "x", height);
+  ZI_CHECK(level <= 9, "PNG encoding: the zlib level must be 0..9 (or -1, the default), got ", level);
   if (level < 0) level = 6;  // zlib's default
   std::vector<uint8_t> o = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
   std::vector<uint8_t> ihdr;
