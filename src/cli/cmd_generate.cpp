@@ -567,8 +567,8 @@ void run(GenerateArgs& a) {
                        d.wait_seconds, d.alloc_seconds, d.unmap_seconds);
         }
         if (i < r.load_detail.size() && r.load_detail[i].helper_wait_seconds >= 0.001)
-          std::fprintf(stderr, "           then waited %.3f s for the tokenizer's thread (parsing the tokenizer%s)\n",
-                       r.load_detail[i].helper_wait_seconds, r.gpu_phases.empty() ? "" : ", the GEMM and VAE warm-ups");
+          std::fprintf(stderr, "           then waited %.3f s for the helper threads (parsing the tokenizer%s)\n",
+                       r.load_detail[i].helper_wait_seconds, r.gpu_phases.empty() ? "" : "; the GEMM and VAE warm-ups");
       }
       for (const PrefetchRecord& pf : r.prefetched)
         std::fprintf(stderr, "  %s loaded during %s in %.3f s; %.3f s of it overlapped, the next phase waited %.3f s\n",

@@ -2,6 +2,10 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <thread>
 
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -77,24 +81,99 @@ void MappedFile::read(void* dst, size_t offset, size_t len) const {
 
 namespace {
 std::atomic<int64_t> g_release_ns{0};
+
+void add_ns(std::chrono::steady_clock::time_point t0) {
+  g_release_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// The releaser thread: madvise(MADV_DONTNEED) of queued page ranges, each job keeping its mapping
+// alive until done. Started at the first release; joined at exit after the queue drains.
+class Releaser {
+ public:
+  static constexpr size_t kMaxPending = size_t(256) << 20;
+  static Releaser& get() {
+    static Releaser r;
+    return r;
+  }
+  void push(std::shared_ptr<const MappedFile> keep, uint8_t* p, size_t n) {
+    std::unique_lock<std::mutex> lk(mu_);
+    if (!thread_.joinable()) thread_ = std::thread([this] { run(); });
+    if (pending_ + n > kMaxPending && pending_ > 0) {
+      const auto t0 = std::chrono::steady_clock::now();
+      drained_.wait(lk, [&] { return pending_ + n <= kMaxPending || pending_ == 0; });
+      add_ns(t0);
+    }
+    jobs_.push_back({std::move(keep), p, n});
+    pending_ += n;
+    ready_.notify_one();
+  }
+  void flush() {
+    std::unique_lock<std::mutex> lk(mu_);
+    drained_.wait(lk, [&] { return pending_ == 0; });
+  }
+  ~Releaser() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+      ready_.notify_one();
+    }
+    if (thread_.joinable()) thread_.join();
+  }
+
+ private:
+  struct Job {
+    std::shared_ptr<const MappedFile> keep;
+    uint8_t* p;
+    size_t n;
+  };
+  void run() {
+    std::unique_lock<std::mutex> lk(mu_);
+    for (;;) {
+      ready_.wait(lk, [&] { return stop_ || !jobs_.empty(); });
+      if (jobs_.empty()) return;  // stop_, and nothing left
+      Job j = std::move(jobs_.front());
+      jobs_.pop_front();
+      lk.unlock();
+      const auto t0 = std::chrono::steady_clock::now();
+      madvise(j.p, j.n, MADV_DONTNEED);
+      add_ns(t0);
+      j.keep.reset();  // may unmap the file: outside the lock
+      lk.lock();
+      pending_ -= j.n;
+      drained_.notify_all();
+    }
+  }
+  std::mutex mu_;
+  std::condition_variable ready_, drained_;
+  std::deque<Job> jobs_;
+  size_t pending_ = 0;
+  bool stop_ = false;
+  std::thread thread_;
+};
 }  // namespace
 
 double MappedFile::release_seconds_total() { return double(g_release_ns.load()) * 1e-9; }
 
+void MappedFile::flush_releases() { Releaser::get().flush(); }
+
 void MappedFile::release(size_t offset, size_t len) const {
   if (!data_ || len == 0) return;
-  const auto t0 = std::chrono::steady_clock::now();
-  struct Timed {
-    std::chrono::steady_clock::time_point t0;
-    ~Timed() {
-      g_release_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
-    }
-  } timed{t0};
   const size_t page = size_t(sysconf(_SC_PAGESIZE));
   // Only whole pages inside the range: neighbours may still be needed.
   size_t b = (offset + page - 1) / page * page;
   size_t e = (offset + len) / page * page;
-  if (e > b) madvise(const_cast<uint8_t*>(data_) + b, e - b, MADV_DONTNEED);
+  if (e <= b) return;
+  uint8_t* p = const_cast<uint8_t*>(data_) + b;
+  std::shared_ptr<const MappedFile> keep;
+  try {
+    keep = shared_from_this();
+  } catch (const std::bad_weak_ptr&) {  // not owned by a shared_ptr: release here
+    const auto t0 = std::chrono::steady_clock::now();
+    madvise(p, e - b, MADV_DONTNEED);
+    add_ns(t0);
+    return;
+  }
+  Releaser::get().push(std::move(keep), p, e - b);
 }
 
 }  // namespace zi

@@ -131,8 +131,8 @@ struct LoadDetail {
   double wait_seconds = 0;    //   waiting for the bus (a ring slot still in flight)
   double alloc_seconds = 0;   // device allocations (weights and activations) during the phase
   double unmap_seconds = 0;   // giving the loaded tensors' mapped file pages back (MADV_DONTNEED)
-  // The encode: how long it waited, its weights loaded, for the tokenizer's thread (parsing the
-  // tokenizer, then on the GPU the GEMM and VAE warm-ups) — part of load_seconds.
+  // The encode: how long it waited, its weights loaded, for its helper threads (parsing the
+  // tokenizer and, on the GPU, the GEMM warm-ups; the VAE's warm-up) — part of load_seconds.
   double helper_wait_seconds = 0;
 };
 
