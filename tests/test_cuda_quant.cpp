@@ -90,6 +90,23 @@ struct Fp8Reset {
   }
 };
 
+// An environment variable put back as it was (set or unset) at the end of a test that sets it.
+struct EnvRestore {
+  explicit EnvRestore(const char* name) : name_(name) {
+    const char* v = std::getenv(name);
+    had_ = v != nullptr;
+    if (had_) value_ = v;
+  }
+  ~EnvRestore() { had_ ? setenv(name_, value_.c_str(), 1) : unsetenv(name_); }
+  EnvRestore(const EnvRestore&) = delete;
+  EnvRestore& operator=(const EnvRestore&) = delete;
+
+ private:
+  const char* name_;
+  bool had_ = false;
+  std::string value_;
+};
+
 constexpr cuda::Fp8Scaling kScalings[] = {cuda::Fp8Scaling::OuterVector, cuda::Fp8Scaling::AlphaVector,
                                           cuda::Fp8Scaling::Scalar};
 
@@ -403,13 +420,7 @@ TEST(CudaQuant, E4m3OnlyProducersGiveTheSameImage) {
   if (!fp8_tensor_cores()) GTEST_SKIP() << "no fp8 tensor cores (compute capability < 8.9)";
   Fp8Reset reset;
   // The fused projections are chosen at load from ZI_FUSED_PROJECTIONS (zimage_dit.cpp).
-  const char* had = std::getenv("ZI_FUSED_PROJECTIONS");
-  const std::string before = had ? had : "";
-  struct Restore {
-    bool had;
-    std::string v;
-    ~Restore() { had ? setenv("ZI_FUSED_PROJECTIONS", v.c_str(), 1) : unsetenv("ZI_FUSED_PROJECTIONS"); }
-  } restore{had != nullptr, before};
+  const EnvRestore restore("ZI_FUSED_PROJECTIONS");
   auto run = [&](bool only, bool fused) {
     cuda::set_e4m3_only(only);
     setenv("ZI_FUSED_PROJECTIONS", fused ? "1" : "0", 1);
@@ -442,13 +453,7 @@ TEST(CudaQuant, E4m3OnlyProducersGiveTheSameImage) {
 TEST(CudaQuant, FusedResidualAndPreNormGiveTheSameImage) {
   ZI_NEED_GPU();
   Fp8Reset reset;
-  const char* had = std::getenv("ZI_FUSED_ADD_NORM");
-  const std::string before = had ? had : "";
-  struct Restore {
-    bool had;
-    std::string v;
-    ~Restore() { had ? setenv("ZI_FUSED_ADD_NORM", v.c_str(), 1) : unsetenv("ZI_FUSED_ADD_NORM"); }
-  } restore{had != nullptr, before};
+  const EnvRestore restore("ZI_FUSED_ADD_NORM");
   auto run = [&](DType wdt, bool fused, bool only) {
     cuda::set_e4m3_only(only);
     setenv("ZI_FUSED_ADD_NORM", fused ? "1" : "0", 1);
