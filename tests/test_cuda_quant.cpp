@@ -90,6 +90,20 @@ struct Fp8Reset {
   }
 };
 
+// The tiny model's turbo fixture case on the GPU, bf16 activations, the transformer in `wdt`:
+// the final latents (host f32) and the run's result.
+std::pair<Tensor, GenerateResult> tiny_on_gpu(DType wdt) {
+  GenerateOptions o = test::fixture_case_options(data_dir(), tiny_model_dir(), "turbo");
+  o.text_encoder_device = o.transformer_device = o.vae_device = Device::CUDA;
+  o.precision = DType::BF16;
+  o.transformer_dtype = wdt;
+  Tensor last;
+  GenerateHooks hooks;
+  hooks.on_latents = [&](int, const Tensor& lat) { last = ops::to_host_f32(lat).clone(Tag::Workspace); };
+  GenerateResult r = generate(o, hooks);
+  return {last, std::move(r)};
+}
+
 // An environment variable put back as it was (set or unset) at the end of a test that sets it.
 struct EnvRestore {
   explicit EnvRestore(const char* name) : name_(name) {
@@ -374,14 +388,7 @@ TEST(CudaQuant, TinyPipelineFp8VsBf16) {
   Fp8Reset reset;
   auto run = [&](DType wdt, bool fp8_gemm) {
     cuda::set_fp8_gemm(fp8_gemm);
-    GenerateOptions o = test::fixture_case_options(data_dir(), tiny_model_dir(), "turbo");
-    o.text_encoder_device = o.transformer_device = o.vae_device = Device::CUDA;
-    o.precision = DType::BF16;
-    o.transformer_dtype = wdt;
-    Tensor last;
-    GenerateHooks hooks;
-    hooks.on_latents = [&](int, const Tensor& lat) { last = ops::to_host_f32(lat).clone(Tag::Workspace); };
-    GenerateResult r = generate(o, hooks);
+    auto [last, r] = tiny_on_gpu(wdt);
     int64_t dit_bytes = -1;  // the denoise phase's weights on the GPU
     for (const auto& p : r.gpu_phases)
       if (p.name == "denoise") dit_bytes = p.weights_bytes;
@@ -424,15 +431,8 @@ TEST(CudaQuant, E4m3OnlyProducersGiveTheSameImage) {
   auto run = [&](bool only, bool fused) {
     cuda::set_e4m3_only(only);
     setenv("ZI_FUSED_PROJECTIONS", fused ? "1" : "0", 1);
-    GenerateOptions o = test::fixture_case_options(data_dir(), tiny_model_dir(), "turbo");
-    o.text_encoder_device = o.transformer_device = o.vae_device = Device::CUDA;
-    o.precision = DType::BF16;
-    o.transformer_dtype = DType::F8_E4M3;
-    Tensor last;
-    GenerateHooks hooks;
-    hooks.on_latents = [&](int, const Tensor& lat) { last = ops::to_host_f32(lat).clone(Tag::Workspace); };
     const int64_t used = cuda::linear_fp8_copies_used();
-    GenerateResult r = generate(o, hooks);
+    auto [last, r] = tiny_on_gpu(DType::F8_E4M3);
     return std::make_tuple(last, r.rgb, cuda::linear_fp8_copies_used() - used);
   };
   for (bool fused : {false, true}) {
@@ -457,14 +457,7 @@ TEST(CudaQuant, FusedResidualAndPreNormGiveTheSameImage) {
   auto run = [&](DType wdt, bool fused, bool only) {
     cuda::set_e4m3_only(only);
     setenv("ZI_FUSED_ADD_NORM", fused ? "1" : "0", 1);
-    GenerateOptions o = test::fixture_case_options(data_dir(), tiny_model_dir(), "turbo");
-    o.text_encoder_device = o.transformer_device = o.vae_device = Device::CUDA;
-    o.precision = DType::BF16;
-    o.transformer_dtype = wdt;
-    Tensor last;
-    GenerateHooks hooks;
-    hooks.on_latents = [&](int, const Tensor& lat) { last = ops::to_host_f32(lat).clone(Tag::Workspace); };
-    GenerateResult r = generate(o, hooks);
+    auto [last, r] = tiny_on_gpu(wdt);
     return std::make_pair(last, r.rgb);
   };
   std::vector<std::pair<DType, bool>> cases = {{DType::BF16, false}};
