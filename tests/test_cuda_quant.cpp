@@ -83,7 +83,7 @@ Tensor quantize_like_last_fp8(const Tensor& x) {
 struct Fp8Reset {
   ~Fp8Reset() {
     cuda::set_e4m3_copies(true);  // the default
-    cuda::set_e4m3_only(false);   // the default
+    cuda::set_e4m3_only(true);    // the default
     cuda::set_fp8_gemm(true);
     cuda::set_fast_dequant(true);
     cuda::force_fp8_scaling(-2);
@@ -338,7 +338,7 @@ TEST(CudaQuant, ProducersE4m3CopyGivesTheSameGemm) {
       cuda::set_e4m3_only(true);
       check_only(ops::rms_norm(x, nw, 1e-6f, scale, &w), ops::rms_norm(x, nw, 1e-6f, scale, &w, true), w);
       cuda::set_e4m3_only(false);
-      EXPECT_FALSE(ops::rms_norm(x, nw, 1e-6f, scale, &w, true).values_in_e4m3_copy_only()) << "off by default";
+      EXPECT_FALSE(ops::rms_norm(x, nw, 1e-6f, scale, &w, true).values_in_e4m3_copy_only()) << "switched off";
     }
   }
   for (int64_t F : {int64_t(160), int64_t(2048), int64_t(10240)}) {

@@ -131,8 +131,9 @@ bool e4m3_copies_enabled();
 void set_e4m3_copies(bool on);
 // Whether producers whose only readers are fp8 GEMMs that read the copy (ops' e4m3_only) write
 // the copy alone, not their bf16 result (Tensor::values_in_e4m3_copy_only): the same GEMM results
-// with one bf16 write per producer less. An experiment, off until measured: ZI_E4M3_ONLY=1 in
-// the environment, or set_e4m3_only(true) (tests), turns it on; needs the copies on.
+// with one bf16 write per producer less (fp8 DiT at 1024², 8 steps: 0.586 → 0.576 s, the same
+// image; H100, 2026-12-08). On by default; ZI_E4M3_ONLY=0 in the environment, or
+// set_e4m3_only(false) (tests), turns it off; needs the copies on.
 bool e4m3_only_enabled();
 void set_e4m3_only(bool on);
 // Whether an fp8 GEMM of M rows on w (F8_E4M3 [N, K] on the GPU, no bias) reads its input's e4m3

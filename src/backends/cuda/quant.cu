@@ -303,7 +303,7 @@ std::atomic<const char*> g_last_path{""};
 
 std::atomic<int64_t> g_copies_used{0};
 std::atomic<int> g_e4m3_copies{-1};  // -1: not decided (environment ZI_E4M3_COPIES=0 turns them off), 0 off, 1 on
-std::atomic<int> g_e4m3_only{-1};    // -1: not decided (environment ZI_E4M3_ONLY=1 turns it on), 0 off, 1 on
+std::atomic<int> g_e4m3_only{-1};    // -1: not decided (environment ZI_E4M3_ONLY=0 turns it off), 0 off, 1 on
 
 }  // namespace
 
@@ -311,7 +311,7 @@ bool fp8_gemm_enabled() { return env_switch(g_fp8_gemm, "ZI_FP8_GEMM", true); }
 bool e4m3_copies_enabled() { return env_switch(g_e4m3_copies, "ZI_E4M3_COPIES", true) && fp8_gemm_enabled(); }
 
 void set_e4m3_copies(bool on) { g_e4m3_copies.store(on ? 1 : 0); }
-bool e4m3_only_enabled() { return env_switch(g_e4m3_only, "ZI_E4M3_ONLY", false) && e4m3_copies_enabled(); }
+bool e4m3_only_enabled() { return env_switch(g_e4m3_only, "ZI_E4M3_ONLY", true) && e4m3_copies_enabled(); }
 void set_e4m3_only(bool on) { g_e4m3_only.store(on ? 1 : 0); }
 
 bool fp8_reads_copy(int64_t M, const Tensor& w) {
