@@ -81,13 +81,7 @@ Tensor WeightLoader::load_table(const std::string& name, const Shape& shape, DTy
     if (t_progress) t_progress(component_, read_, total_);
     return e.file->view(*e.info);
   }
-  const Device dev = ctx_.device;
-  struct Back {  // the loader's device back, also when the load throws
-    PhaseContext& ctx;
-    Device dev;
-    ~Back() { ctx.device = dev; }
-  } back{ctx_, dev};
-  ctx_.device = Device::CPU;
+  const DeviceScope host(*this, Device::CPU);
   return load(name, shape, dt);
 }
 

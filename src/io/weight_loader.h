@@ -38,6 +38,19 @@ class WeightLoader {
   WeightLoader(const TensorStore& store, Tag tag, std::string component, PhaseContext ctx = {});
   const PhaseContext& context() const { return ctx_; }
   void set_device(Device d) { ctx_.device = d; }
+  // set_device(d) for the guard's lifetime; the previous device is back after it, also on a throw
+  // (the host loads of a GPU phase: streamed blocks, the embedding table).
+  class DeviceScope {
+   public:
+    DeviceScope(WeightLoader& ld, Device d) : ld_(ld), prev_(ld.device()) { ld.set_device(d); }
+    ~DeviceScope() { ld_.set_device(prev_); }
+    DeviceScope(const DeviceScope&) = delete;
+    DeviceScope& operator=(const DeviceScope&) = delete;
+
+   private:
+    WeightLoader& ld_;
+    Device prev_;
+  };
   Device device() const { return ctx_.device; }
 
   // Loads `name`, checked against `shape`, converted to `dt`. A missing or wrong-shape

@@ -80,13 +80,7 @@ class StreamedBlockLoader {
   template <class Load, class Tensors>
   auto load(size_t i, Load&& fn, Tensors&& tensors) {
     if (!ld_.block_streamed(i)) return fn();
-    const Device dev = ld_.device();
-    struct Back {  // the loader's device back, also when fn throws
-      WeightLoader& ld;
-      Device dev;
-      ~Back() { ld.set_device(dev); }
-    } back{ld_, dev};
-    ld_.set_device(Device::CPU);
+    const WeightLoader::DeviceScope host(ld_, Device::CPU);
     auto block = fn();
     if (!ld_.check_only()) streamer_->add_block(i, tensors(block));
     return block;
